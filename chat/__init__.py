@@ -1,0 +1,1 @@
+"""Falcon Chat: a Gradio chat front end for Falcon chat models."""

@@ -1,0 +1,263 @@
+"""Local backend: a transformers model in this process, on the CPU or across the visible GPUs.
+
+One long-lived worker thread owns the model and runs one generation at a time from a job queue.
+Owning the model from one thread is what a CUDA-graph decode path needs (graphs and their memory
+pools are per thread), and it makes "one generation at a time per model" a property of the
+design rather than of a lock. The decode loop itself sits behind `Decoder`, so a faster one can
+replace `PlainDecoder` without touching the streaming, cancelling and error handling here.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..config import Settings
+from ..errors import BackendTimeout, ConfigError, GenerationFailed
+from ..params import GenerationParams
+from .base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend, Token
+
+log = logging.getLogger(__name__)
+
+# How long a reader waits for the next token before calling the generation stuck.
+TOKEN_TIMEOUT_S = 120.0
+
+
+class Decoder(Protocol):
+    """Runs one generation, calling `emit(token_id)` per new token, checking `cancelled()`."""
+
+    name: str
+
+    def generate(
+        self,
+        input_ids,
+        params: GenerationParams,
+        seed: int,
+        emit: Callable[[int], None],
+        cancelled: Callable[[], bool],
+    ) -> str:
+        """Returns the finish reason (FINISH_STOP, FINISH_LENGTH or FINISH_CANCELLED)."""
+
+
+@dataclass
+class _Job:
+    input_ids: object
+    params: GenerationParams
+    seed: int
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+_END = object()
+
+
+class LocalBackend(Backend):
+    """Streams from a model loaded with transformers; see the module docstring."""
+
+    def __init__(self, model, tokenizer, *, model_name: str, context_length: int, decoder=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self._context_length = context_length
+        self.decoder: Decoder = decoder or PlainDecoder(model, tokenizer)
+        device = getattr(model, "device", "cpu")
+        self.name = f"local transformers ({getattr(device, 'type', device)})"
+        self.concurrency_limit = 1
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="local-decoder", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalBackend:
+        from ..tiny_model import ensure_tiny_model
+
+        model_id = settings.model or str(ensure_tiny_model())
+        model, tokenizer = load_model(model_id, quantize=settings.quantize, token=settings.token)
+        name = "tiny demo Falcon (random weights)" if settings.model is None else model_id
+        return cls(
+            model,
+            tokenizer,
+            model_name=name,
+            context_length=settings.max_total_tokens or model_context_length(model, tokenizer),
+        )
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    def context_length(self) -> int:
+        return self._context_length
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text))
+
+    def stream(self, prompt: str, params: GenerationParams) -> Generator[Token, None, None]:
+        import torch
+        from tokenizers.decoders import DecodeStream
+
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        job = _Job(torch.tensor([self._encode(prompt)]), params, seed)
+        self._jobs.put(job)
+        # Per-token decoding that holds back only an incomplete UTF-8 sequence: the page (and
+        # Stop) stay within one token of the model, even for text without spaces.
+        detokenizer = DecodeStream(skip_special_tokens=True)
+        try:
+            while True:
+                try:
+                    item = job.out.get(timeout=TOKEN_TIMEOUT_S)
+                except queue.Empty:
+                    raise BackendTimeout(detail="local model produced no token in time") from None
+                if isinstance(item, tuple):  # (_END, finish_reason)
+                    yield Token("", finish_reason=item[1], seed=seed)
+                    return
+                if isinstance(item, BaseException):
+                    raise GenerationFailed(detail=f"{type(item).__name__}: {item}") from item
+                text = detokenizer.step(self._raw_tokenizer, item)
+                yield Token(text or "", id=item)
+        finally:
+            job.cancel.set()
+
+    def healthy(self) -> bool:
+        return self._worker.is_alive()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancel.is_set():
+                continue
+            try:
+                reason = self.decoder.generate(
+                    job.input_ids, job.params, job.seed, job.out.put, job.cancel.is_set
+                )
+                job.out.put((_END, reason))
+            except BaseException as error:  # reaches the reader as a clear message, never a hang
+                log.exception("generation failed")
+                job.out.put(error)
+
+    @property
+    def _raw_tokenizer(self):
+        return self.tokenizer._tokenizer if hasattr(self.tokenizer, "_tokenizer") else self.tokenizer
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+class PlainDecoder:
+    """transformers' own `generate`, fed to our stream one token at a time."""
+
+    name = "plain generate"
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def generate(self, input_ids, params, seed, emit, cancelled) -> str:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        state = {"count": 0, "last": None, "prompt_seen": False}
+
+        class Emitter(BaseStreamer):
+            def put(self, value):
+                if not state["prompt_seen"]:  # generate first hands over the prompt itself
+                    state["prompt_seen"] = True
+                    return
+                for token_id in value.reshape(-1).tolist():
+                    state["count"] += 1
+                    state["last"] = token_id
+                    emit(token_id)
+
+            def end(self):
+                pass
+
+        class Cancelled(StoppingCriteria):
+            # transformers' streamers cannot stop generate; a stopping criterion can, per token.
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled(), dtype=torch.bool)
+
+        torch.manual_seed(seed)
+        sampling = {}
+        if not params.greedy:
+            sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        input_ids = input_ids.to(self.model.device)
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=params.max_new_tokens,
+                do_sample=not params.greedy,
+                repetition_penalty=params.repetition_penalty,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.eos_token_id,
+                streamer=Emitter(),
+                stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                **sampling,
+            )
+        return finish_reason(state["last"], state["count"], params, self.eos_token_id, cancelled())
+
+
+def finish_reason(last_token, count: int, params: GenerationParams, eos_token_id, cancelled) -> str:
+    if cancelled:
+        return FINISH_CANCELLED
+    if last_token is not None and last_token == eos_token_id:
+        return FINISH_STOP
+    return FINISH_LENGTH if count >= params.max_new_tokens else FINISH_STOP
+
+
+def load_model(model_id: str, *, quantize: str | None = None, token: str | None = None):
+    """Model and tokenizer: bf16 across all GPUs where there are GPUs, float32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    kwargs: dict = {"token": token}
+    if torch.cuda.is_available():
+        kwargs.update(dtype=torch.bfloat16, device_map="auto")
+    else:
+        kwargs.update(dtype=torch.float32)
+    if quantize:
+        kwargs["quantization_config"] = _quantization_config(quantize)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, token=token)
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load model {model_id!r}: not a model folder, or not reachable on the hub "
+            f"({str(error).splitlines()[0][:200]})"
+        ) from None
+    model.eval()
+    return model, tokenizer
+
+
+def _quantization_config(quantize: str):
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--quantize {quantize} needs a CUDA GPU; none is visible")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes")
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
+    )
+
+
+def model_context_length(model, tokenizer) -> int:
+    """The model's context: its config, else the tokenizer's, else Falcon's 2,048."""
+    length = getattr(model.config, "max_position_embeddings", None)
+    if not length:
+        length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if length and length < 10**7 else 2048

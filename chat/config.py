@@ -1,0 +1,154 @@
+"""Configuration: command-line flags, each with an environment variable, read in one place.
+
+Defaults work offline: with nothing set, the app serves the tiny demo Falcon built on first start.
+A bad value stops the start with one line (`ConfigError`), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
+
+BACKENDS = ("local", "tgi", "openai", "sagemaker")
+QUANTIZATIONS = ("8bit", "4bit")
+DEFAULT_PORT = 7860
+DEFAULT_MAX_MESSAGE_CHARS = 20_000
+DEFAULT_REMOTE_CONCURRENCY = 64
+
+# flag -> environment variable; the README's configuration table lists the same pairs.
+ENVIRONMENT = {
+    "backend": "BACKEND",
+    "model": "MODEL_ID",
+    "endpoint": "ENDPOINT",
+    "host": "GRADIO_SERVER_NAME",
+    "port": "GRADIO_SERVER_PORT",
+    "system_prompt": "SYSTEM_PROMPT",
+    "quantize": "QUANTIZE",
+    "max_total_tokens": "MAX_TOTAL_TOKENS",
+    "stop": "STOP_SEQUENCES",
+    "max_message_chars": "MAX_MESSAGE_CHARS",
+    "concurrency": "CONCURRENCY_LIMIT",
+    "token": "HF_TOKEN",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app is configured with. Secrets are kept out of `repr` (and so of logs)."""
+
+    backend: str = "local"
+    model: str | None = None  # hub id or folder; None: the tiny offline demo model
+    endpoints: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    system_prompt: str = ""
+    quantize: str | None = None
+    max_total_tokens: int | None = None
+    stop_sequences: tuple[str, ...] = DEFAULT_STOP_SEQUENCES
+    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
+    concurrency_limit: int | None = None  # None: 1 for the local backend, 64 for remote ones
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def default_params(self) -> GenerationParams:
+        return GenerationParams(stop_sequences=self.stop_sequences)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit 2
+        raise ConfigError(message)
+
+
+def _parser() -> _Parser:
+    env = lambda name: f" (env {ENVIRONMENT[name]})"  # noqa: E731
+    p = _Parser(prog="app.py", description="Falcon Chat: a chat web app for Falcon models.")
+    p.add_argument("--backend", choices=BACKENDS, help="where tokens come from" + env("backend"))
+    p.add_argument("--model", help="hub id or local folder of the model" + env("model"))
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        help="server address for remote backends; repeat for several" + env("endpoint"),
+    )
+    p.add_argument("--host", help="address to listen on" + env("host"))
+    p.add_argument("--port", help="port to listen on" + env("port"))
+    p.add_argument("--system-prompt", help="default system prompt" + env("system_prompt"))
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="bitsandbytes, CUDA only" + env("quantize"))
+    p.add_argument("--max-total-tokens", help="model context in tokens" + env("max_total_tokens"))
+    p.add_argument(
+        "--stop",
+        action="append",
+        help="stop sequence; repeat for several, replaces the defaults" + env("stop"),
+    )
+    p.add_argument("--max-message-chars", help="longest message accepted" + env("max_message_chars"))
+    p.add_argument("--concurrency", help="generations at once" + env("concurrency"))
+    p.add_argument("--token", help="access token for the hub or server" + env("token"))
+    return p
+
+
+def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
+    """Settings from flags, then environment variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    args = vars(_parser().parse_args(argv))
+
+    def value(name: str):
+        given = args.get(name)
+        if given not in (None, []):
+            return given
+        return environ.get(ENVIRONMENT[name]) or None
+
+    endpoints = value("endpoint")
+    if isinstance(endpoints, str):  # from the environment: comma-separated
+        endpoints = [e for e in endpoints.split(",")]
+    stops = value("stop")
+    if isinstance(stops, str):  # from the environment: JSON-ish escapes allowed ("\n")
+        stops = [s.encode().decode("unicode_escape") for s in stops.split(",")]
+    settings = Settings(
+        backend=value("backend") or "local",
+        model=value("model"),
+        endpoints=tuple(e.strip() for e in endpoints or () if e.strip()),
+        host=value("host") or "127.0.0.1",
+        port=_int("--port", value("port"), DEFAULT_PORT, 1, 65535),
+        system_prompt=value("system_prompt") or "",
+        quantize=value("quantize"),
+        max_total_tokens=_int("--max-total-tokens", value("max_total_tokens"), None, 16, 10**7),
+        stop_sequences=tuple(stops) if stops else DEFAULT_STOP_SEQUENCES,
+        max_message_chars=_int(
+            "--max-message-chars", value("max_message_chars"), DEFAULT_MAX_MESSAGE_CHARS, 1, 10**7
+        ),
+        concurrency_limit=_int("--concurrency", value("concurrency"), None, 1, 10_000),
+        token=value("token"),
+    )
+    _check(settings)
+    return settings
+
+
+def _int(flag: str, raw, default, low: int, high: int):
+    if raw is None:
+        return default
+    try:
+        number = int(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be a whole number, not {raw!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{flag} must be between {low} and {high}, not {number}")
+    return number
+
+
+def _check(settings: Settings) -> None:
+    if settings.backend not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {settings.backend!r}")
+    if settings.quantize not in (None, *QUANTIZATIONS):
+        raise ConfigError(f"--quantize must be 8bit or 4bit, not {settings.quantize!r}")
+    if settings.backend != "local" and not settings.endpoints:
+        raise ConfigError(f"--backend {settings.backend} needs --endpoint (env ENDPOINT)")
+    if len(settings.stop_sequences) > MAX_STOP_SEQUENCES:
+        raise ConfigError(f"at most {MAX_STOP_SEQUENCES} stop sequences (--stop) are allowed")
+    try:
+        settings.default_params
+    except Exception as error:
+        raise ConfigError(f"--stop: {getattr(error, 'user_message', error)}") from None

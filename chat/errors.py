@@ -1,0 +1,62 @@
+"""Errors by kind, each carrying the one sentence a user is shown.
+
+Backends and validation raise these; the reply loop turns them into chat messages in one place
+(`chat.reply`). Nothing else formats an error for the page, so raw server text and tracebacks
+never reach it.
+"""
+
+from __future__ import annotations
+
+
+class ChatError(Exception):
+    """Base class: `user_message` is safe to show on the page and in the API."""
+
+    user_message = "Something went wrong while generating the reply. Please try again."
+
+    def __init__(self, user_message: str | None = None, *, detail: str = ""):
+        self.user_message = user_message or type(self).user_message
+        # `detail` is for the log (never secrets, never shown to the user).
+        self.detail = detail
+        super().__init__(self.user_message if not detail else f"{self.user_message} ({detail})")
+
+
+class InvalidParameter(ChatError):
+    """A generation setting is out of range or of the wrong type; the message names it."""
+
+
+class InvalidMessage(ChatError):
+    """The message itself cannot be sent (empty, too long in characters)."""
+
+
+class PromptTooLong(ChatError):
+    """The current message alone does not fit the model's context."""
+
+
+class ConfigError(ChatError):
+    """Bad start-up configuration; reported as one line before anything starts."""
+
+
+class BackendError(ChatError):
+    """Base for failures of the model or the server behind it."""
+
+    # True when the failure happened before the first token, so another endpoint may be tried.
+    retryable = False
+
+
+class BackendUnavailable(BackendError):
+    user_message = "The model server could not be reached. Please try again in a moment."
+    retryable = True
+
+
+class BackendBusy(BackendError):
+    user_message = "The model is busy right now. Please try again in a moment."
+    retryable = True
+
+
+class BackendTimeout(BackendError):
+    user_message = "The model took too long to answer. Please try again."
+    retryable = True
+
+
+class GenerationFailed(BackendError):
+    user_message = "The model failed while generating the reply. Please try again."

@@ -1,0 +1,93 @@
+"""Gradio's chat history in, our own turns out: the one place that knows Gradio's shapes.
+
+Accepted: Gradio 6 messages (`{"role", "content"}`, content a string or a list of
+`{"type": "text", "text": ...}` parts, or message objects with those attributes) and legacy
+`(user, bot)` pairs. Other roles, non-text parts and our own notes (errors and the like, which the
+app appends to a reply and must not feed back to the model) are left out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# A note the app appends to a reply (an error, a cut reply): a markdown quote starting with this.
+NOTE_MARK = "> ⚠️ "
+_NOTE_AT_END = re.compile(r"(?:\A|\n\n)" + re.escape(NOTE_MARK) + r"[^\n]*\Z")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One finished exchange: what the user said and what the model answered."""
+
+    user: str
+    assistant: str
+
+
+def add_note(reply: str, note: str) -> str:
+    """Append a note to a (possibly empty) reply, in the form `strip_note` removes."""
+    note = NOTE_MARK + " ".join(note.split())
+    return f"{reply}\n\n{note}" if reply else note
+
+
+def strip_note(reply: str) -> str:
+    return _NOTE_AT_END.sub("", reply)
+
+
+def content_text(content) -> str:
+    """The text of a message's content: a string, a list of parts, or anything else (no text)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text":
+                texts.append(str(part.get("text") or ""))
+        return "\n".join(texts)
+    return ""
+
+
+def turns_from_history(history) -> list[Turn]:
+    """Gradio history (messages or pairs) to finished turns, oldest first."""
+    turns: list[Turn] = []
+    pending_user: str | None = None
+    replies: list[str] = []
+
+    def finish() -> None:
+        reply = strip_note("\n".join(replies)).strip()
+        # A user message whose reply failed or is missing is not a turn the model should see.
+        if pending_user is not None and reply:
+            turns.append(Turn(pending_user, reply))
+
+    for item in history or []:
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            finish()
+            pending_user, replies = content_text(item[0]), [content_text(item[1])]
+            continue
+        role, content, metadata = _message_fields(item)
+        if role == "user":
+            finish()
+            pending_user, replies = content_text(content), []
+        elif role == "assistant" and pending_user is not None and not metadata:
+            # Messages with metadata (titles, tool logs) are displays, not the model's words.
+            replies.append(content_text(content))
+    finish()
+    return turns
+
+
+def _message_fields(item):
+    if isinstance(item, dict):
+        return item.get("role"), item.get("content"), _title(item.get("metadata"))
+    return (
+        getattr(item, "role", None),
+        getattr(item, "content", None),
+        _title(getattr(item, "metadata", None)),
+    )
+
+
+def _title(metadata) -> str:
+    if isinstance(metadata, dict):
+        return str(metadata.get("title") or "")
+    return str(getattr(metadata, "title", "") or "")

@@ -1,0 +1,117 @@
+"""The offline demo model: a tiny Falcon with random weights and a tokenizer trained here.
+
+`python app.py` with no configuration must give a working chat on a machine with no internet and
+no model hub, so the first start builds this model (in well under a second) and caches it. The
+tokenizer is a character-level BPE with a Metaspace pre-tokenizer, not byte-level: every token is
+a string of whole characters, so every token decodes to valid text on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when the recipe changes, so an old cached build is not reused.
+TINY_MODEL_VERSION = "1"
+TINY_VOCAB_SIZE = 1024
+END_OF_TEXT = "<|endoftext|>"
+
+# Training text for the tokenizer: the Falcon turn format and the kind of requests people make.
+_CORPUS = """\
+System: You are a helpful assistant called Falcon. Answer briefly and truthfully.
+User: Translate "I love the sea and the mountains" into French.
+Falcon: J'aime la mer et les montagnes.
+User: Is the sentiment of this tweet positive or negative? "The new update is fantastic!"
+Falcon: Positive.
+User: Write a haiku about autumn leaves falling in the evening light.
+Falcon: Red leaves drift and fall, / evening light on quiet paths, / the year breathes slowly.
+User: Turn this email into a table with the columns name, date and amount.
+Falcon: | name | date | amount |
+|------|------|--------|
+| Alice | 2023-09-01 | 120 |
+User: Plan a three day trip to Lisbon for two people who like food, museums and walking.
+Falcon: Day 1: walk through Alfama, lunch at a market, the castle at sunset.
+Day 2: museums in Belem, pastries, a tram ride and dinner by the river.
+Day 3: a day trip to Sintra and its palaces, then back for a concert.
+User: Give me a recipe for a simple tomato soup.
+Falcon: Ingredients: tomatoes, an onion, garlic, olive oil, salt, pepper and basil.
+Steps: 1. Chop the onion and the garlic. 2. Cook them in oil. 3. Add the tomatoes and water.
+4. Simmer for twenty minutes, blend, season and serve with bread.
+The quick brown fox jumps over the lazy dog. A large language model predicts the next token
+from the text that came before it. Questions, answers, numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000,
+punctuation ; : , . ! ? ( ) [ ] { } " ' - + = * / \\ # @ & % $ < > _ ~ ` ^ |
+ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz
+"""
+
+
+def default_tiny_model_dir() -> Path:
+    """Where the offline demo model is cached: $FALCON_CHAT_CACHE or ~/.cache/falcon-chat."""
+    root = os.environ.get("FALCON_CHAT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "falcon-chat"
+    )
+    return Path(root) / f"tiny-falcon-v{TINY_MODEL_VERSION}"
+
+
+def ensure_tiny_model(path: Path | None = None) -> Path:
+    """Return the folder of the tiny model, building it first if it is not there yet."""
+    path = Path(path) if path else default_tiny_model_dir()
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a crash or a concurrent start never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        _build(staging)
+        try:
+            staging.rename(path)
+        except OSError:
+            if not (path / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _build(folder: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE, special_tokens=[END_OF_TEXT, "<unk>"], show_progress=False
+    )
+    tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=END_OF_TEXT,
+        unk_token="<unk>",
+        pad_token=END_OF_TEXT,
+        model_input_names=["input_ids", "attention_mask"],  # Falcon's generate rejects token_type_ids
+    )
+    fast.save_pretrained(folder)
+
+    config = FalconConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        bias=False,
+        alibi=False,
+        max_position_embeddings=2048,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = FalconForCausalLM(config)
+    model.generation_config.pad_token_id = fast.eos_token_id
+    model.save_pretrained(folder)
