@@ -1,0 +1,73 @@
+"""Shared fixtures: the tiny offline Falcon, a local backend on it, and the app served on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from chat.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-falcon")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def local_backend(tiny_model_dir):
+    from chat.backends.local import LocalBackend
+    from chat.config import Settings
+
+    backend = LocalBackend.from_settings(Settings(model=str(tiny_model_dir)))
+    yield backend
+    backend.close()
+
+
+@contextlib.contextmanager
+def serve_app(backend, settings=None):
+    """Build the real app for `backend` and serve it on a free loopback port; yields its URL."""
+    from chat.config import Settings
+    from chat.ui import build_demo, launch_options
+
+    settings = settings or Settings()
+    settings = type(settings)(**{**settings.__dict__, "port": free_port()})
+    demo = build_demo(backend, settings)
+    demo.launch(**launch_options(settings), prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{settings.port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="session")
+def app_url(local_backend):
+    """The app on the tiny local model, served once for the whole session."""
+    with serve_app(local_backend) as url:
+        yield url
+
+
+@pytest.fixture
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
