@@ -104,11 +104,11 @@ def _stop_sequences(value) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise InvalidParameter("stop_sequences must be a list of strings.")
     if len(value) > MAX_STOP_SEQUENCES:
-        raise InvalidParameter(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.")
+        raise InvalidParameter(f"stop_sequences: at most {MAX_STOP_SEQUENCES} are allowed.")
     for stop in value:
         if not isinstance(stop, str) or not stop or len(stop) > MAX_STOP_SEQUENCE_CHARS:
             raise InvalidParameter(
-                f"Each stop sequence must be a string of 1 to {MAX_STOP_SEQUENCE_CHARS} characters."
+                f"stop_sequences: each must be a string of 1 to {MAX_STOP_SEQUENCE_CHARS} characters."
             )
     return tuple(value)
 
