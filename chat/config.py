@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .embedding import parse_origins
 from .errors import ConfigError
 from .params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
 
@@ -34,6 +35,7 @@ ENVIRONMENT = {
     "max_message_chars": "MAX_MESSAGE_CHARS",
     "concurrency": "CONCURRENCY_LIMIT",
     "token": "HF_TOKEN",
+    "allow_embed_from": "ALLOW_EMBED_FROM",
 }
 
 
@@ -53,6 +55,7 @@ class Settings:
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     concurrency_limit: int | None = None  # None: 1 for the local backend, 64 for remote ones
     token: str | None = field(default=None, repr=False)
+    allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
 
     @property
     def default_params(self) -> GenerationParams:
@@ -87,6 +90,11 @@ def _parser() -> _Parser:
     p.add_argument("--max-message-chars", help="longest message accepted" + env("max_message_chars"))
     p.add_argument("--concurrency", help="generations at once" + env("concurrency"))
     p.add_argument("--token", help="access token for the hub or server" + env("token"))
+    p.add_argument(
+        "--allow-embed-from",
+        action="append",
+        help="origins that may frame the page, comma-separated; default any" + env("allow_embed_from"),
+    )
     return p
 
 
@@ -122,6 +130,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         ),
         concurrency_limit=_int("--concurrency", value("concurrency"), None, 1, 10_000),
         token=value("token"),
+        allow_embed_from=parse_origins(value("allow_embed_from")),
     )
     _check(settings)
     return settings

@@ -13,6 +13,7 @@ import gradio as gr
 
 from .backends.base import Backend
 from .config import Settings
+from .embedding import embedding_launch_options
 from .errors import ChatError
 from .params import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -103,6 +104,8 @@ def launch_options(settings: Settings) -> dict:
         css=(ASSETS / "style.css").read_text(encoding="utf-8"),
         theme=gr.themes.Soft(primary_hue="amber"),
         footer_links=["api", "gradio"],
+        # Framed by other sites: storage fallback, and frame-ancestors when restricted.
+        **embedding_launch_options(settings.allow_embed_from),
     )
 
 

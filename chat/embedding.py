@@ -1,0 +1,120 @@
+"""Being framed by other people's pages: who may frame the app, and storage where a frame has none.
+
+By default the app sends no frame-blocking header, so any page can embed it in an iframe.
+`--allow-embed-from ORIGINS` restricts that with `Content-Security-Policy: frame-ancestors 'self'
+ORIGINS` on the page's HTML responses (the header only means something on documents).
+
+A cross-site frame is often denied all storage (Chromium with third-party cookies blocked, Safari,
+Firefox's strict mode): merely reading `window.localStorage` throws SecurityError there. Gradio's
+`BrowserState`, which every `gr.ChatInterface` contains, reads it unguarded at mount, and the frame
+stays on "Loading...". `STORAGE_FALLBACK_HEAD` swaps in an in-memory storage only in that case, so
+the chat works and its history lasts as long as the page.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .errors import ConfigError
+
+# A CSP source expression a person would write for a page that frames the app: a scheme
+# (`https:`), or an optional scheme, a host (optionally `*.`-prefixed) and an optional port.
+# Quotes, spaces, commas and semicolons are refused: they would change the header's meaning.
+_ORIGIN = re.compile(
+    r"""
+    (?:[a-z][a-z0-9+.-]*:)                                 # a scheme alone: https:
+    |
+    (?:[a-z][a-z0-9+.-]*://)?                              # optional scheme
+    (?:\*|(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*)            # host, *.host or *
+    (?::(?:[0-9]{1,5}|\*))?                                # optional port
+    """,
+    re.IGNORECASE | re.VERBOSE,
+)
+
+STORAGE_FALLBACK_HEAD = """<script>
+/* Falcon Chat: where this page is framed cross-site and the browser denies it storage, reading
+   localStorage throws and Gradio's saved history would stop the page loading. Only then, use an
+   in-memory storage: the chat works, and its history lasts until the page is closed. */
+(function () {
+  function memoryStorage() {
+    var items = new Map();
+    return {
+      get length() { return items.size; },
+      key: function (i) { var keys = Array.from(items.keys()); return i < keys.length ? keys[i] : null; },
+      getItem: function (k) { k = String(k); return items.has(k) ? items.get(k) : null; },
+      setItem: function (k, v) { items.set(String(k), String(v)); },
+      removeItem: function (k) { items.delete(String(k)); },
+      clear: function () { items.clear(); }
+    };
+  }
+  ["localStorage", "sessionStorage"].forEach(function (name) {
+    try {
+      window[name].getItem("falcon-chat-storage-check");
+    } catch (error) {
+      Object.defineProperty(window, name, { value: memoryStorage(), configurable: true });
+      window.falconChatMemoryStorage = true;
+    }
+  });
+})();
+</script>"""
+
+
+def parse_origins(raw: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Origins from `--allow-embed-from` (comma-separated, or repeated), checked; () if none."""
+    if raw is None:
+        return ()
+    parts = raw.split(",") if isinstance(raw, str) else [p for item in raw for p in item.split(",")]
+    origins = []
+    for part in parts:
+        origin = part.strip()
+        if not origin:
+            continue
+        if origin.endswith("/") and "://" in origin and origin.count("/") == 3:
+            origin = origin[:-1]  # "https://example.com/" as copied from the address bar
+        if not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f"--allow-embed-from: {origin!r} is not an origin like https://example.com, "
+                "https://*.example.com or https:"
+            )
+        origins.append(origin)
+    return tuple(dict.fromkeys(origins))
+
+
+def frame_ancestors(origins: Iterable[str]) -> str:
+    """The Content-Security-Policy value that lets the app itself and `origins` frame it."""
+    return " ".join(["frame-ancestors", "'self'", *origins])
+
+
+class FrameAncestorsMiddleware:
+    """ASGI middleware: adds `Content-Security-Policy: frame-ancestors ...` to HTML responses."""
+
+    def __init__(self, app, origins: Iterable[str]):
+        self.app = app
+        self.header = (b"content-security-policy", frame_ancestors(origins).encode("latin-1"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_policy(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                if content_type.startswith(b"text/html"):
+                    message = {**message, "headers": [*headers, self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_policy)
+
+
+def embedding_launch_options(allow_embed_from: tuple[str, ...]) -> dict:
+    """`demo.launch` keyword arguments: the storage fallback, and the header when restricted."""
+    options: dict = {"head": STORAGE_FALLBACK_HEAD}
+    if allow_embed_from:
+        from starlette.middleware import Middleware
+
+        options["app_kwargs"] = {
+            "middleware": [Middleware(FrameAncestorsMiddleware, origins=allow_embed_from)]
+        }
+    return options
