@@ -35,6 +35,12 @@ ENVIRONMENT = {
     "max_message_chars": "MAX_MESSAGE_CHARS",
     "concurrency": "CONCURRENCY_LIMIT",
     "token": "HF_TOKEN",
+    "api_key": "OPENAI_API_KEY",
+    "connect_timeout": "CONNECT_TIMEOUT",
+    "first_token_timeout": "FIRST_TOKEN_TIMEOUT",
+    "token_timeout": "TOKEN_TIMEOUT",
+    "busy_retries": "BUSY_RETRIES",
+    "endpoint_cooldown": "ENDPOINT_COOLDOWN",
     "allow_embed_from": "ALLOW_EMBED_FROM",
 }
 
@@ -55,6 +61,13 @@ class Settings:
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     concurrency_limit: int | None = None  # None: 1 for the local backend, 64 for remote ones
     token: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)  # for OpenAI-compatible servers
+    # Remote backends (None: the defaults in chat/backends/remote.py).
+    connect_timeout_s: float | None = None
+    first_token_timeout_s: float | None = None
+    token_timeout_s: float | None = None  # longest silence between two tokens
+    busy_retries: int | None = None
+    endpoint_cooldown_s: float | None = None
     allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
 
     @property
@@ -90,6 +103,16 @@ def _parser() -> _Parser:
     p.add_argument("--max-message-chars", help="longest message accepted" + env("max_message_chars"))
     p.add_argument("--concurrency", help="generations at once" + env("concurrency"))
     p.add_argument("--token", help="access token for the hub or server" + env("token"))
+    p.add_argument("--api-key", help="API key for an OpenAI-compatible server" + env("api_key"))
+    p.add_argument("--connect-timeout", help="seconds to connect to a server" + env("connect_timeout"))
+    p.add_argument(
+        "--first-token-timeout", help="seconds to wait for the first token" + env("first_token_timeout")
+    )
+    p.add_argument("--token-timeout", help="seconds of silence between tokens" + env("token_timeout"))
+    p.add_argument("--busy-retries", help="retries while the server is busy" + env("busy_retries"))
+    p.add_argument(
+        "--endpoint-cooldown", help="seconds a failed endpoint is skipped" + env("endpoint_cooldown")
+    )
     p.add_argument(
         "--allow-embed-from",
         action="append",
@@ -130,6 +153,12 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         ),
         concurrency_limit=_int("--concurrency", value("concurrency"), None, 1, 10_000),
         token=value("token"),
+        api_key=value("api_key"),
+        connect_timeout_s=_seconds("--connect-timeout", value("connect_timeout")),
+        first_token_timeout_s=_seconds("--first-token-timeout", value("first_token_timeout")),
+        token_timeout_s=_seconds("--token-timeout", value("token_timeout")),
+        busy_retries=_int("--busy-retries", value("busy_retries"), None, 0, 20),
+        endpoint_cooldown_s=_seconds("--endpoint-cooldown", value("endpoint_cooldown")),
         allow_embed_from=parse_origins(value("allow_embed_from")),
     )
     _check(settings)
@@ -146,6 +175,18 @@ def _int(flag: str, raw, default, low: int, high: int):
     if not low <= number <= high:
         raise ConfigError(f"{flag} must be between {low} and {high}, not {number}")
     return number
+
+
+def _seconds(flag: str, raw) -> float | None:
+    if raw is None:
+        return None
+    try:
+        seconds = float(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be a number of seconds, not {raw!r}") from None
+    if not 0 < seconds <= 86_400:
+        raise ConfigError(f"{flag} must be more than 0 and at most 86400 seconds, not {raw}")
+    return seconds
 
 
 def _check(settings: Settings) -> None:

@@ -60,3 +60,25 @@ class BackendTimeout(BackendError):
 
 class GenerationFailed(BackendError):
     user_message = "The model failed while generating the reply. Please try again."
+
+
+class ContextOverflow(BackendError):
+    """The server found prompt + reply longer than its context, before the first token.
+
+    The reply loop answers it by dropping one more old turn and asking again, so the user only
+    sees it when no old turn is left to drop.
+    """
+
+    user_message = (
+        "The message and the reply do not fit the model's context. "
+        "Please shorten the message or lower max new tokens."
+    )
+
+
+class RequestRejected(BackendError):
+    """The server refused the request's settings (its limits differ from this app's)."""
+
+    user_message = (
+        "The model server did not accept these generation settings. "
+        "Try fewer max new tokens or other values."
+    )

@@ -14,6 +14,18 @@ def build_backend(settings: Settings) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend.from_settings(settings)
+    if settings.backend == "tgi":
+        from .tgi import TGIBackend
+
+        return TGIBackend.from_settings(settings)
+    if settings.backend == "openai":
+        from .openai_compat import OpenAIBackend
+
+        return OpenAIBackend.from_settings(settings)
+    if settings.backend == "sagemaker":
+        from .sagemaker import SageMakerBackend
+
+        return SageMakerBackend.from_settings(settings)
     from ..errors import ConfigError
 
     raise ConfigError(f"backend {settings.backend!r} is not available in this version")

@@ -1,0 +1,157 @@
+"""`RemoteBackend`: the backend protocol for a model behind a server, shared by TGI, OpenAI and
+SageMaker.
+
+A subclass says how to open one stream on one endpoint, and (optionally) how the server counts
+tokens and how long its context is. This class adds failover (`remote.failover_stream`), a cache
+of token counts (the prompt fitter counts every turn of a conversation again on each message, and
+each count is an HTTP request), and safe fallbacks: without a server-side count, a UTF-8 byte count,
+which is never below the token count of a byte-level or character-level BPE (every token covers at
+least one byte), so a prompt fitted with it cannot overflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import httpx2
+from abc import abstractmethod
+from collections.abc import Generator, Iterator
+
+from ..config import DEFAULT_REMOTE_CONCURRENCY
+from ..errors import BackendError
+from ..params import GenerationParams
+from .base import Backend, Token
+from .remote import (
+    EndpointPool,
+    RemoteOptions,
+    Watchdog,
+    error_for_exception,
+    error_for_status,
+    failover_stream,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_LENGTH = 2048  # Falcon's context
+_SPECIAL_TOKENS_MARGIN = 4  # a BOS/EOS the server's tokenizer may add
+
+
+def http_timeout(options: RemoteOptions) -> httpx2.Timeout:
+    return httpx2.Timeout(options.read_timeout_s, connect=options.connect_timeout_s)
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """`Authorization` only when there is a token: never "Bearer None"."""
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def error_text(response) -> str:
+    """The error message in a server's JSON error body, else its text."""
+    try:
+        body = response.json()
+        message = body.get("error") or body.get("message") or body.get("detail") or body
+        return str(message.get("message", message) if isinstance(message, dict) else message)
+    except Exception:
+        return response.text
+
+
+def remote_arguments(settings) -> dict:
+    """The keyword arguments every RemoteBackend takes, from the configuration."""
+    return dict(
+        options=RemoteOptions.from_settings(settings),
+        concurrency_limit=settings.concurrency_limit or DEFAULT_REMOTE_CONCURRENCY,
+        max_total_tokens=settings.max_total_tokens,
+    )
+
+
+def estimate_tokens(text: str) -> int:
+    """An upper bound on the tokens of `text` for byte- or character-level BPE tokenizers."""
+    return len(text.encode("utf-8")) + _SPECIAL_TOKENS_MARGIN
+
+
+class RemoteBackend(Backend):
+    """A Backend whose model runs on one or more servers; see the module docstring."""
+
+    def __init__(
+        self,
+        endpoints,
+        *,
+        options: RemoteOptions,
+        concurrency_limit: int,
+        max_total_tokens: int | None = None,
+        token: str | None = None,
+    ):
+        self.options = options
+        # For the servers' side routes (/info, /tokenize, /v1/models); not the Hub, so no offline hook.
+        self._http = httpx2.Client(timeout=http_timeout(options), headers=auth_headers(token))
+        self.pool = EndpointPool(endpoints, options.cooldown_s)
+        self.concurrency_limit = concurrency_limit
+        self._configured_context = max_total_tokens
+        self._server_context: int | None = None
+        self._cached_count = functools.lru_cache(maxsize=4096)(self._count_tokens)
+
+    # -- what a subclass provides ----------------------------------------------------------------
+
+    @abstractmethod
+    def open_stream(
+        self, endpoint: str, prompt: str, params: GenerationParams, watchdog: Watchdog
+    ) -> Iterator[Token]:
+        """A generator of tokens from one endpoint, raising BackendErrors; closing it cancels."""
+
+    def server_context_length(self, endpoint: str) -> int | None:
+        """The context the server reports, None when it does not say."""
+        return None
+
+    def server_token_count(self, endpoint: str, text: str) -> int | None:
+        """The server's own token count of `text`, None when it cannot count."""
+        return None
+
+    # -- the protocol ------------------------------------------------------------------------------
+
+    def stream(self, prompt: str, params: GenerationParams) -> Generator[Token, None, None]:
+        return failover_stream(
+            self.pool,
+            self.options,
+            lambda endpoint, watchdog: self.open_stream(endpoint, prompt, params, watchdog),
+        )
+
+    def context_length(self) -> int:
+        """The server's context where it says it, else --max-total-tokens, else 2,048.
+
+        A server that is down at start-up is asked again on the next request.
+        """
+        if self._server_context is None:
+            self._server_context = self._ask_servers(self.server_context_length)
+        return self._server_context or self._configured_context or DEFAULT_CONTEXT_LENGTH
+
+    def count_tokens(self, text: str) -> int:
+        return self._cached_count(text)
+
+    def _count_tokens(self, text: str) -> int:
+        counted = self._ask_servers(lambda endpoint: self.server_token_count(endpoint, text))
+        return counted if counted is not None else estimate_tokens(text)
+
+    def get_json(self, method: str, url: str, **kwargs):
+        """A side route's JSON answer, None when the server has no such route (404, 405, 501);
+        other HTTP and connection failures as BackendErrors."""
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except (httpx2.HTTPError, OSError) as error:
+            raise error_for_exception(error) from None
+        if response.status_code in (404, 405, 501):
+            return None
+        if response.status_code >= 400:
+            raise error_for_status(response.status_code, error_text(response))
+        return response.json()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _ask_servers(self, question):
+        for endpoint in self.pool.order():
+            try:
+                return question(endpoint)
+            except BackendError as error:
+                log.warning("endpoint %s did not answer: %s", endpoint, error)
+        return None

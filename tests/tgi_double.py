@@ -1,0 +1,312 @@
+"""A stand-in for a Text Generation Inference server (router 3.3.x), for tests and benchmarks.
+
+TGI needs a GPU and cannot run here. This is a real HTTP/1.1 server on a loopback port that speaks
+TGI's wire format as FACTS.md records it:
+
+- POST /generate_stream (and POST / with `"stream": true`): chunked `text/event-stream`, one event
+  per token `data:{"index", "token": {...}, "generated_text": null, "details": null}` (`data:` with
+  or without the space, `data_prefix`), a blank line after each, `:` keep-alive comments while
+  silent (`keepalive_s`), the last event with `generated_text` and `details`; errors as in-stream
+  events `{"error", "error_type"}` under HTTP 200; no `[DONE]`.
+- GET /info (`max_input_tokens`, `max_total_tokens`, ...), POST /tokenize (one token per word,
+  `tokenize=False` answers 404 like an old TGI), GET /health.
+- TGI's validation, with its error texts: temperature > 0, 0 < top_p < 1, max_new_tokens > 0,
+  at most 4 stop sequences, input <= max_input_tokens, input + max_new_tokens <= max_total_tokens.
+  It honours `stop` (the matched sequence stays in the text) and `max_new_tokens`.
+
+It records every request (`requests`) and every client that went away before its reply ended
+(`disconnects`, `wait_for_disconnects`), streams at `tokens_per_second` if set, and takes scripted
+replies (`script(Reply(...))`) that can fail in each way a real server does: HTTP 429 or 5xx,
+in-stream overloaded/validation/generation errors, silence before the first token or mid-stream,
+or the connection killed mid-stream. A server that refuses connections is one that is stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DEFAULT_TEXT = "The falcon flies over the city at dawn, and the river shines below it."
+END_OF_TEXT = "<|endoftext|>"
+_WORDS = re.compile(r"\s*\S+|\s+")
+
+
+def tokenize(text: str) -> list[str]:
+    """The double's tokenizer: a word with the spaces before it is one token."""
+    return _WORDS.findall(text)
+
+
+@dataclass
+class Reply:
+    """One scripted reply. `fail` names a failure; mid-stream ones happen after `after_tokens`."""
+
+    text: str = DEFAULT_TEXT
+    fail: str | None = None  # http_429 | http_500 | http_503 | overloaded | validation |
+    #                          silent_before | silent_mid | killed_mid | error_mid
+    after_tokens: int = 2
+    finish_reason: str = "eos_token"  # when the text runs out before max_new_tokens
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    body: dict | None
+    headers: dict = field(default_factory=dict)
+
+
+class TGIDouble:
+    """Start with `start()` (or `with TGIDouble() as tgi:`), point clients at `url`."""
+
+    def __init__(self, *, tokens_per_second: float | None = None, max_input_tokens: int = 1024,
+                 max_total_tokens: int = 2048, data_prefix: str = "data:", keepalive_s: float = 0.05,
+                 tokenize: bool = True, model_id: str = "tiiuae/falcon-180B-chat"):
+        self.tokens_per_second = tokens_per_second
+        self.max_input_tokens = max_input_tokens
+        self.max_total_tokens = max_total_tokens
+        self.data_prefix = data_prefix
+        self.keepalive_s = keepalive_s
+        self.tokenize = tokenize
+        self.model_id = model_id
+        self.requests: list[RecordedRequest] = []
+        self.disconnects = 0
+        self.completed = 0
+        self._script: collections.deque[Reply] = collections.deque()
+        self._changed = threading.Condition()
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def start(self, port: int = 0) -> TGIDouble:
+        handler = type("Handler", (_Handler,), {"double": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self._server.daemon_threads = True
+        self._stopping.clear()
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="tgi-double").start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening (new connections are refused) and end every open stream."""
+        self._stopping.set()
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def __enter__(self) -> TGIDouble:
+        return self if self._server else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def script(self, *replies: Reply) -> None:
+        """Replies for the next requests, in order; after them, the default reply."""
+        self._script.extend(replies)
+
+    def generate_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path in ("/", "/generate_stream")]
+
+    def wait_for_disconnects(self, count: int, timeout: float = 5.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.disconnects >= count, timeout)
+
+    def _record(self, attribute: str) -> None:
+        with self._changed:
+            setattr(self, attribute, getattr(self, attribute) + 1)
+            self._changed.notify_all()
+
+    def _next_reply(self) -> Reply:
+        try:
+            return self._script.popleft()
+        except IndexError:
+            return Reply()
+
+
+class _Disconnected(Exception):
+    """The client went away before the reply ended."""
+
+
+class _Stopped(Exception):
+    """The double is stopping; open streams end without their final event."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    double: TGIDouble
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        self._recorded(None)
+        if self.path == "/info":
+            d = self.double
+            self._json(200, {
+                "model_id": d.model_id, "model_dtype": "torch.bfloat16", "router": "text-generation-router",
+                "version": "3.3.6", "max_input_tokens": d.max_input_tokens,
+                "max_total_tokens": d.max_total_tokens, "max_stop_sequences": 4,
+                "max_concurrent_requests": 128, "max_best_of": 2, "validation_workers": 2,
+            })
+        elif self.path == "/health":
+            self._json(200, {})
+        else:
+            self._json(404, {"error": "Not Found", "error_type": "not_found"})
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length") or 0)
+        body = json.loads(self.rfile.read(length) or b"null")
+        self._recorded(body)
+        if self.path == "/tokenize" and self.double.tokenize:
+            spans, start = [], 0
+            for i, piece in enumerate(tokenize(body["inputs"])):
+                spans.append({"id": i, "text": piece, "start": start, "stop": start + len(piece)})
+                start += len(piece)
+            self._json(200, spans)
+        elif self.path == "/generate_stream" or (self.path == "/" and body.get("stream")):
+            self._generate_stream(body)
+        else:
+            self._json(404, {"error": "Not Found", "error_type": "not_found"})
+
+    # -- /generate_stream ----------------------------------------------------------------------
+
+    def _generate_stream(self, body: dict) -> None:
+        reply = self.double._next_reply()
+        if reply.fail and reply.fail.startswith("http_"):
+            status = int(reply.fail[5:])
+            error_type = "overloaded" if status == 429 else "generation"
+            self._json(status, {"error": "Model is overloaded" if status == 429 else "Internal error",
+                                "error_type": error_type})
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("cache-control", "no-cache")
+        self.end_headers()
+        try:
+            self._events(body, reply)
+            self._chunk(b"")  # the chunked body's end
+            self.double._record("completed")
+        except _Disconnected:
+            self.double._record("disconnects")
+        except _Stopped:
+            pass
+        self.close_connection = True
+
+    def _events(self, body: dict, reply: Reply) -> None:
+        error = self._validation_error(body)
+        if error or reply.fail == "validation":
+            return self._event({"error": error or "Input validation error: `inputs` tokens + "
+                                "`max_new_tokens` must be <= 2048. Given: 2000 `inputs` tokens and "
+                                "100 `max_new_tokens`", "error_type": "validation"})
+        if reply.fail == "overloaded":
+            return self._event({"error": "Model is overloaded", "error_type": "overloaded"})
+        if reply.fail == "silent_before":
+            return self._wait(None)
+        parameters = body.get("parameters") or {}
+        max_new_tokens = parameters.get("max_new_tokens") or 20
+        stops = parameters.get("stop") or []
+        pieces = tokenize(reply.text)[:max_new_tokens]
+        finish, generated = reply.finish_reason, ""
+        if len(pieces) == max_new_tokens:
+            finish = "length"
+        for index, piece in enumerate(pieces):
+            if index == reply.after_tokens and reply.fail in ("silent_mid", "killed_mid", "error_mid"):
+                if reply.fail == "silent_mid":
+                    return self._wait(None)
+                if reply.fail == "killed_mid":
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    raise _Disconnected  # counted as a disconnect: the stream did not end
+                return self._event({"error": "Request failed during generation: CUDA out of memory",
+                                    "error_type": "generation"})
+            generated += piece
+            stopped = any(stop in generated for stop in stops)
+            last = stopped or (index == len(pieces) - 1 and finish == "length")
+            self._token(index, piece, False, generated if last else None,
+                        ("stop_sequence" if stopped else finish) if last else None, len(pieces))
+            if last:
+                return None
+            self._wait(1 / self.double.tokens_per_second if self.double.tokens_per_second else 0)
+        self._token(len(pieces), END_OF_TEXT, True, generated, finish, len(pieces) + 1)
+
+    def _token(self, index, text, special, generated_text, finish_reason, count):
+        details = None
+        if finish_reason:
+            details = {"finish_reason": finish_reason, "generated_tokens": count, "seed": None}
+        self._event({
+            "index": index + 1,
+            "token": {"id": 100 + index, "text": text, "logprob": -0.25, "special": special},
+            "generated_text": generated_text, "details": details, "top_tokens": None,
+        })
+
+    def _validation_error(self, body: dict) -> str | None:
+        """TGI's checks and wording (router/src/validation.rs)."""
+        p = body.get("parameters") or {}
+        d = self.double
+        inputs = len(tokenize(body.get("inputs", "")))
+        max_new = p.get("max_new_tokens") or 20
+        if p.get("temperature") is not None and p["temperature"] <= 0:
+            return "Input validation error: `temperature` must be strictly positive"
+        if p.get("top_p") is not None and not 0 < p["top_p"] < 1:
+            return "Input validation error: `top_p` must be > 0.0 and < 1.0"
+        if max_new <= 0:
+            return "Input validation error: `max_new_tokens` must be strictly positive"
+        if len(p.get("stop") or []) > 4:
+            return f"Input validation error: `stop` supports up to 4 stop sequences. Given: {len(p['stop'])}"
+        if inputs > d.max_input_tokens:
+            return (f"Input validation error: `inputs` tokens must be <= {d.max_input_tokens}. "
+                    f"Given: {inputs}")
+        if inputs + max_new > d.max_total_tokens:
+            return (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
+                    f"{d.max_total_tokens}. Given: {inputs} `inputs` tokens and {max_new} "
+                    "`max_new_tokens`")
+        return None
+
+    # -- writing, waiting, noticing a client that left ---------------------------------------------
+
+    def _event(self, payload: dict) -> None:
+        self._chunk(f"{self.double.data_prefix}{json.dumps(payload)}\n\n".encode())
+
+    def _chunk(self, data: bytes) -> None:
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except OSError:
+            raise _Disconnected from None
+
+    def _wait(self, seconds: float | None) -> None:
+        """Wait (None: until the double stops), sending keep-alives; notice a client leaving."""
+        end = None if seconds is None else time.monotonic() + seconds
+        while not self.double._stopping.is_set():
+            left = self.double.keepalive_s if end is None else min(end - time.monotonic(), self.double.keepalive_s)
+            if left <= 0:
+                return
+            readable, _, _ = select.select([self.connection], [], [], left)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                raise _Disconnected
+            if end is None:
+                self._chunk(b":\n\n")  # keep-alive comment, as TGI sends while silent
+        raise _Stopped  # the double is stopping: end the stream abruptly
+
+    def _json(self, status: int, payload) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _recorded(self, body) -> None:
+        self.double.requests.append(
+            RecordedRequest(self.command, self.path, body, {k.lower(): v for k, v in self.headers.items()})
+        )
