@@ -17,6 +17,7 @@ from .params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
 
 BACKENDS = ("local", "tgi", "openai", "sagemaker")
 QUANTIZATIONS = ("8bit", "4bit")
+DECODERS = ("auto", "plain", "fast")  # auto: fast on a CUDA GPU where the model allows, else plain
 DEFAULT_PORT = 7860
 DEFAULT_MAX_MESSAGE_CHARS = 20_000
 DEFAULT_REMOTE_CONCURRENCY = 64
@@ -35,6 +36,7 @@ ENVIRONMENT = {
     "max_message_chars": "MAX_MESSAGE_CHARS",
     "concurrency": "CONCURRENCY_LIMIT",
     "token": "HF_TOKEN",
+    "decoder": "DECODER",
     "api_key": "OPENAI_API_KEY",
     "connect_timeout": "CONNECT_TIMEOUT",
     "first_token_timeout": "FIRST_TOKEN_TIMEOUT",
@@ -61,6 +63,7 @@ class Settings:
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     concurrency_limit: int | None = None  # None: 1 for the local backend, 64 for remote ones
     token: str | None = field(default=None, repr=False)
+    decoder: str = "auto"  # local backend's decode loop: auto | plain | fast
     api_key: str | None = field(default=None, repr=False)  # for OpenAI-compatible servers
     # Remote backends (None: the defaults in chat/backends/remote.py).
     connect_timeout_s: float | None = None
@@ -103,6 +106,7 @@ def _parser() -> _Parser:
     p.add_argument("--max-message-chars", help="longest message accepted" + env("max_message_chars"))
     p.add_argument("--concurrency", help="generations at once" + env("concurrency"))
     p.add_argument("--token", help="access token for the hub or server" + env("token"))
+    p.add_argument("--decoder", help="local decode loop: auto, plain or fast" + env("decoder"))
     p.add_argument("--api-key", help="API key for an OpenAI-compatible server" + env("api_key"))
     p.add_argument("--connect-timeout", help="seconds to connect to a server" + env("connect_timeout"))
     p.add_argument(
@@ -153,6 +157,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         ),
         concurrency_limit=_int("--concurrency", value("concurrency"), None, 1, 10_000),
         token=value("token"),
+        decoder=value("decoder") or "auto",
         api_key=value("api_key"),
         connect_timeout_s=_seconds("--connect-timeout", value("connect_timeout")),
         first_token_timeout_s=_seconds("--first-token-timeout", value("first_token_timeout")),
@@ -192,6 +197,8 @@ def _seconds(flag: str, raw) -> float | None:
 def _check(settings: Settings) -> None:
     if settings.backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {settings.backend!r}")
+    if settings.decoder not in DECODERS:
+        raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, not {settings.decoder!r}")
     if settings.quantize not in (None, *QUANTIZATIONS):
         raise ConfigError(f"--quantize must be 8bit or 4bit, not {settings.quantize!r}")
     if settings.backend != "local" and not settings.endpoints:

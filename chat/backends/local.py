@@ -53,6 +53,14 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Task:
+    """Work other than a generation that must run on the worker thread (the decoder's warm-up)."""
+
+    run: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 _END = object()
 
 
@@ -68,9 +76,16 @@ class LocalBackend(Backend):
         device = getattr(model, "device", "cpu")
         self.name = f"local transformers ({getattr(device, 'type', device)})"
         self.concurrency_limit = 1
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job | _Task | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="local-decoder", daemon=True)
         self._worker.start()
+        warm_up = getattr(self.decoder, "warm_up", None)
+        if warm_up is not None:
+            # CUDA graphs belong to the thread that captures them: the worker, which replays them.
+            # Start-up waits for it, so no user's request pays for compiling.
+            task = _Task(warm_up)
+            self._jobs.put(task)
+            task.done.wait()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalBackend:
@@ -79,11 +94,13 @@ class LocalBackend(Backend):
         model_id = settings.model or str(ensure_tiny_model())
         model, tokenizer = load_model(model_id, quantize=settings.quantize, token=settings.token)
         name = "tiny demo Falcon (random weights)" if settings.model is None else model_id
+        context_length = settings.max_total_tokens or model_context_length(model, tokenizer)
         return cls(
             model,
             tokenizer,
             model_name=name,
-            context_length=settings.max_total_tokens or model_context_length(model, tokenizer),
+            context_length=context_length,
+            decoder=choose_decoder(settings.decoder, model, tokenizer, context_length),
         )
 
     # -- the protocol --------------------------------------------------------------------------
@@ -130,6 +147,14 @@ class LocalBackend(Backend):
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, _Task):
+                try:
+                    job.run()
+                except Exception:
+                    log.exception("decoder warm-up failed")
+                finally:
+                    job.done.set()
+                continue
             if job.cancel.is_set():
                 continue
             try:
@@ -202,6 +227,27 @@ class PlainDecoder:
                 **sampling,
             )
         return finish_reason(state["last"], state["count"], params, self.eos_token_id, cancelled())
+
+
+def choose_decoder(kind: str, model, tokenizer, max_len: int) -> Decoder:
+    """`plain`, `fast`, or `auto`: the fast decoder where a CUDA GPU and the model allow it."""
+    if kind == "plain":
+        return PlainDecoder(model, tokenizer)
+    from .fast_decode import FastDecoder, Unsupported
+
+    on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
+    if kind == "auto" and not on_gpu:
+        log.info("decoder: plain generate (the fast decoder needs a CUDA GPU)")
+        return PlainDecoder(model, tokenizer)
+    try:
+        decoder = FastDecoder(model, tokenizer, max_len=max_len)
+    except Unsupported as error:
+        if kind == "fast":
+            raise ConfigError(f"--decoder fast: {error}") from None
+        log.info("decoder: plain generate (fast decoder: %s)", error)
+        return PlainDecoder(model, tokenizer)
+    log.info("decoder: %s, cache of %d tokens", decoder.name, max_len)
+    return decoder
 
 
 def finish_reason(last_token, count: int, params: GenerationParams, eos_token_id, cancelled) -> str:
