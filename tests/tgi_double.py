@@ -51,6 +51,7 @@ class Reply:
     fail: str | None = None  # http_429 | http_500 | http_503 | overloaded | validation |
     #                          silent_before | silent_mid | killed_mid | error_mid
     after_tokens: int = 2
+    error: str | None = None  # the text of a validation or error_mid event
     finish_reason: str = "eos_token"  # when the text runs out before max_new_tokens
 
 
@@ -90,7 +91,7 @@ class TGIDouble:
         self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self._server.daemon_threads = True
         self._stopping.clear()
-        threading.Thread(target=self._server.serve_forever, daemon=True, name="tgi-double").start()
+        threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True, name="tgi-double").start()
         return self
 
     def stop(self) -> None:
@@ -206,9 +207,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _events(self, body: dict, reply: Reply) -> None:
         error = self._validation_error(body)
         if error or reply.fail == "validation":
-            return self._event({"error": error or "Input validation error: `inputs` tokens + "
-                                "`max_new_tokens` must be <= 2048. Given: 2000 `inputs` tokens and "
-                                "100 `max_new_tokens`", "error_type": "validation"})
+            return self._event({"error": error or reply.error or "Input validation error: `inputs` "
+                                "tokens + `max_new_tokens` must be <= 2048. Given: 2000 `inputs` "
+                                "tokens and 100 `max_new_tokens`", "error_type": "validation"})
         if reply.fail == "overloaded":
             return self._event({"error": "Model is overloaded", "error_type": "overloaded"})
         if reply.fail == "silent_before":
@@ -227,8 +228,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if reply.fail == "killed_mid":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     raise _Disconnected  # counted as a disconnect: the stream did not end
-                return self._event({"error": "Request failed during generation: CUDA out of memory",
-                                    "error_type": "generation"})
+                return self._event({"error": reply.error or "Request failed during generation: "
+                                    "CUDA out of memory", "error_type": "generation"})
             generated += piece
             stopped = any(stop in generated for stop in stops)
             last = stopped or (index == len(pieces) - 1 and finish == "length")
@@ -264,8 +265,8 @@ class _Handler(BaseHTTPRequestHandler):
         if len(p.get("stop") or []) > 4:
             return f"Input validation error: `stop` supports up to 4 stop sequences. Given: {len(p['stop'])}"
         if inputs > d.max_input_tokens:
-            return (f"Input validation error: `inputs` tokens must be <= {d.max_input_tokens}. "
-                    f"Given: {inputs}")
+            return (f"Input validation error: `inputs` must have less than {d.max_input_tokens} "
+                    f"tokens. Given: {inputs}")
         if inputs + max_new > d.max_total_tokens:
             return (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
                     f"{d.max_total_tokens}. Given: {inputs} `inputs` tokens and {max_new} "

@@ -1,0 +1,199 @@
+"""The TGI backend against the TGI protocol double (tests/tgi_double.py): wire format, budgets from
+the server, credentials, cancel, every failure kind, and failover across endpoints."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from chat.backends.remote import RemoteOptions
+from chat.backends.tgi import TGIBackend
+from chat.errors import (
+    BackendBusy,
+    BackendTimeout,
+    BackendUnavailable,
+    ContextOverflow,
+    GenerationFailed,
+    RequestRejected,
+)
+from chat.params import GenerationParams
+from chat.reply import stream_reply
+from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble, tokenize
+
+QUICK = RemoteOptions(
+    connect_timeout_s=2, first_token_timeout_s=1.0, token_timeout_s=0.5, busy_retries=1, backoff_s=0.01
+)
+
+
+@pytest.fixture
+def tgi():
+    with TGIDouble() as double:
+        yield double
+
+
+def backend_for(*doubles, **kwargs) -> TGIBackend:
+    return TGIBackend([d.url for d in doubles], options=kwargs.pop("options", QUICK), **kwargs)
+
+
+def texts(backend, prompt="User: Hi\nFalcon:", params=GenerationParams()):
+    return [token.text for token in backend.stream(prompt, params)]
+
+
+@pytest.mark.parametrize("prefix", ["data:", "data: "])
+def test_streams_a_reply_token_by_token_while_hub_offline_mode_is_on(prefix):
+    from huggingface_hub import constants
+
+    assert constants.is_offline_mode()  # tests/conftest.py sets HF_HUB_OFFLINE=1
+    with TGIDouble(data_prefix=prefix) as tgi:
+        assert "".join(texts(backend_for(tgi))) == DEFAULT_TEXT
+        assert tgi.generate_requests()[0].path == "/generate_stream"
+
+
+def test_the_last_token_carries_the_finish_reason(tgi):
+    tokens = list(backend_for(tgi).stream("Hi", GenerationParams()))
+    assert [t.finish_reason for t in tokens[:-1]] == [None] * (len(tokens) - 1)
+    assert tokens[-1].finish_reason == "stop" and tokens[-1].text == ""  # the EOS token is hidden
+
+
+def test_prompt_budget_comes_from_the_server():
+    with TGIDouble(max_total_tokens=1536) as tgi:
+        backend = backend_for(tgi)
+        assert backend.context_length() == 1536
+        assert backend.count_tokens("User: Hi there\nFalcon:") == len(tokenize("User: Hi there\nFalcon:"))
+        assert backend.model_name == tgi.model_id
+
+
+def test_without_tokenize_the_count_never_underestimates():
+    with TGIDouble(tokenize=False) as tgi:
+        text = "Grüße aus Lissabon, " * 20
+        assert backend_for(tgi).count_tokens(text) >= len(text)
+
+
+def test_counts_are_cached_so_a_conversation_is_not_counted_again_and_again(tgi):
+    backend = backend_for(tgi)
+    for _ in range(3):
+        backend.count_tokens("the same turn")
+    assert sum(r.path == "/tokenize" for r in tgi.requests) == 1
+
+
+def test_parameters_are_sent_the_way_tgi_accepts_them(tgi):
+    params = GenerationParams(temperature=0.0, top_p=1.0, max_new_tokens=7, stop_sequences=tuple("abcdef"))
+    texts(backend_for(tgi), params=params)
+    sent = tgi.generate_requests()[0].body["parameters"]
+    assert sent["do_sample"] is False and "temperature" not in sent and "top_p" not in sent
+    assert sent["max_new_tokens"] == 7 and sent["stop"] == ["a", "b", "c", "d"]
+    assert sent["details"] is True and sent["return_full_text"] is False
+
+
+def test_stop_sequences_end_the_reply_on_the_server_and_on_the_page(tgi):
+    params = GenerationParams(stop_sequences=(" city",))
+    # TGI keeps the matched stop sequence in its text and ends the stream there ...
+    assert "".join(texts(backend_for(tgi), params=params)) == "The falcon flies over the city"
+    # ... and the reply loop's stop filter never shows it.
+    reply = list(stream_reply(backend_for(tgi), "Hi", [], "", params, max_message_chars=1000))
+    assert reply[-1] == "The falcon flies over the"
+
+
+def test_a_token_is_sent_as_bearer_and_no_header_without_one(tgi, monkeypatch):
+    texts(backend_for(tgi, token="hf_secret"))
+    assert tgi.requests[-1].headers["authorization"] == "Bearer hf_secret"
+    monkeypatch.setenv("HF_TOKEN", "hf_stored_for_the_hub")  # must not leak to a named server
+    backend = backend_for(tgi)
+    texts(backend)
+    backend.count_tokens("x")
+    assert all("authorization" not in r.headers for r in tgi.requests[1:])
+
+
+def test_closing_the_stream_disconnects_the_server_within_a_second():
+    with TGIDouble(tokens_per_second=20) as tgi:
+        tgi.script(Reply(text="word " * 200))
+        stream = backend_for(tgi).stream("Hi", GenerationParams(max_new_tokens=200))
+        next(stream), next(stream)
+        closed = time.monotonic()
+        stream.close()
+        assert tgi.wait_for_disconnects(1, timeout=1.0), "the server kept generating"
+        assert time.monotonic() - closed < 1.0
+
+
+@pytest.mark.parametrize(
+    "fail, kind, partial",
+    [
+        ("http_429", BackendBusy, ""),
+        ("overloaded", BackendBusy, ""),
+        ("http_500", GenerationFailed, ""),
+        ("http_503", BackendUnavailable, ""),
+        ("validation", ContextOverflow, ""),
+        ("silent_before", BackendTimeout, ""),
+        ("silent_mid", BackendTimeout, "The falcon"),
+        ("killed_mid", GenerationFailed, "The falcon"),
+        ("error_mid", GenerationFailed, "The falcon"),
+    ],
+)
+def test_each_failure_becomes_its_error_kind(tgi, fail, kind, partial):
+    tgi.script(*[Reply(fail=fail)] * 3)
+    got = []
+    started = time.monotonic()
+    with pytest.raises(kind):
+        for token in backend_for(tgi).stream("Hi", GenerationParams()):
+            got.append(token.text)
+    assert "".join(got) == partial
+    assert time.monotonic() - started < 3  # keep-alives do not keep a silent server alive
+
+
+def test_other_validation_errors_are_rejections_without_server_text(tgi):
+    tgi.script(Reply(fail="validation", error="Input validation error: `best_of` must be > 0 and <= 2"))
+    with pytest.raises(RequestRejected) as raised:
+        texts(backend_for(tgi))
+    assert "`" not in raised.value.user_message
+
+
+def test_a_busy_server_is_retried_before_the_user_hears_of_it(tgi):
+    tgi.script(Reply(fail="http_429"))
+    assert "".join(texts(backend_for(tgi))) == DEFAULT_TEXT
+    assert len(tgi.generate_requests()) == 2
+
+
+def test_a_refused_connection_is_unavailable():
+    tgi = TGIDouble().start()
+    tgi.stop()
+    with pytest.raises(BackendUnavailable):
+        texts(backend_for(tgi))
+
+
+def test_requests_take_turns_over_endpoints():
+    with TGIDouble() as first, TGIDouble() as second:
+        backend = backend_for(first, second)
+        for _ in range(4):
+            texts(backend)
+        assert len(first.generate_requests()) == len(second.generate_requests()) == 2
+
+
+def test_an_endpoint_that_is_down_is_skipped_without_the_user_noticing():
+    with TGIDouble() as alive:
+        down = TGIDouble().start()
+        down.stop()
+        backend = backend_for(down, alive)
+        replies = ["".join(texts(backend)) for _ in range(4)]
+        assert replies == [DEFAULT_TEXT] * 4
+        assert backend.pool.order()[-1] == down.url  # cooling down: tried last
+
+
+def test_a_server_side_length_error_drops_older_turns_instead_of_reaching_the_user():
+    # The server takes fewer input tokens than its total context: our fit (by max_total_tokens)
+    # lets the prompt through, the server rejects it, the reply loop drops turns until it fits.
+    with TGIDouble(max_input_tokens=40, max_total_tokens=2048) as tgi:
+        history = [[f"question {i} " * 4, f"answer {i} " * 4] for i in range(6)]
+        reply = list(stream_reply(backend_for(tgi), "And now?", history, "", GenerationParams(),
+                                  max_message_chars=1000))
+        assert reply[-1] == DEFAULT_TEXT
+        sent = [len(tokenize(r.body["inputs"])) for r in tgi.generate_requests()]
+        assert len(sent) > 1 and sent == sorted(sent, reverse=True) and sent[-1] <= 40
+        assert "question 5" in tgi.generate_requests()[-1].body["inputs"]  # newest turns kept
+
+
+def test_when_no_turn_is_left_to_drop_the_user_is_told_briefly():
+    with TGIDouble(max_input_tokens=3) as tgi:
+        reply = list(stream_reply(backend_for(tgi), "A message that is long", [], "", GenerationParams(),
+                                  max_message_chars=1000))
+        assert reply[-1].endswith(ContextOverflow.user_message)
