@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     from chat.ui import build_demo, launch_options
 
     demo = build_demo(backend, settings)
-    demo.launch(**launch_options(settings))
+    demo.launch(**launch_options(settings, demo))
 
 
 if __name__ == "__main__":

@@ -36,13 +36,14 @@ ENVIRONMENT = {
     "max_message_chars": "MAX_MESSAGE_CHARS",
     "concurrency": "CONCURRENCY_LIMIT",
     "token": "HF_TOKEN",
-    "decoder": "DECODER",
+    "log_messages": "LOG_MESSAGES",
     "api_key": "OPENAI_API_KEY",
     "connect_timeout": "CONNECT_TIMEOUT",
     "first_token_timeout": "FIRST_TOKEN_TIMEOUT",
     "token_timeout": "TOKEN_TIMEOUT",
     "busy_retries": "BUSY_RETRIES",
     "endpoint_cooldown": "ENDPOINT_COOLDOWN",
+    "decoder": "DECODER",
     "allow_embed_from": "ALLOW_EMBED_FROM",
 }
 
@@ -63,7 +64,7 @@ class Settings:
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     concurrency_limit: int | None = None  # None: 1 for the local backend, 64 for remote ones
     token: str | None = field(default=None, repr=False)
-    decoder: str = "auto"  # local backend's decode loop: auto | plain | fast
+    log_messages: bool = False  # put message text in the request log (off: privacy)
     api_key: str | None = field(default=None, repr=False)  # for OpenAI-compatible servers
     # Remote backends (None: the defaults in chat/backends/remote.py).
     connect_timeout_s: float | None = None
@@ -71,6 +72,7 @@ class Settings:
     token_timeout_s: float | None = None  # longest silence between two tokens
     busy_retries: int | None = None
     endpoint_cooldown_s: float | None = None
+    decoder: str = "auto"  # local backend's decode loop: auto | plain | fast
     allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
 
     @property
@@ -106,7 +108,10 @@ def _parser() -> _Parser:
     p.add_argument("--max-message-chars", help="longest message accepted" + env("max_message_chars"))
     p.add_argument("--concurrency", help="generations at once" + env("concurrency"))
     p.add_argument("--token", help="access token for the hub or server" + env("token"))
-    p.add_argument("--decoder", help="local decode loop: auto, plain or fast" + env("decoder"))
+    p.add_argument(
+        "--log-messages", action="store_true", default=None,
+        help="log message text with each request" + env("log_messages"),
+    )
     p.add_argument("--api-key", help="API key for an OpenAI-compatible server" + env("api_key"))
     p.add_argument("--connect-timeout", help="seconds to connect to a server" + env("connect_timeout"))
     p.add_argument(
@@ -117,6 +122,7 @@ def _parser() -> _Parser:
     p.add_argument(
         "--endpoint-cooldown", help="seconds a failed endpoint is skipped" + env("endpoint_cooldown")
     )
+    p.add_argument("--decoder", help="local decode loop: auto, plain or fast" + env("decoder"))
     p.add_argument(
         "--allow-embed-from",
         action="append",
@@ -157,13 +163,14 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         ),
         concurrency_limit=_int("--concurrency", value("concurrency"), None, 1, 10_000),
         token=value("token"),
-        decoder=value("decoder") or "auto",
+        log_messages=str(value("log_messages") or "").lower() in ("1", "true", "yes", "on"),
         api_key=value("api_key"),
         connect_timeout_s=_seconds("--connect-timeout", value("connect_timeout")),
         first_token_timeout_s=_seconds("--first-token-timeout", value("first_token_timeout")),
         token_timeout_s=_seconds("--token-timeout", value("token_timeout")),
         busy_retries=_int("--busy-retries", value("busy_retries"), None, 0, 20),
         endpoint_cooldown_s=_seconds("--endpoint-cooldown", value("endpoint_cooldown")),
+        decoder=value("decoder") or "auto",
         allow_embed_from=parse_origins(value("allow_embed_from")),
     )
     _check(settings)

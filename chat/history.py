@@ -14,6 +14,9 @@ from dataclasses import dataclass
 # A note the app appends to a reply (an error, a cut reply): a markdown quote starting with this.
 NOTE_MARK = "> ⚠️ "
 _NOTE_AT_END = re.compile(r"(?:\A|\n\n)" + re.escape(NOTE_MARK) + r"[^\n]*\Z")
+# The figures shown under a reply (tokens, timings): one small line after everything else.
+FOOTER_MARK = "<sub>📊 "
+_FOOTER_AT_END = re.compile(r"(?:\A|\n\n)" + re.escape(FOOTER_MARK) + r"[^\n]*</sub>\Z")
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,15 @@ def add_note(reply: str, note: str) -> str:
     return f"{reply}\n\n{note}" if reply else note
 
 
+def add_footer(reply: str, footer: str) -> str:
+    """Append the one-line figures under a reply, in the form `strip_note` removes."""
+    footer = f"{FOOTER_MARK}{' '.join(footer.split())}</sub>"
+    return f"{reply}\n\n{footer}" if reply else footer
+
+
 def strip_note(reply: str) -> str:
-    return _NOTE_AT_END.sub("", reply)
+    """The model's own words: the reply without the app's footer and note, if any."""
+    return _NOTE_AT_END.sub("", _FOOTER_AT_END.sub("", reply))
 
 
 def content_text(content) -> str:

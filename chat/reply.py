@@ -3,20 +3,24 @@
 message + history -> `fit_prompt` -> backend token stream -> `StopFilter` -> growing text.
 Request errors (bad message, bad settings, prompt too long) are raised as `ChatError` before
 anything streams; failures of the backend become a note under whatever part of the reply arrived,
-so a partial reply stays visible and the conversation goes on.
+so a partial reply stays visible and the conversation goes on. Every reply ends with a
+`ReplyStats` handed to `on_finish` (for the footer, the logs and the metrics), also when the user
+stops it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 
-from .backends.base import Backend
-from .errors import BackendError, InvalidMessage
+from .backends.base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend
+from .errors import BackendError, ContextOverflow, InvalidMessage, PromptTooLong
 from .history import add_note, turns_from_history
 from .params import GenerationParams
-from .prompt import fit_prompt
+from .prompt import FittedPrompt, fit_prompt
 from .stops import StopFilter
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,38 @@ log = logging.getLogger(__name__)
 # Control characters other than tab and line breaks: invisible, and NUL breaks some servers.
 _CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 EMPTY_REPLY_NOTE = "The model ended its turn without writing anything. Try again or rephrase."
+FINISH_ERROR = "error"
+FINISH_WORDS = {
+    FINISH_STOP: "end of turn",
+    FINISH_LENGTH: "length limit",
+    FINISH_CANCELLED: "stopped by user",
+    FINISH_ERROR: "error",
+}
+
+
+@dataclass
+class ReplyStats:
+    """Figures for one reply: shown under it, logged, counted in the metrics."""
+
+    prompt_tokens: int = 0
+    context_length: int = 0
+    dropped_turns: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float | None = None
+    duration_s: float = 0.0
+    finish_reason: str = FINISH_CANCELLED
+    seed: int | None = None
+    error_kind: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        if self.time_to_first_token_s is None or self.generated_tokens < 2:
+            return None
+        decoding = self.duration_s - self.time_to_first_token_s
+        return (self.generated_tokens - 1) / decoding if decoding > 0 else None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
 
 
 def clean_message(message, max_chars: int) -> str:
@@ -49,27 +85,92 @@ def stream_reply(
     params: GenerationParams,
     *,
     max_message_chars: int,
+    on_finish: Callable[[ReplyStats], None] | None = None,
 ) -> Iterator[str]:
     """Yield the growing reply text. Closing this generator stops the backend's generation."""
     message = clean_message(message, max_message_chars)
     system_prompt = _CONTROL_CHARACTERS.sub("", system_prompt or "").strip()
-    fitted = fit_prompt(
-        message,
-        turns_from_history(history),
-        system_prompt,
-        count_tokens=backend.count_tokens,
-        context_length=backend.context_length(),
-        max_new_tokens=params.max_new_tokens,
-    )
-    params = params.with_max_new_tokens(fitted.max_new_tokens)
+    turns = turns_from_history(history)
+
+    def fit(drop: int) -> FittedPrompt:
+        fitted = fit_prompt(
+            message,
+            turns[drop:],
+            system_prompt,
+            count_tokens=backend.count_tokens,
+            context_length=backend.context_length(),
+            max_new_tokens=params.max_new_tokens,
+        )
+        return FittedPrompt(**{**asdict(fitted), "dropped_turns": fitted.dropped_turns + drop})
+
+    yield from stream_fitted(backend, fit, params, droppable_turns=len(turns), on_finish=on_finish)
+
+
+def stream_completion(
+    backend: Backend,
+    text: str,
+    params: GenerationParams,
+    *,
+    max_message_chars: int,
+    on_finish: Callable[[ReplyStats], None] | None = None,
+) -> Iterator[str]:
+    """Raw continuation of `text` (for base models): no chat format, same streaming."""
+    text = clean_message(text, max_message_chars)
+
+    def fit(drop: int) -> FittedPrompt:
+        context, tokens = backend.context_length(), backend.count_tokens(text)
+        if tokens >= context:
+            raise PromptTooLong(
+                f"The text is about {tokens:,} tokens long, but this model's context holds "
+                f"{context:,} tokens in all: shorten it."
+            )
+        return FittedPrompt(text, tokens, min(params.max_new_tokens, context - tokens), 0, context)
+
+    yield from stream_fitted(backend, fit, params, on_finish=on_finish)
+
+
+def stream_fitted(
+    backend: Backend,
+    fit: Callable[[int], FittedPrompt],
+    params: GenerationParams,
+    *,
+    droppable_turns: int = 0,
+    on_finish: Callable[[ReplyStats], None] | None = None,
+) -> Iterator[str]:
+    """The shared loop: fit, stream, filter. `fit(n)` fits the prompt with at least n turns dropped."""
+    started = time.perf_counter()
+    stats = ReplyStats()
     stop_filter = StopFilter(params.stop_sequences)
-    tokens = backend.stream(fitted.text, params)
+    drop = 0
     try:
-        for token in tokens:
-            if stop_filter.push(token.text):
-                yield stop_filter.text
-            if stop_filter.stopped:
+        while True:
+            fitted = fit(drop)
+            stats.prompt_tokens, stats.context_length = fitted.prompt_tokens, fitted.context_length
+            stats.dropped_turns = fitted.dropped_turns
+            tokens = backend.stream(fitted.text, params.with_max_new_tokens(fitted.max_new_tokens))
+            try:
+                ended = None
+                for token in tokens:
+                    if token.finish_reason:
+                        ended, stats.seed = token.finish_reason, token.seed
+                    elif token.id is not None or token.text:
+                        if stats.time_to_first_token_s is None:
+                            stats.time_to_first_token_s = time.perf_counter() - started
+                        stats.generated_tokens += 1
+                    if stop_filter.push(token.text):
+                        yield stop_filter.text
+                    if stop_filter.stopped:
+                        ended = FINISH_STOP
+                        break
+                stats.finish_reason = ended or FINISH_STOP
                 break
+            except ContextOverflow:
+                # The server counts differently from us: drop one more old turn, if any is left.
+                if stats.generated_tokens or fitted.dropped_turns >= droppable_turns:
+                    raise
+                drop = fitted.dropped_turns + 1
+            finally:
+                tokens.close()
         shown = stop_filter.text
         final = stop_filter.finish()
         if not final:
@@ -77,8 +178,11 @@ def stream_reply(
         elif final != shown:
             yield final
     except BackendError as error:
+        stats.finish_reason, stats.error_kind = FINISH_ERROR, type(error).__name__
         log.warning("reply failed: %s %s", type(error).__name__, error.detail)
         partial = stop_filter.text
         yield add_note(partial, f"Reply cut short: {error.user_message}" if partial else error.user_message)
     finally:
-        tokens.close()
+        stats.duration_s = time.perf_counter() - started
+        if on_finish is not None:
+            on_finish(stats)

@@ -1,12 +1,16 @@
-"""The page: a `gr.ChatInterface` over `stream_reply`, and how it is launched.
+"""The page: a chat tab (`gr.ChatInterface` over `stream_reply`), a completion tab, and launching.
 
-The UI never knows which backend it talks to. The API is the ChatInterface's `/chat`:
-`client.predict(message, system_prompt, temperature, max_new_tokens, top_p, repetition_penalty,
-api_name="/chat")`.
+The UI never knows which backend it talks to. API endpoints:
+- `/chat`: `client.predict(message, system_prompt, temperature, max_new_tokens, top_p,
+  repetition_penalty, seed, api_name="/chat")`; a Client keeps its conversation across calls;
+- `/reply_stats`: the figures of this session's last reply, as JSON;
+- `/complete`: `client.predict(text, temperature, max_new_tokens, top_p, repetition_penalty, seed,
+  stop, api_name="/complete")`, raw continuation for base models.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -15,6 +19,9 @@ from .backends.base import Backend
 from .config import Settings
 from .embedding import embedding_launch_options
 from .errors import ChatError
+from .export import conversation_json, conversation_markdown
+from .history import add_footer
+from .operations import Operations
 from .params import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPETITION_PENALTY,
@@ -25,7 +32,7 @@ from .params import (
     MIN_REPETITION_PENALTY,
     GenerationParams,
 )
-from .reply import stream_reply
+from .reply import FINISH_WORDS, ReplyStats, stream_completion, stream_reply
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "Falcon Chat"
@@ -41,64 +48,165 @@ EXAMPLES = [
     "Give me a recipe for a simple tomato soup, with the steps numbered.",
 ]
 
+# Few-shot prompts for base models (no chat format), from the same documents; (text, stop at).
+COMPLETION_PRESETS = {
+    "Tweet sentiment": (
+        'Tweet: "I hate it when my phone battery dies."\nSentiment: Negative\n###\n'
+        'Tweet: "My day has been 👍"\nSentiment: Positive\n###\n'
+        'Tweet: "This is the link to the article"\nSentiment: Neutral\n###\n'
+        'Tweet: "This new music video was incredible"\nSentiment:',
+        "\\n",
+    ),
+    "English to French": (
+        "Translate English to French:\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
+        "plush giraffe => girafe en peluche\ncheese =>",
+        "\\n",
+    ),
+}
+COMPLETION_STOPS = ("<|endoftext|>",)
 
-def build_demo(backend: Backend, settings: Settings) -> gr.Blocks:
-    """The chat page for `backend`."""
+
+def build_demo(backend: Backend, settings: Settings, operations: Operations | None = None) -> gr.Blocks:
+    """The page for `backend`. `demo.operations` holds its metrics, logs and /healthz."""
+    operations = operations or Operations(backend, log_messages=settings.log_messages)
     defaults = settings.default_params
 
-    def respond(message, history, system_prompt, temperature, max_new_tokens, top_p, repetition_penalty):
+    def params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed, stops=None):
+        return GenerationParams.from_request(
+            defaults,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=None if seed in ("", None) else seed,
+            stop_sequences=stops,
+        )
+
+    def respond(message, history, system_prompt, temperature, max_new_tokens, top_p, repetition_penalty, seed=None, session=None):
+        finished: list[ReplyStats] = []
+
+        def on_finish(stats: ReplyStats) -> None:
+            finished.append(stats)
+            operations.record_reply("chat", stats, message)
+            if isinstance(session, dict):
+                session["last_reply"] = stats.as_dict()
+
         try:
-            params = GenerationParams.from_request(
-                defaults,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
+            params = params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed)
+            operations.in_flight.inc()
+            replies = stream_reply(
+                backend, message, history,
+                system_prompt if isinstance(system_prompt, str) else "", params,
+                max_message_chars=settings.max_message_chars, on_finish=on_finish,
             )
-            yield from stream_reply(
-                backend,
-                message,
-                history,
-                system_prompt if isinstance(system_prompt, str) else "",
-                params,
-                max_message_chars=settings.max_message_chars,
-            )
+            try:
+                text = ""
+                for text in replies:
+                    yield text
+            finally:
+                replies.close()  # on Stop: ends the generation now, not when garbage is collected
+                operations.in_flight.dec()
+            yield add_footer(text, stats_line(finished[-1]))
         except ChatError as error:
+            operations.record_rejected("chat", type(error).__name__)
             raise gr.Error(error.user_message, print_exception=False) from None
 
-    additional_inputs = [
-        gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False),
-        _slider(0.0, MAX_TEMPERATURE, 0.05, DEFAULT_TEMPERATURE, "Temperature", "0 = greedy"),
-        _slider(
-            1, min(backend.context_length(), 4096), 1, DEFAULT_MAX_NEW_TOKENS, "Max new tokens", ""
-        ),
-        _slider(0.01, 1.0, 0.01, DEFAULT_TOP_P, "Top-p", "1.0 = off"),
-        _slider(
-            MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY, 0.05, DEFAULT_REPETITION_PENALTY,
-            "Repetition penalty", "1.0 = off",
-        ),
-    ]
+    def complete(text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
+        try:
+            stops = COMPLETION_STOPS + tuple(_parse_stops(stop))
+            params = params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed, stops)
+            yield from stream_completion(
+                backend, text, params, max_message_chars=settings.max_message_chars,
+                on_finish=lambda stats: operations.record_reply("completion", stats, text),
+            )
+        except ChatError as error:
+            operations.record_rejected("completion", type(error).__name__)
+            raise gr.Error(error.user_message, print_exception=False) from None
+
+    def export(history, system_prompt):
+        folder = Path(tempfile.mkdtemp(prefix="falcon-chat-"))
+        options = dict(system_prompt=system_prompt or "", model_name=backend.model_name)
+        markdown, json_file = folder / "conversation.md", folder / "conversation.json"
+        markdown.write_text(conversation_markdown(history, **options), encoding="utf-8")
+        json_file.write_text(conversation_json(history, **options), encoding="utf-8")
+        return gr.update(value=[str(markdown), str(json_file)], visible=True)
+
+    max_tokens_limit = min(backend.context_length(), 4096)
     with gr.Blocks(title=TITLE, fill_height=True) as demo:
+        session = gr.State({})
         gr.HTML(_banner(), elem_id="banner")
-        gr.ChatInterface(
-            respond,
-            additional_inputs=additional_inputs,
-            additional_inputs_accordion=gr.Accordion("System prompt and settings", open=False),
-            description=_description(backend),
-            examples=[[example] for example in EXAMPLES],
-            cache_examples=False,  # Spaces would otherwise call the model at start-up
-            editable=True,
-            save_history=True,
-            concurrency_limit=settings.concurrency_limit or backend.concurrency_limit,
-            fill_height=True,
-            api_name="chat",
-        )
+        with gr.Tab("Chat"):
+            system_prompt = gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False)
+            chat = gr.ChatInterface(
+                respond,
+                additional_inputs=[
+                    system_prompt,
+                    *_settings_inputs(max_tokens_limit, render=False),
+                    session,
+                ],
+                additional_inputs_accordion=gr.Accordion("System prompt and settings", open=False),
+                description=_description(backend),
+                examples=[[example] for example in EXAMPLES],
+                cache_examples=False,  # Spaces would otherwise call the model at start-up
+                editable=True,
+                save_history=True,
+                concurrency_limit=settings.concurrency_limit or backend.concurrency_limit,
+                fill_height=True,
+                api_name="chat",
+            )
+            with gr.Row():
+                export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
+            files = gr.File(label="Conversation files", file_count="multiple", visible=False)
+            export_button.click(export, [chat.chatbot, system_prompt], files, api_visibility="private")
+            stats_button = gr.Button(visible=False)
+            stats_button.click(
+                lambda state: (state or {}).get("last_reply"), session, gr.JSON(visible=False),
+                api_name="reply_stats", queue=False,
+            )
+        with gr.Tab("Completion"):
+            gr.Markdown("Raw text continuation, for base models (no chat format).")
+            text = gr.Textbox(label="Text to continue", lines=8)
+            preset = gr.Dropdown(list(COMPLETION_PRESETS), label="Few-shot presets", value=None)
+            output = gr.Textbox(label="Continuation", lines=6, interactive=False)
+            with gr.Row():
+                generate_button = gr.Button("Generate", variant="primary")
+                stop_button = gr.Button("Stop", variant="stop")
+            with gr.Accordion("Settings", open=False):
+                stop = gr.Textbox("", label="Stop at", info="comma-separated; \\n for a newline")
+                completion_settings = _settings_inputs(max_tokens_limit, render=True)
+            preset.change(lambda name: COMPLETION_PRESETS.get(name, ("", ""))[:2], preset, [text, stop], api_visibility="private")
+            generation = generate_button.click(
+                complete, [text, *completion_settings, stop], output, api_name="complete",
+                concurrency_limit=settings.concurrency_limit or backend.concurrency_limit,
+            )
+            stop_button.click(None, cancels=[generation])
+    demo.operations = operations
+    operations.watch_queue(demo)
     return demo
 
 
-def launch_options(settings: Settings) -> dict:
+def stats_line(stats: ReplyStats) -> str:
+    """The footer under a reply: tokens, time to first token, speed, why it ended, seed, context."""
+    parts = [f"{stats.generated_tokens} tokens"]
+    if stats.time_to_first_token_s is not None:
+        parts.append(f"first token {stats.time_to_first_token_s:.2f} s")
+    if stats.tokens_per_s:
+        parts.append(f"{stats.tokens_per_s:.1f} tokens/s")
+    parts.append(FINISH_WORDS.get(stats.finish_reason, stats.finish_reason))
+    if stats.seed is not None:
+        parts.append(f"seed {stats.seed}")
+    if stats.context_length:
+        used = stats.prompt_tokens + stats.generated_tokens
+        parts.append(f"context {used:,}/{stats.context_length:,} ({100 * used / stats.context_length:.0f}%)")
+    if stats.dropped_turns:
+        turns = "turn" if stats.dropped_turns == 1 else "turns"
+        parts.append(f"{stats.dropped_turns} older {turns} left out to fit")
+    return " · ".join(parts)
+
+
+def launch_options(settings: Settings, demo: gr.Blocks | None = None) -> dict:
     """Keyword arguments for `demo.launch` (Gradio 6 takes theme and CSS here)."""
-    return dict(
+    options = dict(
         server_name=settings.host,
         server_port=settings.port,
         css=(ASSETS / "style.css").read_text(encoding="utf-8"),
@@ -107,15 +215,41 @@ def launch_options(settings: Settings) -> dict:
         # Framed by other sites: storage fallback, and frame-ancestors when restricted.
         **embedding_launch_options(settings.allow_embed_from),
     )
+    operations = getattr(demo, "operations", None)
+    if operations is not None:  # /healthz and /metrics, served by Gradio's own FastAPI app
+        app_kwargs = dict(options.get("app_kwargs") or {})
+        app_kwargs["routes"] = [*app_kwargs.get("routes", []), *operations.routes()]
+        options["app_kwargs"] = app_kwargs
+    return options
 
 
-def _slider(low, high, step, value, label, info) -> gr.Slider:
-    slider = gr.Slider(low, high, value=value, step=step, label=label, info=info or None, render=False)
-    # Gradio's own range check runs before our function and does not say which setting is wrong
-    # ("Value -5 is less than minimum value 0."). GenerationParams checks the same ranges and names
-    # the parameter, so the value is passed through as it came.
-    slider.preprocess = lambda payload: payload
-    return slider
+def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
+    inputs = [
+        _slider(0.0, MAX_TEMPERATURE, 0.05, DEFAULT_TEMPERATURE, "Temperature", "0 = greedy", render),
+        _slider(1, max_tokens_limit, 1, DEFAULT_MAX_NEW_TOKENS, "Max new tokens", "", render),
+        _slider(0.01, 1.0, 0.01, DEFAULT_TOP_P, "Top-p", "1.0 = off", render),
+        _slider(
+            MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY, 0.05, DEFAULT_REPETITION_PENALTY,
+            "Repetition penalty", "1.0 = off", render,
+        ),
+        gr.Number(None, label="Seed", info="empty = random; the same seed repeats a reply", precision=0, render=render),
+    ]
+    for component in inputs:
+        # Gradio's own range check runs before our function and does not say which setting is
+        # wrong ("Value -5 is less than minimum value 0."). GenerationParams checks the same
+        # ranges and names the parameter, so the value is passed through as it came.
+        component.preprocess = lambda payload: payload
+    return inputs
+
+
+def _slider(low, high, step, value, label, info, render) -> gr.Slider:
+    return gr.Slider(low, high, value=value, step=step, label=label, info=info or None, render=render)
+
+
+def _parse_stops(raw) -> list[str]:
+    if not isinstance(raw, str) or not raw:
+        return []
+    return [s.replace("\\n", "\n") for s in raw.split(",") if s]
 
 
 def _banner() -> str:

@@ -52,7 +52,7 @@ def serve_app(backend, settings=None):
     settings = settings or Settings()
     settings = type(settings)(**{**settings.__dict__, "port": free_port()})
     demo = build_demo(backend, settings)
-    demo.launch(**launch_options(settings), prevent_thread_lock=True, quiet=True)
+    demo.launch(**launch_options(settings, demo), prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{settings.port}/"
     finally:
@@ -71,3 +71,12 @@ def client(app_url):
     from gradio_client import Client
 
     return Client(app_url, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def transformers_serve(tiny_model_dir):
+    """A real `transformers serve` process on the tiny Falcon, for the whole session."""
+    from tests.serve_process import transformers_serve as serve
+
+    with serve(tiny_model_dir, free_port()) as server:
+        yield server

@@ -8,6 +8,7 @@ from gradio_client import Client
 from chat.backends.local import LocalBackend, PlainDecoder, load_model
 from chat.backends.base import FINISH_CANCELLED
 from chat.config import Settings
+from chat.history import strip_note
 from tests.conftest import serve_app
 from tests.test_local_backend import RecordingDecoder
 
@@ -24,8 +25,8 @@ def test_reply_streams_in_growing_prefixes(client):
 
 
 def first_reply(app_url, *args):
-    """A reply in a new conversation (a Client keeps its conversation across calls)."""
-    return Client(app_url, verbose=False).predict(*args, api_name="/chat")
+    """A reply's words in a new conversation (a Client keeps its conversation across calls)."""
+    return strip_note(Client(app_url, verbose=False).predict(*args, api_name="/chat"))
 
 
 def test_greedy_settings_through_the_api_are_deterministic(app_url):
@@ -37,7 +38,7 @@ def test_greedy_settings_through_the_api_are_deterministic(app_url):
 def test_a_client_keeps_its_conversation_across_calls(app_url):
     client = Client(app_url, verbose=False)
     client.predict("Plan a trip to Lisbon.", *GREEDY, api_name="/chat")
-    follow_up = client.predict("Plan a trip to Lisbon.", *GREEDY, api_name="/chat")
+    follow_up = strip_note(client.predict("Plan a trip to Lisbon.", *GREEDY, api_name="/chat"))
     assert follow_up != first_reply(app_url, "Plan a trip to Lisbon.", *GREEDY)
 
 
@@ -92,3 +93,47 @@ def test_api_cancel_stops_the_models_generation(tiny_model_dir):
     backend.close()
     assert decoder.finish_reason == FINISH_CANCELLED
     assert decoder.emitted < 2000
+
+
+def test_reply_figures_are_under_the_reply_and_in_the_api(app_url, local_backend):
+    client = Client(app_url, verbose=False)
+    reply = client.predict("Hello", "", 0.0, 12, 0.9, 1.0, 42, api_name="/chat")
+    words, footer = strip_note(reply), reply[len(strip_note(reply)) :]
+    assert words and "12 tokens" in footer and "length limit" in footer and "tokens/s" in footer
+    stats = client.predict(api_name="/reply_stats")
+    assert stats["generated_tokens"] == 12 and stats["finish_reason"] == "length"
+    assert stats["seed"] == 42 and 0 < stats["time_to_first_token_s"] < stats["duration_s"]
+    assert stats["prompt_tokens"] == local_backend.count_tokens("User: Hello\nFalcon:")
+    assert f"context {stats['prompt_tokens'] + 12}/2,048" in footer
+
+
+def test_the_same_seed_regenerates_the_same_reply(app_url):
+    first = first_reply(app_url, "Tell me a story.", "", 1.0, 30, 0.95, 1.0, 7)
+    second = first_reply(app_url, "Tell me a story.", "", 1.0, 30, 0.95, 1.0, 7)
+    other = first_reply(app_url, "Tell me a story.", "", 1.0, 30, 0.95, 1.0, 8)
+    assert first == second != other
+
+
+def test_context_meter_tells_when_older_turns_were_left_out(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=160)
+    with serve_app(backend, Settings()) as url:
+        client = Client(url, verbose=False)
+        footers = []
+        for turn in range(4):
+            reply = client.predict(f"Question {turn} about the sea", "", 0.0, 40, 0.9, 1.0, api_name="/chat")
+            footers.append(reply[len(strip_note(reply)) :])
+    backend.close()
+    assert "left out to fit" not in footers[0]
+    assert "older turn" in footers[-1] and "left out to fit" in footers[-1]
+
+
+def test_completion_mode_continues_raw_text(app_url, local_backend):
+    from chat.ui import COMPLETION_PRESETS
+
+    text, stop = COMPLETION_PRESETS["English to French"]
+    client = Client(app_url, verbose=False)
+    continuation = client.predict(text, 0.0, 20, 0.9, 1.0, None, stop, api_name="/complete")
+    assert continuation and "\n" not in continuation
+    unstopped = client.predict(text, 0.0, 20, 0.9, 1.0, None, "", api_name="/complete")
+    assert unstopped.startswith(continuation) and len(unstopped) > len(continuation)
