@@ -79,7 +79,9 @@ def check_supported(model) -> None:
 class FastDecoder:
     """Static-cache Falcon decoder; CUDA-graph replay on a GPU, eager on the CPU."""
 
-    def __init__(self, model, tokenizer, *, max_len: int, use_graphs: bool | None = None):
+    def __init__(
+        self, model, tokenizer, *, max_len: int, use_graphs: bool | None = None, compile_mode: str | None = None
+    ):
         check_supported(model)
         config = model.config
         self.model = model
@@ -87,6 +89,7 @@ class FastDecoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.compile_mode = compile_mode or COMPILE_MODE
         self.name = "fast (CUDA graphs)" if self.use_graphs else "fast (eager)"
         self.max_len = int(max_len)
         self.hidden = config.hidden_size
@@ -121,8 +124,9 @@ class FastDecoder:
         inv_freq = rotary.inv_freq.to(device=dev, dtype=torch.float32)
         angles = torch.arange(self.max_len, device=dev, dtype=torch.float32)[:, None] * inv_freq
         table = torch.cat((angles, angles), dim=-1)
-        self.cos = (table.cos() * rotary.attention_scaling).to(dt)
-        self.sin = (table.sin() * rotary.attention_scaling).to(dt)
+        scaling = getattr(rotary, "attention_scaling", 1.0)
+        self.cos = (table.cos() * scaling).to(dt)
+        self.sin = (table.sin() * scaling).to(dt)
 
         # Per-generation state the captured step reads and writes in place.
         self.history = torch.zeros(self.max_len + 1, dtype=torch.long, device=dev)
@@ -175,11 +179,11 @@ class FastDecoder:
 
     def _capture(self) -> None:
         start = time.monotonic()
-        if COMPILE_MODE != "off":
-            log.info("fast decoder: compiling the layer step (torch.compile, mode %s)", COMPILE_MODE)
+        if self.compile_mode != "off":
+            log.info("fast decoder: compiling the layer step (torch.compile, mode %s)", self.compile_mode)
             compile_kwargs = {"fullgraph": True, "dynamic": False}
-            if COMPILE_MODE != "default":
-                compile_kwargs["mode"] = COMPILE_MODE
+            if self.compile_mode != "default":
+                compile_kwargs["mode"] = self.compile_mode
             self._decode_layer = torch.compile(_decode_layer, **compile_kwargs)
             self._head = torch.compile(_head, **compile_kwargs)
         with torch.inference_mode():

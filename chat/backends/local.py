@@ -55,10 +55,12 @@ class _Job:
 
 @dataclass
 class _Task:
-    """Work other than a generation that must run on the worker thread (the decoder's warm-up)."""
+    """Work other than a generation that must run on the worker thread (warm-up, benchmarks)."""
 
-    run: Callable[[], None]
+    run: Callable[[], object]
     done: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: BaseException | None = None
 
 
 _END = object()
@@ -83,9 +85,7 @@ class LocalBackend(Backend):
         if warm_up is not None:
             # CUDA graphs belong to the thread that captures them: the worker, which replays them.
             # Start-up waits for it, so no user's request pays for compiling.
-            task = _Task(warm_up)
-            self._jobs.put(task)
-            task.done.wait()
+            self.call_on_worker(warm_up)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalBackend:
@@ -137,6 +137,15 @@ class LocalBackend(Backend):
         finally:
             job.cancel.set()
 
+    def call_on_worker(self, function: Callable[[], object]) -> object:
+        """Run `function()` on the thread that owns the model and its CUDA graphs; return its result."""
+        task = _Task(function)
+        self._jobs.put(task)
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.result
+
     def healthy(self) -> bool:
         return self._worker.is_alive()
 
@@ -149,9 +158,9 @@ class LocalBackend(Backend):
         while (job := self._jobs.get()) is not None:
             if isinstance(job, _Task):
                 try:
-                    job.run()
-                except Exception:
-                    log.exception("decoder warm-up failed")
+                    job.result = job.run()
+                except BaseException as error:
+                    job.error = error
                 finally:
                     job.done.set()
                 continue

@@ -1,0 +1,426 @@
+"""Decode speed at batch 1 on whatever GPU is here: the weight-streaming floor against plain
+`generate` and the project's fast decoder, on a Falcon with random weights built on the GPU.
+
+    PYTHONUNBUFFERED=1 python bench/gpu_decode.py --out bench/out/h100.json
+
+Rows: the floor (weight bytes / measured copy bandwidth), the layer matrix products alone in one
+CUDA graph, plain `generate`, `generate` + TextIteratorStreamer, the project's LocalBackend.stream
+with the plain and the fast decoder, and the fast decoder bare (greedy and sampling). Also: greedy
+agreement with plain `generate` (bf16), seeded determinism, and a kernel profile of the step.
+`--shape tiny` runs the same script on the CPU in seconds (a smoke test; no graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {
+    "7b": dict(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71, multi_query=True,
+               new_decoder_architecture=False),
+    "40b": dict(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128, num_kv_heads=8,
+                new_decoder_architecture=True),
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                 new_decoder_architecture=False),
+}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="7b")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--long-prompt-tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--compile", default=None, help="default | max-autotune-no-cudagraphs | off")
+    parser.add_argument("--skip-plain", action="store_true", help="only the fast decoder")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    results: dict = {
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": args.shape,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "rows": [],
+    }
+    say(f"device {results['device']}, torch {torch.__version__}, transformers {transformers.__version__}")
+
+    bandwidth = copy_bandwidth(device)
+    results["copy_bandwidth_GBps"] = bandwidth / 1e9
+    model, tokenizer = build_model(args.shape, device)
+    weight_bytes = unique_bytes(model)
+    floor_ms = weight_bytes / bandwidth * 1e3
+    results.update(weight_GB=weight_bytes / 1e9, floor_ms=floor_ms)
+    say(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms/token")
+    rows = results["rows"]
+    rows.append(row("floor (weights / copy bandwidth)", floor_ms, floor_ms))
+
+    prompt = prompt_text(args.prompt_tokens, seed=1)
+    long_prompt = prompt_text(args.long_prompt_tokens, seed=2)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    plain_tokens = None
+    if not args.skip_plain:
+        plain_tokens = bench_plain(model, tokenizer, prompt, long_prompt, args, rows, floor_ms)
+
+    from chat.backends.fast_decode import FastDecoder
+    from chat.backends.local import LocalBackend, PlainDecoder
+    from chat.params import GenerationParams
+
+    if not args.skip_plain:
+        backend = LocalBackend(model, tokenizer, model_name="bench", context_length=2048,
+                               decoder=PlainDecoder(model, tokenizer))  # fmt: skip
+        rows.append(bench_stream(backend, "LocalBackend.stream, plain decoder", prompt, long_prompt, args, floor_ms, runs=1))
+        backend.close()
+
+    start = time.perf_counter()
+    decoder = FastDecoder(model, tokenizer, max_len=2048, compile_mode=args.compile)
+    backend = LocalBackend(model, tokenizer, model_name="bench", context_length=2048, decoder=decoder)
+    results["fast_warm_up_s"] = time.perf_counter() - start
+    results["fast_decoder"] = decoder.name
+    results["compile_mode"] = decoder.compile_mode
+    say(f"fast decoder '{decoder.name}' ready in {results['fast_warm_up_s']:.1f} s")
+
+    greedy = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_sequences=("\x00",))
+    sampled = GenerationParams(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1,
+                               max_new_tokens=args.new_tokens, stop_sequences=("\x00",))  # fmt: skip
+    rows.append(bench_stream(backend, "LocalBackend.stream, fast decoder", prompt, long_prompt, args, floor_ms, runs=3))
+    bare_greedy = bench_bare(backend, decoder, ids, greedy, "fast decoder, bare (greedy)", floor_ms)
+    rows.append(bare_greedy)
+    bare_sampled = bench_bare(backend, decoder, ids, sampled, "fast decoder, bare (sampling)", floor_ms, seed=11)
+    rows.append(bare_sampled)
+    again = bench_bare(backend, decoder, ids, sampled, "", floor_ms, seed=11)
+    results["seeded_sampling_reproducible"] = again["tokens"] == bare_sampled["tokens"]
+    if plain_tokens is not None:
+        agree = leading_agreement(plain_tokens, bare_greedy["tokens"])
+        results["greedy_agreement"] = {"leading": agree, "of": len(plain_tokens),
+                                       "same_position": sum(a == b for a, b in zip(plain_tokens, bare_greedy["tokens"]))}  # fmt: skip
+    if cuda and decoder.use_graphs and decoder._graphs:
+        matmul_ms = backend.call_on_worker(lambda: matmuls_alone_ms(decoder))
+        rows.insert(1, row("layer + head matrix products alone, one CUDA graph", matmul_ms, floor_ms))
+        results["profile"] = backend.call_on_worker(lambda: profile_step(decoder))
+    backend.close()
+
+    for r in rows:
+        r.pop("tokens", None)
+    print_table(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        say(f"wrote {args.out}")
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read and written."""
+    import torch
+
+    n = (1 << 30) if device == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        start = now(device)
+        dst.copy_(src)
+        times.append(now(device) - start)
+    return 2 * n / statistics.median(times)
+
+
+def bench_plain(model, tokenizer, prompt, long_prompt, args, rows, floor_ms):
+    """Plain generate: decode ms/token from (time of N tokens - time of 1) / (N - 1); TTFT."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    device = model.device.type
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    long_ids = tokenizer(long_prompt, return_tensors="pt")["input_ids"].to(model.device)
+
+    def generate(input_ids, n, **kwargs):
+        with torch.inference_mode():
+            return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)  # fmt: skip
+
+    generate(ids, 8)
+    ttft = median_time(lambda: generate(ids, 1), device)
+    ttft_long = median_time(lambda: generate(long_ids, 1), device)
+    start = now(device)
+    out = generate(ids, args.new_tokens)
+    total = now(device) - start
+    tokens = out[0, ids.shape[-1] :].tolist()
+    ms = (total - ttft) / (args.new_tokens - 1) * 1e3
+    rows.append(row("plain generate", ms, floor_ms, ttft, ttft_long))
+    say(f"plain generate: {ms:.2f} ms/token, TTFT {ttft * 1e3:.1f} ms")
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=600)
+    stamps = []
+    start = now(device)
+    thread = threading.Thread(target=generate, args=(ids, args.new_tokens), kwargs={"streamer": streamer})
+    thread.start()
+    for _ in streamer:
+        stamps.append(time.perf_counter())
+    thread.join()
+    end = time.perf_counter()
+    first = stamps[0] - start if stamps else float("nan")
+    ms = (end - stamps[0]) / (args.new_tokens - 1) * 1e3 if stamps else float("nan")
+    rows.append(row("plain generate + TextIteratorStreamer", ms, floor_ms, first))
+    say(f"plain + streamer: {ms:.2f} ms/token")
+    return tokens
+
+
+def bench_stream(backend, label, prompt, long_prompt, args, floor_ms, runs):
+    """Through LocalBackend.stream: queueing, detokenizing and our streaming included."""
+    from chat.params import GenerationParams
+
+    params = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_sequences=("\x00",))
+    per_token, ttfts = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for token in backend.stream(prompt, params) if token.id is not None]
+        ttfts.append(stamps[0] - start)
+        per_token.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    long_ttfts = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        stream = backend.stream(long_prompt, params.with_max_new_tokens(1))
+        next(stream)
+        long_ttfts.append(time.perf_counter() - start)
+        stream.close()
+    r = row(label, statistics.median(per_token) * 1e3, floor_ms, statistics.median(ttfts), statistics.median(long_ttfts))
+    say(f"{label}: {r['ms_per_token']:.2f} ms/token, TTFT {r['ttft_ms']:.1f} / {r['ttft_long_ms']:.1f} ms")
+    return r
+
+
+def bench_bare(backend, decoder, ids, params, label, floor_ms, seed=0):
+    """The decoder alone, on the worker thread: per-token time from emit timestamps."""
+
+    def run():
+        stamps, tokens = [], []
+
+        def emit(token):
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+
+        start = time.perf_counter()
+        decoder.generate(ids, params, seed, emit, lambda: False)
+        return start, stamps, tokens
+
+    start, stamps, tokens = backend.call_on_worker(run)
+    ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+    r = row(label, ms, floor_ms, stamps[0] - start)
+    r["tokens"] = tokens
+    if label:
+        say(f"{label}: {ms:.3f} ms/token ({len(tokens)} tokens)")
+    return r
+
+
+def matmuls_alone_ms(decoder) -> float:
+    """Only the step's matrix products (the fused layout), replayed from one CUDA graph."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(1, decoder.hidden, dtype=decoder.dtype, device="cuda")
+    wide = torch.randn(1, decoder.layers[0].w_out.shape[1], dtype=decoder.dtype, device="cuda")
+
+    def products():
+        for layer in decoder.layers:
+            F.linear(x, layer.w_in)
+            if layer.w_mlp_in is not None:
+                F.linear(x, layer.w_mlp_in)
+            torch.addmm(x, wide, layer.w_out.t())
+        F.linear(x, decoder.lm_head)
+
+    return graph_ms(products)
+
+
+def graph_ms(function, replays: int = 50) -> float:
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        function()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        function()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def profile_step(decoder, replays: int = 20) -> dict:
+    """Where the step's GPU time goes: kernel time by kind, from the profiler over graph replays."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = decoder._graphs[True]
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        us = event.device_time_total / replays if hasattr(event, "device_time_total") else event.cuda_time_total / replays
+        if us <= 0:
+            continue
+        kernels.append((event.key[:90], us, event.count // replays))
+        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + us
+    kernels.sort(key=lambda k: -k[1])
+    say("profile of one greedy step (GPU us per token, by kind): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    for name, us, count in kernels[:15]:
+        say(f"  {us:9.1f} us  x{count:<4} {name}")
+    return {"by_kind_us": kinds, "top_kernels": [{"name": n, "us": u, "count": c} for n, u, c in kernels[:25]]}
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if any(word in lowered for word in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitk", "matmul")):
+        return "matrix products"
+    if any(word in lowered for word in ("fmha", "attention", "flash", "softmax")):
+        return "attention"
+    if "triton" in lowered:
+        return "fused elementwise (triton)"
+    return "other"
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def build_model(shape: str, device: str):
+    """A Falcon of the given shape with random bf16 weights made on the GPU, and a word tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
+
+    vocab = 65024
+    config = FalconConfig(vocab_size=vocab, parallel_attn=True, bias=False, alibi=False,
+                          max_position_embeddings=2048, **SHAPES[shape])  # fmt: skip
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FalconForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    say(f"built {shape} Falcon ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) "
+        f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, model_input_names=["input_ids", "attention_mask"])
+    return model, tokenizer
+
+
+def prompt_text(tokens: int, seed: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(1, 65024)}" for _ in range(tokens))
+
+
+def unique_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def median_time(function, device, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        start = now(device)
+        function()
+        times.append(now(device) - start)
+    return statistics.median(times)
+
+
+def now(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def row(label, ms, floor_ms, ttft_s=None, ttft_long_s=None) -> dict:
+    return {
+        "label": label,
+        "ms_per_token": ms,
+        "tokens_per_s": 1e3 / ms,
+        "ratio_to_floor": ms / floor_ms,
+        "ttft_ms": None if ttft_s is None else ttft_s * 1e3,
+        "ttft_long_ms": None if ttft_long_s is None else ttft_long_s * 1e3,
+    }
+
+
+def print_table(results: dict) -> None:
+    say("")
+    say(f"{results['device']}, Falcon-{results['shape']} shape, random bf16, batch 1, "
+        f"{results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens "
+        f"(copy {results['copy_bandwidth_GBps'] / 1e3:.2f} TB/s, weights {results['weight_GB']:.2f} GB)")  # fmt: skip
+    say("| path | ms/token | tokens/s | x floor | TTFT 128 (ms) | TTFT 1024 (ms) |")
+    say("| --- | ---: | ---: | ---: | ---: | ---: |")
+    fmt = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+    plain = next((r for r in results["rows"] if r["label"] == "plain generate"), None)
+    for r in results["rows"]:
+        say(f"| {r['label']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.0f} | {r['ratio_to_floor']:.2f} | "
+            f"{fmt(r['ttft_ms'])} | {fmt(r['ttft_long_ms'])} |")  # fmt: skip
+    if plain:
+        fast = next(r for r in results["rows"] if r["label"] == "LocalBackend.stream, fast decoder")
+        say(f"speed-up of LocalBackend.stream (fast) over plain generate: {plain['ms_per_token'] / fast['ms_per_token']:.2f}x")
+    for key in ("greedy_agreement", "seeded_sampling_reproducible", "fast_warm_up_s", "compile_mode", "fast_decoder"):
+        if key in results:
+            say(f"{key}: {results[key]}")
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
