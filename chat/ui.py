@@ -18,7 +18,7 @@ import gradio as gr
 from .backends.base import Backend
 from .config import Settings
 from .embedding import embedding_launch_options
-from .errors import ChatError
+from .errors import ChatError, InvalidParameter
 from .export import conversation_json, conversation_markdown
 from .history import add_footer
 from .operations import Operations
@@ -78,7 +78,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             max_new_tokens=max_new_tokens,
             top_p=top_p,
             repetition_penalty=repetition_penalty,
-            seed=None if seed in ("", None) else seed,
+            seed=_seed(seed),
             stop_sequences=stops,
         )
 
@@ -144,7 +144,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
                     *_settings_inputs(max_tokens_limit, render=False),
                     session,
                 ],
-                additional_inputs_accordion=gr.Accordion("System prompt and settings", open=False),
+                additional_inputs_accordion="System prompt and settings",
                 description=_description(backend),
                 examples=[[example] for example in EXAMPLES],
                 cache_examples=False,  # Spaces would otherwise call the model at start-up
@@ -232,7 +232,7 @@ def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
             MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY, 0.05, DEFAULT_REPETITION_PENALTY,
             "Repetition penalty", "1.0 = off", render,
         ),
-        gr.Number(None, label="Seed", info="empty = random; the same seed repeats a reply", precision=0, render=render),
+        gr.Textbox("", label="Seed", placeholder="random", info="a whole number repeats a reply exactly; empty = random", render=render),
     ]
     for component in inputs:
         # Gradio's own range check runs before our function and does not say which setting is
@@ -244,6 +244,19 @@ def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
 
 def _slider(low, high, step, value, label, info, render) -> gr.Slider:
     return gr.Slider(low, high, value=value, step=step, label=label, info=info or None, render=render)
+
+
+def _seed(raw):
+    """The seed box's text (or an API number) as a seed; empty means a random one."""
+    if isinstance(raw, str):
+        raw = raw.strip()
+        if not raw:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidParameter(f"seed must be a whole number or empty, not {raw[:20]!r}.") from None
+    return raw
 
 
 def _parse_stops(raw) -> list[str]:

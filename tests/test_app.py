@@ -16,10 +16,10 @@ GREEDY = ("", 0.0, 40, 0.9, 1.0)  # system prompt, temperature, max new tokens, 
 
 
 def test_reply_streams_in_growing_prefixes(client):
-    job = client.submit("Tell me about falcons.", "", 0.6, 60, 0.9, 1.0, api_name="/chat")
+    job = client.submit("Tell me about falcons.", "", 0.6, 400, 0.9, 1.0, api_name="/chat")
     outputs = list(job)
     final = job.result()
-    assert len(outputs) > 5
+    assert len(outputs) >= 3  # updates arrive at most every MIN_UPDATE_INTERVAL_S
     assert all(final.startswith(text) for text in outputs)
     assert final == outputs[-1] and final
 
