@@ -15,7 +15,8 @@ TGI's wire format as FACTS.md records it:
   It honours `stop` (the matched sequence stays in the text) and `max_new_tokens`.
 
 It records every request (`requests`) and every client that went away before its reply ended
-(`disconnects`, `wait_for_disconnects`), streams at `tokens_per_second` if set, and takes scripted
+(`disconnects`, `wait_for_disconnects`) and how many streams were open at once
+(`peak_active`), streams at `tokens_per_second` if set, and takes scripted
 replies (`script(Reply(...))`) that can fail in each way a real server does: HTTP 429 or 5xx,
 in-stream overloaded/validation/generation errors, silence before the first token or mid-stream,
 or the connection killed mid-stream. A server that refuses connections is one that is stopped.
@@ -79,6 +80,8 @@ class TGIDouble:
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0
         self.completed = 0
+        self.active = 0  # streams open now
+        self.peak_active = 0  # the most streams that were open at once
         self._script: collections.deque[Reply] = collections.deque()
         self._changed = threading.Condition()
         self._stopping = threading.Event()
@@ -122,9 +125,10 @@ class TGIDouble:
         with self._changed:
             return self._changed.wait_for(lambda: self.disconnects >= count, timeout)
 
-    def _record(self, attribute: str) -> None:
+    def _record(self, attribute: str, step: int = 1) -> None:
         with self._changed:
-            setattr(self, attribute, getattr(self, attribute) + 1)
+            setattr(self, attribute, getattr(self, attribute) + step)
+            self.peak_active = max(self.peak_active, self.active)
             self._changed.notify_all()
 
     def _next_reply(self) -> Reply:
@@ -194,6 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("transfer-encoding", "chunked")
         self.send_header("cache-control", "no-cache")
         self.end_headers()
+        self.double._record("active")
         try:
             self._events(body, reply)
             self._chunk(b"")  # the chunked body's end
@@ -202,6 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.double._record("disconnects")
         except _Stopped:
             pass
+        finally:
+            self.double._record("active", -1)
         self.close_connection = True
 
     def _events(self, body: dict, reply: Reply) -> None:

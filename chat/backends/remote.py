@@ -180,6 +180,7 @@ def failover_stream(
     for attempt in range(options.busy_retries + 1):
         if attempt:
             sleep(options.backoff_s * 2 ** (attempt - 1))
+        busy: BackendBusy | None = None
         for endpoint in pool.order():
             watchdog = Watchdog(options.first_token_timeout_s)
             tokens = open_stream(endpoint, watchdog)
@@ -191,8 +192,10 @@ def failover_stream(
                 if not failure.retryable:
                     raise
                 log.warning("endpoint %s failed before its first token: %s", endpoint, failure)
-                error = failure
-                if not isinstance(failure, BackendBusy):
+                if isinstance(failure, BackendBusy):
+                    busy = failure  # up, but full: no cooldown, and "busy" is what the user hears
+                else:
+                    error = failure
                     pool.failed(endpoint)
                 continue
             except BaseException:
@@ -202,9 +205,9 @@ def failover_stream(
             pool.succeeded(endpoint)
             yield from _rest(first, tokens, watchdog, options.token_timeout_s)
             return
-        if not isinstance(error, BackendBusy):
+        if busy is None:
             break  # every endpoint is down: waiting here would only delay the message
-    raise error or BackendUnavailable(detail="no endpoint answered")
+    raise busy or error or BackendUnavailable(detail="no endpoint answered")
 
 
 def _rest(first, tokens, watchdog: Watchdog, token_timeout_s: float):
