@@ -90,6 +90,10 @@ def test_a_long_conversation_is_fitted_to_the_context(transformers_serve):
     assert "Question number 39" in prompt and "Question number 0 " not in prompt
 
 
+def test_healthy_while_the_server_answers(served):
+    assert served.healthy()
+
+
 def test_the_context_comes_from_configuration_when_the_server_does_not_say(served):
     assert served.context_length() == 2048  # transformers serve's /v1/models does not list it
     assert served.count_tokens("Grüße") >= len("Grüße")  # no /tokenize: a safe over-estimate
@@ -116,7 +120,7 @@ def test_an_api_key_is_sent_as_bearer_and_no_header_without_one():
 def test_a_server_that_is_down_is_unavailable_and_the_app_still_starts():
     backend = OpenAIBackend([f"http://127.0.0.1:{free_port()}/v1"], model="m", options=OPTIONS,
                             max_total_tokens=1024)
-    assert backend.context_length() == 1024
+    assert backend.context_length() == 1024 and not backend.healthy()
     with pytest.raises(BackendUnavailable):
         list(backend.stream("x", GREEDY))
 

@@ -157,8 +157,16 @@ def test_a_busy_server_is_retried_before_the_user_hears_of_it(tgi):
 def test_a_refused_connection_is_unavailable():
     tgi = TGIDouble().start()
     tgi.stop()
+    backend = backend_for(tgi)
     with pytest.raises(BackendUnavailable):
-        texts(backend_for(tgi))
+        texts(backend)
+    assert not backend.healthy()
+
+
+def test_healthy_while_any_endpoint_answers(tgi):
+    down = TGIDouble().start()
+    down.stop()
+    assert backend_for(down, tgi).healthy()
 
 
 def test_requests_take_turns_over_endpoints():

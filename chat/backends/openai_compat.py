@@ -108,6 +108,9 @@ class OpenAIBackend(RemoteBackend):
             if stream is not None:
                 stream.close()  # closes the HTTP response: the server stops generating
 
+    def health_url(self, endpoint):
+        return f"{endpoint.removesuffix('/v1')}/health"  # vLLM, SGLang, transformers serve
+
     def server_context_length(self, endpoint):
         listed = self._models(endpoint).get(self.model_name) or {}
         length = listed.get("max_model_len")

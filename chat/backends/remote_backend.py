@@ -107,6 +107,10 @@ class RemoteBackend(Backend):
         """The server's own token count of `text`, None when it cannot count."""
         return None
 
+    def health_url(self, endpoint: str) -> str | None:
+        """Where the server says it is up; None: no cheap check (then it counts as healthy)."""
+        return None
+
     # -- the protocol ------------------------------------------------------------------------------
 
     def stream(self, prompt: str, params: GenerationParams) -> Generator[Token, None, None]:
@@ -131,6 +135,17 @@ class RemoteBackend(Backend):
     def _count_tokens(self, text: str) -> int:
         counted = self._ask_servers(lambda endpoint: self.server_token_count(endpoint, text))
         return counted if counted is not None else estimate_tokens(text)
+
+    def healthy(self) -> bool:
+        """True when any endpoint answers its health check (or none has one)."""
+        urls = [url for endpoint in self.pool.endpoints if (url := self.health_url(endpoint))]
+        for url in urls:
+            try:
+                if self._http.get(url, timeout=self.options.connect_timeout_s).status_code < 500:
+                    return True
+            except (httpx2.HTTPError, OSError):
+                continue
+        return not urls
 
     def get_json(self, method: str, url: str, **kwargs):
         """A side route's JSON answer, None when the server has no such route (404, 405, 501);

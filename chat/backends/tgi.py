@@ -136,6 +136,9 @@ class TGIBackend(RemoteBackend):
         finally:
             client.close()
 
+    def health_url(self, endpoint):
+        return f"{endpoint}/health"
+
     def server_context_length(self, endpoint):
         server = self.get_json("GET", f"{endpoint}/info") or {}
         if self.model_name == "Falcon" and server.get("model_id"):
