@@ -104,7 +104,10 @@ class FastDecoder:
         self.ready = not self.use_graphs
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._fallback = None  # the plain decoder, once capture has failed
-        self._decode_layer, self._head = _decode_layer, _head  # compiled in warm_up on a GPU
+        # The step's pieces; compiled in warm_up on a GPU.
+        self._decode_scores, self._decode_mix, self._project_out, self._head = (
+            _decode_scores, _decode_mix, _project_out, _head
+        )
         self._tokenizer = tokenizer
         with torch.no_grad():
             self._build(model)
@@ -184,7 +187,9 @@ class FastDecoder:
             compile_kwargs = {"fullgraph": True, "dynamic": False}
             if self.compile_mode != "default":
                 compile_kwargs["mode"] = self.compile_mode
-            self._decode_layer = torch.compile(_decode_layer, **compile_kwargs)
+            self._decode_scores = torch.compile(_decode_scores, **compile_kwargs)
+            self._decode_mix = torch.compile(_decode_mix, **compile_kwargs)
+            self._project_out = torch.compile(_project_out, **compile_kwargs)
             self._head = torch.compile(_head, **compile_kwargs)
         # Coordinate-descent tuning makes Inductor write one-row products as tuned Triton
         # reductions (gpt-fast's setting); it applies while the first calls below compile.
@@ -300,10 +305,10 @@ class FastDecoder:
         x = F.embedding(token, self.embed)
         cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
         visible = (self.positions <= self.pos)[None]  # [1, max_len], broadcast over queries
+        shape = (self.kv_heads, self.group, self.head_dim)
         for layer in self.layers:
-            x = self._decode_layer(
-                x, *_tensors(layer), cos, sin, self.pos, visible, self.kv_heads, self.group, self.head_dim
-            )
+            probs, h = self._decode_scores(x, *_inputs(layer), cos, sin, self.pos, visible, *shape)
+            x = self._project_out(x, self._decode_mix(probs, h, layer.v_cache), layer.w_out, layer.b_out)
         self._head(x, *self.ln_f, self.lm_head, self.seen, *self.knobs.tensors(), self._not_last,
                    greedy, self.history, self.pos)
 
@@ -311,11 +316,10 @@ class FastDecoder:
 # -- the pieces, as plain functions (what torch.compile sees) -------------------------------------
 
 
-def _tensors(layer: _Layer) -> tuple:
+def _inputs(layer: _Layer) -> tuple:
     return (
         *layer.ln_attn, *(layer.ln_mlp or (None, None, 0.0)),
-        layer.w_in, layer.b_in, layer.w_mlp_in, layer.b_mlp_in, layer.w_out, layer.b_out,
-        layer.k_cache, layer.v_cache,
+        layer.w_in, layer.b_in, layer.w_mlp_in, layer.b_mlp_in, layer.k_cache, layer.v_cache,
     )  # fmt: skip
 
 
@@ -344,37 +348,45 @@ def _rotate(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def _project_out(x, attn, h, w_out, b_out):
+def _join(attn, h):
+    """The out-projection's input: attention output and GELU(h) side by side."""
+    return torch.cat((attn, F.gelu(h)), dim=-1)
+
+
+def _project_out(x, joined, w_out, b_out):
     """x + dense(attn) + 4h_to_h(gelu(h)), as one product over the two inputs side by side."""
     # A plain product and an add (not addmm): Inductor turns a one-row product into a Triton
     # reduction with the add fused in, which streams the weight faster than cuBLAS's GEMV.
-    return x + F.linear(torch.cat((attn, F.gelu(h)), dim=-1), w_out, b_out)
+    return x + F.linear(joined, w_out, b_out)
 
 
-def _decode_layer(
-    x, ln_w, ln_b, eps, ln2_w, ln2_b, eps2, w_in, b_in, w_mlp_in, b_mlp_in, w_out, b_out,
+# One decode layer is three functions, each compiled on its own. The boundaries make Inductor
+# write probabilities and GELU(h) to memory once: inside one graph it recomputed them in the
+# next reduction for every output row (softmax 64 times, GELU 4,544 times on Falcon-7B).
+# Attention is written as products and sums rather than one attention call: for one query
+# position the fused kernels run one block per KV head (31 us a layer on the H100 for
+# Falcon-7B's single KV head); Inductor spreads these reductions over the whole GPU.
+
+
+def _decode_scores(
+    x, ln_w, ln_b, eps, ln2_w, ln2_b, eps2, w_in, b_in, w_mlp_in, b_mlp_in,
     k_cache, v_cache, cos, sin, pos, visible, kv_heads: int, group: int, head_dim: int,
 ):  # fmt: skip
-    """One layer for one token at `pos`; the query heads of a KV head attend as one group."""
+    """Project, rotate, write the cache at `pos`; attention weights [kv, group, max_len] and h."""
     qkv, h = _project_in(x, ln_w, ln_b, eps, ln2_w, ln2_b, eps2, w_in, b_in, w_mlp_in, b_mlp_in,
                          (kv_heads * (group + 2)) * head_dim)  # fmt: skip
     q, k, v = _split_rotate(qkv, cos, sin, kv_heads, group, head_dim)
     k_cache[:, pos] = k.transpose(0, 1)
     v_cache[:, pos] = v.transpose(0, 1)
-    attn = _attend_one(q[0], k_cache, v_cache, visible, head_dim)
-    return _project_out(x, attn.reshape(1, -1), h, w_out, b_out)
+    q = q[0].float()  # [kv, group, d]: the query heads of one KV head attend as one group
+    scores = (q[:, :, None, :] * k_cache[:, None].float()).sum(-1) / math.sqrt(head_dim)
+    return scores.masked_fill(~visible, -math.inf).softmax(-1), h
 
 
-def _attend_one(q, k_cache, v_cache, visible, head_dim):
-    """One token's queries [kv, group, d] over the whole static cache, later positions masked.
-
-    Written as products and sums rather than one attention call: for a single query position
-    the fused attention kernels run one block per KV head and took 31 us a layer on the H100
-    (Falcon-7B has one KV head); Inductor spreads these reductions over the whole GPU.
-    """
-    scores = (q[:, :, None, :].float() * k_cache[:, None].float()).sum(-1) / math.sqrt(head_dim)
-    probs = scores.masked_fill(~visible, -math.inf).softmax(-1)  # [kv, group, max_len]
-    return (probs[..., None] * v_cache[:, None].float()).sum(-2).to(q.dtype)
+def _decode_mix(probs, h, v_cache):
+    """Attention output from the weights, joined with GELU(h)."""
+    attn = (probs[..., None] * v_cache[:, None].float()).sum(-2).to(h.dtype)
+    return _join(attn.reshape(1, -1), h)
 
 
 def _prefill_layer(x, layer: _Layer, cos, sin, kv_heads, group, head_dim):
@@ -391,7 +403,7 @@ def _prefill_layer(x, layer: _Layer, cos, sin, kv_heads, group, head_dim):
     v = v.transpose(0, 1)[None].repeat_interleave(group, dim=1)
     attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     attn = attn[0].transpose(0, 1).reshape(t, -1)
-    return _project_out(x, attn, h, layer.w_out, layer.b_out)
+    return _project_out(x, _join(attn, h), layer.w_out, layer.b_out)
 
 
 def _logits(x, ln_f, lm_head):
