@@ -91,8 +91,7 @@ class TGIDouble:
 
     def start(self, port: int = 0) -> TGIDouble:
         handler = type("Handler", (_Handler,), {"double": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", port), handler)
         self._stopping.clear()
         threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True, name="tgi-double").start()
         return self
@@ -131,11 +130,20 @@ class TGIDouble:
             self.peak_active = max(self.peak_active, self.active)
             self._changed.notify_all()
 
+    def reply_for(self, body: dict) -> Reply:
+        """The reply to one /generate_stream request; override to answer by the prompt."""
+        return self._next_reply()
+
     def _next_reply(self) -> Reply:
         try:
             return self._script.popleft()
         except IndexError:
             return Reply()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the listen backlog: a load test connects 64+ clients at once
 
 
 class _Disconnected(Exception):
@@ -149,6 +157,9 @@ class _Stopped(Exception):
 class _Handler(BaseHTTPRequestHandler):
     double: TGIDouble
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate small writes: with Nagle's algorithm on, the second
+    # waits for the client's delayed ACK (~40 ms), which a real TGI server does not add.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -186,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- /generate_stream ----------------------------------------------------------------------
 
     def _generate_stream(self, body: dict) -> None:
-        reply = self.double._next_reply()
+        reply = self.double.reply_for(body)
         if reply.fail and reply.fail.startswith("http_"):
             status = int(reply.fail[5:])
             error_type = "overloaded" if status == 429 else "generation"
@@ -318,3 +329,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.double.requests.append(
             RecordedRequest(self.command, self.path, body, {k.lower(): v for k, v in self.headers.items()})
         )
+
+
+if __name__ == "__main__":  # python -m tests.tgi_double --port 8080: try the app's --backend tgi by hand
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Serve the TGI protocol double on loopback.")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--tokens-per-second", type=float, default=20.0)
+    arguments = parser.parse_args()
+    double = TGIDouble(tokens_per_second=arguments.tokens_per_second).start(arguments.port)
+    print(f"TGI double on {double.url} (Ctrl-C stops it)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        double.stop()
