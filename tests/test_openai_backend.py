@@ -99,6 +99,14 @@ def test_the_context_comes_from_configuration_when_the_server_does_not_say(serve
     assert served.count_tokens("Grüße") >= len("Grüße")  # no /tokenize: a safe over-estimate
 
 
+def test_a_server_without_tokenize_is_asked_once_then_counts_are_estimated():
+    with TGIDouble(tokenize=False) as server:  # answers 404 to /tokenize, records requests
+        backend = OpenAIBackend([server.url + "/v1"], model="m", options=OPTIONS)
+        for text in ("one text", "another text", "a third"):
+            assert backend.count_tokens(text) >= len(text)
+        assert [r.path for r in server.requests].count("/tokenize") == 1
+
+
 def test_a_model_name_is_needed_when_the_server_lists_none(transformers_serve):
     with pytest.raises(ConfigError, match="--model"):
         OpenAIBackend([transformers_serve.url], options=OPTIONS)

@@ -201,3 +201,28 @@ def test_bad_timeouts_stop_the_start_with_one_line():
         load_settings(["--token-timeout", "soon"], environ={})
     with pytest.raises(ConfigError, match="FIRST|--first-token-timeout"):
         load_settings([], environ={"FIRST_TOKEN_TIMEOUT": "-1"})
+
+
+def test_connect_and_read_timeouts_reach_the_http_clients(monkeypatch):
+    from chat.backends.remote_backend import http_timeout
+    from chat.backends.sagemaker import sagemaker_client
+
+    options = RemoteOptions(connect_timeout_s=2, first_token_timeout_s=40, token_timeout_s=7)
+    timeout = http_timeout(options)
+    # The socket read timeout is a backstop above both token timeouts; the watchdog is precise.
+    assert timeout.connect == 2 and timeout.read == 41
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    config = sagemaker_client(options).meta.config
+    assert (config.connect_timeout, config.read_timeout) == (2, 41)
+    assert config.retries["total_max_attempts"] == 1  # failover_stream retries, not botocore
+
+
+def test_sagemaker_without_a_region_stops_the_start_with_one_line(monkeypatch, tmp_path):
+    from chat.backends.sagemaker import sagemaker_client
+    from chat.errors import ConfigError
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="AWS_REGION"):
+        sagemaker_client(RemoteOptions())

@@ -21,7 +21,7 @@ import httpx2
 import openai
 
 from ..config import Settings
-from ..errors import BackendError, BackendTimeout, ConfigError
+from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from ..params import GenerationParams
 from .base import FINISH_LENGTH, FINISH_STOP, Token
 from .remote import (
@@ -135,7 +135,12 @@ class OpenAIBackend(RemoteBackend):
 
     def _models(self, endpoint) -> dict[str, dict]:
         if endpoint not in self._listed:
-            listed = self.get_json("GET", f"{endpoint}/models") or {}
+            try:
+                listed = self.get_json("GET", f"{endpoint}/models") or {}
+            except (BackendUnavailable, BackendTimeout):
+                raise  # not reachable now: ask again next time
+            except BackendError:
+                listed = {}  # it answered, but cannot list (transformers serve without a Hub cache)
             self._listed[endpoint] = {m["id"]: m for m in listed.get("data", []) if "id" in m}
         return self._listed[endpoint]
 

@@ -37,6 +37,14 @@ DEFAULT_CONTEXT_LENGTH = 2048  # Falcon's context
 _SPECIAL_TOKENS_MARGIN = 4  # a BOS/EOS the server's tokenizer may add
 
 
+@functools.cache
+def shared_tls_context():
+    """One TLS context for every per-request HTTP client. Building one reads the whole CA bundle
+    (~40 ms of CPU, holding the GIL); per request, at 64 concurrent users, that delayed every
+    first token by seconds (bench/load.py)."""
+    return httpx2.create_ssl_context()
+
+
 def http_timeout(options: RemoteOptions) -> httpx2.Timeout:
     return httpx2.Timeout(options.read_timeout_s, connect=options.connect_timeout_s)
 
@@ -90,6 +98,7 @@ class RemoteBackend(Backend):
         self._configured_context = max_total_tokens
         self._server_context: int | None = None
         self._cached_count = functools.lru_cache(maxsize=4096)(self._count_tokens)
+        self._cannot_count: set[str] = set()
 
     # -- what a subclass provides ----------------------------------------------------------------
 
@@ -133,7 +142,15 @@ class RemoteBackend(Backend):
         return self._cached_count(text)
 
     def _count_tokens(self, text: str) -> int:
-        counted = self._ask_servers(lambda endpoint: self.server_token_count(endpoint, text))
+        def ask(endpoint: str) -> int | None:
+            if endpoint in self._cannot_count:
+                return None
+            counted = self.server_token_count(endpoint, text)
+            if counted is None:
+                self._cannot_count.add(endpoint)  # no tokenizer route: do not ask it again
+            return counted
+
+        counted = self._ask_servers(ask)
         return counted if counted is not None else estimate_tokens(text)
 
     def healthy(self) -> bool:

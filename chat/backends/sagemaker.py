@@ -17,7 +17,7 @@ import json
 import socket
 
 from ..config import Settings
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, ConfigError
 from .remote import RemoteOptions, error_for_event, error_for_exception, error_for_status
 from .remote_backend import RemoteBackend, remote_arguments
 from .tgi import tgi_parameters
@@ -30,12 +30,20 @@ def sagemaker_client(options: RemoteOptions):
     import boto3
     from botocore.config import Config
 
+    from botocore.exceptions import NoRegionError
+
     config = Config(
         connect_timeout=options.connect_timeout_s,
         read_timeout=options.read_timeout_s,
         retries={"total_max_attempts": 1},
     )
-    return boto3.client("sagemaker-runtime", config=config)
+    try:
+        return boto3.client("sagemaker-runtime", config=config)
+    except NoRegionError:
+        raise ConfigError(
+            "--backend sagemaker needs an AWS region: set AWS_REGION (or AWS_DEFAULT_REGION, or "
+            "a region in the AWS profile)"
+        ) from None
 
 
 def error_for_client_error(error) -> BackendError:
