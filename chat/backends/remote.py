@@ -137,9 +137,15 @@ class Watchdog:
             _quietly(abort)
 
     def arm(self, timeout_s: float) -> None:
+        """A new deadline, `timeout_s` from now."""
         with self._condition:
             self._deadline = self._clock() + timeout_s
             self._condition.notify()
+
+    def pause(self) -> None:
+        """No deadline while the reader holds a token: only waiting for the server is timed."""
+        with self._condition:
+            self._deadline = None
 
     def stop(self) -> None:
         with self._condition:
@@ -149,6 +155,9 @@ class Watchdog:
     def _watch(self) -> None:
         with self._condition:
             while not self._stopped:
+                if self._deadline is None:
+                    self._condition.wait()
+                    continue
                 remaining = self._deadline - self._clock()
                 if remaining <= 0:
                     self.expired = True
@@ -214,8 +223,9 @@ def _rest(first, tokens, watchdog: Watchdog, token_timeout_s: float):
     try:
         token = first
         while token is not None:
-            watchdog.arm(token_timeout_s)
+            watchdog.pause()
             yield token
+            watchdog.arm(token_timeout_s)
             token = _next_token(tokens, watchdog)
     finally:
         watchdog.stop()
