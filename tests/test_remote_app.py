@@ -48,12 +48,13 @@ def test_every_chat_is_answered_while_one_endpoint_is_down(tgi_app):
 def test_remote_chats_stream_at_the_same_time(tgi_app):
     url, alive, backend = tgi_app
     assert backend.concurrency_limit == 64
+    clients = [Client(url, verbose=False) for _ in range(4)]  # connected before any chat starts
     alive.peak_active = 0
-    alive.script(*[Reply(text="word " * 60)] * 4)
+    alive.script(*[Reply(text="word " * 200)] * 4)  # about a second each
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(chat, [url] * 4))
+        replies = list(pool.map(lambda client: client.predict("Hello", api_name="/chat"), clients))
     assert all(strip_note(reply).startswith("word word") for reply in replies)
-    assert alive.peak_active >= 2
+    assert alive.peak_active >= 3
 
 
 def test_a_failure_mid_reply_keeps_the_partial_text_with_a_clear_note(tgi_app):
