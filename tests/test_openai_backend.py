@@ -135,3 +135,14 @@ def test_a_server_that_is_down_is_unavailable_and_the_app_still_starts():
 
 def all_subclasses(cls):
     return {cls} | {sub for direct in cls.__subclasses__() for sub in all_subclasses(direct)}
+
+
+@pytest.mark.parametrize(
+    "given, used",
+    [("http://h:8000", "http://h:8000/v1"), ("http://h:8000/", "http://h:8000/v1"),
+     ("http://h:8000/v1/", "http://h:8000/v1"), ("https://h/proxy/v1", "https://h/proxy/v1")],
+)
+def test_an_endpoint_without_a_path_means_its_v1(given, used):
+    from chat.backends.openai_compat import openai_base_url
+
+    assert openai_base_url(given) == used

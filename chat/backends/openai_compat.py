@@ -17,6 +17,8 @@ passed and the header is explicitly omitted per request).
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import httpx2
 import openai
 
@@ -54,6 +56,12 @@ def completion_arguments(params: GenerationParams) -> dict:
     )
 
 
+def openai_base_url(endpoint: str) -> str:
+    """`http://host:8000` means its `/v1`, where every OpenAI-compatible server has its routes."""
+    endpoint = endpoint.rstrip("/")
+    return endpoint if urlsplit(endpoint).path else endpoint + "/v1"
+
+
 class OpenAIBackend(RemoteBackend):
     """Streams from one or more OpenAI-compatible servers (`--endpoint http://host:port/v1`)."""
 
@@ -75,7 +83,7 @@ class OpenAIBackend(RemoteBackend):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIBackend:
-        endpoints = [endpoint.rstrip("/") for endpoint in settings.endpoints]
+        endpoints = [openai_base_url(endpoint) for endpoint in settings.endpoints]
         return cls(endpoints, model=settings.model, api_key=settings.api_key, **remote_arguments(settings))
 
     def open_stream(self, endpoint, prompt, params, watchdog):
