@@ -21,6 +21,7 @@ DECODERS = ("auto", "plain", "fast")  # auto: fast on a CUDA GPU where the model
 DEFAULT_PORT = 7860
 DEFAULT_MAX_MESSAGE_CHARS = 20_000
 DEFAULT_REMOTE_CONCURRENCY = 64
+DEFAULT_QUEUE_SIZE = 100  # requests waiting for a free slot; more get "busy, try again"
 
 # flag -> environment variable; the README's configuration table lists the same pairs.
 ENVIRONMENT = {
@@ -35,6 +36,7 @@ ENVIRONMENT = {
     "stop": "STOP_SEQUENCES",
     "max_message_chars": "MAX_MESSAGE_CHARS",
     "concurrency": "CONCURRENCY_LIMIT",
+    "queue_size": "QUEUE_SIZE",
     "token": "HF_TOKEN",
     "log_messages": "LOG_MESSAGES",
     "api_key": "OPENAI_API_KEY",
@@ -63,6 +65,7 @@ class Settings:
     stop_sequences: tuple[str, ...] = DEFAULT_STOP_SEQUENCES
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     concurrency_limit: int | None = None  # None: 1 for the local backend, 64 for remote ones
+    queue_size: int = DEFAULT_QUEUE_SIZE  # requests that may wait; a full queue turns new ones away
     token: str | None = field(default=None, repr=False)
     log_messages: bool = False  # put message text in the request log (off: privacy)
     api_key: str | None = field(default=None, repr=False)  # for OpenAI-compatible servers
@@ -107,6 +110,7 @@ def _parser() -> _Parser:
     )
     p.add_argument("--max-message-chars", help="longest message accepted" + env("max_message_chars"))
     p.add_argument("--concurrency", help="generations at once" + env("concurrency"))
+    p.add_argument("--queue-size", help="requests that may wait for a turn" + env("queue_size"))
     p.add_argument("--token", help="access token for the hub or server" + env("token"))
     p.add_argument(
         "--log-messages", action="store_true", default=None,
@@ -162,6 +166,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
             "--max-message-chars", value("max_message_chars"), DEFAULT_MAX_MESSAGE_CHARS, 1, 10**7
         ),
         concurrency_limit=_int("--concurrency", value("concurrency"), None, 1, 10_000),
+        queue_size=_int("--queue-size", value("queue_size"), DEFAULT_QUEUE_SIZE, 1, 100_000),
         token=value("token"),
         log_messages=str(value("log_messages") or "").lower() in ("1", "true", "yes", "on"),
         api_key=value("api_key"),

@@ -32,6 +32,10 @@ EMPTY_REPLY_NOTE = "The model ended its turn without writing anything. Try again
 # tokens that arrive faster than this are shown together: a fast model is not slowed to the
 # page's pace, and a slow one still shows every token as it comes.
 MIN_UPDATE_INTERVAL_S = 0.02
+# A token the stream had to wait for longer than this is shown at once: the page is up to date. Tokens
+# that were already waiting (a fast model, or this server running late) are gathered for up to
+# MIN_UPDATE_INTERVAL_S after the page was last updated, so a busy server catches up in fewer updates.
+WAITED_S = 0.002
 FINISH_ERROR = "error"
 FINISH_WORDS = {
     FINISH_STOP: "end of turn",
@@ -155,7 +159,9 @@ def stream_fitted(
             tokens = backend.stream(fitted.text, params.with_max_new_tokens(fitted.max_new_tokens))
             try:
                 ended = None
+                asked = time.perf_counter()
                 for token in tokens:
+                    waited = time.perf_counter() - asked
                     if token.finish_reason:
                         ended, stats.seed = token.finish_reason, token.seed
                     elif token.id is not None or token.text:
@@ -163,9 +169,11 @@ def stream_fitted(
                             stats.time_to_first_token_s = time.perf_counter() - started
                         stats.generated_tokens += 1
                     grew = stop_filter.push(token.text)
-                    if grew and time.perf_counter() - last_update >= MIN_UPDATE_INTERVAL_S:
-                        last_update = time.perf_counter()
+                    since_update = time.perf_counter() - last_update
+                    if grew and (waited > WAITED_S or since_update >= MIN_UPDATE_INTERVAL_S):
                         yield stop_filter.text
+                        last_update = time.perf_counter()  # when the page was ready for more
+                    asked = time.perf_counter()
                     if stop_filter.stopped:
                         ended = FINISH_STOP
                         break

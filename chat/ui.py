@@ -10,6 +10,8 @@ The UI never knows which backend it talks to. API endpoints:
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 
@@ -181,7 +183,12 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             )
             stop_button.click(None, cancels=[generation])
     demo.operations = operations
+    # A full queue turns new requests away at once instead of letting them wait for minutes: the
+    # page says "This application is currently busy. Please try again.", gradio_client raises
+    # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
+    demo.queue(max_size=settings.queue_size)
     operations.watch_queue(demo)
+    _no_matplotlib_lookups()
     return demo
 
 
@@ -220,7 +227,20 @@ def launch_options(settings: Settings, demo: gr.Blocks | None = None) -> dict:
         app_kwargs = dict(options.get("app_kwargs") or {})
         app_kwargs["routes"] = [*app_kwargs.get("routes", []), *operations.routes()]
         options["app_kwargs"] = app_kwargs
+        # Each running reply holds one of Gradio's worker threads while it waits for its next
+        # token; with Gradio's default of 40, the 41st concurrent reply waits for a thread.
+        concurrency = settings.concurrency_limit or operations.backend.concurrency_limit
+        options["max_threads"] = max(40, 2 * concurrency + 8)  # chat and completion, plus the rest
     return options
+
+
+def _no_matplotlib_lookups() -> None:
+    """Gradio imports matplotlib around every step of every event (to switch its plot backend).
+    Where it is not installed, each failed import searches sys.path again: twice per streamed
+    token, on the event loop. A None in sys.modules makes that import fail at once; this app
+    draws no plots."""
+    if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
+        sys.modules["matplotlib"] = None
 
 
 def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:

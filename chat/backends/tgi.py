@@ -37,7 +37,14 @@ from .remote import (
     error_for_status,
     shutdown_response,
 )
-from .remote_backend import RemoteBackend, auth_headers, error_text, http_timeout, remote_arguments
+from .remote_backend import (
+    RemoteBackend,
+    auth_headers,
+    error_text,
+    http_timeout,
+    remote_arguments,
+    shared_tls_context,
+)
 from .tgi_events import make_token
 
 log = logging.getLogger(__name__)
@@ -75,7 +82,9 @@ class _ServerClient(InferenceClient):
 
     def __init__(self, url: str, *, token: str | None, options: RemoteOptions, watchdog: Watchdog):
         super().__init__(model=url)
-        self._http = self.exit_stack.enter_context(httpx2.Client(timeout=http_timeout(options)))
+        self._http = self.exit_stack.enter_context(
+            httpx2.Client(timeout=http_timeout(options), verify=shared_tls_context())
+        )
         self._auth = auth_headers(token)
         self._watchdog = watchdog
 
