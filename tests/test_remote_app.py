@@ -83,7 +83,9 @@ def test_stop_through_the_api_ends_the_generation_on_the_server(tgi_app):
             if count >= 2:
                 break
         job.cancel()
-        assert alive.wait_for_disconnects(disconnects + 1, timeout=2.0)
+        # The reply would run for over ten seconds; the 1 s bound itself is checked without Gradio
+        # in test_tgi_backend (this machine's load can delay Gradio's cancel by a few hundred ms).
+        assert alive.wait_for_disconnects(disconnects + 1, timeout=5.0)
     finally:
         alive.tokens_per_second = 200
 
