@@ -139,7 +139,7 @@ class OpenAIBackend(RemoteBackend):
                 continue
             if models:
                 return next(iter(models))
-        raise ConfigError("--backend openai needs --model (env MODEL_ID): the server lists no models")
+        raise ConfigError("--backend openai needs --model (env MODEL_ID): no server listed a model")
 
     def _models(self, endpoint) -> dict[str, dict]:
         if endpoint not in self._listed:
