@@ -97,6 +97,7 @@ def main() -> None:
     results["fast_warm_up_s"] = time.perf_counter() - start
     results["fast_decoder"] = decoder.name
     results["compile_mode"] = decoder.compile_mode
+    results["mlp_overlap"] = decoder._mlp_stream is not None
     say(f"fast decoder '{decoder.name}' ready in {results['fast_warm_up_s']:.1f} s")
 
     greedy = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_sequences=("\x00",))
@@ -105,6 +106,9 @@ def main() -> None:
     rows.append(bench_stream(backend, "LocalBackend.stream, fast decoder", prompt, long_prompt, args, floor_ms, runs=3))
     bare_greedy = bench_bare(backend, decoder, ids, greedy, "fast decoder, bare (greedy)", floor_ms)
     rows.append(bare_greedy)
+    results["fast_greedy_tokens"] = bare_greedy["tokens"]
+    # A race between the graph's two streams would show as greedy output that changes.
+    results["greedy_repeatable"] = bench_bare(backend, decoder, ids, greedy, "", floor_ms)["tokens"] == bare_greedy["tokens"]
     first = bench_bare(backend, decoder, ids, sampled, "", floor_ms, seed=11)  # warms eager sampling
     bare_sampled = bench_bare(backend, decoder, ids, sampled, "fast decoder, bare (sampling)", floor_ms, seed=11)
     rows.append(bare_sampled)
@@ -412,7 +416,7 @@ def print_table(results: dict) -> None:
     if plain:
         fast = next(r for r in results["rows"] if r["label"] == "LocalBackend.stream, fast decoder")
         say(f"speed-up of LocalBackend.stream (fast) over plain generate: {plain['ms_per_token'] / fast['ms_per_token']:.2f}x")
-    for key in ("greedy_agreement", "seeded_sampling_reproducible", "fast_warm_up_s", "compile_mode", "fast_decoder"):
+    for key in ("greedy_agreement", "greedy_repeatable", "seeded_sampling_reproducible", "fast_warm_up_s", "compile_mode", "mlp_overlap", "fast_decoder"):
         if key in results:
             say(f"{key}: {results[key]}")
 

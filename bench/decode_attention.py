@@ -1,0 +1,92 @@
+"""Times ways of writing one-token attention over a static cache, as the fast decoder's step
+runs them (compiled, replayed from a CUDA graph, once per layer), for the Falcon-7B and -40B
+head layouts. Prints microseconds per layer for each variant.
+
+    PYTHONUNBUFFERED=1 python bench/decode_attention.py
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.gpu_decode import graph_ms  # noqa: E402
+
+LAYOUTS = {"7b": (1, 71, 64), "40b": (8, 16, 64)}  # kv heads, queries per kv head, head dim
+MAX_LEN, POS, LAYERS = 2048, 700, 32
+
+
+def scores_sum(q, k, visible):
+    s = (q[:, :, None, :].float() * k[:, None].float()).sum(-1) / math.sqrt(q.shape[-1])
+    return s.masked_fill(~visible, -math.inf).softmax(-1)
+
+
+def scores_bmm(q, k, visible):
+    s = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    return s.masked_fill(~visible, -math.inf).softmax(-1)
+
+
+def pv_sum(p, v):
+    return (p[..., None] * v[:, None].float()).sum(-2).to(v.dtype)
+
+
+def pv_chunked(p, v):
+    kv, group, length = p.shape
+    pc = p.view(kv, group, 16, length // 16, 1)
+    vc = v.float().view(kv, 1, 16, length // 16, v.shape[-1])
+    return (pc * vc).sum(-2).sum(-2).to(v.dtype)
+
+
+def pv_bmm(p, v):
+    return torch.matmul(p.to(v.dtype), v)
+
+
+def sdpa_efficient(q, k, v, visible):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kv, group, d = q.shape
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return F.scaled_dot_product_attention(
+            q.reshape(1, kv * group, 1, d), k.repeat_interleave(group, 0)[None], v.repeat_interleave(group, 0)[None],
+            attn_mask=visible[None, None].expand(1, kv * group, 1, -1),
+        )
+
+
+def main() -> None:
+    for name, (kv, group, d) in LAYOUTS.items():
+        q = torch.randn(kv, group, d, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda")
+        visible = (torch.arange(MAX_LEN, device="cuda") <= POS)[None]
+        reference = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d) +
+                                  torch.where(visible, 0.0, -math.inf).double(), -1) @ v.double()  # fmt: skip
+        compiled = {}
+        with inductor_config.patch(coordinate_descent_tuning=True):
+            for fn in (scores_sum, scores_bmm, pv_sum, pv_chunked, pv_bmm):
+                compiled[fn.__name__] = torch.compile(fn, fullgraph=True, dynamic=False)
+            p = compiled["scores_sum"](q, k, visible)
+            for s_name in ("scores_sum", "scores_bmm"):
+                ms = graph_ms(lambda: [compiled[s_name](q, k, visible) for _ in range(LAYERS)])
+                print(f"{name} {s_name}: {ms / LAYERS * 1e3:.1f} us/layer", flush=True)
+            for pv_name in ("pv_sum", "pv_chunked", "pv_bmm"):
+                out = compiled[pv_name](p, v)
+                error = ((out.double() - reference).norm() / reference.norm()).item()
+                ms = graph_ms(lambda: [compiled[pv_name](p, v) for _ in range(LAYERS)])
+                print(f"{name} {pv_name}: {ms / LAYERS * 1e3:.1f} us/layer (relative error {error:.1e})", flush=True)
+        try:
+            out = sdpa_efficient(q, k, v, visible)
+            error = ((out.reshape(kv, group, d).double() - reference).norm() / reference.norm()).item()
+            ms = graph_ms(lambda: [sdpa_efficient(q, k, v, visible) for _ in range(LAYERS)])
+            print(f"{name} sdpa efficient (whole attention): {ms / LAYERS * 1e3:.1f} us/layer (error {error:.1e})", flush=True)
+        except Exception as error:  # a variant that does not run is a result too
+            print(f"{name} sdpa efficient: failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
