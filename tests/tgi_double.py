@@ -311,11 +311,17 @@ class _Handler(BaseHTTPRequestHandler):
             if left <= 0:
                 return
             readable, _, _ = select.select([self.connection], [], [], left)
-            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+            if readable and not self._peek():
                 raise _Disconnected
             if end is None:
                 self._chunk(b":\n\n")  # keep-alive comment, as TGI sends while silent
         raise _Stopped  # the double is stopping: end the stream abruptly
+
+    def _peek(self) -> bytes:
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:  # reset by the client: gone as much as a clean close
+            return b""
 
     def _json(self, status: int, payload) -> None:
         data = json.dumps(payload).encode()

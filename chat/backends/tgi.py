@@ -27,7 +27,7 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import InferenceTimeoutError, TextGenerationError
 
 from ..config import Settings
-from ..errors import BackendError, BackendTimeout
+from ..errors import BackendError, BackendTimeout, GenerationFailed
 from ..params import GenerationParams
 from .remote import (
     RemoteOptions,
@@ -128,11 +128,20 @@ class TGIBackend(RemoteBackend):
             outputs = client.text_generation(
                 prompt, stream=True, details=True, return_full_text=False, **tgi_parameters(params)
             )
+            finished = False
             for output in outputs:
                 details = output.details
+                finished = finished or details is not None
                 yield make_token(
                     output.token.text, output.token.id, output.token.special,
                     details.finish_reason if details else None, details.seed if details else None,
+                )
+            if not finished:
+                # TGI's last event always carries `details`: a stream that ends without it was cut
+                # off (a proxy timing out, a server restarting), not a finished reply.
+                raise GenerationFailed(
+                    "The connection to the model server broke off. Please try again.",
+                    detail="the stream ended without TGI's final event",
                 )
         except BackendError:
             raise

@@ -1,0 +1,162 @@
+"""Faults, through the whole app (gradio_client against the served page, TGI double behind it): the
+affected user gets a clear message under whatever part of the reply arrived, a user streaming at the
+same time is unaffected, and the app keeps serving. tests/test_tgi_backend.py covers the same faults
+at the backend level (error kinds, timings); these check what users of the running app see."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from chat.backends.local import LocalBackend, PlainDecoder, load_model
+from chat.config import Settings
+from chat.errors import BackendBusy, BackendTimeout, GenerationFailed
+from chat.history import NOTE_MARK, strip_note
+from tests.conftest import serve_app
+from tests.reliability import ARGS, HEALTHY_TEXT, HUGE_TOKEN, app_on_double
+
+BROKE_OFF = "The connection to the model server broke off. Please try again."
+
+
+@pytest.fixture(scope="module")
+def app():
+    with app_on_double(tokens_per_second=50) as served:
+        yield served
+
+
+def start_healthy(url):
+    """A healthy user's reply, already streaming when this returns."""
+    job = Client(url, verbose=False).submit("Tell me about falcons.", *ARGS, api_name="/chat")
+    next(iter(job))  # its first words have arrived
+    return job
+
+
+def note_of(reply: str) -> str:
+    words = strip_note(reply)
+    without_footer = reply[: reply.rindex("\n\n<sub>")] if "<sub>" in reply else reply
+    return without_footer[len(words):].strip()
+
+
+@pytest.mark.parametrize(
+    "fault, partial, message",
+    [
+        ("killed_mid", "The falcon", BROKE_OFF),  # the server process dies mid-reply
+        ("silent_before", "", BackendTimeout.user_message),  # accepts, never sends a token
+        ("silent_mid", "The falcon", BackendTimeout.user_message),  # goes quiet mid-reply
+        ("overloaded", "", BackendBusy.user_message),  # TGI's in-stream "overloaded" event
+        ("malformed", "The falcon", BROKE_OFF),  # an event that is not JSON
+        ("truncated", "The falcon", BROKE_OFF),  # the stream ends without TGI's final event
+        ("error_mid", "The falcon", GenerationFailed.user_message),  # CUDA OOM mid-reply
+    ],
+)
+def test_a_failing_reply_tells_its_user_keeps_the_partial_and_spares_others(app, fault, partial, message):
+    url, double = app
+    healthy = start_healthy(url)
+    reply = Client(url, verbose=False).predict(f"[fault:{fault}] Hi", *ARGS, api_name="/chat")
+    assert strip_note(reply) == partial
+    assert note_of(reply) == NOTE_MARK + (f"Reply cut short: {message}" if partial else message)
+    assert strip_note(healthy.result()) == HEALTHY_TEXT
+    assert strip_note(Client(url, verbose=False).predict("Again?", *ARGS, api_name="/chat")) == HEALTHY_TEXT
+
+
+def test_a_storm_of_429s_tells_every_user_busy_and_the_app_recovers(app):
+    url, double = app
+    healthy = start_healthy(url)
+    storm = [Client(url, verbose=False).submit("[fault:http_429] Hi", *ARGS, api_name="/chat") for _ in range(6)]
+    for job in storm:
+        assert note_of(job.result()) == NOTE_MARK + BackendBusy.user_message
+    assert strip_note(healthy.result()) == HEALTHY_TEXT
+    assert strip_note(Client(url, verbose=False).predict("Again?", *ARGS, api_name="/chat")) == HEALTHY_TEXT
+
+
+def test_a_one_megabyte_token_arrives_whole(app):
+    url, _ = app
+    healthy = start_healthy(url)
+    reply = Client(url, verbose=False).predict("[fault:huge_token] Hi", *ARGS, api_name="/chat")
+    assert strip_note(reply) == f"Here: {HUGE_TOKEN} done"
+    assert strip_note(healthy.result()) == HEALTHY_TEXT
+
+
+def test_a_client_that_goes_away_mid_stream_closes_the_upstream_request():
+    # A closed tab is a closed event stream: no cancel request is sent, the connection just ends.
+    with app_on_double(tokens_per_second=20) as (url, double):
+        healthy = start_healthy(url)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            posted = http.post("gradio_api/call/chat", json={"data": ["Tell me more.", *ARGS, None]})
+            with http.stream("GET", f"gradio_api/call/chat/{posted.json()['event_id']}") as stream:
+                lines = stream.iter_lines()
+                while not next(lines).startswith("event: generating"):
+                    pass
+        assert double.wait_for_disconnects(1, timeout=5), "the server kept generating for nobody"
+        assert strip_note(healthy.result()) == HEALTHY_TEXT
+        assert double.completed >= 1
+
+
+def test_a_cancelled_api_call_closes_the_upstream_request(app):
+    url, double = app
+    before = double.disconnects
+    job = Client(url, verbose=False).submit("Tell me more.", *ARGS, api_name="/chat")
+    next(iter(job))
+    job.cancel()
+    assert double.wait_for_disconnects(before + 1, timeout=5)
+
+
+class RaisingDecoder:
+    """The real decode loop, raising after a few tokens (a CUDA error, a bug in a kernel)."""
+
+    name = "raising"
+
+    def __init__(self, decoder, after: int):
+        self.decoder, self.after = decoder, after
+
+    def generate(self, input_ids, params, seed, emit, cancelled):
+        count = 0
+
+        def emit_then_fail(token_id):
+            nonlocal count
+            if count == self.after and params.max_new_tokens == 77:  # only the "failing" user's reply
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            count += 1
+            emit(token_id)
+
+        return self.decoder.generate(input_ids, params, seed, emit_then_fail, cancelled)
+
+
+def test_the_local_model_raising_mid_generation_is_a_message_and_the_next_user_is_served(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    decoder = RaisingDecoder(PlainDecoder(model, tokenizer), after=5)
+    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048, decoder=decoder)
+    try:
+        with serve_app(backend, Settings()) as url:
+            failing = Client(url, verbose=False).submit("Hi", "", 0.0, 77, 0.9, 1.0, api_name="/chat")
+            waiting = Client(url, verbose=False).submit("Hi", "", 0.0, 40, 0.9, 1.0, api_name="/chat")
+            reply = failing.result()
+            assert strip_note(reply) and len(backend.tokenizer(strip_note(reply))["input_ids"]) <= 6
+            assert note_of(reply) == NOTE_MARK + f"Reply cut short: {GenerationFailed.user_message}"
+            served = strip_note(waiting.result())
+            assert served and NOTE_MARK not in waiting.result()
+            assert backend.healthy()
+            again = Client(url, verbose=False).predict("Hi", "", 0.0, 40, 0.9, 1.0, api_name="/chat")
+            assert strip_note(again) == served  # greedy: the same reply, from a model still working
+    finally:
+        backend.close()
+
+
+def test_random_faults_in_a_crowd_never_touch_the_healthy_replies(app):
+    url, _ = app
+    rng = random.Random(6)
+    faults = ["killed_mid", "silent_mid", "overloaded", "malformed", "truncated", "error_mid", None]
+    jobs = []
+    for _ in range(14):
+        fault = rng.choice(faults)
+        message = f"[fault:{fault}] Hi" if fault else "Hello"
+        jobs.append((fault, Client(url, verbose=False).submit(message, *ARGS, api_name="/chat")))
+    for fault, job in jobs:
+        reply = job.result()
+        if fault is None:
+            assert strip_note(reply) == HEALTHY_TEXT
+        else:
+            assert note_of(reply).startswith(NOTE_MARK)
