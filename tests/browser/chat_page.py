@@ -1,0 +1,119 @@
+"""The chat page as a person uses it, for the browser tests: type, send, stop, retry, edit, settings.
+
+Locators follow what a person (or a screen reader) sees: the message box's placeholder, the
+buttons' labels, each message's accessible label ("bot's message: <its text>"), which holds the
+reply's own text rather than its rendered markdown.
+"""
+
+from __future__ import annotations
+
+import re
+
+from playwright.sync_api import Page, expect
+
+from chat.history import strip_note
+
+BOT_LABEL_PREFIX = "bot's message: "
+
+# Records, in the page, each distinct text length of the newest bot message as the DOM changes.
+WATCH_REPLY_GROWTH = """() => {
+  window.replyLengths = [];
+  const record = () => {
+    const bots = document.querySelectorAll("[data-testid=bot]");
+    if (!bots.length) return;
+    const length = bots[bots.length - 1].innerText.length;
+    const lengths = window.replyLengths;
+    if (lengths[lengths.length - 1] !== length) lengths.push(length);
+  };
+  new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+
+class ChatPage:
+    def __init__(self, page: Page, url: str, *, recorder=None):
+        self.page = page
+        self.url = url
+        self.recorder = recorder
+        # Its placeholder goes once the chat has messages; its (hidden) label stays.
+        self.textbox = page.get_by_role("textbox", name="Textbox", exact=True).filter(visible=True)
+        self.stop_button = page.locator("button.stop-button")
+        self.submit_button = page.locator("button.submit-button")
+        self.user_messages = page.get_by_test_id("user")
+        self.bot_messages = page.get_by_test_id("bot")
+
+    def open(self, query: str = "") -> ChatPage:
+        self.page.goto(self.url + query)
+        expect(self.textbox).to_be_editable()
+        return self
+
+    def send(self, message: str) -> None:
+        self.textbox.fill(message)
+        self.textbox.press("Enter")
+
+    def wait_until_idle(self) -> None:
+        """The reply has finished (or was stopped): the send button is back."""
+        expect(self.stop_button).to_be_hidden()
+        expect(self.submit_button).to_be_visible()
+
+    def stop(self) -> None:
+        # The button is never "stable" for Playwright while the reply grows (the layout moves
+        # with the text), so click without waiting for it to settle, as a person would.
+        self.stop_button.click(force=True)
+
+    def ask(self, message: str) -> str:
+        """Send `message`, wait for the whole reply, return its text."""
+        replies = self.bot_messages.count()
+        self.send(message)
+        expect(self.bot_messages).to_have_count(replies + 1)
+        self.wait_until_idle()
+        return self.reply_text(replies)
+
+    def reply_text(self, index: int = -1) -> str:
+        """A bot message's text as the model wrote it: its accessible label (not the rendered
+        markdown), without the figures or note the app appends."""
+        messages = self.bot_messages
+        message = messages.last if index == -1 else messages.nth(index)
+        label = message.get_attribute("aria-label") or ""
+        assert label.startswith(BOT_LABEL_PREFIX), label
+        return strip_note(label[len(BOT_LABEL_PREFIX):])
+
+    def watch_reply_growth(self) -> None:
+        self.page.evaluate(WATCH_REPLY_GROWTH)
+
+    def reply_lengths(self) -> list[int]:
+        return self.page.evaluate("() => window.replyLengths")
+
+    # -- settings ----------------------------------------------------------------------------------
+
+    def open_settings(self) -> None:
+        accordion = self.page.get_by_role("button", name="System prompt and settings").filter(visible=True).last
+        max_new_tokens = self._visible_label("number input for Max new tokens")
+        # Gradio can render this accordion marked open with its content hidden, so that the first
+        # click closes it: click until the settings show, waiting for each click to take effect.
+        for _ in range(3):
+            if max_new_tokens.count():
+                return
+            if "open" in (accordion.get_attribute("class") or "").split():
+                accordion.click()
+                expect(accordion).not_to_have_class(re.compile(r"\bopen\b"))
+            accordion.click()
+            expect(accordion).to_have_class(re.compile(r"\bopen\b"))
+        expect(max_new_tokens).to_be_visible()
+
+    def set_number(self, label: str, value: float) -> None:
+        """Type a value into a slider's number box, as a person does, and check the slider took it."""
+        box = self._visible_label(f"number input for {label}")
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        expect(self._visible_label(f"range slider for {label}")).to_have_value(str(value))
+
+    def set_system_prompt(self, text: str) -> None:
+        box = self._visible_label("System prompt")
+        box.fill(text)
+        box.blur()
+
+    def _visible_label(self, label: str):
+        # Other tabs may hold inputs of the same names; only the chat's are visible.
+        return self.page.get_by_label(label, exact=True).filter(visible=True)

@@ -1,0 +1,102 @@
+"""Test doubles for the browser tests: real implementations of the app's protocols, no patches.
+
+`RecordingDecoder` wraps the local backend's decode loop (the `Decoder` protocol) and records each
+generation: the prompt the model got, its settings, how many tokens it made and why it ended. It
+stands in for looking inside the model worker, so a test can see that Stop ended the generation
+itself, not just the text on the page.
+
+`FailingBackend` stands in for a model server that breaks mid-reply: it streams a few words, then
+raises `GenerationFailed`, as a real backend does when its server fails.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+from chat.backends.base import Backend, Token
+from chat.errors import GenerationFailed
+from chat.params import GenerationParams
+
+
+@dataclass
+class Generation:
+    """One run of the decode loop, as the model worker saw it."""
+
+    prompt: str
+    params: GenerationParams
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # set when the loop has returned
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class RecordingDecoder:
+    """A `Decoder` that runs `inner` and records every generation (see the module docstring)."""
+
+    def __init__(self, inner, tokenizer):
+        self.inner = inner
+        self.name = f"recording {inner.name}"
+        self.tokenizer = tokenizer
+        self.generations: list[Generation] = []
+        self._changed = threading.Condition()
+
+    def generate(self, input_ids, params, seed, emit, cancelled) -> str:
+        generation = Generation(self.tokenizer.decode(input_ids[0].tolist()), params)
+        with self._changed:
+            self.generations.append(generation)
+            self._changed.notify_all()
+
+        def counting_emit(token_id: int) -> None:
+            generation.token_ids.append(token_id)
+            emit(token_id)
+
+        try:
+            generation.finish_reason = self.inner.generate(input_ids, params, seed, counting_emit, cancelled)
+            return generation.finish_reason
+        finally:
+            generation.ended.set()
+            with self._changed:
+                self._changed.notify_all()
+
+    def text(self, generation: Generation) -> str:
+        """What the model wrote in `generation`, decoded in one go."""
+        return self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+
+    def count(self) -> int:
+        return len(self.generations)
+
+    def ended_generation(self, index: int, timeout: float = 30.0) -> Generation:
+        """The generation number `index` (0-based) once it has ended; waits for it to start and end."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.generations) > index, timeout):
+                raise AssertionError(f"generation {index} never started ({len(self.generations)} so far)")
+        generation = self.generations[index]
+        if not generation.ended.wait(timeout):
+            raise AssertionError(f"generation {index} still running after {timeout} s")
+        return generation
+
+
+class FailingBackend(Backend):
+    """Streams `words`, then fails the way a broken model server does (see the module docstring)."""
+
+    name = "failing test backend"
+    model_name = "a model whose server breaks"
+
+    def __init__(self, words: tuple[str, ...] = ("Partial ", "reply ")):
+        self.words = words
+
+    def context_length(self) -> int:
+        return 2048
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stream(self, prompt: str, params: GenerationParams) -> Generator[Token, None, None]:
+        for word in self.words:
+            yield Token(word)
+        raise GenerationFailed(detail="test backend: the server went away")
