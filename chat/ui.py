@@ -156,6 +156,9 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
                 fill_height=True,
                 api_name="chat",
             )
+            # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
+            # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
+            chat.textbox.preprocess = _text_message
             with gr.Row():
                 export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
             files = gr.File(label="Conversation files", file_count="multiple", visible=False)
@@ -232,6 +235,12 @@ def launch_options(settings: Settings, demo: gr.Blocks | None = None) -> dict:
         concurrency = settings.concurrency_limit or operations.backend.concurrency_limit
         options["max_threads"] = max(40, 2 * concurrency + 8)  # chat and completion, plus the rest
     return options
+
+
+def _text_message(payload) -> str:
+    if not isinstance(payload, str):
+        raise gr.Error("The message must be text.", print_exception=False)
+    return payload
 
 
 def _no_matplotlib_lookups() -> None:
