@@ -235,6 +235,8 @@ def test_a_backend_error_shows_a_readable_message_under_the_partial_reply(page, 
 @pytest.mark.parametrize("theme", ["light", "dark"])
 def test_screenshots_in_light_and_dark(page, chat_url, screenshots, theme):
     chat = ChatPage(page, chat_url).open(f"?__theme={theme}")
+    chat.open_settings()
+    chat.set_number("Max new tokens", 40)  # a reply that fits beside its question
     page.get_by_role("button", name="Select example 3").click()
     expect(chat.bot_messages).to_have_count(1)
     chat.wait_until_idle()

@@ -1,0 +1,92 @@
+"""Deployment files: the Hugging Face Space front matter in README.md and Deta Space's Spacefile
+parse, agree with requirements.txt and the configuration, and name files that exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chat.config import ENVIRONMENT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def front_matter() -> dict:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.match(r"---\n(.*?)\n---\n", text, re.DOTALL)
+    assert match, "README.md must start with the Space's --- front matter ---"
+    return yaml.safe_load(match.group(1))
+
+
+def gradio_pin() -> str:
+    requirements = (ROOT / "requirements.txt").read_text(encoding="utf-8")
+    match = re.search(r"^gradio==([^\s#]+)", requirements, re.MULTILINE)
+    assert match, "requirements.txt must pin gradio exactly (the Space installs that version)"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def spacefile() -> dict:
+    return yaml.safe_load((ROOT / "Spacefile").read_text(encoding="utf-8"))
+
+
+def test_the_space_runs_app_py_with_the_pinned_gradio():
+    space = front_matter()
+    assert space["sdk"] == "gradio"
+    assert str(space["sdk_version"]) == gradio_pin()
+    assert (ROOT / space["app_file"]).is_file()
+    assert space["app_file"] == "app.py"
+
+
+def test_the_space_card_has_a_title_an_emoji_and_the_falcon_models():
+    space = front_matter()
+    assert space["title"] and space["emoji"]
+    assert space["models"] and all(model.startswith("tiiuae/falcon-") for model in space["models"])
+    assert len(space.get("short_description", "")) <= 60  # the hub's limit
+
+
+def test_the_readme_documents_every_setting_a_space_can_be_given():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    deployment = readme[readme.index("## Deployment") :]
+    for variable in ("HF_TOKEN", "MODEL_ID", "BACKEND", "ENDPOINT", "ALLOW_EMBED_FROM"):
+        assert f"`{variable}`" in deployment, variable
+
+
+def test_the_spacefile_is_a_v0_manifest_with_one_python_micro_running_app_py(spacefile):
+    assert spacefile["v"] == 0
+    (micro,) = spacefile["micros"]
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", micro["name"])
+    assert micro["engine"].startswith("python")
+    assert (ROOT / micro["src"]).is_dir()
+    assert "app.py" in micro["run"] and (ROOT / micro["src"] / "app.py").is_file()
+    assert "$PORT" in micro["run"]  # Deta routes requests to the port it puts in PORT
+    assert len(spacefile.get("app_name", "")) <= 12  # Deta's limit
+
+
+def test_the_spacefile_offers_only_settings_the_app_reads(spacefile):
+    (micro,) = spacefile["micros"]
+    offered = {preset["name"] for preset in micro["presets"]["env"]}
+    assert offered <= set(ENVIRONMENT.values()), offered - set(ENVIRONMENT.values())
+    assert {"BACKEND", "ENDPOINT", "MODEL_ID", "HF_TOKEN"} <= offered
+    assert all(preset.get("description") for preset in micro["presets"]["env"])
+
+
+def test_examples_are_not_cached_so_a_space_never_calls_the_model_at_start_up(local_backend):
+    import gradio as gr
+
+    from chat.config import Settings
+    from chat.ui import build_demo
+
+    # Left unset (None), Gradio caches examples on Spaces: it runs the model on each one as the
+    # Space starts. The ChatInterface is found through the handlers it registered.
+    demo = build_demo(local_backend, Settings())
+    chats = {
+        id(owner): owner
+        for function in demo.fns.values()
+        if isinstance(owner := getattr(function.fn, "__self__", None), gr.ChatInterface)
+    }
+    (chat,) = chats.values()
+    assert chat.examples and chat.cache_examples is False
