@@ -5,11 +5,12 @@ Python and kernel launches. Here the one-token step is a few plain torch functio
 shape: `prefill`, `decode_one`, `choose`), compiled per layer and captured once in a CUDA graph
 that reads the token and its position from GPU tensors, so replaying it is the whole step.
 
-Falcon's parallel attention lets the attention's fused QKV and the MLP's first layer, which read
-the same normed input, run as one matrix product; the model's own modules are pointed at row
-slices of that fused weight, so memory does not grow and the plain path still works. One-row
-products are compiled with coordinate-descent tuning into Triton reductions that read weights
-at the copy bandwidth (cuBLAS's GEMV reached 87% of it).
+Falcon's parallel attention lets each layer run as two matrix products: the attention's fused
+QKV and the MLP's first layer read the same normed input, and `dense(attn) + mlp(h)` is one
+product of `[attn | gelu(h)]` with the two output weights side by side, the residual added to
+it. The model's own modules are pointed at views of those fused weights, so memory does not
+grow and the plain path still works. One-row products compiled with coordinate-descent tuning
+become Triton reductions that read the weights at the copy bandwidth (cuBLAS's GEMV: 87%).
 
 On the CPU (float32) the same functions run eagerly, without graphs: CI checks the logic there.
 """
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 
 # "default" (Inductor, no autotuning), "max-autotune-no-cudagraphs", or "off" (eager kernels).
 COMPILE_MODE = os.environ.get("FAST_DECODE_COMPILE", "default")
-# How attention applies its weights to the values: "sum" (an Inductor reduction) or "matmul".
-VALUES = os.environ.get("FAST_DECODE_VALUES", "sum")
 
 
 class Unsupported(Exception):
@@ -50,10 +49,8 @@ class _Layer:
     b_in: torch.Tensor | None
     w_mlp_in: torch.Tensor | None  # h_to_4h when the MLP has its own norm
     b_mlp_in: torch.Tensor | None
-    w_dense: torch.Tensor  # attention's out-projection
-    b_dense: torch.Tensor | None
-    w_mlp_out: torch.Tensor  # 4h_to_h
-    b_mlp_out: torch.Tensor | None
+    w_out: torch.Tensor  # [dense | 4h_to_h] side by side: [hidden, hidden + ffn]
+    b_out: torch.Tensor | None
     k_cache: torch.Tensor  # [kv_heads, max_len, head_dim]
     v_cache: torch.Tensor
 
@@ -109,8 +106,9 @@ class FastDecoder:
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._fallback = None  # the plain decoder, once capture has failed
         # The step's pieces; compiled in warm_up on a GPU.
-        self._decode_in, self._mlp_out, self._decode_scores = _decode_in, _mlp_out, _decode_scores
-        self._decode_values, self._dense_out, self._head = _decode_values, _dense_out, _head
+        self._decode_scores, self._decode_mix, self._project_out, self._head = (
+            _decode_scores, _decode_mix, _project_out, _head
+        )
         self._tokenizer = tokenizer
         with torch.no_grad():
             self._build(model)
@@ -157,13 +155,12 @@ class FastDecoder:
             w_in = _fuse_rows(qkv, h4)
             b_in = torch.cat([qkv.bias, h4.bias]).detach() if qkv.bias is not None else None
             w_mlp_in = b_mlp_in = None
+        w_out = _fuse_columns(dense, h4h)
+        b_out = (dense.bias + h4h.bias).detach() if dense.bias is not None else None
         cache = torch.zeros(
             self.kv_heads, self.max_len, self.head_dim, dtype=self.dtype, device=self.device
         )
-        return _Layer(
-            ln_attn, ln_mlp, w_in, b_in, w_mlp_in, b_mlp_in, dense.weight.detach(), _detach(dense.bias),
-            h4h.weight.detach(), _detach(h4h.bias), cache, cache.clone(),
-        )  # fmt: skip
+        return _Layer(ln_attn, ln_mlp, w_in, b_in, w_mlp_in, b_mlp_in, w_out, b_out, cache, cache.clone())
 
     def warm_up(self) -> None:
         """Compile and capture the one-token step; call on the thread that will generate.
@@ -191,8 +188,10 @@ class FastDecoder:
             compile_kwargs = {"fullgraph": True, "dynamic": False}
             if self.compile_mode != "default":
                 compile_kwargs["mode"] = self.compile_mode
-            for name in ("_decode_in", "_mlp_out", "_decode_scores", "_decode_values", "_dense_out", "_head"):
-                setattr(self, name, torch.compile(globals()[name], **compile_kwargs))
+            self._decode_scores = torch.compile(_decode_scores, **compile_kwargs)
+            self._decode_mix = torch.compile(_decode_mix, **compile_kwargs)
+            self._project_out = torch.compile(_project_out, **compile_kwargs)
+            self._head = torch.compile(_head, **compile_kwargs)
         # Coordinate-descent tuning makes Inductor write one-row products as tuned Triton
         # reductions (gpt-fast's setting); it applies while the first calls below compile.
         import torch._inductor.config as inductor_config
@@ -308,13 +307,11 @@ class FastDecoder:
         cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
         visible = (self.positions <= self.pos)[None]  # [1, max_len], broadcast over queries
         shape = (self.kv_heads, self.group, self.head_dim)
+        # Measured slower on the H100 (README, Performance): splitting the out-projection in two,
+        # running the MLP's half on a second stream beside attention, attention values by cuBLAS.
         for layer in self.layers:
-            q, g = self._decode_in(x, *_inputs(layer), cos, sin, self.pos, *shape)
-            # Running this on a second stream beside attention was tried: 5.92 against 5.72 ms.
-            mlp = self._mlp_out(g, layer.w_mlp_out, layer.b_mlp_out)
-            probs = self._decode_scores(q, layer.k_cache, visible, self.head_dim)
-            attn = self._decode_values(probs, layer.v_cache)
-            x = self._dense_out(x, attn, mlp, layer.w_dense, layer.b_dense)
+            probs, h = self._decode_scores(x, *_inputs(layer), cos, sin, self.pos, visible, *shape)
+            x = self._project_out(x, self._decode_mix(probs, h, layer.v_cache), layer.w_out, layer.b_out)
         self._head(x, *self.ln_f, self.lm_head, self.seen, *self.knobs.tensors(), self._not_last,
                    greedy, self.history, self.pos)
 
@@ -354,51 +351,45 @@ def _rotate(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def _mlp_out(g, w_mlp_out, b_mlp_out):
-    """The MLP's out-projection of GELU(h)."""
-    # One-row products as F.linear (not addmm): with coordinate-descent tuning Inductor writes
-    # them as Triton reductions that stream the weight faster than cuBLAS's GEMV, adds fused.
-    return F.linear(g, w_mlp_out, b_mlp_out)
+def _join(attn, h):
+    """The out-projection's input: attention output and GELU(h) side by side."""
+    return torch.cat((attn, F.gelu(h)), dim=-1)
 
 
-def _dense_out(x, attn, mlp, w_dense, b_dense):
-    """The layer's output: residual + MLP + the attention's out-projection."""
-    return x + mlp + F.linear(attn, w_dense, b_dense)
+def _project_out(x, joined, w_out, b_out):
+    """x + dense(attn) + 4h_to_h(gelu(h)), as one product over the two inputs side by side."""
+    # A plain product and an add (not addmm): Inductor turns a one-row product into a Triton
+    # reduction with the add fused in, which streams the weight faster than cuBLAS's GEMV.
+    return x + F.linear(joined, w_out, b_out)
 
 
-# A decode layer is five functions, each compiled on its own: a boundary makes Inductor write
-# its outputs (GELU(h), attention weights) to memory once; inside one graph it recomputed them in
-# the next reduction for every output row (softmax 64 times, GELU 4,544 times on Falcon-7B).
+# One decode layer is three functions, each compiled on its own. The boundaries make Inductor
+# write probabilities and GELU(h) to memory once: inside one graph it recomputed them in the
+# next reduction for every output row (softmax 64 times, GELU 4,544 times on Falcon-7B).
 # Attention is written as products and sums rather than one attention call: for one query
 # position the fused kernels run one block per KV head (31 us a layer on the H100 for
 # Falcon-7B's single KV head); Inductor spreads these reductions over the whole GPU.
 
 
-def _decode_in(
+def _decode_scores(
     x, ln_w, ln_b, eps, ln2_w, ln2_b, eps2, w_in, b_in, w_mlp_in, b_mlp_in,
-    k_cache, v_cache, cos, sin, pos, kv_heads: int, group: int, head_dim: int,
+    k_cache, v_cache, cos, sin, pos, visible, kv_heads: int, group: int, head_dim: int,
 ):  # fmt: skip
-    """Project, rotate, write the cache at `pos`: queries [kv, group, d] and GELU(h)."""
+    """Project, rotate, write the cache at `pos`; attention weights [kv, group, max_len] and h."""
     qkv, h = _project_in(x, ln_w, ln_b, eps, ln2_w, ln2_b, eps2, w_in, b_in, w_mlp_in, b_mlp_in,
                          (kv_heads * (group + 2)) * head_dim)  # fmt: skip
     q, k, v = _split_rotate(qkv, cos, sin, kv_heads, group, head_dim)
     k_cache[:, pos] = k.transpose(0, 1)
     v_cache[:, pos] = v.transpose(0, 1)
-    return q[0], F.gelu(h)  # the query heads of one KV head attend as one group
+    q = q[0].float()  # [kv, group, d]: the query heads of one KV head attend as one group
+    scores = (q[:, :, None, :] * k_cache[:, None].float()).sum(-1) / math.sqrt(head_dim)
+    return scores.masked_fill(~visible, -math.inf).softmax(-1), h
 
 
-def _decode_scores(q, k_cache, visible, head_dim: int):
-    """Attention weights [kv, group, max_len] of one token over the cache, later positions masked."""
-    scores = (q[:, :, None, :].float() * k_cache[:, None].float()).sum(-1) / math.sqrt(head_dim)
-    return scores.masked_fill(~visible, -math.inf).softmax(-1)
-
-
-def _decode_values(probs, v_cache):
-    """The attention output [1, hidden] from its weights."""
-    if VALUES == "matmul":  # cuBLAS, with the weights rounded to bf16 as flash attention does
-        return torch.matmul(probs.to(v_cache.dtype), v_cache).reshape(1, -1)
-    attn = (probs[..., None] * v_cache[:, None].float()).sum(-2)
-    return attn.to(v_cache.dtype).reshape(1, -1)
+def _decode_mix(probs, h, v_cache):
+    """Attention output from the weights, joined with GELU(h)."""
+    attn = (probs[..., None] * v_cache[:, None].float()).sum(-2).to(h.dtype)
+    return _join(attn.reshape(1, -1), h)
 
 
 def _prefill_layer(x, layer: _Layer, cos, sin, kv_heads, group, head_dim):
@@ -415,8 +406,7 @@ def _prefill_layer(x, layer: _Layer, cos, sin, kv_heads, group, head_dim):
     v = v.transpose(0, 1)[None].repeat_interleave(group, dim=1)
     attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     attn = attn[0].transpose(0, 1).reshape(t, -1)
-    mlp = _mlp_out(F.gelu(h), layer.w_mlp_out, layer.b_mlp_out)
-    return _dense_out(x, attn, mlp, layer.w_dense, layer.b_dense)
+    return _project_out(x, _join(attn, h), layer.w_out, layer.b_out)
 
 
 def _logits(x, ln_f, lm_head):
@@ -508,4 +498,12 @@ def _fuse_rows(first, second) -> torch.Tensor:
     fused = torch.cat([first.weight.detach(), second.weight.detach()], dim=0)
     rows = first.weight.shape[0]
     first.weight.data, second.weight.data = fused[:rows], fused[rows:]
+    return fused
+
+
+def _fuse_columns(first, second) -> torch.Tensor:
+    """One [out, in1 + in2] weight; the two modules are pointed at its column slices."""
+    fused = torch.cat([first.weight.detach(), second.weight.detach()], dim=1)
+    columns = first.weight.shape[1]
+    first.weight.data, second.weight.data = fused[:, :columns], fused[:, columns:]
     return fused
