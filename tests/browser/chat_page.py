@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
 from chat.history import strip_note
@@ -58,8 +59,16 @@ class ChatPage:
 
     def stop(self) -> None:
         # The button is never "stable" for Playwright while the reply grows (the layout moves
-        # with the text), so click without waiting for it to settle, as a person would.
-        self.stop_button.click(force=True)
+        # with the text), and it is re-rendered as the text streams: click without waiting for it
+        # to settle, as a person would, again if it was replaced mid-click.
+        for _ in range(5):
+            try:
+                self.stop_button.click(force=True, timeout=5_000)
+                return
+            except PlaywrightError:
+                if not self.stop_button.is_visible():
+                    return  # the reply ended first; the test's own checks say whether that is right
+        raise AssertionError("the Stop button could not be clicked")
 
     def ask(self, message: str) -> str:
         """Send `message`, wait for the whole reply, return its text."""
