@@ -37,7 +37,9 @@ def test_the_playground_refuses_an_address_that_is_not_http(page, assets_port):
     expect(page.locator("#chat-frame")).to_have_attribute("src", "http://127.0.0.1:7860/")
 
 
-def test_a_message_sent_in_a_cross_site_frame_streams_a_reply(page, assets_port, chat_url, recording_backend):
+def test_a_message_sent_in_a_cross_site_frame_streams_a_reply(
+    page, assets_port, chat_url, recording_backend, screenshots
+):
     responses = []
     page.on("response", lambda response: responses.append(response) if response.url == chat_url else None)
     page.goto(playground(assets_port, chat_url))
@@ -59,6 +61,7 @@ def test_a_message_sent_in_a_cross_site_frame_streams_a_reply(page, assets_port,
     assert generation.tokens == 40 and reply
     lengths = chat.reply_lengths()
     assert len(lengths) >= 3 and lengths == sorted(lengths), lengths  # it streamed in
+    page.screenshot(path=str(screenshots / "playground.png"), full_page=True)
     # The app sent nothing that forbids framing...
     headers = responses[0].all_headers()
     assert "x-frame-options" not in headers and "content-security-policy" not in headers
