@@ -117,4 +117,7 @@ def embedding_launch_options(allow_embed_from: tuple[str, ...]) -> dict:
         options["app_kwargs"] = {
             "middleware": [Middleware(FrameAncestorsMiddleware, origins=allow_embed_from)]
         }
+        # With server-side rendering (GRADIO_SSR_MODE, Node 24+), a Node server in front renders
+        # the page and the header above might never reach the browser: keep the page in Python.
+        options["ssr_mode"] = False
     return options

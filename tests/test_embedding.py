@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from chat.config import load_settings
-from chat.embedding import STORAGE_FALLBACK_HEAD, frame_ancestors, parse_origins
+from chat.embedding import STORAGE_FALLBACK_HEAD, embedding_launch_options, frame_ancestors, parse_origins
 from chat.errors import ConfigError
 from tests.conftest import serve_app
 
@@ -53,6 +53,11 @@ def test_the_storage_fallback_only_replaces_storage_that_throws():
     # The script must not replace working storage (history would then not survive a reload).
     assert "catch (error)" in STORAGE_FALLBACK_HEAD
     assert STORAGE_FALLBACK_HEAD.index("getItem(") < STORAGE_FALLBACK_HEAD.index("defineProperty")
+
+
+def test_a_restriction_keeps_the_page_rendered_by_python_where_the_header_is_added():
+    assert embedding_launch_options(("https://a.example",))["ssr_mode"] is False
+    assert "ssr_mode" not in embedding_launch_options(())
 
 
 def test_the_default_app_sends_no_frame_blocking_header(app_url):
