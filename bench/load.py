@@ -171,8 +171,9 @@ async def one_reply(http: httpx.AsyncClient, session_hash: str, tag: str, sent: 
 
 
 async def session(http, number: int, turns: int, reply_tokens: int, max_new_tokens: int,
-                  start: asyncio.Event, reply_timeout_s: float) -> list[ClientReply]:
+                  start: asyncio.Event, reply_timeout_s: float, delay_s: float = 0.0) -> list[ClientReply]:
     await start.wait()
+    await asyncio.sleep(delay_s)  # arrivals spread over the ramp: load shaping, not synchronisation
     replies = []
     for turn in range(turns):
         tag = f"s{number}t{turn}"
@@ -249,7 +250,8 @@ def ms(value):
 
 
 async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int, tokens_per_second: float,
-                    reply_tokens: int, app_pid: int | None = None, reply_timeout_s: float = 60) -> dict:
+                    reply_tokens: int, app_pid: int | None = None, reply_timeout_s: float = 60,
+                    ramp_s: float = 0.0) -> dict:
     """Run `sessions` concurrent conversations of `turns` replies each; return the figures."""
     double.tokens_per_second = tokens_per_second
     double.timings.clear()
@@ -273,7 +275,8 @@ async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int,
     own_cpu_before = cpu_seconds(os.getpid())
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0), limits=limits) as http:
         start = asyncio.Event()
-        tasks = [asyncio.create_task(session(http, n, turns, reply_tokens, max_new_tokens, start, reply_timeout_s))
+        tasks = [asyncio.create_task(session(http, n, turns, reply_tokens, max_new_tokens, start, reply_timeout_s,
+                                             n * ramp_s / sessions))
                  for n in range(sessions)]
         sampler = asyncio.create_task(sample())
         began = time.perf_counter()
@@ -289,7 +292,7 @@ async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int,
     own_cpu_s = round(cpu_seconds(os.getpid()) - own_cpu_before, 2)
 
     client_ttft, server_ttft, added_ttft, client_gaps, server_gaps, lags, rates = [], [], [], [], [], [], []
-    reached, backend_rates = [], []
+    reached, backend_rates, added_first, added_later = [], [], [], []
     for reply in replies:
         timing = double.timings.get(reply.tag)
         if reply.final is None or not reply.update_times or timing is None or not timing.token_times:
@@ -302,6 +305,7 @@ async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int,
             backend_rates.append((len(timing.token_times) - 1) / (timing.token_times[-1] - timing.token_times[0]))
         server_ttft.append(s_ttft)
         added_ttft.append(c_ttft - s_ttft)
+        (added_first if reply.tag.endswith("t0") else added_later).append(c_ttft - s_ttft)
         client_gaps += [b - a for a, b in zip(reply.update_times, reply.update_times[1:])]
         server_gaps += [b - a for a, b in zip(timing.token_times, timing.token_times[1:])]
         lags.append(reply.update_times[-1] - timing.token_times[-1])
@@ -325,6 +329,11 @@ async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int,
         "client_ttft_ms": {"p50": ms(percentile(client_ttft, 50)), "p99": ms(percentile(client_ttft, 99))},
         "backend_ttft_ms": {"p50": ms(percentile(server_ttft, 50)), "p99": ms(percentile(server_ttft, 99))},
         "app_added_ttft_ms": {"p50": ms(percentile(added_ttft, 50)), "p99": ms(percentile(added_ttft, 99))},
+        "app_added_ttft_first_turn_ms": {"p50": ms(percentile(added_first, 50)),
+                                         "p99": ms(percentile(added_first, 99))},
+        "app_added_ttft_later_turns_ms": {"p50": ms(percentile(added_later, 50)),
+                                          "p99": ms(percentile(added_later, 99))},
+        "ramp_s": ramp_s,
         "client_inter_token_ms": {"p50": ms(percentile(client_gaps, 50)), "p99": ms(percentile(client_gaps, 99))},
         "backend_inter_token_ms": {"p50": ms(percentile(server_gaps, 50)), "p99": ms(percentile(server_gaps, 99))},
         "request_reaches_backend_ms": {"p50": ms(percentile(reached, 50)), "p99": ms(percentile(reached, 99))},
@@ -345,11 +354,13 @@ def table(result: dict) -> str:
 
     rows = [
         ("sessions x turns", f"{result['sessions']} x {result['turns']} at {result['tokens_per_second']:g} tokens/s, "
-                             f"{result['reply_tokens']} tokens per reply"),
+                             f"{result['reply_tokens']} tokens per reply, starts spread over {result['ramp_s']:g} s"),
         ("completed / failed / garbled", f"{result['completed']} / {result['failed']} / {result['garbled']}"),
         ("TTFT p50 / p99, client (ms)", pair("client_ttft_ms")),
         ("TTFT p50 / p99, backend (ms)", pair("backend_ttft_ms")),
         ("app-added TTFT p50 / p99 (ms)", pair("app_added_ttft_ms")),
+        ("... first turns / later turns (ms)",
+         f"{pair('app_added_ttft_first_turn_ms')} / {pair('app_added_ttft_later_turns_ms')}"),
         ("inter-token p50 / p99, client (ms)", pair("client_inter_token_ms")),
         ("inter-token p50 / p99, backend (ms)", pair("backend_inter_token_ms")),
         ("request reaches the backend p50 / p99 (ms after submit)", pair("request_reaches_backend_ms")),
@@ -378,6 +389,8 @@ def main(argv=None) -> int:
     parser.add_argument("--turns", type=int, default=3, help="replies per session, one after another")
     parser.add_argument("--tokens-per-second", type=float, default=20.0, help="per stream, at the double")
     parser.add_argument("--reply-tokens", type=int, default=64)
+    parser.add_argument("--ramp-s", type=float, default=0.0,
+                        help="spread the sessions' first messages over this many seconds (0: all at once)")
     parser.add_argument("--fast-tokens", type=int, default=2000,
                         help="tokens of the single fast stream (0: skip that phase)")
     parser.add_argument("--fast-rate", type=float, default=1000.0)
@@ -391,7 +404,7 @@ def main(argv=None) -> int:
     results = {"command": " ".join(["python", "bench/load.py", *(argv if argv is not None else sys.argv[1:])]),
                "cores": os.cpu_count()}
     phases = [dict(sessions=args.sessions, turns=args.turns, tokens_per_second=args.tokens_per_second,
-                   reply_tokens=args.reply_tokens)]
+                   reply_tokens=args.reply_tokens, ramp_s=args.ramp_s)]
     if args.fast_tokens:
         phases.append(dict(sessions=1, turns=1, tokens_per_second=args.fast_rate, reply_tokens=args.fast_tokens))
     apps = [("baseline", args.baseline_app.resolve())] if args.baseline_app else []

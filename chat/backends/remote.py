@@ -125,6 +125,7 @@ class Watchdog:
         self._abort: Callable[[], None] | None = None
         self._stopped = False
         self.expired = False
+        self._wakes_at: float | None = None  # when the watcher wakes by itself; None: only on notify
         self._condition = threading.Condition()
         threading.Thread(target=self._watch, name="remote-watchdog", daemon=True).start()
 
@@ -140,7 +141,10 @@ class Watchdog:
         """A new deadline, `timeout_s` from now."""
         with self._condition:
             self._deadline = self._clock() + timeout_s
-            self._condition.notify()
+            # Per token the deadline only moves later: the watcher, due to wake earlier anyway, need
+            # not be woken (a wake-up per token per stream costs GIL hand-offs under load).
+            if self._wakes_at is None or self._deadline < self._wakes_at:
+                self._condition.notify()
 
     def pause(self) -> None:
         """No deadline while the reader holds a token: only waiting for the server is timed."""
@@ -156,12 +160,14 @@ class Watchdog:
         with self._condition:
             while not self._stopped:
                 if self._deadline is None:
+                    self._wakes_at = None
                     self._condition.wait()
                     continue
                 remaining = self._deadline - self._clock()
                 if remaining <= 0:
                     self.expired = True
                     break
+                self._wakes_at = self._deadline
                 self._condition.wait(remaining)
             abort = self._abort if self.expired else None
         if abort is not None:
