@@ -1,8 +1,8 @@
 """The chat page as a person uses it, for the browser tests: type, send, stop, retry, edit, settings.
 
-Locators follow what a person (or a screen reader) sees: the message box's placeholder, the
-buttons' labels, each message's accessible label ("bot's message: <its text>"), which holds the
-reply's own text rather than its rendered markdown.
+Locators follow what a person (or a screen reader) gets: the message box's and buttons' labels, and
+each message's accessible label ("bot's message: <its text>"), which holds the reply's own text
+rather than its rendered markdown. It works on a page or on a frame inside one.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ WATCH_REPLY_GROWTH = """() => {
 }"""
 
 
-
 class ChatPage:
+    """The chat on `page` (a Playwright page or frame) served at `url`."""
+
     def __init__(self, page: Page, url: str, *, recorder=None):
         self.page = page
         self.url = url

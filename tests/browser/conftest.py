@@ -37,7 +37,9 @@ ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 TIMEOUT_MS = 20_000
 
 
-@pytest.fixture(scope="session")
+# Package scope: Playwright's sync API keeps an asyncio loop running in the main thread while it
+# is started, which breaks `asyncio.run` in tests outside this folder; it stops when ours are done.
+@pytest.fixture(scope="package")
 def browser():
     from playwright.sync_api import expect, sync_playwright
 
@@ -54,9 +56,9 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser_context(browser):
-    """One context for the session, so Gradio's scripts are fetched and compiled once."""
+    """One context for all the browser tests, so Gradio's scripts are fetched and compiled once."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     yield context
