@@ -90,3 +90,10 @@ def test_examples_are_not_cached_so_a_space_never_calls_the_model_at_start_up(lo
     }
     (chat,) = chats.values()
     assert chat.examples and chat.cache_examples is False
+
+
+def test_the_web_component_snippets_load_the_pinned_gradio_version():
+    playground = (ROOT / "assets" / "playground.html").read_text(encoding="utf-8")
+    assert re.search(r'GRADIO_VERSION = "([^"]+)"', playground).group(1) == gradio_pin()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert set(re.findall(r"amazonaws\.com/([^/]+)/gradio\.js", readme)) == {gradio_pin()}
