@@ -2,8 +2,9 @@
 
 At batch 1 a token costs one read of every weight; `generate` spends several times that on
 Python and kernel launches. Here the one-token step is a few plain torch functions (gpt-fast's
-shape: `prefill`, `decode_one`, `choose`), compiled per layer and captured once in a CUDA graph
-that reads the token and its position from GPU tensors, so replaying it is the whole step.
+shape: `_prefill`, `_step`, `_choose`), compiled (three pieces per layer, one for the head) and
+captured once in a CUDA graph that reads the token and its position from GPU tensors, so
+replaying it is the whole step. README.md, Performance, has the measurements.
 
 Falcon's parallel attention lets each layer run as two matrix products: the attention's fused
 QKV and the MLP's first layer read the same normed input, and `dense(attn) + mlp(h)` is one
