@@ -212,3 +212,14 @@ def test_alibi_falcon_is_left_to_plain_generate(tiny_tokenizer):
     assert isinstance(choose_decoder("auto", model, tiny_tokenizer, CACHE), PlainDecoder)
     with pytest.raises(ConfigError, match="ALiBi"):
         choose_decoder("fast", model, tiny_tokenizer, CACHE)
+
+
+def test_decoder_is_chosen_by_flag_or_environment():
+    from chat.config import load_settings
+    from chat.errors import ConfigError
+
+    assert load_settings([], environ={}).decoder == "auto"
+    assert load_settings([], environ={"DECODER": "plain"}).decoder == "plain"
+    assert load_settings(["--decoder", "fast"], environ={"DECODER": "plain"}).decoder == "fast"
+    with pytest.raises(ConfigError, match="--decoder must be one of auto, plain, fast"):
+        load_settings(["--decoder", "turbo"], environ={})
