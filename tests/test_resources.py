@@ -1,7 +1,7 @@
 """Resources after many requests cancelled at random points: threads, open file descriptors and memory
 come back to where they were, for the remote path (TGI double) and the local path (tiny model).
 
-The default run cancels 20 remote and 8 local replies (well under a minute here); the issue's full
+The default run cancels 16 remote and 6 local replies (well under a minute here); the issue's full
 500 runs with `python -m pytest -m slow tests/test_resources.py`."""
 
 from __future__ import annotations
@@ -75,11 +75,11 @@ def local_path(local_backend, count: int) -> None:
 
 
 def test_cancelled_remote_replies_leave_no_threads_sockets_or_memory_behind():
-    remote_path(20)
+    remote_path(16)
 
 
 def test_cancelled_local_replies_leave_no_threads_or_memory_behind(local_backend):
-    local_path(local_backend, 8)
+    local_path(local_backend, 6)
 
 
 @pytest.mark.slow
