@@ -59,17 +59,19 @@ class ChatPage:
         expect(self.submit_button).to_be_visible()
 
     def stop(self) -> None:
-        # The button is never "stable" for Playwright while the reply grows (the layout moves
-        # with the text), and it is re-rendered as the text streams: click without waiting for it
-        # to settle, as a person would, again if it was replaced mid-click.
+        """Click Stop until it takes (the button goes)."""
+        # The button is never "stable" for Playwright while the reply grows (the layout moves with
+        # the text) and it is re-rendered as the text streams, so a click can land where it just
+        # was: click without waiting for it to settle, as a person would, and again if it stays.
         for _ in range(5):
             try:
                 self.stop_button.click(force=True, timeout=5_000)
+                expect(self.stop_button).to_be_hidden(timeout=3_000)
                 return
-            except PlaywrightError:
+            except (PlaywrightError, AssertionError):
                 if not self.stop_button.is_visible():
-                    return  # the reply ended first; the test's own checks say whether that is right
-        raise AssertionError("the Stop button could not be clicked")
+                    return  # gone: stopped, or the reply ended first (the test checks which)
+        raise AssertionError("Stop did not take after 5 clicks")
 
     def ask(self, message: str) -> str:
         """Send `message`, wait for the whole reply, return its text."""

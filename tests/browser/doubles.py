@@ -1,9 +1,11 @@
 """Test doubles for the browser tests: real implementations of the app's protocols, no patches.
 
 `RecordingDecoder` wraps the local backend's decode loop (the `Decoder` protocol) and records each
-generation: the prompt the model got, its settings, how many tokens it made and why it ended. It
-stands in for looking inside the model worker, so a test can see that Stop ended the generation
-itself, not just the text on the page.
+generation: the prompt the model got, its settings, the tokens it made and why it ended. It stands
+in for looking inside the model worker, so a test can see that Stop ended the generation itself,
+not just the text on the page. Its `tokens_per_s`, when set, holds the tiny model (hundreds of
+tokens a second on a CPU) to the pace of a real one: a flood of updates keeps a loaded browser too
+busy to take a click.
 
 `FailingBackend` stands in for a model server that breaks mid-reply: it streams a few words, then
 raises `GenerationFailed`, as a real backend does when its server fails.
@@ -12,6 +14,7 @@ raises `GenerationFailed`, as a real backend does when its server fails.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
@@ -29,6 +32,8 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # set when the loop has returned
     ended: threading.Event = field(default_factory=threading.Event)
+    started_at: float = field(default_factory=time.monotonic)
+    ended_at: float | None = None
 
     @property
     def tokens(self) -> int:
@@ -43,6 +48,7 @@ class RecordingDecoder:
         self.name = f"recording {inner.name}"
         self.tokenizer = tokenizer
         self.generations: list[Generation] = []
+        self.tokens_per_s: float | None = None
         self._changed = threading.Condition()
 
     def generate(self, input_ids, params, seed, emit, cancelled) -> str:
@@ -51,14 +57,19 @@ class RecordingDecoder:
             self.generations.append(generation)
             self._changed.notify_all()
 
+        pace = self.tokens_per_s
+
         def counting_emit(token_id: int) -> None:
             generation.token_ids.append(token_id)
+            if pace:  # the token is due len(token_ids) / pace seconds after the start
+                time.sleep(max(0.0, generation.started_at + generation.tokens / pace - time.monotonic()))
             emit(token_id)
 
         try:
             generation.finish_reason = self.inner.generate(input_ids, params, seed, counting_emit, cancelled)
             return generation.finish_reason
         finally:
+            generation.ended_at = time.monotonic()
             generation.ended.set()
             with self._changed:
                 self._changed.notify_all()

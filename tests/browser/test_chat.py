@@ -71,7 +71,15 @@ def test_a_reply_streams_in_token_by_token(chat, local_backend):
     assert lengths[0] < len(final) / 2, lengths
 
 
-def test_stop_halts_the_reply_and_the_generation(chat):
+@pytest.fixture
+def real_model_pace(recording_backend):
+    """The tiny model held to 50 tokens a second, about what Falcon-7B streams on one GPU."""
+    recording_backend.recorder.tokens_per_s = 50
+    yield
+    recording_backend.recorder.tokens_per_s = None
+
+
+def test_stop_halts_the_reply_and_the_generation(chat, real_model_pace):
     chat.open_settings()
     chat.set_number("Temperature", 0)  # greedy: this reply would run to LONGEST_REPLY tokens
     chat.set_number("Max new tokens", LONGEST_REPLY)
