@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 from chat.backends.remote import RemoteOptions
@@ -83,3 +84,13 @@ def process_figures() -> dict:
         "fds": len(os.listdir("/proc/self/fd")),
         "rss_mib": int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024,
     }
+
+
+def settled(check, timeout_s: float = 15.0) -> bool:
+    """Wait until `check()` holds (background threads ending), polling; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()

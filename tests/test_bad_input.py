@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from chat.history import strip_note
 from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double
+from tests.tgi_double import Reply
 
 SENTINEL_TOKEN = "hf_SENTINELtokenNeverShown0123456789"
 WORLD = "שלום עולם · مرحبا · e\u0301te\u0301 n\u0303 · 🦅👩‍💻🇵🇹 · 日本語の文章 · 한국어 · Ωμέγα"
@@ -80,7 +81,7 @@ def test_nul_and_control_characters_never_reach_the_model(app, user):
 
 def test_every_script_round_trips_exactly_to_the_model_and_back(app):
     url, double = app
-    double.reply_for = lambda body: __import__("tests.tgi_double", fromlist=["Reply"]).Reply(text=WORLD)
+    double.reply_for = lambda body: Reply(text=WORLD)
     try:
         reply = Client(url, verbose=False).predict(WORLD, *ARGS, api_name="/chat")
     finally:

@@ -13,8 +13,8 @@ from bench.load import TimedDouble, run_phase
 from chat.backends.tgi import TGIBackend
 from chat.config import Settings
 from tests.conftest import serve_app
-from tests.reliability import ARGS, QUICK
-from tests.test_resources import settled
+from tests.reliability import ARGS, QUICK, app_on_double, settled
+from tests.tgi_double import Reply
 
 
 def test_concurrent_sessions_get_every_reply_complete_and_exact():
@@ -30,11 +30,10 @@ def test_concurrent_sessions_get_every_reply_complete_and_exact():
 
 
 def test_a_full_queue_tells_new_users_the_app_is_busy():
-    from tests.reliability import app_on_double
 
     # One reply at a time, one waiting: the third user is turned away at once.
     with app_on_double(tokens_per_second=20, concurrency_limit=1, queue_size=1) as (url, double):
-        double.reply_for = lambda body: __import__("tests.tgi_double", fromlist=["Reply"]).Reply(
+        double.reply_for = lambda body: Reply(
             text="word " * 200)
         running = Client(url, verbose=False).submit("First", *ARGS, api_name="/chat")
         next(iter(running))
@@ -48,3 +47,14 @@ def test_a_full_queue_tells_new_users_the_app_is_busy():
         assert refused.status_code == 503 and "Queue is full" in refused.text
         running.cancel()
         waiting.cancel()
+
+
+def test_the_queue_size_is_configured_by_flag_or_environment_with_a_one_line_error():
+    from chat.config import DEFAULT_QUEUE_SIZE, load_settings
+    from chat.errors import ConfigError
+
+    assert load_settings([], environ={}).queue_size == DEFAULT_QUEUE_SIZE
+    assert load_settings(["--queue-size", "5"], environ={"QUEUE_SIZE": "7"}).queue_size == 5
+    assert load_settings([], environ={"QUEUE_SIZE": "7"}).queue_size == 7
+    with pytest.raises(ConfigError, match="--queue-size must be a whole number"):
+        load_settings(["--queue-size", "many"], environ={})
