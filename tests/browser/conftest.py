@@ -113,6 +113,14 @@ def recording_backend(local_backend):
     backend.close()
 
 
+@pytest.fixture
+def real_model_pace(recording_backend):
+    """The tiny model held to 50 tokens a second, about what Falcon-7B streams on one GPU."""
+    recording_backend.recorder.tokens_per_s = 50
+    yield
+    recording_backend.recorder.tokens_per_s = None
+
+
 @pytest.fixture(scope="session")
 def chat_url(recording_backend):
     with serve_app(recording_backend) as url:

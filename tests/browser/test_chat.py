@@ -52,7 +52,7 @@ def test_the_page_loads_with_its_title_banner_examples_and_an_empty_chat(chat):
     expect(chat.textbox).to_be_editable()
 
 
-def test_a_reply_streams_in_token_by_token(chat, local_backend):
+def test_a_reply_streams_in_token_by_token(chat, local_backend, real_model_pace):
     chat.open_settings()
     chat.set_number("Temperature", 0)
     chat.set_number("Max new tokens", 60)
@@ -69,14 +69,6 @@ def test_a_reply_streams_in_token_by_token(chat, local_backend):
     assert len(lengths) >= 5, lengths
     assert lengths == sorted(lengths), lengths
     assert lengths[0] < len(final) / 2, lengths
-
-
-@pytest.fixture
-def real_model_pace(recording_backend):
-    """The tiny model held to 50 tokens a second, about what Falcon-7B streams on one GPU."""
-    recording_backend.recorder.tokens_per_s = 50
-    yield
-    recording_backend.recorder.tokens_per_s = None
 
 
 def test_stop_halts_the_reply_and_the_generation(chat, real_model_pace):

@@ -38,7 +38,7 @@ def test_the_playground_refuses_an_address_that_is_not_http(page, assets_port):
 
 
 def test_a_message_sent_in_a_cross_site_frame_streams_a_reply(
-    page, assets_port, chat_url, recording_backend, screenshots
+    page, assets_port, chat_url, recording_backend, screenshots, real_model_pace
 ):
     responses = []
     page.on("response", lambda response: responses.append(response) if response.url == chat_url else None)
