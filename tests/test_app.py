@@ -10,7 +10,7 @@ from chat.backends.base import FINISH_CANCELLED
 from chat.config import Settings
 from chat.history import strip_note
 from tests.conftest import serve_app
-from tests.test_local_backend import RecordingDecoder
+from tests.doubles import RecordingDecoder
 
 GREEDY = ("", 0.0, 40, 0.9, 1.0)  # system prompt, temperature, max new tokens, top-p, repetition penalty
 
@@ -80,19 +80,20 @@ def test_prompt_that_cannot_fit_says_so(client):
 
 def test_api_cancel_stops_the_models_generation(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
-    decoder = RecordingDecoder(PlainDecoder(model, tokenizer))
+    decoder = RecordingDecoder(PlainDecoder(model, tokenizer), tokenizer)
+    decoder.tokens_per_s = 50  # a real model's pace, so the reply is still running when cancelled
     backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048, decoder=decoder)
     with serve_app(backend, Settings()) as url:
         client = Client(url, verbose=False)
-        job = client.submit("Tell me a long story.", "", 1.0, 2048, 0.9, 1.0, api_name="/chat")
+        job = client.submit("Please keep talking.", "", 0.0, 2000, 0.9, 1.0, api_name="/chat")
         for index, _ in enumerate(job):
             if index == 2:
                 break
         job.cancel()
-        assert decoder.finished.wait(10)
+        generation = decoder.ended_generation(0)
     backend.close()
-    assert decoder.finish_reason == FINISH_CANCELLED
-    assert decoder.emitted < 2000
+    assert generation.finish_reason == FINISH_CANCELLED
+    assert generation.tokens < 2000 and generation.tokens_after_cancel <= 1
 
 
 def test_reply_figures_are_under_the_reply_and_in_the_api(app_url, local_backend):

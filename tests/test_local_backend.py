@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -11,39 +9,9 @@ from chat.backends.base import FINISH_CANCELLED, FINISH_LENGTH
 from chat.backends.local import LocalBackend, PlainDecoder, load_model
 from chat.errors import GenerationFailed
 from chat.params import GenerationParams
+from tests.doubles import RecordingDecoder
 
 GREEDY = GenerationParams(temperature=0, max_new_tokens=24)
-
-
-class RecordingDecoder:
-    """The real plain decoder, recording what it emitted before and after it was cancelled."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.name = inner.name
-        self.finished = threading.Event()
-        self.emitted = 0
-        self.emitted_when_cancelled = None
-        self.finish_reason = None
-
-    def generate(self, input_ids, params, seed, emit, cancelled):
-        self.finished.clear()
-        self.emitted, self.emitted_when_cancelled = 0, None
-
-        def counting_emit(token_id):
-            self.emitted += 1
-            emit(token_id)
-
-        def noting_cancelled():
-            if cancelled() and self.emitted_when_cancelled is None:
-                self.emitted_when_cancelled = self.emitted
-            return cancelled()
-
-        try:
-            self.finish_reason = self.inner.generate(input_ids, params, seed, counting_emit, noting_cancelled)
-            return self.finish_reason
-        finally:
-            self.finished.set()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +22,7 @@ def model_and_tokenizer(tiny_model_dir):
 @pytest.fixture
 def recording_backend(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    decoder = RecordingDecoder(PlainDecoder(model, tokenizer))
+    decoder = RecordingDecoder(PlainDecoder(model, tokenizer), tokenizer)
     backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048, decoder=decoder)
     yield backend, decoder
     backend.close()
@@ -91,14 +59,16 @@ def test_same_seed_same_sample_and_the_seed_is_reported(local_backend):
 
 def test_closing_the_stream_stops_generation_within_one_token(recording_backend):
     backend, decoder = recording_backend
-    stream = backend.stream("User: tell me a long story\nFalcon:", GenerationParams(temperature=1.0, max_new_tokens=2000))
+    decoder.tokens_per_s = 200  # a real model's pace: the tiny one could finish before the close
+    # Greedy, a prompt whose reply runs the full length (no end-of-text token to end it early).
+    stream = backend.stream("User: Please keep talking.\nFalcon:", GenerationParams(temperature=0, max_new_tokens=2000))
     for _ in range(3):
         next(stream)
     stream.close()
-    assert decoder.finished.wait(10)
-    assert decoder.finish_reason == FINISH_CANCELLED
-    assert decoder.emitted < 2000
-    assert decoder.emitted - decoder.emitted_when_cancelled <= 1
+    generation = decoder.ended_generation(0)
+    assert generation.finish_reason == FINISH_CANCELLED
+    assert generation.tokens < 2000
+    assert generation.tokens_after_cancel <= 1
 
 
 def test_model_is_free_for_the_next_request_after_a_stop(recording_backend):

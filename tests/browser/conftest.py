@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser.chat_page import ChatPage
-from tests.browser.doubles import FailingBackend, RecordingDecoder
+from tests.doubles import FailingBackend, RecordingDecoder
 from tests.conftest import free_port, serve_app
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

@@ -1,4 +1,4 @@
-"""Test doubles for the browser tests: real implementations of the app's protocols, no patches.
+"""Test doubles: real implementations of the app's protocols, no patches.
 
 `RecordingDecoder` wraps the local backend's decode loop (the `Decoder` protocol) and records each
 generation: the prompt the model got, its settings, the tokens it made and why it ended. It stands
@@ -34,6 +34,12 @@ class Generation:
     ended: threading.Event = field(default_factory=threading.Event)
     started_at: float = field(default_factory=time.monotonic)
     ended_at: float | None = None
+    tokens_when_cancelled: int | None = None  # how many tokens existed when Stop first showed
+
+    @property
+    def tokens_after_cancel(self) -> int:
+        """Tokens the model made after it was told to stop (the backend promises at most one)."""
+        return self.tokens - self.tokens_when_cancelled if self.tokens_when_cancelled is not None else 0
 
     @property
     def tokens(self) -> int:
@@ -65,8 +71,13 @@ class RecordingDecoder:
                 time.sleep(max(0.0, generation.started_at + generation.tokens / pace - time.monotonic()))
             emit(token_id)
 
+        def noting_cancelled() -> bool:
+            if cancelled() and generation.tokens_when_cancelled is None:
+                generation.tokens_when_cancelled = generation.tokens
+            return cancelled()
+
         try:
-            generation.finish_reason = self.inner.generate(input_ids, params, seed, counting_emit, cancelled)
+            generation.finish_reason = self.inner.generate(input_ids, params, seed, counting_emit, noting_cancelled)
             return generation.finish_reason
         finally:
             generation.ended_at = time.monotonic()
