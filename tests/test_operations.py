@@ -82,3 +82,17 @@ def test_conversation_exports_keep_the_words_without_the_apps_notes():
     markdown = conversation_markdown(history, system_prompt="Be kind.", model_name="falcon")
     assert "**System:** Be kind." in markdown and "**Falcon:** Hello!" in markdown and "📊" not in markdown
     assert '"content": "Bye"' in conversation_json(history)
+
+
+def test_healthz_follows_a_remote_server(tmp_path):
+    from chat.backends.tgi import TGIBackend
+    from tests.tgi_double import TGIDouble
+
+    tgi = TGIDouble().start()
+    backend = TGIBackend([tgi.url])
+    with serve_app(backend, Settings()) as url:
+        status, body = get(url + "healthz")
+        assert status == 200 and '"ok"' in body
+        tgi.stop()
+        status, body = get(url + "healthz")
+        assert status == 503 and '"unavailable"' in body

@@ -102,6 +102,7 @@ class TGIDouble:
         if self._server:
             self._server.shutdown()
             self._server.server_close()
+            self._server.close_connections()  # kept-alive connections too: the server is gone
 
     def __enter__(self) -> TGIDouble:
         return self if self._server else self.start()
@@ -145,6 +146,26 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the listen backlog: a load test connects 64+ clients at once
 
+    def __init__(self, *args, **kwargs):
+        self.connections: set = set()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """What a killed server does to its clients: every open connection is cut."""
+        for connection in list(self.connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
 
 class _Disconnected(Exception):
     """The client went away before the reply ended."""
@@ -163,6 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):  # keep test output clean
         pass
+
 
     def do_GET(self):
         self._recorded(None)
