@@ -1,8 +1,9 @@
 """Times ways of writing one-token attention over a static cache, as the fast decoder's step
 runs them (compiled, replayed from a CUDA graph, once per layer), for the Falcon-7B and -40B
-head layouts. Prints microseconds per layer for each variant.
+head layouts, and the flash-decoding kernels (chat/backends/decode_attention.py) in a few block
+shapes at several positions. Prints microseconds per layer for each variant.
 
-    PYTHONUNBUFFERED=1 python bench/decode_attention.py
+    PYTHONUNBUFFERED=1 python bench/decode_attention.py            # --flash-only: the kernels alone
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.gpu_decode import graph_ms  # noqa: E402
+from chat.backends.decode_attention import FlashDecode  # noqa: E402
 
 LAYOUTS = {"7b": (1, 71, 64), "40b": (8, 16, 64)}  # kv heads, queries per kv head, head dim
 MAX_LEN, POS, LAYERS = 2048, 700, 32
+FLASH_POSITIONS = (130, 384, 700, 2047)  # the decode bench's prompt and reply span 128 to 384
+FLASH_CONFIGS = [  # block_n, block_g, max_splits, num_warps; the first is the default
+    (32, 16, 64, 4), (64, 16, 32, 4), (16, 16, 128, 4), (64, 32, 32, 4), (64, 128, 32, 8),
+]
 
 
 def scores_sum(q, k, visible):
@@ -58,7 +64,37 @@ def sdpa_efficient(q, k, v, visible):
         )
 
 
+def bench_flash(name, kv, group, d) -> None:
+    """The Triton kernels: error against float64 and us per layer, per block shape and position."""
+    for block_n, block_g, max_splits, warps in FLASH_CONFIGS:
+        flash = FlashDecode(kv, group, d, MAX_LEN, "cuda", block_n=block_n, block_g=block_g,
+                            max_splits=max_splits, num_warps=warps)  # fmt: skip
+        caches = [(torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda"),
+                   torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda")) for _ in range(LAYERS)]  # fmt: skip
+        q = torch.randn(kv, group, d, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(1, kv * group * d, dtype=torch.bfloat16, device="cuda")
+        pos = torch.tensor([0], device="cuda")
+        timings, errors = [], []
+        for position in FLASH_POSITIONS:
+            pos.fill_(position)
+            k, v = caches[0]
+            out.fill_(float("nan"))
+            flash(q, k, v, pos, out)
+            s = (q.double() @ k.double().transpose(-1, -2))[..., : position + 1] / math.sqrt(d)
+            reference = (s.softmax(-1) @ v[:, : position + 1].double()).reshape(-1)
+            errors.append(((out[0].double() - reference).norm() / reference.norm()).item())
+            # One graph over 32 layers' caches, as the step runs it (no cache reuse between layers).
+            ms = graph_ms(lambda: [flash(q, k, v, pos, out) for k, v in caches])
+            timings.append(f"{position + 1}: {ms / LAYERS * 1e3:.1f}")
+        print(f"{name} flash block_n {block_n} block_g {flash.block_g} splits {flash.splits} warps {warps}: "
+              f"us/layer by length {', '.join(timings)} (max relative error {max(errors):.1e})", flush=True)  # fmt: skip
+
+
 def main() -> None:
+    for name, (kv, group, d) in LAYOUTS.items():
+        bench_flash(name, kv, group, d)
+    if "--flash-only" in sys.argv:
+        return
     for name, (kv, group, d) in LAYOUTS.items():
         q = torch.randn(kv, group, d, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda")

@@ -116,6 +116,9 @@ def main() -> None:
         agree = leading_agreement(plain_tokens, bare_greedy["tokens"])
         results["greedy_agreement"] = {"leading": agree, "of": len(plain_tokens),
                                        "same_position": sum(a == b for a, b in zip(plain_tokens, bare_greedy["tokens"]))}  # fmt: skip
+    if decoder.flash is not None:
+        results["attention_check"] = backend.call_on_worker(lambda: check_attention(decoder))
+        say(f"flash-decoding kernels against float64 attention: {results['attention_check']}")
     if cuda and decoder.use_graphs and decoder._graphs:
         try:
             matmul_ms = backend.call_on_worker(lambda: matmuls_alone_ms(decoder))
@@ -241,6 +244,33 @@ def bench_bare(backend, decoder, ids, params, label, floor_ms, seed=0):
     return r
 
 
+def check_attention(decoder) -> dict:
+    """The decoder's flash kernels on its own layer-0 cache (filled by the last reply) and random
+    queries, against float64 attention; the torch path's bf16 error beside it."""
+    import torch
+
+    from chat.backends.decode_attention import attend_reference
+
+    layer = decoder.layers[0]
+    k, v = layer.k_cache, layer.v_cache
+    filled = int(decoder.pos)
+    worst = {"flash": 0.0, "torch": 0.0}
+    for position in (0, 1, 64, filled // 2, filled):
+        q = torch.randn(decoder.kv_heads, decoder.group, decoder.head_dim, dtype=decoder.dtype, device="cuda")
+        pos = torch.tensor([position], device="cuda")
+        positions = torch.arange(decoder.max_len, device="cuda")
+        exact = torch.empty(q.numel(), dtype=torch.float64, device="cuda")
+        attend_reference(q.double(), k.double(), v.double(), pos, positions, exact)
+        flash = torch.full((1, q.numel()), float("nan"), dtype=decoder.dtype, device="cuda")
+        decoder.flash(q, k, v, pos, flash)
+        plain = torch.empty(q.numel(), dtype=decoder.dtype, device="cuda")
+        attend_reference(q, k, v, pos, positions, plain)
+        for name, out in (("flash", flash[0]), ("torch", plain)):
+            error = ((out.double() - exact).norm() / exact.norm()).item()  # NaN if a write was missed
+            worst[name] = error if error != error else max(worst[name], error)
+    return {"positions_up_to": filled, "max_relative_error": worst}
+
+
 def matmuls_alone_ms(decoder) -> float:
     """Only the step's matrix products (the fused layout), replayed from one CUDA graph."""
     import torch
@@ -313,8 +343,10 @@ def kernel_kind(name: str) -> str:
     lowered = name.lower()
     if any(word in lowered for word in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitk", "matmul")):
         return "matrix products"
-    if any(word in lowered for word in ("fmha", "attention", "flash", "softmax")):
+    if any(word in lowered for word in ("fmha", "attention", "flash", "softmax", "merge_chunks")):
         return "attention"
+    if "rotate_store" in lowered:
+        return "rotary, cache write, GELU"
     if "triton" in lowered:
         return "fused elementwise (triton)"
     return "other"

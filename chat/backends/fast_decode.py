@@ -2,9 +2,10 @@
 
 At batch 1 a token costs one read of every weight; `generate` spends several times that on
 Python and kernel launches. Here the one-token step is a few plain torch functions (gpt-fast's
-shape: `_prefill`, `_step`, `_choose`), compiled (three pieces per layer, one for the head) and
-captured once in a CUDA graph that reads the token and its position from GPU tensors, so
-replaying it is the whole step. README.md, Performance, has the measurements.
+shape: `_prefill`, `_step`, `_choose`), compiled (two pieces per layer, one for the head) around
+a flash-decoding attention kernel (decode_attention.py), and captured once in a CUDA graph that
+reads the token and its position from GPU tensors, so replaying it is the whole step.
+README.md, Performance, has the measurements.
 
 Falcon's parallel attention lets each layer run as two matrix products: the attention's fused
 QKV and the MLP's first layer read the same normed input, and `dense(attn) + mlp(h)` is one
@@ -29,11 +30,15 @@ import torch.nn.functional as F
 
 from ..params import GenerationParams
 from .base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from .decode_attention import FlashDecode, attend_reference
 
 log = logging.getLogger(__name__)
 
 # "default" (Inductor, no autotuning), "max-autotune-no-cudagraphs", or "off" (eager kernels).
 COMPILE_MODE = os.environ.get("FAST_DECODE_COMPILE", "default")
+# One-token step on a GPU: "flash" (decode_attention's Triton kernels) or "torch" (the torch
+# code the CPU runs, compiled by Inductor; its attention reads the whole cache; kept to compare).
+ATTENTION = os.environ.get("FAST_DECODE_ATTENTION", "flash")
 
 
 class Unsupported(Exception):
@@ -107,8 +112,8 @@ class FastDecoder:
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._fallback = None  # the plain decoder, once capture has failed
         # The step's pieces; compiled in warm_up on a GPU.
-        self._decode_scores, self._decode_mix, self._project_out, self._head = (
-            _decode_scores, _decode_mix, _project_out, _head
+        self._project_in, self._decode_in, self._attend_torch, self._project_out, self._head = (
+            _project_in, _decode_in, attend_reference, _project_out, _head
         )
         self._tokenizer = tokenizer
         with torch.no_grad():
@@ -123,6 +128,11 @@ class FastDecoder:
         self.ln_f = _norm(transformer.ln_f)
         self.lm_head = model.lm_head.weight
         self.layers = [self._fuse(block, config) for block in transformer.h]
+        # The out-projection's input [attention | GELU(h)], rewritten by every layer of the step.
+        self.joined = torch.empty(1, self.layers[0].w_out.shape[1], dtype=dt, device=dev)
+        self.flash = None
+        if dev.type == "cuda" and ATTENTION == "flash":
+            self.flash = FlashDecode(self.kv_heads, self.group, self.head_dim, self.max_len, dev, dt)
 
         # Rotary tables as transformers makes them: float32 angles, cast to the model's dtype.
         rotary = transformer.rotary_emb
@@ -189,8 +199,9 @@ class FastDecoder:
             compile_kwargs = {"fullgraph": True, "dynamic": False}
             if self.compile_mode != "default":
                 compile_kwargs["mode"] = self.compile_mode
-            self._decode_scores = torch.compile(_decode_scores, **compile_kwargs)
-            self._decode_mix = torch.compile(_decode_mix, **compile_kwargs)
+            self._project_in = torch.compile(_project_in, **compile_kwargs)
+            self._decode_in = torch.compile(_decode_in, **compile_kwargs)
+            self._attend_torch = torch.compile(attend_reference, **compile_kwargs)
             self._project_out = torch.compile(_project_out, **compile_kwargs)
             self._head = torch.compile(_head, **compile_kwargs)
         # Coordinate-descent tuning makes Inductor write one-row products as tuned Triton
@@ -305,16 +316,30 @@ class FastDecoder:
         self.pos.add_(1)
         token = self.history.index_select(0, self.pos)
         x = F.embedding(token, self.embed)
-        cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
-        visible = (self.positions <= self.pos)[None]  # [1, max_len], broadcast over queries
-        shape = (self.kv_heads, self.group, self.head_dim)
-        # Measured slower on the H100 (README, Performance): splitting the out-projection in two,
-        # running the MLP's half on a second stream beside attention, attention values by cuBLAS.
-        for layer in self.layers:
-            probs, h = self._decode_scores(x, *_inputs(layer), cos, sin, self.pos, visible, *shape)
-            x = self._project_out(x, self._decode_mix(probs, h, layer.v_cache), layer.w_out, layer.b_out)
+        if self.flash is not None:
+            for layer in self.layers:
+                x = self._flash_layer(x, layer)
+        else:
+            cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
+            shape = (self.kv_heads, self.group, self.head_dim)
+            attn = self.joined[0, : self.num_heads * self.head_dim]
+            for layer in self.layers:
+                q = self._decode_in(x, *_inputs(layer), cos, sin, self.pos, self.joined, *shape)
+                self._attend_torch(q, layer.k_cache, layer.v_cache, self.pos, self.positions, attn)
+                x = self._project_out(x, self.joined, layer.w_out, layer.b_out)
         self._head(x, *self.ln_f, self.lm_head, self.seen, *self.knobs.tensors(), self._not_last,
                    greedy, self.history, self.pos)
+
+    def _flash_layer(self, x, layer: _Layer):
+        """One layer on a GPU: compiled input product, three Triton kernels, compiled out-product."""
+        # Measured slower on the H100 (README, Performance): splitting the out-projection in two,
+        # running the MLP's half on a second stream beside attention, attention values by cuBLAS.
+        qkv_size = (self.kv_heads * (self.group + 2)) * self.head_dim
+        qkv, h = self._project_in(x, *_inputs(layer)[:10], qkv_size)
+        k_cache, v_cache = layer.k_cache, layer.v_cache
+        q = self.flash.rotate_and_store(qkv, h, self.cos, self.sin, self.pos, k_cache, v_cache, self.joined)
+        self.flash(q, k_cache, v_cache, self.pos, self.joined)
+        return self._project_out(x, self.joined, layer.w_out, layer.b_out)
 
 
 # -- the pieces, as plain functions (what torch.compile sees) -------------------------------------
@@ -364,33 +389,29 @@ def _project_out(x, joined, w_out, b_out):
     return x + F.linear(joined, w_out, b_out)
 
 
-# One decode layer is three functions, each compiled on its own. The boundaries make Inductor
-# write probabilities and GELU(h) to memory once: inside one graph it recomputed them in the
-# next reduction for every output row (softmax 64 times, GELU 4,544 times on Falcon-7B).
-# Attention is written as products and sums rather than one attention call: for one query
-# position the fused kernels run one block per KV head (31 us a layer on the H100 for
-# Falcon-7B's single KV head); Inductor spreads these reductions over the whole GPU.
+# One decode layer is three pieces: the input side (`_decode_in`; on a GPU the compiled
+# `_project_in` and decode_attention's rotary kernel), attention, the out-projection. The
+# boundaries make Inductor write GELU(h) to memory once: inside one graph it recomputed it in
+# the next reduction for every output row (GELU 4,544 times on Falcon-7B). torch's fused
+# attention calls run one block per KV head for one query position (31 us a layer on the H100
+# for Falcon-7B's single KV head): hence decode_attention's kernels.
 
 
-def _decode_scores(
+def _decode_in(
     x, ln_w, ln_b, eps, ln2_w, ln2_b, eps2, w_in, b_in, w_mlp_in, b_mlp_in,
-    k_cache, v_cache, cos, sin, pos, visible, kv_heads: int, group: int, head_dim: int,
+    k_cache, v_cache, cos, sin, pos, joined, kv_heads: int, group: int, head_dim: int,
 ):  # fmt: skip
-    """Project, rotate, write the cache at `pos`; attention weights [kv, group, max_len] and h."""
+    """Project, rotate, write the cache at `pos` and GELU(h) after the attention part of `joined`.
+
+    Returns the rotated queries [kv_heads, group, head_dim], for attention to fill the rest.
+    """
     qkv, h = _project_in(x, ln_w, ln_b, eps, ln2_w, ln2_b, eps2, w_in, b_in, w_mlp_in, b_mlp_in,
                          (kv_heads * (group + 2)) * head_dim)  # fmt: skip
     q, k, v = _split_rotate(qkv, cos, sin, kv_heads, group, head_dim)
     k_cache[:, pos] = k.transpose(0, 1)
     v_cache[:, pos] = v.transpose(0, 1)
-    q = q[0].float()  # [kv, group, d]: the query heads of one KV head attend as one group
-    scores = (q[:, :, None, :] * k_cache[:, None].float()).sum(-1) / math.sqrt(head_dim)
-    return scores.masked_fill(~visible, -math.inf).softmax(-1), h
-
-
-def _decode_mix(probs, h, v_cache):
-    """Attention output from the weights, joined with GELU(h)."""
-    attn = (probs[..., None] * v_cache[:, None].float()).sum(-2).to(h.dtype)
-    return _join(attn.reshape(1, -1), h)
+    joined[:, kv_heads * group * head_dim :] = F.gelu(h)
+    return q[0].contiguous()
 
 
 def _prefill_layer(x, layer: _Layer, cos, sin, kv_heads, group, head_dim):
