@@ -22,6 +22,9 @@ DEFAULT_PORT = 7860
 DEFAULT_MAX_MESSAGE_CHARS = 20_000
 DEFAULT_REMOTE_CONCURRENCY = 64
 DEFAULT_QUEUE_SIZE = 100  # requests waiting for a free slot; more get "busy, try again"
+# Page updates per second, all streaming replies together (chat.bridge.UpdatePacer): one reply
+# alone updates at every token (up to 50 a second); 64 at once, every 0.32 s each.
+DEFAULT_PAGE_UPDATES = 200
 
 # flag -> environment variable; the README's configuration table lists the same pairs.
 ENVIRONMENT = {
@@ -37,6 +40,7 @@ ENVIRONMENT = {
     "max_message_chars": "MAX_MESSAGE_CHARS",
     "concurrency": "CONCURRENCY_LIMIT",
     "queue_size": "QUEUE_SIZE",
+    "page_updates": "PAGE_UPDATES",
     "token": "HF_TOKEN",
     "log_messages": "LOG_MESSAGES",
     "api_key": "OPENAI_API_KEY",
@@ -66,6 +70,7 @@ class Settings:
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
     concurrency_limit: int | None = None  # None: 1 for the local backend, 64 for remote ones
     queue_size: int = DEFAULT_QUEUE_SIZE  # requests that may wait; a full queue turns new ones away
+    page_updates: int = DEFAULT_PAGE_UPDATES  # streamed updates per second, all replies together
     token: str | None = field(default=None, repr=False)
     log_messages: bool = False  # put message text in the request log (off: privacy)
     api_key: str | None = field(default=None, repr=False)  # for OpenAI-compatible servers
@@ -111,6 +116,9 @@ def _parser() -> _Parser:
     p.add_argument("--max-message-chars", help="longest message accepted" + env("max_message_chars"))
     p.add_argument("--concurrency", help="generations at once" + env("concurrency"))
     p.add_argument("--queue-size", help="requests that may wait for a turn" + env("queue_size"))
+    p.add_argument(
+        "--page-updates", help="streamed updates per second, all replies together" + env("page_updates")
+    )
     p.add_argument("--token", help="access token for the hub or server" + env("token"))
     p.add_argument(
         "--log-messages", action="store_true", default=None,
@@ -167,6 +175,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         ),
         concurrency_limit=_int("--concurrency", value("concurrency"), None, 1, 10_000),
         queue_size=_int("--queue-size", value("queue_size"), DEFAULT_QUEUE_SIZE, 1, 100_000),
+        page_updates=_int("--page-updates", value("page_updates"), DEFAULT_PAGE_UPDATES, 1, 100_000),
         token=value("token"),
         log_messages=str(value("log_messages") or "").lower() in ("1", "true", "yes", "on"),
         api_key=value("api_key"),

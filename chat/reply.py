@@ -94,8 +94,10 @@ def stream_reply(
     *,
     max_message_chars: int,
     on_finish: Callable[[ReplyStats], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
-    """Yield the growing reply text. Closing this generator stops the backend's generation."""
+    """Yield the growing reply text. Closing this generator stops the backend's generation, and so
+    does `cancelled()` turning true (checked after every token, for a reader in another thread)."""
     message = clean_message(message, max_message_chars)
     system_prompt = _CONTROL_CHARACTERS.sub("", system_prompt or "").strip()
     turns = turns_from_history(history)
@@ -111,7 +113,9 @@ def stream_reply(
         )
         return FittedPrompt(**{**asdict(fitted), "dropped_turns": fitted.dropped_turns + drop})
 
-    yield from stream_fitted(backend, fit, params, droppable_turns=len(turns), on_finish=on_finish)
+    yield from stream_fitted(
+        backend, fit, params, droppable_turns=len(turns), on_finish=on_finish, cancelled=cancelled
+    )
 
 
 def stream_completion(
@@ -121,6 +125,7 @@ def stream_completion(
     *,
     max_message_chars: int,
     on_finish: Callable[[ReplyStats], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
     """Raw continuation of `text` (for base models): no chat format, same streaming."""
     text = clean_message(text, max_message_chars)
@@ -134,7 +139,7 @@ def stream_completion(
             )
         return FittedPrompt(text, tokens, min(params.max_new_tokens, context - tokens), 0, context)
 
-    yield from stream_fitted(backend, fit, params, on_finish=on_finish)
+    yield from stream_fitted(backend, fit, params, on_finish=on_finish, cancelled=cancelled)
 
 
 def stream_fitted(
@@ -144,6 +149,7 @@ def stream_fitted(
     *,
     droppable_turns: int = 0,
     on_finish: Callable[[ReplyStats], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
     """The shared loop: fit, stream, filter. `fit(n)` fits the prompt with at least n turns dropped."""
     started = time.perf_counter()
@@ -177,6 +183,8 @@ def stream_fitted(
                     if stop_filter.stopped:
                         ended = FINISH_STOP
                         break
+                    if cancelled is not None and cancelled():
+                        return  # finish_reason stays FINISH_CANCELLED; `finally` stops the backend
                 stats.finish_reason = ended or FINISH_STOP
                 break
             except ContextOverflow:

@@ -10,14 +10,18 @@ The UI never knows which backend it talks to. API endpoints:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
 
 from .backends.base import Backend
+from .bridge import UpdatePacer, newest_in_thread
 from .config import Settings
 from .embedding import embedding_launch_options
 from .errors import ChatError, InvalidParameter
@@ -34,7 +38,7 @@ from .params import (
     MIN_REPETITION_PENALTY,
     GenerationParams,
 )
-from .reply import FINISH_WORDS, ReplyStats, stream_completion, stream_reply
+from .reply import MIN_UPDATE_INTERVAL_S, FINISH_WORDS, ReplyStats, stream_completion, stream_reply
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "Falcon Chat"
@@ -72,6 +76,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
     """The page for `backend`. `demo.operations` holds its metrics, logs and /healthz."""
     operations = operations or Operations(backend, log_messages=settings.log_messages)
     defaults = settings.default_params
+    pacer = UpdatePacer(settings.page_updates, MIN_UPDATE_INTERVAL_S)
 
     def params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed, stops=None):
         return GenerationParams.from_request(
@@ -84,7 +89,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             stop_sequences=stops,
         )
 
-    def respond(message, history, system_prompt, temperature, max_new_tokens, top_p, repetition_penalty, seed=None, session=None):
+    async def respond(message, history, system_prompt, temperature, max_new_tokens, top_p, repetition_penalty, seed=None, session=None):
         finished: list[ReplyStats] = []
 
         def on_finish(stats: ReplyStats) -> None:
@@ -93,34 +98,40 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             if isinstance(session, dict):
                 session["last_reply"] = stats.as_dict()
 
-        try:
+        def reply(cancelled) -> Iterator[str]:  # runs in the reply's own thread (chat.bridge)
             params = params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed)
-            operations.in_flight.inc()
-            replies = stream_reply(
+            return stream_reply(
                 backend, message, history,
                 system_prompt if isinstance(system_prompt, str) else "", params,
                 max_message_chars=settings.max_message_chars, on_finish=on_finish,
+                cancelled=cancelled.is_set,
             )
-            try:
-                text = ""
-                for text in replies:
-                    yield text
-            finally:
-                replies.close()  # on Stop: ends the generation now, not when garbage is collected
-                operations.in_flight.dec()
-            yield add_footer(text, stats_line(finished[-1]))
+
+        operations.in_flight.inc()
+        try:
+            text = ""
+            async for text in newest_in_thread(reply, pacer=pacer, name="chat-reply"):
+                yield text
         except ChatError as error:
             operations.record_rejected("chat", type(error).__name__)
             raise gr.Error(error.user_message, print_exception=False) from None
+        finally:
+            operations.in_flight.dec()
+        yield add_footer(text, stats_line(finished[-1]))
 
-    def complete(text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
-        try:
+    async def complete(text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
+        def reply(cancelled) -> Iterator[str]:
             stops = COMPLETION_STOPS + tuple(_parse_stops(stop))
             params = params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed, stops)
-            yield from stream_completion(
+            return stream_completion(
                 backend, text, params, max_message_chars=settings.max_message_chars,
                 on_finish=lambda stats: operations.record_reply("completion", stats, text),
+                cancelled=cancelled.is_set,
             )
+
+        try:
+            async for continuation in newest_in_thread(reply, pacer=pacer, name="completion"):
+                yield continuation
         except ChatError as error:
             operations.record_rejected("completion", type(error).__name__)
             raise gr.Error(error.user_message, print_exception=False) from None
@@ -186,10 +197,12 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             )
             stop_button.click(None, cancels=[generation])
     demo.operations = operations
+    _pass_inputs_through(demo, [system_prompt, *chat.additional_inputs, text, *completion_settings, stop])
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
     demo.queue(max_size=settings.queue_size)
+    _summarise_queue_rarely(demo)
     operations.watch_queue(demo)
     _no_matplotlib_lookups()
     return demo
@@ -243,6 +256,51 @@ def _text_message(payload) -> str:
     return payload
 
 
+def _pass_inputs_through(demo: gr.Blocks, raw_inputs: list) -> None:
+    """Turn Gradio's preprocessing off for the events that take only `raw_inputs` and state, and
+    for `/chat`: their functions get the values as sent. They check every value themselves
+    (`GenerationParams`, `clean_message`, `_seed`) with messages that name the setting, where
+    Gradio's slider check does not ("Value -5 is less than minimum value 0."), and Gradio
+    preprocesses each input in a worker thread of its own: eight hand-offs from the event loop
+    per chat request, which under load took longer than the reply's first token.
+
+    `/chat`'s message is the exception: ChatInterface reads it before our function runs (and
+    fails on anything but text with a bare "Error"), so that event's function checks it first.
+    """
+    raw = {id(component) for component in raw_inputs}
+    for block_fn in demo.fns.values():
+        takes_raw = all(block.stateful or id(block) in raw for block in block_fn.inputs)
+        if block_fn.api_name == "chat":
+            block_fn.fn = _text_message_first(block_fn.fn)
+        elif not (block_fn.inputs and takes_raw):
+            continue
+        block_fn.preprocess = False
+
+
+def _text_message_first(chat_fn):
+    @functools.wraps(chat_fn)
+    async def checked(message, *args):
+        if not isinstance(message, str):
+            raise gr.Error("The message must be text.", print_exception=False)
+        async for update in chat_fn(message, *args):
+            yield update
+
+    return checked
+
+
+def _summarise_queue_rarely(demo: gr.Blocks) -> None:
+    """Gradio's queue recomputes its per-function timing summary (a pandas group-by over the last
+    10,000 events, for its estimates) after every event, in a worker thread: a cost that grows
+    with the app's age, paid by every request. Recompute it every 500 events, over the last
+    2,000. (Gradio reads the same two settings from GRADIO_ANALYTICS_CACHE_FREQUENCY and
+    GRADIO_ANALYTICS_MAX_EVENTS; an operator's values are kept.)"""
+    queue = demo._queue
+    if "GRADIO_ANALYTICS_CACHE_FREQUENCY" not in os.environ:
+        queue.ANAYLTICS_CACHE_FREQUENCY = 500  # sic: Gradio's spelling
+    if "GRADIO_ANALYTICS_MAX_EVENTS" not in os.environ:
+        queue.ANALYTICS_MAX_EVENTS = 2_000
+
+
 def _no_matplotlib_lookups() -> None:
     """Gradio imports matplotlib around every step of every event (to switch its plot backend).
     Where it is not installed, each failed import searches sys.path again: twice per streamed
@@ -253,7 +311,7 @@ def _no_matplotlib_lookups() -> None:
 
 
 def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
-    inputs = [
+    return [
         _slider(0.0, MAX_TEMPERATURE, 0.05, DEFAULT_TEMPERATURE, "Temperature", "0 = greedy", render),
         _slider(1, max_tokens_limit, 1, DEFAULT_MAX_NEW_TOKENS, "Max new tokens", "", render),
         _slider(0.01, 1.0, 0.01, DEFAULT_TOP_P, "Top-p", "1.0 = off", render),
@@ -263,12 +321,6 @@ def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
         ),
         gr.Textbox("", label="Seed", placeholder="random", info="a whole number repeats a reply exactly; empty = random", render=render),
     ]
-    for component in inputs:
-        # Gradio's own range check runs before our function and does not say which setting is
-        # wrong ("Value -5 is less than minimum value 0."). GenerationParams checks the same
-        # ranges and names the parameter, so the value is passed through as it came.
-        component.preprocess = lambda payload: payload
-    return inputs
 
 
 def _slider(low, high, step, value, label, info, render) -> gr.Slider:
