@@ -91,8 +91,13 @@ class RemoteBackend(Backend):
         token: str | None = None,
     ):
         self.options = options
-        # For the servers' side routes (/info, /tokenize, /v1/models); not the Hub, so no offline hook.
-        self._http = httpx2.Client(timeout=http_timeout(options), headers=auth_headers(token))
+        # The servers' side routes (/info, /tokenize, /v1/models), and the streams of backends that
+        # speak HTTP themselves. Not the Hub's session: no offline hook. No cap on connections:
+        # each streaming reply holds one, and the UI's concurrency limit bounds those.
+        self._http = httpx2.Client(
+            timeout=http_timeout(options), headers=auth_headers(token), verify=shared_tls_context(),
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=concurrency_limit),
+        )
         self.pool = EndpointPool(endpoints, options.cooldown_s)
         self.concurrency_limit = concurrency_limit
         self._configured_context = max_total_tokens
