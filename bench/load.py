@@ -209,14 +209,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(endpoint: str, app_args: list[str], app_dir: Path = ROOT) -> tuple[subprocess.Popen, str]:
+def start_app(endpoint: str, app_args: list[str], app_dir: Path = ROOT, script: str = "app.py"
+              ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     # The app logs a line per reply: to a file, since an unread pipe would fill and block it.
     log_path = ROOT / "bench" / "out" / f"app-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, str(app_dir / "app.py"), "--backend", "tgi", "--endpoint", endpoint,
+        [sys.executable, str(app_dir / script), "--backend", "tgi", "--endpoint", endpoint,
          "--port", str(port), *app_args],
         cwd=app_dir, env=env, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"),
     )
@@ -398,6 +399,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-app", type=Path,
                         help="a checkout of an earlier version (e.g. from `git archive`), run first with "
                              "the same phases, for before/after figures from one run")
+    parser.add_argument("--bare-gradio", action="store_true",
+                        help="also run the phases against bench/bare_gradio.py (the least Gradio chat app "
+                             "on the same double): the floor the framework sets on this machine")
     parser.add_argument("--json", default=str(ROOT / "bench" / "out" / "load.json"))
     args = parser.parse_args(argv)
 
@@ -407,21 +411,28 @@ def main(argv=None) -> int:
                    reply_tokens=args.reply_tokens, ramp_s=args.ramp_s)]
     if args.fast_tokens:
         phases.append(dict(sessions=1, turns=1, tokens_per_second=args.fast_rate, reply_tokens=args.fast_tokens))
-    apps = [("baseline", args.baseline_app.resolve())] if args.baseline_app else []
-    apps.append(("phases", ROOT))
+    apps = []
+    if args.bare_gradio:
+        apps += [("bare_gradio", ROOT, "bench/bare_gradio.py", "bare Gradio, an update per token", []),
+                 ("bare_gradio_two_updates", ROOT, "bench/bare_gradio.py",
+                  "bare Gradio, first token and whole reply only", ["--first-and-last"])]
+    if args.baseline_app:
+        apps.append(("baseline", args.baseline_app.resolve(), "app.py", str(args.baseline_app), args.app_arg))
+    apps.append(("phases", ROOT, "app.py", "this tree", args.app_arg))
     with TimedDouble(reply_tokens=args.reply_tokens, max_input_tokens=4096, max_total_tokens=8192) as double:
-        for name, app_dir in apps:
-            print(f"## {'this tree' if app_dir == ROOT else app_dir}\n", flush=True)
-            results[name] = run_app(double, app_dir, args.app_arg, phases)
+        for name, app_dir, script, title, app_args in apps:
+            print(f"## {title}\n", flush=True)
+            results[name] = run_app(double, app_dir, app_args, phases, script)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2, ensure_ascii=False))
     print(f"written: {args.json}")
     return 0 if all(p["failed"] == 0 and p["garbled"] == 0 for p in results["phases"]) else 1
 
 
-def run_app(double: TimedDouble, app_dir: Path, app_args: list[str], phases: list[dict]) -> list[dict]:
+def run_app(double: TimedDouble, app_dir: Path, app_args: list[str], phases: list[dict],
+            script: str = "app.py") -> list[dict]:
     """Start the app in `app_dir` on the double, warm it up, run each phase, stop it."""
-    process, url = start_app(double.url, app_args, app_dir)
+    process, url = start_app(double.url, app_args, app_dir, script)
     results = []
     try:
         warm = asyncio.run(run_phase(url, double, sessions=2, turns=1, tokens_per_second=200, reply_tokens=8))
