@@ -7,8 +7,8 @@ token; the last one also carries `generated_text` and `details.finish_reason`. A
 an event `{"error": "...", "error_type": "validation" | "overloaded" | "generation" | ...}` inside a
 stream that started with HTTP 200.
 
-`InferenceClient` parses the lines for the TGI backend; SageMaker's event stream hands us raw bytes
-split anywhere, so `LineBuffer` and `parse_line` do it there.
+The TGI backend gets whole lines from httpx and parses each with `parse_line`; SageMaker's event
+stream hands us raw bytes split anywhere, so `LineBuffer` rebuilds the lines first.
 """
 
 from __future__ import annotations
