@@ -10,10 +10,6 @@ The UI never knows which backend it talks to. API endpoints:
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +22,7 @@ from .config import Settings
 from .embedding import embedding_launch_options
 from .errors import ChatError, InvalidParameter
 from .export import conversation_json, conversation_markdown
+from .gradio_costs import trim_gradio_costs
 from .history import add_footer
 from .operations import Operations
 from .params import (
@@ -197,14 +194,12 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             )
             stop_button.click(None, cancels=[generation])
     demo.operations = operations
-    _pass_inputs_through(demo, [system_prompt, *chat.additional_inputs, text, *completion_settings, stop])
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
     demo.queue(max_size=settings.queue_size)
-    _summarise_queue_rarely(demo)
     operations.watch_queue(demo)
-    _no_matplotlib_lookups()
+    trim_gradio_costs(demo, raw_inputs=[system_prompt, *chat.additional_inputs, text, *completion_settings, stop])
     return demo
 
 
@@ -254,60 +249,6 @@ def _text_message(payload) -> str:
     if not isinstance(payload, str):
         raise gr.Error("The message must be text.", print_exception=False)
     return payload
-
-
-def _pass_inputs_through(demo: gr.Blocks, raw_inputs: list) -> None:
-    """Turn Gradio's preprocessing off for the events that take only `raw_inputs` and state, and
-    for `/chat`: their functions get the values as sent. They check every value themselves
-    (`GenerationParams`, `clean_message`, `_seed`) with messages that name the setting, where
-    Gradio's slider check does not ("Value -5 is less than minimum value 0."), and Gradio
-    preprocesses each input in a worker thread of its own: eight hand-offs from the event loop
-    per chat request, which under load took longer than the reply's first token.
-
-    `/chat`'s message is the exception: ChatInterface reads it before our function runs (and
-    fails on anything but text with a bare "Error"), so that event's function checks it first.
-    """
-    raw = {id(component) for component in raw_inputs}
-    for block_fn in demo.fns.values():
-        takes_raw = all(block.stateful or id(block) in raw for block in block_fn.inputs)
-        if block_fn.api_name == "chat":
-            block_fn.fn = _text_message_first(block_fn.fn)
-        elif not (block_fn.inputs and takes_raw):
-            continue
-        block_fn.preprocess = False
-
-
-def _text_message_first(chat_fn):
-    @functools.wraps(chat_fn)
-    async def checked(message, *args):
-        if not isinstance(message, str):
-            raise gr.Error("The message must be text.", print_exception=False)
-        async for update in chat_fn(message, *args):
-            yield update
-
-    return checked
-
-
-def _summarise_queue_rarely(demo: gr.Blocks) -> None:
-    """Gradio's queue recomputes its per-function timing summary (a pandas group-by over the last
-    10,000 events, for its estimates) after every event, in a worker thread: a cost that grows
-    with the app's age, paid by every request. Recompute it every 500 events, over the last
-    2,000. (Gradio reads the same two settings from GRADIO_ANALYTICS_CACHE_FREQUENCY and
-    GRADIO_ANALYTICS_MAX_EVENTS; an operator's values are kept.)"""
-    queue = demo._queue
-    if "GRADIO_ANALYTICS_CACHE_FREQUENCY" not in os.environ:
-        queue.ANAYLTICS_CACHE_FREQUENCY = 500  # sic: Gradio's spelling
-    if "GRADIO_ANALYTICS_MAX_EVENTS" not in os.environ:
-        queue.ANALYTICS_MAX_EVENTS = 2_000
-
-
-def _no_matplotlib_lookups() -> None:
-    """Gradio imports matplotlib around every step of every event (to switch its plot backend).
-    Where it is not installed, each failed import searches sys.path again: twice per streamed
-    token, on the event loop. A None in sys.modules makes that import fail at once; this app
-    draws no plots."""
-    if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
-        sys.modules["matplotlib"] = None
 
 
 def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:

@@ -75,7 +75,7 @@ def test_a_storm_of_429s_tells_every_user_busy_and_the_app_recovers(app):
     storm = [Client(url, verbose=False).submit("[fault:http_429] Hi", *ARGS, api_name="/chat") for _ in range(6)]
     for job in storm:
         assert note_of(job.result()) == NOTE_MARK + BackendBusy.user_message
-    assert strip_note(healthy.result()) == HEALTHY_TEXT
+    assert strip_note(healthy.result()) == HEALTHY_TEXT, healthy.result()  # footer: why it ended
     assert strip_note(Client(url, verbose=False).predict("Again?", *ARGS, api_name="/chat")) == HEALTHY_TEXT
 
 

@@ -114,12 +114,15 @@ def test_a_model_name_is_needed_when_the_server_lists_none(transformers_serve):
 
 def test_an_api_key_is_sent_as_bearer_and_no_header_without_one():
     with TGIDouble() as server:  # records headers; answers 404 to /v1/completions
+        sent = {}
         for key in ("sk-test", None):
+            before = len(server.requests)
             backend = OpenAIBackend([server.url + "/v1"], model="m", api_key=key, options=OPTIONS)
             with pytest.raises(Exception):
                 list(backend.stream("x", GREEDY))
             backend.count_tokens(f"counted with {key}")
-        with_key, without = server.requests[:2], server.requests[2:]
+            sent[key] = server.requests[before:]
+        with_key, without = sent["sk-test"], sent[None]
         assert {r.headers.get("authorization") for r in with_key} == {"Bearer sk-test"}
         assert all("authorization" not in r.headers for r in without)
         assert {r.path for r in server.requests} == {"/v1/completions", "/tokenize"}

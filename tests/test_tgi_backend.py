@@ -3,6 +3,8 @@ the server, credentials, cancel, every failure kind, and failover across endpoin
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 import pytest
@@ -205,3 +207,30 @@ def test_when_no_turn_is_left_to_drop_the_user_is_told_briefly():
         reply = list(stream_reply(backend_for(tgi), "A message that is long", [], "", GenerationParams(),
                                   max_message_chars=1000))
         assert reply[-1].endswith(ContextOverflow.user_message)
+
+
+def test_a_side_route_dropped_without_an_answer_is_asked_once_more():
+    """A server that closes a connection as the request arrives (a kept-alive connection timing
+    out) gets the same GET /info again on a new connection; a second drop is an error."""
+    answers = [None, b'{"max_total_tokens": 4096}', None, None]  # None: close without answering
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        for answer in answers:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                if answer is not None:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                       b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(answer), answer))
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    backend = TGIBackend([url], options=QUICK)
+    try:
+        assert backend.get_json("GET", f"{url}/info") == {"max_total_tokens": 4096}
+        with pytest.raises(GenerationFailed):
+            backend.get_json("GET", f"{url}/info")
+    finally:
+        backend.close()
+        listener.close()

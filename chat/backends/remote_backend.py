@@ -172,10 +172,17 @@ class RemoteBackend(Backend):
     def get_json(self, method: str, url: str, **kwargs):
         """A side route's JSON answer, None when the server has no such route (404, 405, 501);
         other HTTP and connection failures as BackendErrors."""
-        try:
-            response = self._http.request(method, url, **kwargs)
-        except (httpx2.HTTPError, OSError) as error:
-            raise error_for_exception(error) from None
+        for attempt in (1, 2):
+            try:
+                response = self._http.request(method, url, **kwargs)
+                break
+            except httpx2.RemoteProtocolError as error:
+                # A kept-alive connection the server closed as we reused it: these routes are
+                # safe to ask again, once, on a new connection.
+                if attempt == 2:
+                    raise error_for_exception(error) from None
+            except (httpx2.HTTPError, OSError) as error:
+                raise error_for_exception(error) from None
         if response.status_code in (404, 405, 501):
             return None
         if response.status_code >= 400:

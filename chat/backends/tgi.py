@@ -75,7 +75,11 @@ class TGIBackend(RemoteBackend):
         return cls(endpoints, token=settings.token, model_name=settings.model, **remote_arguments(settings))
 
     def open_stream(self, endpoint, prompt, params, watchdog):
-        request = self._http.stream("POST", f"{endpoint}/generate_stream", json=generate_request(prompt, params))
+        # A connection of its own, closed with the stream (which is how TGI hears of a Stop), and
+        # never a kept-alive one that the server may be closing at that moment (a request sent
+        # into it fails before the first token).
+        request = self._http.stream("POST", f"{endpoint}/generate_stream",
+                                    json=generate_request(prompt, params), headers={"Connection": "close"})
         try:
             with request as response:
                 watchdog.on_expiry(lambda: shutdown_response(response))

@@ -1,0 +1,102 @@
+"""Costs Gradio 6 puts on every request or streamed update, and what this app does about each.
+
+Each was found with `py-spy record --gil` against `bench/load.py` and is measured in the README
+(Reliability, Load). They are workarounds for the framework's habits, kept in one place so that
+each can be dropped when Gradio stops needing it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import os
+import sys
+import types
+
+import gradio as gr
+
+
+def trim_gradio_costs(demo: gr.Blocks, *, raw_inputs: list) -> None:
+    """Apply every workaround below to `demo` (after `demo.queue()`)."""
+    pass_inputs_through(demo, raw_inputs)
+    summarise_queue_rarely(demo)
+    no_matplotlib_lookups()
+    cache_config_signatures()
+
+
+def pass_inputs_through(demo: gr.Blocks, raw_inputs: list) -> None:
+    """Turn Gradio's preprocessing off for the events that take only `raw_inputs` and state, and
+    for `/chat`: their functions get the values as sent. They check every value themselves
+    (`GenerationParams`, `clean_message`, `_seed`) with messages that name the setting, where
+    Gradio's slider check does not ("Value -5 is less than minimum value 0."), and Gradio
+    preprocesses each input in a worker thread of its own: eight hand-offs from the event loop
+    per chat request, which under load took longer than the reply's first token.
+
+    `/chat`'s message is the exception: ChatInterface reads it before our function runs (and
+    fails on anything but text with a bare "Error"), so that event's function checks it first.
+    """
+    raw = {id(component) for component in raw_inputs}
+    for block_fn in demo.fns.values():
+        takes_raw = all(block.stateful or id(block) in raw for block in block_fn.inputs)
+        if block_fn.api_name == "chat":
+            block_fn.fn = _text_message_first(block_fn.fn)
+        elif not (block_fn.inputs and takes_raw):
+            continue
+        block_fn.preprocess = False
+
+
+def _text_message_first(chat_fn):
+    @functools.wraps(chat_fn)
+    async def checked(message, *args):
+        if not isinstance(message, str):
+            raise gr.Error("The message must be text.", print_exception=False)
+        async for update in chat_fn(message, *args):
+            yield update
+
+    return checked
+
+
+def summarise_queue_rarely(demo: gr.Blocks) -> None:
+    """Gradio's queue recomputes its per-function timing summary (a pandas group-by over the last
+    10,000 events, for its estimates) after every event, in a worker thread: a cost that grows
+    with the app's age, paid by every request. Recompute it every 500 events, over the last
+    2,000. (Gradio reads the same two settings from GRADIO_ANALYTICS_CACHE_FREQUENCY and
+    GRADIO_ANALYTICS_MAX_EVENTS; an operator's values are kept.)"""
+    queue = demo._queue
+    if "GRADIO_ANALYTICS_CACHE_FREQUENCY" not in os.environ:
+        queue.ANAYLTICS_CACHE_FREQUENCY = 500  # sic: Gradio's spelling
+    if "GRADIO_ANALYTICS_MAX_EVENTS" not in os.environ:
+        queue.ANALYTICS_MAX_EVENTS = 2_000
+
+
+def no_matplotlib_lookups() -> None:
+    """Gradio imports matplotlib around every step of every event (to switch its plot backend).
+    Where it is not installed, each failed import searches sys.path again: twice per streamed
+    token, on the event loop. A None in sys.modules makes that import fail at once; this app
+    draws no plots."""
+    if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
+        sys.modules["matplotlib"] = None
+
+
+def cache_config_signatures() -> None:
+    """Gradio builds a component's configuration from `inspect.signature(cls.__init__)`, computed
+    afresh each time: for every component on the page when a new session starts (57 here) and
+    for the chat's state after every streamed update. The signature of a class's `__init__`
+    never changes, so `gradio.blocks` is given an `inspect` whose `signature` is cached."""
+    import gradio.blocks
+
+    if not isinstance(gradio.blocks.inspect, _InspectWithCachedSignatures):
+        gradio.blocks.inspect = _InspectWithCachedSignatures()
+
+
+class _InspectWithCachedSignatures(types.ModuleType):
+    """The `inspect` module, but `signature` remembers its answers."""
+
+    signature = staticmethod(functools.lru_cache(maxsize=1024)(inspect.signature))
+
+    def __init__(self):
+        super().__init__("inspect")
+
+    def __getattr__(self, name):
+        return getattr(inspect, name)
