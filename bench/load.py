@@ -2,6 +2,7 @@
 
     python bench/load.py                        # 64 sessions x 3 turns at 20 tokens/s, then 1 stream at 1,000/s
     python bench/load.py --sessions 8 --turns 1 --fast-tokens 0 --json bench/out/small.json
+    python bench/load.py --bare-gradio --baseline-app /tmp/before --ramp-s 5   # against floor and past
 
 What runs where (all on loopback):
 - the TGI protocol double (tests/tgi_double.py) in this process, streaming each reply at
