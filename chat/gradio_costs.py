@@ -16,6 +16,8 @@ import types
 
 import gradio as gr
 
+from .reply import MESSAGE_NOT_TEXT
+
 
 def trim_gradio_costs(demo: gr.Blocks, *, raw_inputs: list) -> None:
     """Apply every workaround below to `demo` (after `demo.queue()`)."""
@@ -46,12 +48,18 @@ def pass_inputs_through(demo: gr.Blocks, raw_inputs: list) -> None:
         block_fn.preprocess = False
 
 
+def text_message(payload) -> str:
+    """The chat message as sent, or a clear error for anything but text (Gradio's ChatInterface
+    would fail on it with a bare "Error" before our function runs)."""
+    if not isinstance(payload, str):
+        raise gr.Error(MESSAGE_NOT_TEXT, print_exception=False)
+    return payload
+
+
 def _text_message_first(chat_fn):
     @functools.wraps(chat_fn)
     async def checked(message, *args):
-        if not isinstance(message, str):
-            raise gr.Error("The message must be text.", print_exception=False)
-        async for update in chat_fn(message, *args):
+        async for update in chat_fn(text_message(message), *args):
             yield update
 
     return checked

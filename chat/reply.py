@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Control characters other than tab and line breaks: invisible, and NUL breaks some servers.
 _CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+MESSAGE_NOT_TEXT = "The message must be text."
 EMPTY_REPLY_NOTE = "The model ended its turn without writing anything. Try again or rephrase."
 # Each yield costs the web server a message to the page (~5-30 ms of CPU on a small machine), so
 # tokens that arrive faster than this are shown together: a fast model is not slowed to the
@@ -73,7 +74,7 @@ class ReplyStats:
 def clean_message(message, max_chars: int) -> str:
     """The message as it will be sent, or InvalidMessage saying what is wrong with it."""
     if not isinstance(message, str):
-        raise InvalidMessage("The message must be text.")
+        raise InvalidMessage(MESSAGE_NOT_TEXT)
     message = _CONTROL_CHARACTERS.sub("", message)
     if not message.strip():
         raise InvalidMessage("Please type a message first.")

@@ -22,7 +22,7 @@ from .config import Settings
 from .embedding import embedding_launch_options
 from .errors import ChatError, InvalidParameter
 from .export import conversation_json, conversation_markdown
-from .gradio_costs import trim_gradio_costs
+from .gradio_costs import text_message, trim_gradio_costs
 from .history import add_footer
 from .operations import Operations
 from .params import (
@@ -166,7 +166,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             )
             # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
             # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
-            chat.textbox.preprocess = _text_message
+            chat.textbox.preprocess = text_message
             with gr.Row():
                 export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
             files = gr.File(label="Conversation files", file_count="multiple", visible=False)
@@ -243,12 +243,6 @@ def launch_options(settings: Settings, demo: gr.Blocks | None = None) -> dict:
         concurrency = settings.concurrency_limit or operations.backend.concurrency_limit
         options["max_threads"] = max(40, 2 * concurrency + 8)  # chat and completion, plus the rest
     return options
-
-
-def _text_message(payload) -> str:
-    if not isinstance(payload, str):
-        raise gr.Error("The message must be text.", print_exception=False)
-    return payload
 
 
 def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:

@@ -60,6 +60,11 @@ def test_error_events_raise_their_kind_without_server_text_for_the_user(event, k
     assert "CUDA" not in raised.value.user_message and "`" not in raised.value.user_message
 
 
+def test_an_event_that_is_not_json_is_a_broken_stream_for_every_backend_that_parses_tgi_events():
+    with pytest.raises(GenerationFailed, match="broke off"):
+        parse_line('data:{"index": 3, "token": {"id": 7, "te')
+
+
 def test_line_buffer_rebuilds_lines_split_anywhere_even_inside_a_character():
     stream = ("data:" + TOKEN.replace("Hello", "Grüße ✓") + "\n\n:\n\ndata: " + LAST + "\n\n").encode()
     for size in (1, 2, 3, 7, 64):

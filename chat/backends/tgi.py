@@ -65,7 +65,6 @@ class TGIBackend(RemoteBackend):
                  max_total_tokens=None, model_name=None):
         super().__init__(endpoints, options=options, concurrency_limit=concurrency_limit,
                          max_total_tokens=max_total_tokens, token=token)
-        self._token = token
         self.model_name = model_name or "Falcon"
         self.name = "Text Generation Inference"
 
@@ -101,11 +100,6 @@ class TGIBackend(RemoteBackend):
                 )
         except BackendError:
             raise
-        except ValueError as error:  # an event that is not JSON: the stream is unreadable from here
-            raise GenerationFailed(
-                "The connection to the model server broke off. Please try again.",
-                detail=f"unreadable event: {error}",
-            ) from None
         except (httpx2.HTTPError, OSError) as error:
             raise error_for_exception(error) from None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+from ..errors import GenerationFailed
 from .base import FINISH_LENGTH, FINISH_STOP, Token
 from .remote import error_for_event
 
@@ -41,13 +42,20 @@ class LineBuffer:
 
 
 def parse_line(line: str) -> Token | None:
-    """The token in one SSE line, None for blank/comment/non-data lines; raises on error events."""
+    """The token in one SSE line, None for blank/comment/non-data lines; raises a BackendError on
+    error events and on events that are not JSON."""
     if not line.startswith("data:"):
         return None
     payload = line[len("data:") :].strip()
     if not payload or payload == "[DONE]":
         return None
-    event = json.loads(payload)
+    try:
+        event = json.loads(payload)
+    except ValueError:  # a cut or garbled event: nothing after it can be trusted
+        raise GenerationFailed(
+            "The connection to the model server broke off. Please try again.",
+            detail=f"unreadable event: {payload[:200]}",
+        ) from None
     if event.get("error") is not None:
         raise error_for_event(event.get("error_type"), str(event["error"]))
     token = event.get("token") or {}
