@@ -25,8 +25,11 @@ def build(endpoint: str, every_token: bool = True) -> gr.Blocks:
 
     async def respond(message, history, system_prompt, temperature, max_new_tokens, top_p,
                       repetition_penalty, seed):  # fmt: skip
-        request = {"inputs": f"User: {message}\nFalcon:",
-                   "parameters": {"max_new_tokens": int(max_new_tokens), "details": True}, "stream": True}
+        request = {
+            "inputs": f"User: {message}\nFalcon:",
+            "parameters": {"max_new_tokens": int(max_new_tokens), "details": True},
+            "stream": True,
+        }
         text = ""
         async with http.stream("POST", "/generate_stream", json=request) as response:
             async for line in response.aiter_lines():
@@ -55,16 +58,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--first-and-last", action="store_true",
-                        help="yield only the first token and the whole reply: two updates per reply")
+    parser.add_argument(
+        "--first-and-last",
+        action="store_true",
+        help="yield only the first token and the whole reply: two updates per reply",
+    )
     args, _ = parser.parse_known_args()
     demo = build(args.endpoint, every_token=not args.first_and_last)
     from fastapi.responses import PlainTextResponse
     from fastapi.routing import APIRoute
 
     health = APIRoute("/healthz", lambda: PlainTextResponse("ok"), methods=["GET"])
-    demo.launch(server_name="127.0.0.1", server_port=args.port, max_threads=200,
-                app_kwargs={"routes": [health]})
+    demo.launch(
+        server_name="127.0.0.1", server_port=args.port, max_threads=200, app_kwargs={"routes": [health]}
+    )
 
 
 if __name__ == "__main__":

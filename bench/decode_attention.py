@@ -24,7 +24,11 @@ LAYOUTS = {"7b": (1, 71, 64), "40b": (8, 16, 64)}  # kv heads, queries per kv he
 MAX_LEN, POS, LAYERS = 2048, 700, 32
 FLASH_POSITIONS = (130, 384, 700, 2047)  # the decode bench's prompt and reply span 128 to 384
 FLASH_CONFIGS = [  # block_n, block_g, max_splits, num_warps; the first is the default
-    (32, 16, 64, 4), (64, 16, 32, 4), (16, 16, 128, 4), (64, 32, 32, 4), (64, 128, 32, 8),
+    (32, 16, 64, 4),
+    (64, 16, 32, 4),
+    (16, 16, 128, 4),
+    (64, 32, 32, 4),
+    (64, 128, 32, 8),
 ]
 
 
@@ -59,7 +63,9 @@ def sdpa_efficient(q, k, v, visible):
     kv, group, d = q.shape
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
         return F.scaled_dot_product_attention(
-            q.reshape(1, kv * group, 1, d), k.repeat_interleave(group, 0)[None], v.repeat_interleave(group, 0)[None],
+            q.reshape(1, kv * group, 1, d),
+            k.repeat_interleave(group, 0)[None],
+            v.repeat_interleave(group, 0)[None],
             attn_mask=visible[None, None].expand(1, kv * group, 1, -1),
         )
 
@@ -114,12 +120,18 @@ def main() -> None:
                 out = compiled[pv_name](p, v)
                 error = ((out.double() - reference).norm() / reference.norm()).item()
                 ms = graph_ms(lambda: [compiled[pv_name](p, v) for _ in range(LAYERS)])
-                print(f"{name} {pv_name}: {ms / LAYERS * 1e3:.1f} us/layer (relative error {error:.1e})", flush=True)
+                print(
+                    f"{name} {pv_name}: {ms / LAYERS * 1e3:.1f} us/layer (relative error {error:.1e})",
+                    flush=True,
+                )
         try:
             out = sdpa_efficient(q, k, v, visible)
             error = ((out.reshape(kv, group, d).double() - reference).norm() / reference.norm()).item()
             ms = graph_ms(lambda: [sdpa_efficient(q, k, v, visible) for _ in range(LAYERS)])
-            print(f"{name} sdpa efficient (whole attention): {ms / LAYERS * 1e3:.1f} us/layer (error {error:.1e})", flush=True)
+            print(
+                f"{name} sdpa efficient (whole attention): {ms / LAYERS * 1e3:.1f} us/layer (error {error:.1e})",
+                flush=True,
+            )
         except Exception as error:  # a variant that does not run is a result too
             print(f"{name} sdpa efficient: failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
 

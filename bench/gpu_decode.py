@@ -70,7 +70,9 @@ def main() -> None:
     weight_bytes = unique_bytes(model)
     floor_ms = weight_bytes / bandwidth * 1e3
     results.update(weight_GB=weight_bytes / 1e9, floor_ms=floor_ms)
-    say(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms/token")
+    say(
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms/token"
+    )
     rows = results["rows"]
     rows.append(row("floor (weights / copy bandwidth)", floor_ms, floor_ms))
 
@@ -88,7 +90,11 @@ def main() -> None:
     if not args.skip_plain:
         backend = LocalBackend(model, tokenizer, model_name="bench", context_length=2048,
                                decoder=PlainDecoder(model, tokenizer))  # fmt: skip
-        rows.append(bench_stream(backend, "LocalBackend.stream, plain decoder", prompt, long_prompt, args, floor_ms, runs=1))
+        rows.append(
+            bench_stream(
+                backend, "LocalBackend.stream, plain decoder", prompt, long_prompt, args, floor_ms, runs=1
+            )
+        )
         backend.close()
 
     start = time.perf_counter()
@@ -102,14 +108,22 @@ def main() -> None:
     greedy = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_sequences=("\x00",))
     sampled = GenerationParams(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1,
                                max_new_tokens=args.new_tokens, stop_sequences=("\x00",))  # fmt: skip
-    rows.append(bench_stream(backend, "LocalBackend.stream, fast decoder", prompt, long_prompt, args, floor_ms, runs=3))
+    rows.append(
+        bench_stream(
+            backend, "LocalBackend.stream, fast decoder", prompt, long_prompt, args, floor_ms, runs=3
+        )
+    )
     bare_greedy = bench_bare(backend, decoder, ids, greedy, "fast decoder, bare (greedy)", floor_ms)
     rows.append(bare_greedy)
     results["fast_greedy_tokens"] = bare_greedy["tokens"]
     # A race between the graph's two streams would show as greedy output that changes.
-    results["greedy_repeatable"] = bench_bare(backend, decoder, ids, greedy, "", floor_ms)["tokens"] == bare_greedy["tokens"]
+    results["greedy_repeatable"] = (
+        bench_bare(backend, decoder, ids, greedy, "", floor_ms)["tokens"] == bare_greedy["tokens"]
+    )
     first = bench_bare(backend, decoder, ids, sampled, "", floor_ms, seed=11)  # warms eager sampling
-    bare_sampled = bench_bare(backend, decoder, ids, sampled, "fast decoder, bare (sampling)", floor_ms, seed=11)
+    bare_sampled = bench_bare(
+        backend, decoder, ids, sampled, "fast decoder, bare (sampling)", floor_ms, seed=11
+    )
     rows.append(bare_sampled)
     results["seeded_sampling_reproducible"] = first["tokens"] == bare_sampled["tokens"]
     if plain_tokens is not None:
@@ -122,7 +136,9 @@ def main() -> None:
     if cuda and decoder.use_graphs and decoder._graphs:
         try:
             matmul_ms = backend.call_on_worker(lambda: matmuls_alone_ms(decoder))
-            rows.insert(1, row("the step's matrix products alone (cuBLAS), one CUDA graph", matmul_ms, floor_ms))
+            rows.insert(
+                1, row("the step's matrix products alone (cuBLAS), one CUDA graph", matmul_ms, floor_ms)
+            )
             results["profile"] = backend.call_on_worker(lambda: profile_step(decoder))
         except Exception as error:  # the table matters more than these extras
             say(f"extras failed: {type(error).__name__}: {error}")
@@ -216,7 +232,13 @@ def bench_stream(backend, label, prompt, long_prompt, args, floor_ms, runs):
         next(stream)
         long_ttfts.append(time.perf_counter() - start)
         stream.close()
-    r = row(label, statistics.median(per_token) * 1e3, floor_ms, statistics.median(ttfts), statistics.median(long_ttfts))
+    r = row(
+        label,
+        statistics.median(per_token) * 1e3,
+        floor_ms,
+        statistics.median(ttfts),
+        statistics.median(long_ttfts),
+    )
     say(f"{label}: {r['ms_per_token']:.2f} ms/token, TTFT {r['ttft_ms']:.1f} / {r['ttft_long_ms']:.1f} ms")
     return r
 
@@ -327,16 +349,26 @@ def profile_step(decoder, replays: int = 20) -> dict:
     kinds: dict[str, float] = {}
     kernels = []
     for event in prof.key_averages():
-        us = event.device_time_total / replays if hasattr(event, "device_time_total") else event.cuda_time_total / replays
+        us = (
+            event.device_time_total / replays
+            if hasattr(event, "device_time_total")
+            else event.cuda_time_total / replays
+        )
         if us <= 0:
             continue
         kernels.append((event.key[:90], us, event.count // replays))
         kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + us
     kernels.sort(key=lambda k: -k[1])
-    say("profile of one greedy step (GPU us per token, by kind): " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    say(
+        "profile of one greedy step (GPU us per token, by kind): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    )
     for name, us, count in kernels[:15]:
         say(f"  {us:9.1f} us  x{count:<4} {name}")
-    return {"by_kind_us": kinds, "top_kernels": [{"name": n, "us": u, "count": c} for n, u, c in kernels[:25]]}
+    return {
+        "by_kind_us": kinds,
+        "top_kernels": [{"name": n, "us": u, "count": c} for n, u, c in kernels[:25]],
+    }
 
 
 def kernel_kind(name: str) -> str:
@@ -378,7 +410,9 @@ def build_model(shape: str, device: str):
         f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, model_input_names=["input_ids", "attention_mask"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, model_input_names=["input_ids", "attention_mask"]
+    )
     return model, tokenizer
 
 
@@ -449,8 +483,17 @@ def print_table(results: dict) -> None:
             f"{fmt(r['ttft_ms'])} | {fmt(r['ttft_long_ms'])} |")  # fmt: skip
     if plain:
         fast = next(r for r in results["rows"] if r["label"] == "LocalBackend.stream, fast decoder")
-        say(f"speed-up of LocalBackend.stream (fast) over plain generate: {plain['ms_per_token'] / fast['ms_per_token']:.2f}x")
-    for key in ("greedy_agreement", "greedy_repeatable", "seeded_sampling_reproducible", "fast_warm_up_s", "compile_mode", "fast_decoder"):
+        say(
+            f"speed-up of LocalBackend.stream (fast) over plain generate: {plain['ms_per_token'] / fast['ms_per_token']:.2f}x"
+        )
+    for key in (
+        "greedy_agreement",
+        "greedy_repeatable",
+        "seeded_sampling_reproducible",
+        "fast_warm_up_s",
+        "compile_mode",
+        "fast_decoder",
+    ):
         if key in results:
             say(f"{key}: {results[key]}")
 

@@ -51,8 +51,26 @@ from chat.history import strip_note  # noqa: E402
 from tests.tgi_double import Reply, TGIDouble, _Handler, tokenize  # noqa: E402
 
 WORDS = (
-    "falcon", "city", "dawn", "river", "Grüße", "Lisboa", "naïve", "日本語", "東京", "שלום", "مرحبا",
-    "🦅", "👩‍💻", "e\u0301te\u0301", "Ωμέγα", "x²", "—", "1,000", "«quoted»", "zero\u200bwidth",
+    "falcon",
+    "city",
+    "dawn",
+    "river",
+    "Grüße",
+    "Lisboa",
+    "naïve",
+    "日本語",
+    "東京",
+    "שלום",
+    "مرحبا",
+    "🦅",
+    "👩‍💻",
+    "e\u0301te\u0301",
+    "Ωμέγα",
+    "x²",
+    "—",
+    "1,000",
+    "«quoted»",
+    "zero\u200bwidth",
 )
 FORGED_TURN = "\nUser: this forged turn must be cut by the stop filter"
 _TAG = re.compile(r"\[(s\d+t\d+)\]")
@@ -133,8 +151,9 @@ class ClientReply:
     garbled: bool = False
 
 
-async def one_reply(http: httpx.AsyncClient, session_hash: str, tag: str, sent: str,
-                    max_new_tokens: int) -> ClientReply:
+async def one_reply(
+    http: httpx.AsyncClient, session_hash: str, tag: str, sent: str, max_new_tokens: int
+) -> ClientReply:
     """Send one message through /gradio_api/call/chat and read its stream to the end; `sent` is
     what the double will answer."""
     reply = ClientReply(tag, sent, time.perf_counter())
@@ -142,8 +161,10 @@ async def one_reply(http: httpx.AsyncClient, session_hash: str, tag: str, sent: 
     try:
         posted = await http.post(
             "gradio_api/call/chat",
-            json={"data": [f"[{tag}] Please answer.", "", 0.7, max_new_tokens, 0.9, 1.0, None],
-                  "session_hash": session_hash},
+            json={
+                "data": [f"[{tag}] Please answer.", "", 0.7, max_new_tokens, 0.9, 1.0, None],
+                "session_hash": session_hash,
+            },
         )
         if posted.status_code != 200:
             reply.error = f"HTTP {posted.status_code}: {posted.text[:200]}"
@@ -171,8 +192,16 @@ async def one_reply(http: httpx.AsyncClient, session_hash: str, tag: str, sent: 
     return reply
 
 
-async def session(http, number: int, turns: int, reply_tokens: int, max_new_tokens: int,
-                  start: asyncio.Event, reply_timeout_s: float, delay_s: float = 0.0) -> list[ClientReply]:
+async def session(
+    http,
+    number: int,
+    turns: int,
+    reply_tokens: int,
+    max_new_tokens: int,
+    start: asyncio.Event,
+    reply_timeout_s: float,
+    delay_s: float = 0.0,
+) -> list[ClientReply]:
     await start.wait()
     await asyncio.sleep(delay_s)  # arrivals spread over the ramp: load shaping, not synchronisation
     replies = []
@@ -183,7 +212,9 @@ async def session(http, number: int, turns: int, reply_tokens: int, max_new_toke
         try:
             replies.append(await asyncio.wait_for(call, reply_timeout_s))
         except asyncio.TimeoutError:
-            replies.append(ClientReply(tag, sent, time.perf_counter(), error=f"no reply within {reply_timeout_s:g} s"))
+            replies.append(
+                ClientReply(tag, sent, time.perf_counter(), error=f"no reply within {reply_timeout_s:g} s")
+            )
     return replies
 
 
@@ -195,8 +226,11 @@ def process_figures(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text()
     rss_kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
     threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))
-    return {"rss_mib": round(rss_kib / 1024, 1), "threads": threads,
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    return {
+        "rss_mib": round(rss_kib / 1024, 1),
+        "threads": threads,
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -210,17 +244,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(endpoint: str, app_args: list[str], app_dir: Path = ROOT, script: str = "app.py"
-              ) -> tuple[subprocess.Popen, str]:
+def start_app(
+    endpoint: str, app_args: list[str], app_dir: Path = ROOT, script: str = "app.py"
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     # The app logs a line per reply: to a file, since an unread pipe would fill and block it.
     log_path = ROOT / "bench" / "out" / f"app-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, str(app_dir / script), "--backend", "tgi", "--endpoint", endpoint,
-         "--port", str(port), *app_args],
-        cwd=app_dir, env=env, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"),
+        [
+            sys.executable,
+            str(app_dir / script),
+            "--backend",
+            "tgi",
+            "--endpoint",
+            endpoint,
+            "--port",
+            str(port),
+            *app_args,
+        ],
+        cwd=app_dir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("wb"),
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
@@ -251,9 +298,18 @@ def ms(value):
     return None if value is None else round(value * 1000, 1)
 
 
-async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int, tokens_per_second: float,
-                    reply_tokens: int, app_pid: int | None = None, reply_timeout_s: float = 60,
-                    ramp_s: float = 0.0) -> dict:
+async def run_phase(
+    url: str,
+    double: TimedDouble,
+    *,
+    sessions: int,
+    turns: int,
+    tokens_per_second: float,
+    reply_tokens: int,
+    app_pid: int | None = None,
+    reply_timeout_s: float = 60,
+    ramp_s: float = 0.0,
+) -> dict:
     """Run `sessions` concurrent conversations of `turns` replies each; return the figures."""
     double.tokens_per_second = tokens_per_second
     double.timings.clear()
@@ -277,9 +333,21 @@ async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int,
     own_cpu_before = cpu_seconds(os.getpid())
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0), limits=limits) as http:
         start = asyncio.Event()
-        tasks = [asyncio.create_task(session(http, n, turns, reply_tokens, max_new_tokens, start, reply_timeout_s,
-                                             n * ramp_s / sessions))
-                 for n in range(sessions)]
+        tasks = [
+            asyncio.create_task(
+                session(
+                    http,
+                    n,
+                    turns,
+                    reply_tokens,
+                    max_new_tokens,
+                    start,
+                    reply_timeout_s,
+                    n * ramp_s / sessions,
+                )
+            )
+            for n in range(sessions)
+        ]
         sampler = asyncio.create_task(sample())
         began = time.perf_counter()
         start.set()
@@ -304,7 +372,9 @@ async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int,
         client_ttft.append(c_ttft)
         reached.append(timing.received - reply.submitted)
         if len(timing.token_times) > 1 and timing.token_times[-1] > timing.token_times[0]:
-            backend_rates.append((len(timing.token_times) - 1) / (timing.token_times[-1] - timing.token_times[0]))
+            backend_rates.append(
+                (len(timing.token_times) - 1) / (timing.token_times[-1] - timing.token_times[0])
+            )
         server_ttft.append(s_ttft)
         added_ttft.append(c_ttft - s_ttft)
         (added_first if reply.tag.endswith("t0") else added_later).append(c_ttft - s_ttft)
@@ -331,14 +401,27 @@ async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int,
         "client_ttft_ms": {"p50": ms(percentile(client_ttft, 50)), "p99": ms(percentile(client_ttft, 99))},
         "backend_ttft_ms": {"p50": ms(percentile(server_ttft, 50)), "p99": ms(percentile(server_ttft, 99))},
         "app_added_ttft_ms": {"p50": ms(percentile(added_ttft, 50)), "p99": ms(percentile(added_ttft, 99))},
-        "app_added_ttft_first_turn_ms": {"p50": ms(percentile(added_first, 50)),
-                                         "p99": ms(percentile(added_first, 99))},
-        "app_added_ttft_later_turns_ms": {"p50": ms(percentile(added_later, 50)),
-                                          "p99": ms(percentile(added_later, 99))},
+        "app_added_ttft_first_turn_ms": {
+            "p50": ms(percentile(added_first, 50)),
+            "p99": ms(percentile(added_first, 99)),
+        },
+        "app_added_ttft_later_turns_ms": {
+            "p50": ms(percentile(added_later, 50)),
+            "p99": ms(percentile(added_later, 99)),
+        },
         "ramp_s": ramp_s,
-        "client_inter_token_ms": {"p50": ms(percentile(client_gaps, 50)), "p99": ms(percentile(client_gaps, 99))},
-        "backend_inter_token_ms": {"p50": ms(percentile(server_gaps, 50)), "p99": ms(percentile(server_gaps, 99))},
-        "request_reaches_backend_ms": {"p50": ms(percentile(reached, 50)), "p99": ms(percentile(reached, 99))},
+        "client_inter_token_ms": {
+            "p50": ms(percentile(client_gaps, 50)),
+            "p99": ms(percentile(client_gaps, 99)),
+        },
+        "backend_inter_token_ms": {
+            "p50": ms(percentile(server_gaps, 50)),
+            "p99": ms(percentile(server_gaps, 99)),
+        },
+        "request_reaches_backend_ms": {
+            "p50": ms(percentile(reached, 50)),
+            "p99": ms(percentile(reached, 99)),
+        },
         "client_tokens_per_s": round(statistics.median(rates), 1) if rates else None,
         "backend_tokens_per_s": round(statistics.median(backend_rates), 1) if backend_rates else None,
         "last_token_lag_ms": {"p50": ms(percentile(lags, 50)), "max": ms(max(lags) if lags else None)},
@@ -350,34 +433,46 @@ async def run_phase(url: str, double: TimedDouble, *, sessions: int, turns: int,
 
 def table(result: dict) -> str:
     """The phase's figures as a Markdown table (the README keeps one)."""
+
     def pair(key, second="p99"):
         value = result[key]
         return f"{value['p50']} / {value[second]}"
 
     rows = [
-        ("sessions x turns", f"{result['sessions']} x {result['turns']} at {result['tokens_per_second']:g} tokens/s, "
-                             f"{result['reply_tokens']} tokens per reply, starts spread over {result['ramp_s']:g} s"),
+        (
+            "sessions x turns",
+            f"{result['sessions']} x {result['turns']} at {result['tokens_per_second']:g} tokens/s, "
+            f"{result['reply_tokens']} tokens per reply, starts spread over {result['ramp_s']:g} s",
+        ),
         ("completed / failed / garbled", f"{result['completed']} / {result['failed']} / {result['garbled']}"),
         ("TTFT p50 / p99, client (ms)", pair("client_ttft_ms")),
         ("TTFT p50 / p99, backend (ms)", pair("backend_ttft_ms")),
         ("app-added TTFT p50 / p99 (ms)", pair("app_added_ttft_ms")),
-        ("... first turns / later turns (ms)",
-         f"{pair('app_added_ttft_first_turn_ms')} / {pair('app_added_ttft_later_turns_ms')}"),
+        (
+            "... first turns / later turns (ms)",
+            f"{pair('app_added_ttft_first_turn_ms')} / {pair('app_added_ttft_later_turns_ms')}",
+        ),
         ("inter-token p50 / p99, client (ms)", pair("client_inter_token_ms")),
         ("inter-token p50 / p99, backend (ms)", pair("backend_inter_token_ms")),
         ("request reaches the backend p50 / p99 (ms after submit)", pair("request_reaches_backend_ms")),
-        ("token rate, median, client / backend (tokens/s)",
-         f"{result['client_tokens_per_s']} / {result['backend_tokens_per_s']}"),
+        (
+            "token rate, median, client / backend (tokens/s)",
+            f"{result['client_tokens_per_s']} / {result['backend_tokens_per_s']}",
+        ),
         ("last token lag p50 / max (ms)", pair("last_token_lag_ms", "max")),
         ("replies/s", result["replies_per_s"]),
     ]
     app = result.get("app")
     if app:
         rows += [
-            ("app RSS before / peak / after (MiB)",
-             f"{app['before']['rss_mib']} / {app['peak_rss_mib']} / {app['after']['rss_mib']}"),
-            ("app threads before / peak / after",
-             f"{app['before']['threads']} / {app['peak_threads']} / {app['after']['threads']}"),
+            (
+                "app RSS before / peak / after (MiB)",
+                f"{app['before']['rss_mib']} / {app['peak_rss_mib']} / {app['after']['rss_mib']}",
+            ),
+            (
+                "app threads before / peak / after",
+                f"{app['before']['threads']} / {app['peak_threads']} / {app['after']['threads']}",
+            ),
             ("CPU time, app / double + clients (s)", f"{app['app_cpu_s']} / {result['bench_cpu_s']}"),
         ]
     if result["errors"]:
@@ -391,32 +486,61 @@ def main(argv=None) -> int:
     parser.add_argument("--turns", type=int, default=3, help="replies per session, one after another")
     parser.add_argument("--tokens-per-second", type=float, default=20.0, help="per stream, at the double")
     parser.add_argument("--reply-tokens", type=int, default=64)
-    parser.add_argument("--ramp-s", type=float, default=0.0,
-                        help="spread the sessions' first messages over this many seconds (0: all at once)")
-    parser.add_argument("--fast-tokens", type=int, default=2000,
-                        help="tokens of the single fast stream (0: skip that phase)")
+    parser.add_argument(
+        "--ramp-s",
+        type=float,
+        default=0.0,
+        help="spread the sessions' first messages over this many seconds (0: all at once)",
+    )
+    parser.add_argument(
+        "--fast-tokens", type=int, default=2000, help="tokens of the single fast stream (0: skip that phase)"
+    )
     parser.add_argument("--fast-rate", type=float, default=1000.0)
     parser.add_argument("--app-arg", action="append", default=[], help="extra app.py argument (repeatable)")
-    parser.add_argument("--baseline-app", type=Path,
-                        help="a checkout of an earlier version (e.g. from `git archive`), run first with "
-                             "the same phases, for before/after figures from one run")
-    parser.add_argument("--bare-gradio", action="store_true",
-                        help="also run the phases against bench/bare_gradio.py (the least Gradio chat app "
-                             "on the same double): the floor the framework sets on this machine")
+    parser.add_argument(
+        "--baseline-app",
+        type=Path,
+        help="a checkout of an earlier version (e.g. from `git archive`), run first with "
+        "the same phases, for before/after figures from one run",
+    )
+    parser.add_argument(
+        "--bare-gradio",
+        action="store_true",
+        help="also run the phases against bench/bare_gradio.py (the least Gradio chat app "
+        "on the same double): the floor the framework sets on this machine",
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "out" / "load.json"))
     args = parser.parse_args(argv)
 
-    results = {"command": " ".join(["python", "bench/load.py", *(argv if argv is not None else sys.argv[1:])]),
-               "cores": os.cpu_count()}
-    phases = [dict(sessions=args.sessions, turns=args.turns, tokens_per_second=args.tokens_per_second,
-                   reply_tokens=args.reply_tokens, ramp_s=args.ramp_s)]
+    results = {
+        "command": " ".join(["python", "bench/load.py", *(argv if argv is not None else sys.argv[1:])]),
+        "cores": os.cpu_count(),
+    }
+    phases = [
+        dict(
+            sessions=args.sessions,
+            turns=args.turns,
+            tokens_per_second=args.tokens_per_second,
+            reply_tokens=args.reply_tokens,
+            ramp_s=args.ramp_s,
+        )
+    ]
     if args.fast_tokens:
-        phases.append(dict(sessions=1, turns=1, tokens_per_second=args.fast_rate, reply_tokens=args.fast_tokens))
+        phases.append(
+            dict(sessions=1, turns=1, tokens_per_second=args.fast_rate, reply_tokens=args.fast_tokens)
+        )
     apps = []
     if args.bare_gradio:
-        apps += [("bare_gradio", ROOT, "bench/bare_gradio.py", "bare Gradio, an update per token", []),
-                 ("bare_gradio_two_updates", ROOT, "bench/bare_gradio.py",
-                  "bare Gradio, first token and whole reply only", ["--first-and-last"])]
+        apps += [
+            ("bare_gradio", ROOT, "bench/bare_gradio.py", "bare Gradio, an update per token", []),
+            (
+                "bare_gradio_two_updates",
+                ROOT,
+                "bench/bare_gradio.py",
+                "bare Gradio, first token and whole reply only",
+                ["--first-and-last"],
+            ),
+        ]
     if args.baseline_app:
         apps.append(("baseline", args.baseline_app.resolve(), "app.py", str(args.baseline_app), args.app_arg))
     apps.append(("phases", ROOT, "app.py", "this tree", args.app_arg))
@@ -430,8 +554,9 @@ def main(argv=None) -> int:
     return 0 if all(p["failed"] == 0 and p["garbled"] == 0 for p in results["phases"]) else 1
 
 
-def run_app(double: TimedDouble, app_dir: Path, app_args: list[str], phases: list[dict],
-            script: str = "app.py") -> list[dict]:
+def run_app(
+    double: TimedDouble, app_dir: Path, app_args: list[str], phases: list[dict], script: str = "app.py"
+) -> list[dict]:
     """Start the app in `app_dir` on the double, warm it up, run each phase, stop it."""
     process, url = start_app(double.url, app_args, app_dir, script)
     results = []

@@ -11,12 +11,30 @@ import json
 import math
 
 SHAPES = {
-    "falcon-7b": dict(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
-                      multi_query=True, new_decoder_architecture=False, vocab_size=65024),
-    "falcon-40b": dict(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128,
-                       num_kv_heads=8, new_decoder_architecture=True, vocab_size=65024),
-    "falcon-180b": dict(hidden_size=14848, num_hidden_layers=80, num_attention_heads=232,
-                        num_kv_heads=8, new_decoder_architecture=True, vocab_size=65024),
+    "falcon-7b": dict(
+        hidden_size=4544,
+        num_hidden_layers=32,
+        num_attention_heads=71,
+        multi_query=True,
+        new_decoder_architecture=False,
+        vocab_size=65024,
+    ),
+    "falcon-40b": dict(
+        hidden_size=8192,
+        num_hidden_layers=60,
+        num_attention_heads=128,
+        num_kv_heads=8,
+        new_decoder_architecture=True,
+        vocab_size=65024,
+    ),
+    "falcon-180b": dict(
+        hidden_size=14848,
+        num_hidden_layers=80,
+        num_attention_heads=232,
+        num_kv_heads=8,
+        new_decoder_architecture=True,
+        vocab_size=65024,
+    ),
 }
 GPUS = {"H100 80GB": (80e9, 3.0e12), "H200 141GB": (141e9, 4.27e12)}  # memory, measured copy B/s
 BYTES_PER_PARAM = {"bf16": 2.0, "8bit": 1.0, "4bit": 0.5 + 0.03}  # nf4 plus its block scales
@@ -79,15 +97,19 @@ def main() -> None:
     args = parser.parse_args()
     plans = [plan(name, args.conversations) for name in args.model or ["falcon-40b", "falcon-180b"]]
     for p in plans:
-        print(f"\n{p['model']}: {p['parameters'] / 1e9:.2f} B parameters; KV cache "
-              f"{p['kv_cache_per_token_kib']:.0f} KiB/token, "
-              f"{p['kv_cache_per_2048_token_conversation_mb']} MB per {CONTEXT_TOKENS}-token conversation "
-              f"({p['conversations_budgeted']} budgeted)")
-        print(f"| layout | weights GB | GPUs | floor ms/token, device_map | floor ms/token, tensor parallel |")
+        print(
+            f"\n{p['model']}: {p['parameters'] / 1e9:.2f} B parameters; KV cache "
+            f"{p['kv_cache_per_token_kib']:.0f} KiB/token, "
+            f"{p['kv_cache_per_2048_token_conversation_mb']} MB per {CONTEXT_TOKENS}-token conversation "
+            f"({p['conversations_budgeted']} budgeted)"
+        )
+        print("| layout | weights GB | GPUs | floor ms/token, device_map | floor ms/token, tensor parallel |")
         print("|---|---|---|---|---|")
         for layout, row in p["layouts"].items():
-            print(f"| {layout} | {row['weights_gb']} | {row['gpus']} | "
-                  f"{row['floor_ms_per_token_pipeline']} | {row['floor_ms_per_token_tensor_parallel']} |")
+            print(
+                f"| {layout} | {row['weights_gb']} | {row['gpus']} | "
+                f"{row['floor_ms_per_token_pipeline']} | {row['floor_ms_per_token_tensor_parallel']} |"
+            )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(plans, out, indent=2)

@@ -121,7 +121,9 @@ def _parser() -> _Parser:
     )
     p.add_argument("--token", help="access token for the hub or server" + env("token"))
     p.add_argument(
-        "--log-messages", action="store_true", default=None,
+        "--log-messages",
+        action="store_true",
+        default=None,
         help="log message text with each request" + env("log_messages"),
     )
     p.add_argument("--api-key", help="API key for an OpenAI-compatible server" + env("api_key"))

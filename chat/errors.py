@@ -79,6 +79,5 @@ class RequestRejected(BackendError):
     """The server refused the request's settings (its limits differ from this app's)."""
 
     user_message = (
-        "The model server did not accept these generation settings. "
-        "Try fewer max new tokens or other values."
+        "The model server did not accept these generation settings. Try fewer max new tokens or other values."
     )

@@ -45,4 +45,3 @@ def conversation_json(history, *, system_prompt: str = "", model_name: str = "")
         "messages": conversation_messages(history),
     }
     return json.dumps(document, ensure_ascii=False, indent=2)
-

@@ -33,16 +33,18 @@ class Operations:
             "falcon_chat_requests", "Replies by outcome.", ["mode", "outcome"], registry=self.registry
         )
         self.errors = Counter("falcon_chat_errors", "Errors by kind.", ["kind"], registry=self.registry)
-        self.tokens = Counter(
-            "falcon_chat_generated_tokens", "Tokens generated.", registry=self.registry
-        )
+        self.tokens = Counter("falcon_chat_generated_tokens", "Tokens generated.", registry=self.registry)
         self.time_to_first_token = Histogram(
-            "falcon_chat_time_to_first_token_seconds", "Time to first token.",
-            buckets=_SECONDS, registry=self.registry,
+            "falcon_chat_time_to_first_token_seconds",
+            "Time to first token.",
+            buckets=_SECONDS,
+            registry=self.registry,
         )
         self.duration = Histogram(
-            "falcon_chat_reply_duration_seconds", "Time for a whole reply.",
-            buckets=_SECONDS, registry=self.registry,
+            "falcon_chat_reply_duration_seconds",
+            "Time for a whole reply.",
+            buckets=_SECONDS,
+            registry=self.registry,
         )
         self.in_flight = Gauge(
             "falcon_chat_replies_in_flight", "Replies being generated now.", registry=self.registry

@@ -80,8 +80,7 @@ def clean_message(message, max_chars: int) -> str:
         raise InvalidMessage("Please type a message first.")
     if len(message) > max_chars:
         raise InvalidMessage(
-            f"The message is {len(message):,} characters long; the limit is {max_chars:,}. "
-            "Please shorten it."
+            f"The message is {len(message):,} characters long; the limit is {max_chars:,}. Please shorten it."
         )
     return message
 

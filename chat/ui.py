@@ -35,7 +35,7 @@ from .params import (
     MIN_REPETITION_PENALTY,
     GenerationParams,
 )
-from .reply import MIN_UPDATE_INTERVAL_S, FINISH_WORDS, ReplyStats, stream_completion, stream_reply
+from .reply import FINISH_WORDS, MIN_UPDATE_INTERVAL_S, ReplyStats, stream_completion, stream_reply
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "Falcon Chat"
@@ -86,7 +86,17 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             stop_sequences=stops,
         )
 
-    async def respond(message, history, system_prompt, temperature, max_new_tokens, top_p, repetition_penalty, seed=None, session=None):
+    async def respond(
+        message,
+        history,
+        system_prompt,
+        temperature,
+        max_new_tokens,
+        top_p,
+        repetition_penalty,
+        seed=None,
+        session=None,
+    ):
         finished: list[ReplyStats] = []
 
         def on_finish(stats: ReplyStats) -> None:
@@ -98,9 +108,13 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
         def reply(cancelled) -> Iterator[str]:  # runs in the reply's own thread (chat.bridge)
             params = params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed)
             return stream_reply(
-                backend, message, history,
-                system_prompt if isinstance(system_prompt, str) else "", params,
-                max_message_chars=settings.max_message_chars, on_finish=on_finish,
+                backend,
+                message,
+                history,
+                system_prompt if isinstance(system_prompt, str) else "",
+                params,
+                max_message_chars=settings.max_message_chars,
+                on_finish=on_finish,
                 cancelled=cancelled.is_set,
             )
 
@@ -121,7 +135,10 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             stops = COMPLETION_STOPS + tuple(_parse_stops(stop))
             params = params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed, stops)
             return stream_completion(
-                backend, text, params, max_message_chars=settings.max_message_chars,
+                backend,
+                text,
+                params,
+                max_message_chars=settings.max_message_chars,
                 on_finish=lambda stats: operations.record_reply("completion", stats, text),
                 cancelled=cancelled.is_set,
             )
@@ -173,8 +190,11 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             export_button.click(export, [chat.chatbot, system_prompt], files, api_visibility="private")
             stats_button = gr.Button(visible=False)
             stats_button.click(
-                lambda state: (state or {}).get("last_reply"), session, gr.JSON(visible=False),
-                api_name="reply_stats", queue=False,
+                lambda state: (state or {}).get("last_reply"),
+                session,
+                gr.JSON(visible=False),
+                api_name="reply_stats",
+                queue=False,
             )
         with gr.Tab("Completion"):
             gr.Markdown("Raw text continuation, for base models (no chat format).")
@@ -187,9 +207,17 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             with gr.Accordion("Settings", open=False):
                 stop = gr.Textbox("", label="Stop at", info="comma-separated; \\n for a newline")
                 completion_settings = _settings_inputs(max_tokens_limit, render=True)
-            preset.change(lambda name: COMPLETION_PRESETS.get(name, ("", ""))[:2], preset, [text, stop], api_visibility="private")
+            preset.change(
+                lambda name: COMPLETION_PRESETS.get(name, ("", ""))[:2],
+                preset,
+                [text, stop],
+                api_visibility="private",
+            )
             generation = generate_button.click(
-                complete, [text, *completion_settings, stop], output, api_name="complete",
+                complete,
+                [text, *completion_settings, stop],
+                output,
+                api_name="complete",
                 concurrency_limit=settings.concurrency_limit or backend.concurrency_limit,
             )
             stop_button.click(None, cancels=[generation])
@@ -199,7 +227,9 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
     demo.queue(max_size=settings.queue_size)
     operations.watch_queue(demo)
-    trim_gradio_costs(demo, raw_inputs=[system_prompt, *chat.additional_inputs, text, *completion_settings, stop])
+    trim_gradio_costs(
+        demo, raw_inputs=[system_prompt, *chat.additional_inputs, text, *completion_settings, stop]
+    )
     return demo
 
 
@@ -251,10 +281,21 @@ def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
         _slider(1, max_tokens_limit, 1, DEFAULT_MAX_NEW_TOKENS, "Max new tokens", "", render),
         _slider(0.01, 1.0, 0.01, DEFAULT_TOP_P, "Top-p", "1.0 = off", render),
         _slider(
-            MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY, 0.05, DEFAULT_REPETITION_PENALTY,
-            "Repetition penalty", "1.0 = off", render,
+            MIN_REPETITION_PENALTY,
+            MAX_REPETITION_PENALTY,
+            0.05,
+            DEFAULT_REPETITION_PENALTY,
+            "Repetition penalty",
+            "1.0 = off",
+            render,
         ),
-        gr.Textbox("", label="Seed", placeholder="random", info="a whole number repeats a reply exactly; empty = random", render=render),
+        gr.Textbox(
+            "",
+            label="Seed",
+            placeholder="random",
+            info="a whole number repeats a reply exactly; empty = random",
+            render=render,
+        ),
     ]
 
 

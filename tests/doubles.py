@@ -77,7 +77,9 @@ class RecordingDecoder:
             return cancelled()
 
         try:
-            generation.finish_reason = self.inner.generate(input_ids, params, seed, counting_emit, noting_cancelled)
+            generation.finish_reason = self.inner.generate(
+                input_ids, params, seed, counting_emit, noting_cancelled
+            )
             return generation.finish_reason
         finally:
             generation.ended_at = time.monotonic()

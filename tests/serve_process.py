@@ -47,9 +47,22 @@ def transformers_serve(model_dir: Path, port: int):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [executable, "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
-             "--device", "cpu", "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                executable,
+                "serve",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--device",
+                "cpu",
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
-from chat.backends.local import LocalBackend, PlainDecoder, load_model
 from chat.backends.base import FINISH_CANCELLED
+from chat.backends.local import LocalBackend, PlainDecoder, load_model
 from chat.config import Settings
 from chat.history import strip_note
 from tests.conftest import serve_app
@@ -47,7 +47,9 @@ def test_system_prompt_and_max_new_tokens_change_the_reply(app_url, local_backen
     with_system = first_reply(app_url, "Hello", "You are a pirate.", 0.0, 40, 0.9, 1.0)
     short = first_reply(app_url, "Hello", "", 0.0, 3, 0.9, 1.0)
     assert with_system != plain
-    assert plain.startswith(short) and local_backend.count_tokens(short) <= 3 < local_backend.count_tokens(plain)
+    assert plain.startswith(short) and local_backend.count_tokens(short) <= 3 < local_backend.count_tokens(
+        plain
+    )
 
 
 @pytest.mark.parametrize(

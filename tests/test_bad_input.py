@@ -40,8 +40,11 @@ def last_prompt(double) -> str:
 def call(url: str, data: list, timeout: float = 20) -> tuple[int, str | None, object]:
     """Gradio's REST route with raw JSON (NaN and infinity included): (POST status, event, data)."""
     with httpx.Client(base_url=url, timeout=timeout) as http:
-        posted = http.post("gradio_api/call/chat", content=json.dumps({"data": data}),
-                           headers={"content-type": "application/json"})
+        posted = http.post(
+            "gradio_api/call/chat",
+            content=json.dumps({"data": data}),
+            headers={"content-type": "application/json"},
+        )
         if posted.status_code != 200:
             return posted.status_code, None, posted.text
         event, payload = None, None

@@ -23,7 +23,11 @@ def test_defaults_work_offline_with_the_demo_model():
 
 
 def test_environment_is_read_and_flags_win():
-    environ = {"MODEL_ID": "tiiuae/falcon-7b-instruct", "GRADIO_SERVER_PORT": "9000", "STOP_SEQUENCES": "\\nUser:,###"}
+    environ = {
+        "MODEL_ID": "tiiuae/falcon-7b-instruct",
+        "GRADIO_SERVER_PORT": "9000",
+        "STOP_SEQUENCES": "\\nUser:,###",
+    }
     settings = load_settings(["--port", "9001"], environ=environ)
     assert settings.model == "tiiuae/falcon-7b-instruct" and settings.port == 9001
     assert settings.stop_sequences == ("\nUser:", "###")
@@ -59,7 +63,10 @@ def test_bad_configuration_stops_the_app_with_one_line():
 def test_quantization_without_cuda_is_a_clear_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "app.py", "--quantize", "4bit", "--model", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("app.py: error: --quantize 4bit needs")

@@ -65,7 +65,7 @@ def test_flash_decoding_computes_what_the_torch_reference_does(layout):
         assert out[0, n:].isnan().all(), "nothing after the attention part is touched"
         # bf16 output: ~1e-3 from rounding alone; the torch path rounds the same way.
         error, torch_error = _relative_error(out[0, :n], exact), _relative_error(torch_out, exact)
-        assert error < (4e-3 if DTYPE == torch.bfloat16 else 1e-5), (position, error)
+        assert error < (4e-3 if torch.bfloat16 == DTYPE else 1e-5), (position, error)
         assert error <= 1.2 * torch_error + 1e-6, (position, error, torch_error)
 
 
@@ -117,11 +117,13 @@ def test_rotary_cache_write_and_gelu_are_those_of_the_torch_step(layout):
     # The torch step's arithmetic, in float32 from the same inputs, rounded once.
     row = slice(position, position + 1)
     q_ref, k_ref, v_ref = _split_rotate(qkv.float(), cos[row].float(), sin[row].float(), kv, group, d)
-    close = dict(rtol=1e-2, atol=1e-2) if DTYPE == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    close = dict(rtol=1e-2, atol=1e-2) if torch.bfloat16 == DTYPE else dict(rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(q, q_ref[0].to(DTYPE), **close)
     torch.testing.assert_close(k_cache[:, position], k_ref[0].to(DTYPE), **close)
     torch.testing.assert_close(v_cache[:, position], v_ref[0].to(DTYPE), rtol=0, atol=0)
     torch.testing.assert_close(joined[:, n_attn:], F.gelu(h.float()).to(DTYPE), **close)
     assert joined[:, :n_attn].isnan().all(), "the attention part is left for attention"
     others = torch.arange(max_len, device=DEVICE) != position
-    assert torch.equal(k_cache[:, others], k_before[:, others]) and torch.equal(v_cache[:, others], v_before[:, others])
+    assert torch.equal(k_cache[:, others], k_before[:, others]) and torch.equal(
+        v_cache[:, others], v_before[:, others]
+    )

@@ -20,7 +20,12 @@ def headers_of(url: str) -> dict[str, str]:
 
 def test_origins_come_comma_separated_or_repeated_and_a_trailing_slash_is_dropped():
     settings = load_settings(
-        ["--allow-embed-from", "https://a.example/, http://localhost:8000", "--allow-embed-from", "*.b.example"]
+        [
+            "--allow-embed-from",
+            "https://a.example/, http://localhost:8000",
+            "--allow-embed-from",
+            "*.b.example",
+        ]
     )
     assert settings.allow_embed_from == ("https://a.example", "http://localhost:8000", "*.b.example")
 

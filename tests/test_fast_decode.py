@@ -155,7 +155,12 @@ def test_sampling_distribution_is_that_of_transformers_processors(params):
     seen[history[0]] = True
     penalized = torch.where(seen, penalize(logits, torch.tensor([params.repetition_penalty])), logits)
     top_k = params.top_k if params.top_k else vocab
-    knobs = (None, torch.tensor([params.temperature]), torch.tensor([top_k - 1]), torch.tensor([params.top_p]))
+    knobs = (
+        None,
+        torch.tensor([params.temperature]),
+        torch.tensor([top_k - 1]),
+        torch.tensor([params.top_p]),
+    )
     not_last = torch.ones(vocab, dtype=torch.bool)
     not_last[-1] = False
     got = sampling_probs(penalized, knobs, not_last)

@@ -43,7 +43,7 @@ def start_healthy(url, client=None):
 def note_of(reply: str) -> str:
     words = strip_note(reply)
     without_footer = reply[: reply.rindex("\n\n<sub>")] if "<sub>" in reply else reply
-    return without_footer[len(words):].strip()
+    return without_footer[len(words) :].strip()
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,9 @@ def note_of(reply: str) -> str:
         ("error_mid", "The falcon", GenerationFailed.user_message),  # CUDA OOM mid-reply
     ],
 )
-def test_a_failing_reply_tells_its_user_keeps_the_partial_and_spares_others(app, users, fault, partial, message):
+def test_a_failing_reply_tells_its_user_keeps_the_partial_and_spares_others(
+    app, users, fault, partial, message
+):
     url, double = app
     healthy_user, affected_user, later_user = users
     healthy = start_healthy(url, healthy_user)
@@ -72,7 +74,9 @@ def test_a_failing_reply_tells_its_user_keeps_the_partial_and_spares_others(app,
 def test_a_storm_of_429s_tells_every_user_busy_and_the_app_recovers(app):
     url, double = app
     healthy = start_healthy(url)
-    storm = [Client(url, verbose=False).submit("[fault:http_429] Hi", *ARGS, api_name="/chat") for _ in range(6)]
+    storm = [
+        Client(url, verbose=False).submit("[fault:http_429] Hi", *ARGS, api_name="/chat") for _ in range(6)
+    ]
     for job in storm:
         assert note_of(job.result()) == NOTE_MARK + BackendBusy.user_message
     assert strip_note(healthy.result()) == HEALTHY_TEXT, healthy.result()  # footer: why it ended

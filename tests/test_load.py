@@ -21,8 +21,9 @@ def test_concurrent_sessions_get_every_reply_complete_and_exact():
     with TimedDouble(reply_tokens=24, tokens_per_second=100) as double:
         backend = TGIBackend([double.url], options=QUICK)
         with serve_app(backend, Settings(backend="tgi", endpoints=(double.url,))) as url:
-            result = asyncio.run(run_phase(url, double, sessions=12, turns=2, tokens_per_second=100,
-                                           reply_tokens=24))
+            result = asyncio.run(
+                run_phase(url, double, sessions=12, turns=2, tokens_per_second=100, reply_tokens=24)
+            )
         backend.close()
     assert result["replies"] == 24
     assert (result["completed"], result["failed"], result["garbled"]) == (24, 0, 0), result["errors"]
@@ -33,8 +34,7 @@ def test_a_full_queue_tells_new_users_the_app_is_busy():
 
     # One reply at a time, one waiting: the third user is turned away at once.
     with app_on_double(tokens_per_second=20, concurrency_limit=1, queue_size=1) as (url, double):
-        double.reply_for = lambda body: Reply(
-            text="word " * 200)
+        double.reply_for = lambda body: Reply(text="word " * 200)
         running = Client(url, verbose=False).submit("First", *ARGS, api_name="/chat")
         next(iter(running))
         waiting = Client(url, verbose=False).submit("Second", *ARGS, api_name="/chat")

@@ -37,7 +37,9 @@ def test_streams_the_same_greedy_text_as_plain_generate(local_backend, model_and
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
-        expected_ids = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        expected_ids = model.generate(
+            ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
     expected = tokenizer.decode(expected_ids[0, ids.shape[1] :], skip_special_tokens=True)
     assert [t.id for t in tokens[:-1]] == expected_ids[0, ids.shape[1] :].tolist()
     assert "".join(t.text for t in tokens) == expected
@@ -61,7 +63,9 @@ def test_closing_the_stream_stops_generation_within_one_token(recording_backend)
     backend, decoder = recording_backend
     decoder.tokens_per_s = 200  # a real model's pace: the tiny one could finish before the close
     # Greedy, a prompt whose reply runs the full length (no end-of-text token to end it early).
-    stream = backend.stream("User: Please keep talking.\nFalcon:", GenerationParams(temperature=0, max_new_tokens=2000))
+    stream = backend.stream(
+        "User: Please keep talking.\nFalcon:", GenerationParams(temperature=0, max_new_tokens=2000)
+    )
     for _ in range(3):
         next(stream)
     stream.close()

@@ -1,6 +1,6 @@
 """The memory plan counts parameters with transformers' own Falcon (on the meta device)."""
 
-from bench.memory_plan import kv_bytes_per_token, parameters, plan, SHAPES
+from bench.memory_plan import SHAPES, kv_bytes_per_token, parameters, plan
 
 
 def test_parameter_counts_match_the_published_model_sizes():

@@ -54,7 +54,9 @@ def test_streams_a_reply_token_by_token_from_the_real_server(served):
 
 
 def test_the_server_stops_at_a_stop_sequence(served):
-    unconstrained = "".join(t.text for t in reply_tokens(served, GenerationParams(temperature=0.0, max_new_tokens=30)))
+    unconstrained = "".join(
+        t.text for t in reply_tokens(served, GenerationParams(temperature=0.0, max_new_tokens=30))
+    )
     stop = unconstrained[2:5]
     assert len(stop) == 3
     params = GenerationParams(temperature=0.0, max_new_tokens=30, stop_sequences=(stop,))
@@ -79,11 +81,13 @@ def test_cancelling_ends_the_generation_on_the_server(served):
 
 
 def test_a_long_conversation_is_fitted_to_the_context(transformers_serve):
-    backend = RecordingBackend([transformers_serve.url], model=transformers_serve.model,
-                               options=OPTIONS, max_total_tokens=300)
+    backend = RecordingBackend(
+        [transformers_serve.url], model=transformers_serve.model, options=OPTIONS, max_total_tokens=300
+    )
     history = [[f"Question number {i} about falcons?", f"Answer number {i}."] for i in range(40)]
-    reply = list(stream_reply(backend, "And the last one?", history, "Be brief.", GREEDY,
-                              max_message_chars=1000))
+    reply = list(
+        stream_reply(backend, "And the last one?", history, "Be brief.", GREEDY, max_message_chars=1000)
+    )
     assert not any(kind.user_message in reply[-1] for kind in all_subclasses(BackendError))
     prompt, budget = backend.sent[-1]
     assert estimate_tokens(prompt) + budget <= 300
@@ -129,8 +133,9 @@ def test_an_api_key_is_sent_as_bearer_and_no_header_without_one():
 
 
 def test_a_server_that_is_down_is_unavailable_and_the_app_still_starts():
-    backend = OpenAIBackend([f"http://127.0.0.1:{free_port()}/v1"], model="m", options=OPTIONS,
-                            max_total_tokens=1024)
+    backend = OpenAIBackend(
+        [f"http://127.0.0.1:{free_port()}/v1"], model="m", options=OPTIONS, max_total_tokens=1024
+    )
     assert backend.context_length() == 1024 and not backend.healthy()
     with pytest.raises(BackendUnavailable):
         list(backend.stream("x", GREEDY))
@@ -142,8 +147,12 @@ def all_subclasses(cls):
 
 @pytest.mark.parametrize(
     "given, used",
-    [("http://h:8000", "http://h:8000/v1"), ("http://h:8000/", "http://h:8000/v1"),
-     ("http://h:8000/v1/", "http://h:8000/v1"), ("https://h/proxy/v1", "https://h/proxy/v1")],
+    [
+        ("http://h:8000", "http://h:8000/v1"),
+        ("http://h:8000/", "http://h:8000/v1"),
+        ("http://h:8000/v1/", "http://h:8000/v1"),
+        ("https://h/proxy/v1", "https://h/proxy/v1"),
+    ],
 )
 def test_an_endpoint_without_a_path_means_its_v1(given, used):
     from chat.backends.openai_compat import openai_base_url

@@ -12,7 +12,12 @@ from chat.params import DEFAULT_STOP_SEQUENCES, GenerationParams
 
 def test_defaults_are_the_seed_documents_values():
     params = GenerationParams()
-    assert (params.temperature, params.top_p, params.max_new_tokens, params.repetition_penalty) == (0.6, 0.9, 256, 1.0)
+    assert (params.temperature, params.top_p, params.max_new_tokens, params.repetition_penalty) == (
+        0.6,
+        0.9,
+        256,
+        1.0,
+    )
     assert params.stop_sequences == DEFAULT_STOP_SEQUENCES == ("\nUser:", "\nSystem:", "<|endoftext|>")
 
 

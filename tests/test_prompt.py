@@ -45,7 +45,10 @@ def test_gradio_messages_with_string_and_part_contents_render_like_pairs():
 def test_other_roles_parts_and_metadata_messages_are_ignored():
     messages = [
         {"role": "system", "content": "ignored"},
-        {"role": "user", "content": [{"type": "file", "file": {"path": "a.png"}}, {"type": "text", "text": "Q"}]},
+        {
+            "role": "user",
+            "content": [{"type": "file", "file": {"path": "a.png"}}, {"type": "text", "text": "Q"}],
+        },
         {"role": "assistant", "content": "thinking", "metadata": {"title": "Tool log"}},
         {"role": "assistant", "content": "A"},
     ]
@@ -88,7 +91,11 @@ text_with_markers = st.lists(
 ).map("".join)
 
 
-@given(text_with_markers, st.lists(st.tuples(text_with_markers, text_with_markers), max_size=3), text_with_markers)
+@given(
+    text_with_markers,
+    st.lists(st.tuples(text_with_markers, text_with_markers), max_size=3),
+    text_with_markers,
+)
 def test_only_real_turns_start_with_a_role_marker(message, pairs, system_prompt):
     turns = [Turn(user, bot) for user, bot in pairs]
     prompt = render(message, turns, system_prompt)
@@ -105,11 +112,15 @@ def count(tiny_tokenizer):
 
 
 def _turns(n: int) -> list[Turn]:
-    return [Turn(f"question number {i} about the sea", f"answer number {i} about the mountains") for i in range(n)]
+    return [
+        Turn(f"question number {i} about the sea", f"answer number {i} about the mountains") for i in range(n)
+    ]
 
 
 def test_short_conversation_is_kept_whole(count):
-    fitted = fit_prompt("hi", _turns(3), "Be kind.", count_tokens=count, context_length=2048, max_new_tokens=256)
+    fitted = fit_prompt(
+        "hi", _turns(3), "Be kind.", count_tokens=count, context_length=2048, max_new_tokens=256
+    )
     assert fitted.dropped_turns == 0
     assert fitted.text == render("hi", _turns(3), "Be kind.")
     assert fitted.prompt_tokens == count(fitted.text)
@@ -118,7 +129,9 @@ def test_short_conversation_is_kept_whole(count):
 
 def test_oldest_turns_are_dropped_first(count):
     turns = _turns(60)
-    fitted = fit_prompt("latest", turns, "Be kind.", count_tokens=count, context_length=512, max_new_tokens=128)
+    fitted = fit_prompt(
+        "latest", turns, "Be kind.", count_tokens=count, context_length=512, max_new_tokens=128
+    )
     assert fitted.dropped_turns > 0
     assert fitted.text == render("latest", turns[fitted.dropped_turns :], "Be kind.")
     assert fitted.prompt_tokens + 128 <= 512

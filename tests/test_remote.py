@@ -150,7 +150,11 @@ def test_the_watchdog_aborts_once_its_deadline_passes_and_not_while_armed():
     [
         (429, "Model is overloaded", BackendBusy),
         (422, "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 2048", ContextOverflow),
-        (400, "This model's maximum context length is 2048 tokens. However, you requested 2100", ContextOverflow),
+        (
+            400,
+            "This model's maximum context length is 2048 tokens. However, you requested 2100",
+            ContextOverflow,
+        ),
         (400, "'max_tokens' or 'max_completion_tokens' is too large: 3000", ContextOverflow),
         (422, "Input validation error: `top_p` must be > 0.0 and < 1.0", RequestRejected),
         (503, "Service Unavailable", BackendUnavailable),
@@ -183,9 +187,22 @@ def test_options_come_from_the_configuration():
     from chat.config import load_settings
 
     settings = load_settings(
-        ["--backend", "tgi", "--endpoint", "http://a", "--connect-timeout", "2",
-         "--first-token-timeout", "30", "--token-timeout", "7.5", "--busy-retries", "0",
-         "--endpoint-cooldown", "9"],
+        [
+            "--backend",
+            "tgi",
+            "--endpoint",
+            "http://a",
+            "--connect-timeout",
+            "2",
+            "--first-token-timeout",
+            "30",
+            "--token-timeout",
+            "7.5",
+            "--busy-retries",
+            "0",
+            "--endpoint-cooldown",
+            "9",
+        ],
         environ={},
     )
     options = RemoteOptions.from_settings(settings)

@@ -17,8 +17,14 @@ from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble
 
 
 def remote_settings(*endpoints, **overrides) -> Settings:
-    return Settings(backend="tgi", endpoints=tuple(endpoints), first_token_timeout_s=2.0,
-                    token_timeout_s=1.0, busy_retries=0, **overrides)
+    return Settings(
+        backend="tgi",
+        endpoints=tuple(endpoints),
+        first_token_timeout_s=2.0,
+        token_timeout_s=1.0,
+        busy_retries=0,
+        **overrides,
+    )
 
 
 def chat(url: str, message: str = "Hello") -> str:
@@ -92,8 +98,12 @@ def test_stop_through_the_api_ends_the_generation_on_the_server(tgi_app):
 
 def test_the_openai_backend_chats_with_a_real_transformers_serve(transformers_serve):
     # A small context keeps the reply short: the fit leaves it what the prompt does not take.
-    settings = Settings(backend="openai", endpoints=(transformers_serve.url,),
-                        model=transformers_serve.model, max_total_tokens=64)
+    settings = Settings(
+        backend="openai",
+        endpoints=(transformers_serve.url,),
+        model=transformers_serve.model,
+        max_total_tokens=64,
+    )
     backend = build_backend(settings)
     with serve_app(backend, settings) as url:
         reply = chat(url, "Tell me about falcons.")

@@ -54,7 +54,9 @@ def assert_no_growth(url: str, count: int, message: str, args, idle, forget=lamb
     gc.collect()
     new_objects = len(gc.get_objects()) - objects_before
     assert settled(lambda: process_figures()["threads"] <= before["threads"] + MAX_NEW_THREADS), (
-        before, process_figures())
+        before,
+        process_figures(),
+    )
     after = process_figures()
     assert after["fds"] <= before["fds"] + MAX_NEW_FDS, (before, after)
     if count > 100:
@@ -65,10 +67,15 @@ def assert_no_growth(url: str, count: int, message: str, args, idle, forget=lamb
 
 def remote_path(count: int) -> None:
     with app_on_double(tokens_per_second=200) as (url, double):
-        double.reply_for = lambda body: Reply(
-            text="word " * 400)
-        assert_no_growth(url, count, "Tell me a long story.", ("", 0.7, 400, 0.9, 1.0),
-                         idle=lambda: double.active == 0, forget=double.requests.clear)
+        double.reply_for = lambda body: Reply(text="word " * 400)
+        assert_no_growth(
+            url,
+            count,
+            "Tell me a long story.",
+            ("", 0.7, 400, 0.9, 1.0),
+            idle=lambda: double.active == 0,
+            forget=double.requests.clear,
+        )
         del double.reply_for
         assert HEALTHY_TEXT in Client(url, verbose=False).predict("Still there?", *ARGS, api_name="/chat")
 
@@ -76,8 +83,13 @@ def remote_path(count: int) -> None:
 def local_path(local_backend, count: int) -> None:
     with serve_app(local_backend, Settings()) as url:
         # The worker's queue is empty once every cancelled generation has ended.
-        assert_no_growth(url, count, "Tell me a long story.", ("", 1.0, 300, 0.9, 1.0),
-                         idle=lambda: local_backend._jobs.empty())
+        assert_no_growth(
+            url,
+            count,
+            "Tell me a long story.",
+            ("", 1.0, 300, 0.9, 1.0),
+            idle=lambda: local_backend._jobs.empty(),
+        )
         assert Client(url, verbose=False).predict("Hello", *ARGS, api_name="/chat")
 
 

@@ -53,15 +53,28 @@ def stream_error(code: str, message: str) -> bytes:
 
 def tgi_sse(words: list[str], finish: str = "eos_token") -> bytes:
     lines = [
-        "data:" + json.dumps({"index": i, "token": {"id": i, "text": w, "logprob": -1.0, "special": False},
-                              "generated_text": None, "details": None})
+        "data:"
+        + json.dumps(
+            {
+                "index": i,
+                "token": {"id": i, "text": w, "logprob": -1.0, "special": False},
+                "generated_text": None,
+                "details": None,
+            }
+        )
         for i, w in enumerate(words)
     ]
-    lines.append("data:" + json.dumps({
-        "index": len(words), "token": {"id": 2, "text": "<|endoftext|>", "logprob": -0.1, "special": True},
-        "generated_text": "".join(words),
-        "details": {"finish_reason": finish, "generated_tokens": len(words) + 1, "seed": 7},
-    }))
+    lines.append(
+        "data:"
+        + json.dumps(
+            {
+                "index": len(words),
+                "token": {"id": 2, "text": "<|endoftext|>", "logprob": -0.1, "special": True},
+                "generated_text": "".join(words),
+                "details": {"finish_reason": finish, "generated_tokens": len(words) + 1, "seed": 7},
+            }
+        )
+    )
     return "".join(line + "\n\n" for line in lines).encode()
 
 
@@ -90,15 +103,21 @@ class RawStream:
 
 @pytest.fixture
 def client():
-    return boto3.client("sagemaker-runtime", region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "sagemaker-runtime",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 def body_for(client, *messages: bytes, chunk_size: int = 37) -> EventStream:
     data = b"".join(messages)
     raw = RawStream([data[i : i + chunk_size] for i in range(0, len(data), chunk_size)])
     shape = client.meta.service_model.operation_model("InvokeEndpointWithResponseStream").output_shape
-    return EventStream(raw, shape.members["Body"], EventStreamJSONParser(), "InvokeEndpointWithResponseStream")
+    return EventStream(
+        raw, shape.members["Body"], EventStreamJSONParser(), "InvokeEndpointWithResponseStream"
+    )
 
 
 def answer(stubber, client, *messages, endpoint="falcon-180b-chat", expected_payload=None):
@@ -117,24 +136,38 @@ def test_streams_tgi_tokens_out_of_payload_parts_split_anywhere(client):
     with EventStreamStubber(client) as stubber:
         # One PayloadPart per 5 bytes: lines, JSON and characters are cut everywhere.
         answer(stubber, client, *[payload_part(sse[i : i + 5]) for i in range(0, len(sse), 5)])
-        tokens = list(SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS)
-                      .stream("User: Hi\nFalcon:", GenerationParams()))
+        tokens = list(
+            SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS).stream(
+                "User: Hi\nFalcon:", GenerationParams()
+            )
+        )
     assert "".join(t.text for t in tokens) == " Bonjour à tous ✓"
     assert tokens[-1].finish_reason == FINISH_STOP and tokens[-1].seed == 7
 
 
 def test_sends_the_jumpstart_payload(client):
     params = GenerationParams(temperature=0.0, max_new_tokens=64)
-    expected = json.dumps({
-        "inputs": "User: Hi\nFalcon:",
-        "parameters": {"do_sample": False, "max_new_tokens": 64, "repetition_penalty": None, "seed": None,
-                       "stop": ["\nUser:", "\nSystem:", "<|endoftext|>"], "details": True},
-        "stream": True,
-    })
+    expected = json.dumps(
+        {
+            "inputs": "User: Hi\nFalcon:",
+            "parameters": {
+                "do_sample": False,
+                "max_new_tokens": 64,
+                "repetition_penalty": None,
+                "seed": None,
+                "stop": ["\nUser:", "\nSystem:", "<|endoftext|>"],
+                "details": True,
+            },
+            "stream": True,
+        }
+    )
     with EventStreamStubber(client) as stubber:
         answer(stubber, client, payload_part(tgi_sse(["ok"])), expected_payload=expected)
-        list(SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS)
-             .stream("User: Hi\nFalcon:", params))
+        list(
+            SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS).stream(
+                "User: Hi\nFalcon:", params
+            )
+        )
         stubber.assert_no_pending_responses()
 
 
@@ -149,7 +182,9 @@ def test_the_reply_loop_shows_the_text_with_stop_sequences_removed(client):
 def test_closing_the_stream_closes_the_response_body(client):
     with EventStreamStubber(client) as stubber:
         body = answer(stubber, client, payload_part(tgi_sse(["a", "b", "c", "d"])))
-        stream = SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS).stream("x", GenerationParams())
+        stream = SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS).stream(
+            "x", GenerationParams()
+        )
         next(stream)
         stream.close()
     assert body._raw_stream.closed
@@ -158,8 +193,9 @@ def test_closing_the_stream_closes_the_response_body(client):
 def test_a_model_stream_error_mid_stream_keeps_the_partial_reply(client):
     with EventStreamStubber(client) as stubber:
         first_event = tgi_sse(["Part", " two"]).split(b"\n\n")[0] + b"\n\n"
-        answer(stubber, client, payload_part(first_event),
-               stream_error("ModelStreamError", "CUDA out of memory"))
+        answer(
+            stubber, client, payload_part(first_event), stream_error("ModelStreamError", "CUDA out of memory")
+        )
         backend = SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS)
         reply = list(stream_reply(backend, "Hi", [], "", GenerationParams(), max_message_chars=100))
     assert reply[-1].startswith("Part") and GenerationFailed.user_message in reply[-1]
@@ -170,10 +206,21 @@ def test_a_model_stream_error_mid_stream_keeps_the_partial_reply(client):
     "code, status, fields, kind",
     [
         ("ThrottlingException", 400, {}, BackendBusy),
-        ("ModelError", 424, {"OriginalStatusCode": 429, "OriginalMessage": "Model is overloaded"}, BackendBusy),
-        ("ModelError", 424, {"OriginalStatusCode": 422, "OriginalMessage":
-                             "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 2048"},
-         ContextOverflow),
+        (
+            "ModelError",
+            424,
+            {"OriginalStatusCode": 429, "OriginalMessage": "Model is overloaded"},
+            BackendBusy,
+        ),
+        (
+            "ModelError",
+            424,
+            {
+                "OriginalStatusCode": 422,
+                "OriginalMessage": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 2048",
+            },
+            ContextOverflow,
+        ),
         ("ValidationError", 400, {}, BackendUnavailable),
         ("ServiceUnavailable", 503, {}, BackendUnavailable),
     ],
@@ -182,11 +229,19 @@ def test_service_errors_become_error_kinds(client, code, status, fields, kind):
     message = "Endpoint falcon-180b-chat of account 123 not found." if code == "ValidationError" else "failed"
     with EventStreamStubber(client) as stubber:
         for _ in range(2):  # a busy endpoint is asked twice (busy_retries=1)
-            stubber.add_client_error(OPERATION, service_error_code=code, service_message=message,
-                                     http_status_code=status, modeled_fields=fields or None)
+            stubber.add_client_error(
+                OPERATION,
+                service_error_code=code,
+                service_message=message,
+                http_status_code=status,
+                modeled_fields=fields or None,
+            )
         with pytest.raises(kind):
-            list(SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS)
-                 .stream("x", GenerationParams()))
+            list(
+                SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS).stream(
+                    "x", GenerationParams()
+                )
+            )
 
 
 def test_a_failing_endpoint_is_skipped_for_the_next_one(client):

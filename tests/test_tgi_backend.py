@@ -194,8 +194,11 @@ def test_a_server_side_length_error_drops_older_turns_instead_of_reaching_the_us
     # lets the prompt through, the server rejects it, the reply loop drops turns until it fits.
     with TGIDouble(max_input_tokens=40, max_total_tokens=2048) as tgi:
         history = [[f"question {i} " * 4, f"answer {i} " * 4] for i in range(6)]
-        reply = list(stream_reply(backend_for(tgi), "And now?", history, "", GenerationParams(),
-                                  max_message_chars=1000))
+        reply = list(
+            stream_reply(
+                backend_for(tgi), "And now?", history, "", GenerationParams(), max_message_chars=1000
+            )
+        )
         assert reply[-1] == DEFAULT_TEXT
         sent = [len(tokenize(r.body["inputs"])) for r in tgi.generate_requests()]
         assert len(sent) > 1 and sent == sorted(sent, reverse=True) and sent[-1] <= 40
@@ -204,8 +207,11 @@ def test_a_server_side_length_error_drops_older_turns_instead_of_reaching_the_us
 
 def test_when_no_turn_is_left_to_drop_the_user_is_told_briefly():
     with TGIDouble(max_input_tokens=3) as tgi:
-        reply = list(stream_reply(backend_for(tgi), "A message that is long", [], "", GenerationParams(),
-                                  max_message_chars=1000))
+        reply = list(
+            stream_reply(
+                backend_for(tgi), "A message that is long", [], "", GenerationParams(), max_message_chars=1000
+            )
+        )
         assert reply[-1].endswith(ContextOverflow.user_message)
 
 
@@ -221,8 +227,10 @@ def test_a_side_route_dropped_without_an_answer_is_asked_once_more():
             with connection:
                 connection.recv(65536)
                 if answer is not None:
-                    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                       b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(answer), answer))
+                    connection.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(answer), answer)
+                    )
 
     threading.Thread(target=serve, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"

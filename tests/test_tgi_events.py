@@ -21,7 +21,9 @@ def test_token_lines_parse_with_or_without_the_space(prefix):
     assert (token.text, token.id, token.finish_reason) == (" Hello", 415, None)
 
 
-@pytest.mark.parametrize("line", ["", ":", ": keep-alive", "event: message", "id: 3", "data:", "data: [DONE]"])
+@pytest.mark.parametrize(
+    "line", ["", ":", ": keep-alive", "event: message", "id: 3", "data:", "data: [DONE]"]
+)
 def test_blank_comment_and_other_lines_carry_no_token(line):
     assert parse_line(line) is None
 
@@ -48,10 +50,14 @@ def test_finish_reasons_map_to_ours(reason, ours):
             'Given: 2000 `inputs` tokens and 100 `max_new_tokens`","error_type":"validation"}',
             ContextOverflow,
         ),
-        ('{"error":"Input validation error: `temperature` must be strictly positive","error_type":"validation"}',
-         RequestRejected),
-        ('{"error":"Request failed during generation: Server error: CUDA OOM","error_type":"generation"}',
-         GenerationFailed),
+        (
+            '{"error":"Input validation error: `temperature` must be strictly positive","error_type":"validation"}',
+            RequestRejected,
+        ),
+        (
+            '{"error":"Request failed during generation: Server error: CUDA OOM","error_type":"generation"}',
+            GenerationFailed,
+        ),
     ],
 )
 def test_error_events_raise_their_kind_without_server_text_for_the_user(event, kind):

@@ -67,9 +67,17 @@ class RecordedRequest:
 class TGIDouble:
     """Start with `start()` (or `with TGIDouble() as tgi:`), point clients at `url`."""
 
-    def __init__(self, *, tokens_per_second: float | None = None, max_input_tokens: int = 1024,
-                 max_total_tokens: int = 2048, data_prefix: str = "data:", keepalive_s: float = 0.05,
-                 tokenize: bool = True, model_id: str = "tiiuae/falcon-180B-chat"):
+    def __init__(
+        self,
+        *,
+        tokens_per_second: float | None = None,
+        max_input_tokens: int = 1024,
+        max_total_tokens: int = 2048,
+        data_prefix: str = "data:",
+        keepalive_s: float = 0.05,
+        tokenize: bool = True,
+        model_id: str = "tiiuae/falcon-180B-chat",
+    ):
         self.tokens_per_second = tokens_per_second
         self.max_input_tokens = max_input_tokens
         self.max_total_tokens = max_total_tokens
@@ -93,7 +101,9 @@ class TGIDouble:
         handler = type("Handler", (_Handler,), {"double": self})
         self._server = _Server(("127.0.0.1", port), handler)
         self._stopping.clear()
-        threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True, name="tgi-double").start()
+        threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True, name="tgi-double"
+        ).start()
         return self
 
     def stop(self) -> None:
@@ -185,17 +195,25 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
 
-
     def do_GET(self):
         self._recorded(None)
         if self.path == "/info":
             d = self.double
-            self._json(200, {
-                "model_id": d.model_id, "model_dtype": "torch.bfloat16", "router": "text-generation-router",
-                "version": "3.3.6", "max_input_tokens": d.max_input_tokens,
-                "max_total_tokens": d.max_total_tokens, "max_stop_sequences": 4,
-                "max_concurrent_requests": 128, "max_best_of": 2, "validation_workers": 2,
-            })
+            self._json(
+                200,
+                {
+                    "model_id": d.model_id,
+                    "model_dtype": "torch.bfloat16",
+                    "router": "text-generation-router",
+                    "version": "3.3.6",
+                    "max_input_tokens": d.max_input_tokens,
+                    "max_total_tokens": d.max_total_tokens,
+                    "max_stop_sequences": 4,
+                    "max_concurrent_requests": 128,
+                    "max_best_of": 2,
+                    "validation_workers": 2,
+                },
+            )
         elif self.path == "/health":
             self._json(200, {})
         else:
@@ -223,8 +241,13 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.fail and reply.fail.startswith("http_"):
             status = int(reply.fail[5:])
             error_type = "overloaded" if status == 429 else "generation"
-            self._json(status, {"error": "Model is overloaded" if status == 429 else "Internal error",
-                                "error_type": error_type})
+            self._json(
+                status,
+                {
+                    "error": "Model is overloaded" if status == 429 else "Internal error",
+                    "error_type": error_type,
+                },
+            )
             return
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -247,9 +270,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _events(self, body: dict, reply: Reply) -> None:
         error = self._validation_error(body)
         if error or reply.fail == "validation":
-            return self._event({"error": error or reply.error or "Input validation error: `inputs` "
-                                "tokens + `max_new_tokens` must be <= 2048. Given: 2000 `inputs` "
-                                "tokens and 100 `max_new_tokens`", "error_type": "validation"})
+            return self._event(
+                {
+                    "error": error
+                    or reply.error
+                    or "Input validation error: `inputs` "
+                    "tokens + `max_new_tokens` must be <= 2048. Given: 2000 `inputs` "
+                    "tokens and 100 `max_new_tokens`",
+                    "error_type": "validation",
+                }
+            )
         if reply.fail == "overloaded":
             return self._event({"error": "Model is overloaded", "error_type": "overloaded"})
         if reply.fail == "silent_before":
@@ -268,13 +298,23 @@ class _Handler(BaseHTTPRequestHandler):
                 if reply.fail == "killed_mid":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     raise _Disconnected  # counted as a disconnect: the stream did not end
-                return self._event({"error": reply.error or "Request failed during generation: "
-                                    "CUDA out of memory", "error_type": "generation"})
+                return self._event(
+                    {
+                        "error": reply.error or "Request failed during generation: CUDA out of memory",
+                        "error_type": "generation",
+                    }
+                )
             generated += piece
             stopped = any(stop in generated for stop in stops)
             last = stopped or (index == len(pieces) - 1 and finish == "length")
-            self._token(index, piece, False, generated if last else None,
-                        ("stop_sequence" if stopped else finish) if last else None, len(pieces))
+            self._token(
+                index,
+                piece,
+                False,
+                generated if last else None,
+                ("stop_sequence" if stopped else finish) if last else None,
+                len(pieces),
+            )
             if last:
                 return None
             self._wait(1 / self.double.tokens_per_second if self.double.tokens_per_second else 0)
@@ -284,11 +324,15 @@ class _Handler(BaseHTTPRequestHandler):
         details = None
         if finish_reason:
             details = {"finish_reason": finish_reason, "generated_tokens": count, "seed": None}
-        self._event({
-            "index": index + 1,
-            "token": {"id": 100 + index, "text": text, "logprob": -0.25, "special": special},
-            "generated_text": generated_text, "details": details, "top_tokens": None,
-        })
+        self._event(
+            {
+                "index": index + 1,
+                "token": {"id": 100 + index, "text": text, "logprob": -0.25, "special": special},
+                "generated_text": generated_text,
+                "details": details,
+                "top_tokens": None,
+            }
+        )
 
     def _validation_error(self, body: dict) -> str | None:
         """TGI's checks and wording (router/src/validation.rs)."""
@@ -305,12 +349,16 @@ class _Handler(BaseHTTPRequestHandler):
         if len(p.get("stop") or []) > 4:
             return f"Input validation error: `stop` supports up to 4 stop sequences. Given: {len(p['stop'])}"
         if inputs > d.max_input_tokens:
-            return (f"Input validation error: `inputs` must have less than {d.max_input_tokens} "
-                    f"tokens. Given: {inputs}")
+            return (
+                f"Input validation error: `inputs` must have less than {d.max_input_tokens} "
+                f"tokens. Given: {inputs}"
+            )
         if inputs + max_new > d.max_total_tokens:
-            return (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
-                    f"{d.max_total_tokens}. Given: {inputs} `inputs` tokens and {max_new} "
-                    "`max_new_tokens`")
+            return (
+                f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
+                f"{d.max_total_tokens}. Given: {inputs} `inputs` tokens and {max_new} "
+                "`max_new_tokens`"
+            )
         return None
 
     # -- writing, waiting, noticing a client that left ---------------------------------------------
@@ -329,7 +377,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Wait (None: until the double stops), sending keep-alives; notice a client leaving."""
         end = None if seconds is None else time.monotonic() + seconds
         while not self.double._stopping.is_set():
-            left = self.double.keepalive_s if end is None else min(end - time.monotonic(), self.double.keepalive_s)
+            left = (
+                self.double.keepalive_s
+                if end is None
+                else min(end - time.monotonic(), self.double.keepalive_s)
+            )
             if left <= 0:
                 return
             readable, _, _ = select.select([self.connection], [], [], left)

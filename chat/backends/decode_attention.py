@@ -197,7 +197,9 @@ if triton is not None:
         best = tl.load(max_ptr + stats, mask=used, other=-float("inf"))
         total = tl.load(total_ptr + stats, mask=used, other=0.0)
         dims = tl.arange(0, HEAD_DIM)
-        partial = tl.load(partial_ptr + stats[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+        partial = tl.load(
+            partial_ptr + stats[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0
+        )
         overall = tl.max(best, 0)
         weight = tl.where(used, tl.exp(best - overall), 0.0)
         attn = tl.sum(partial * weight[:, None], 0) / tl.sum(total * weight, 0)

@@ -87,7 +87,13 @@ class FastDecoder:
     """Static-cache Falcon decoder; CUDA-graph replay on a GPU, eager on the CPU."""
 
     def __init__(
-        self, model, tokenizer, *, max_len: int, use_graphs: bool | None = None, compile_mode: str | None = None
+        self,
+        model,
+        tokenizer,
+        *,
+        max_len: int,
+        use_graphs: bool | None = None,
+        compile_mode: str | None = None,
     ):
         check_supported(model)
         config = model.config
@@ -113,7 +119,11 @@ class FastDecoder:
         self._fallback = None  # the plain decoder, once capture has failed
         # The step's pieces; compiled in warm_up on a GPU.
         self._project_in, self._decode_in, self._attend_torch, self._project_out, self._head = (
-            _project_in, _decode_in, attend_reference, _project_out, _head
+            _project_in,
+            _decode_in,
+            attend_reference,
+            _project_out,
+            _head,
         )
         self._tokenizer = tokenizer
         with torch.no_grad():
@@ -168,9 +178,7 @@ class FastDecoder:
             w_mlp_in = b_mlp_in = None
         w_out = _fuse_columns(dense, h4h)
         b_out = (dense.bias + h4h.bias).detach() if dense.bias is not None else None
-        cache = torch.zeros(
-            self.kv_heads, self.max_len, self.head_dim, dtype=self.dtype, device=self.device
-        )
+        cache = torch.zeros(self.kv_heads, self.max_len, self.head_dim, dtype=self.dtype, device=self.device)
         return _Layer(ln_attn, ln_mlp, w_in, b_in, w_mlp_in, b_mlp_in, w_out, b_out, cache, cache.clone())
 
     def warm_up(self) -> None:
@@ -327,8 +335,17 @@ class FastDecoder:
                 q = self._decode_in(x, *_inputs(layer), cos, sin, self.pos, self.joined, *shape)
                 self._attend_torch(q, layer.k_cache, layer.v_cache, self.pos, self.positions, attn)
                 x = self._project_out(x, self.joined, layer.w_out, layer.b_out)
-        self._head(x, *self.ln_f, self.lm_head, self.seen, *self.knobs.tensors(), self._not_last,
-                   greedy, self.history, self.pos)
+        self._head(
+            x,
+            *self.ln_f,
+            self.lm_head,
+            self.seen,
+            *self.knobs.tensors(),
+            self._not_last,
+            greedy,
+            self.history,
+            self.pos,
+        )
 
     def _flash_layer(self, x, layer: _Layer):
         """One layer on a GPU: compiled input product, three Triton kernels, compiled out-product."""

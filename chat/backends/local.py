@@ -215,7 +215,9 @@ class PlainDecoder:
         class Cancelled(StoppingCriteria):
             # transformers' streamers cannot stop generate; a stopping criterion can, per token.
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled(), dtype=torch.bool, device=input_ids.device)
+                return torch.full(
+                    (input_ids.shape[0],), cancelled(), dtype=torch.bool, device=input_ids.device
+                )
 
         torch.manual_seed(seed)
         sampling = {}

@@ -65,14 +65,29 @@ def openai_base_url(endpoint: str) -> str:
 class OpenAIBackend(RemoteBackend):
     """Streams from one or more OpenAI-compatible servers (`--endpoint http://host:port/v1`)."""
 
-    def __init__(self, endpoints, *, model=None, api_key=None, options=RemoteOptions(),
-                 concurrency_limit=64, max_total_tokens=None):
-        super().__init__(endpoints, options=options, concurrency_limit=concurrency_limit,
-                         max_total_tokens=max_total_tokens, token=api_key)
+    def __init__(
+        self,
+        endpoints,
+        *,
+        model=None,
+        api_key=None,
+        options=RemoteOptions(),
+        concurrency_limit=64,
+        max_total_tokens=None,
+    ):
+        super().__init__(
+            endpoints,
+            options=options,
+            concurrency_limit=concurrency_limit,
+            max_total_tokens=max_total_tokens,
+            token=api_key,
+        )
         self._api_key = api_key
         self._clients = {
             endpoint: openai.OpenAI(
-                base_url=endpoint, api_key=api_key or _NO_KEY, max_retries=0,
+                base_url=endpoint,
+                api_key=api_key or _NO_KEY,
+                max_retries=0,
                 timeout=http_timeout(options),
             )
             for endpoint in self.pool.endpoints
@@ -90,7 +105,9 @@ class OpenAIBackend(RemoteBackend):
         stream = None
         try:
             stream = self._clients[endpoint].completions.create(
-                model=self.model_name, prompt=prompt, stream=True,
+                model=self.model_name,
+                prompt=prompt,
+                stream=True,
                 extra_headers={} if self._api_key else {"Authorization": openai.Omit()},
                 **completion_arguments(params),
             )
@@ -100,7 +117,9 @@ class OpenAIBackend(RemoteBackend):
                     finish = choice.finish_reason
                     yield Token(
                         choice.text or "",
-                        finish_reason=(FINISH_LENGTH if finish == "length" else FINISH_STOP) if finish else None,
+                        finish_reason=(FINISH_LENGTH if finish == "length" else FINISH_STOP)
+                        if finish
+                        else None,
                     )
         except openai.APIStatusError as error:
             raise error_for_status(error.status_code, error_text(error.response)) from None

@@ -264,7 +264,9 @@ def error_for_status(status: int, message: str = "") -> BackendError:
             detail=detail,
         )
     if status >= 500:
-        failure = BackendUnavailable(detail=detail) if status in (502, 503) else GenerationFailed(detail=detail)
+        failure = (
+            BackendUnavailable(detail=detail) if status in (502, 503) else GenerationFailed(detail=detail)
+        )
         failure.retryable = True  # another endpoint may well answer
         return failure
     return GenerationFailed(detail=detail)

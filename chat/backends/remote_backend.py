@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import functools
 import logging
-
-import httpx2
 from abc import abstractmethod
 from collections.abc import Generator, Iterator
+
+import httpx2
 
 from ..config import DEFAULT_REMOTE_CONCURRENCY
 from ..errors import BackendError
@@ -95,7 +95,9 @@ class RemoteBackend(Backend):
         # speak HTTP themselves. Not the Hub's session: no offline hook. No cap on connections:
         # each streaming reply holds one, and the UI's concurrency limit bounds those.
         self._http = httpx2.Client(
-            timeout=http_timeout(options), headers=auth_headers(token), verify=shared_tls_context(),
+            timeout=http_timeout(options),
+            headers=auth_headers(token),
+            verify=shared_tls_context(),
             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=concurrency_limit),
         )
         self.pool = EndpointPool(endpoints, options.cooldown_s)

@@ -29,7 +29,6 @@ _STATUS_OF_CODE = {"ThrottlingException": 429, "ServiceUnavailable": 503, "Inter
 def sagemaker_client(options: RemoteOptions):
     import boto3
     from botocore.config import Config
-
     from botocore.exceptions import NoRegionError
 
     config = Config(
@@ -75,10 +74,19 @@ def shutdown_event_stream(body) -> None:
 class SageMakerBackend(RemoteBackend):
     """Streams from one or more SageMaker endpoints (`--endpoint NAME`, repeatable)."""
 
-    def __init__(self, endpoints, *, client=None, options=RemoteOptions(), concurrency_limit=64,
-                 max_total_tokens=None, model_name=None):
-        super().__init__(endpoints, options=options, concurrency_limit=concurrency_limit,
-                         max_total_tokens=max_total_tokens)
+    def __init__(
+        self,
+        endpoints,
+        *,
+        client=None,
+        options=RemoteOptions(),
+        concurrency_limit=64,
+        max_total_tokens=None,
+        model_name=None,
+    ):
+        super().__init__(
+            endpoints, options=options, concurrency_limit=concurrency_limit, max_total_tokens=max_total_tokens
+        )
         self._client = client or sagemaker_client(options)
         self.model_name = model_name or "Falcon-180B chat"
         self.name = "Amazon SageMaker"
@@ -90,7 +98,11 @@ class SageMakerBackend(RemoteBackend):
     def open_stream(self, endpoint, prompt, params, watchdog):
         from botocore.exceptions import BotoCoreError, ClientError
 
-        payload = {"inputs": prompt, "parameters": {**tgi_parameters(params), "details": True}, "stream": True}
+        payload = {
+            "inputs": prompt,
+            "parameters": {**tgi_parameters(params), "details": True},
+            "stream": True,
+        }
         body = None
         try:
             response = self._client.invoke_endpoint_with_response_stream(

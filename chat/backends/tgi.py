@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 import httpx2
+
 from ..config import Settings
 from ..errors import BackendError, GenerationFailed
 from ..params import GenerationParams
@@ -61,10 +62,23 @@ def generate_request(prompt: str, params: GenerationParams) -> dict:
 class TGIBackend(RemoteBackend):
     """Streams from one or more TGI servers (or Inference Endpoints running TGI)."""
 
-    def __init__(self, endpoints, *, token=None, options=RemoteOptions(), concurrency_limit=64,
-                 max_total_tokens=None, model_name=None):
-        super().__init__(endpoints, options=options, concurrency_limit=concurrency_limit,
-                         max_total_tokens=max_total_tokens, token=token)
+    def __init__(
+        self,
+        endpoints,
+        *,
+        token=None,
+        options=RemoteOptions(),
+        concurrency_limit=64,
+        max_total_tokens=None,
+        model_name=None,
+    ):
+        super().__init__(
+            endpoints,
+            options=options,
+            concurrency_limit=concurrency_limit,
+            max_total_tokens=max_total_tokens,
+            token=token,
+        )
         self.model_name = model_name or "Falcon"
         self.name = "Text Generation Inference"
 
@@ -77,8 +91,12 @@ class TGIBackend(RemoteBackend):
         # A connection of its own, closed with the stream (which is how TGI hears of a Stop), and
         # never a kept-alive one that the server may be closing at that moment (a request sent
         # into it fails before the first token).
-        request = self._http.stream("POST", f"{endpoint}/generate_stream",
-                                    json=generate_request(prompt, params), headers={"Connection": "close"})
+        request = self._http.stream(
+            "POST",
+            f"{endpoint}/generate_stream",
+            json=generate_request(prompt, params),
+            headers={"Connection": "close"},
+        )
         try:
             with request as response:
                 watchdog.on_expiry(lambda: shutdown_response(response))

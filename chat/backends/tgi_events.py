@@ -61,8 +61,11 @@ def parse_line(line: str) -> Token | None:
     token = event.get("token") or {}
     details = event.get("details") or {}
     return make_token(
-        token.get("text", ""), token.get("id"), token.get("special", False),
-        details.get("finish_reason"), details.get("seed"),
+        token.get("text", ""),
+        token.get("id"),
+        token.get("special", False),
+        details.get("finish_reason"),
+        details.get("seed"),
     )
 
 

@@ -88,7 +88,7 @@ class ChatPage:
         message = messages.last if index == -1 else messages.nth(index)
         label = message.get_attribute("aria-label") or ""
         assert label.startswith(BOT_LABEL_PREFIX), label
-        return strip_note(label[len(BOT_LABEL_PREFIX):])
+        return strip_note(label[len(BOT_LABEL_PREFIX) :])
 
     def watch_reply_growth(self) -> None:
         self.page.evaluate(WATCH_REPLY_GROWTH)
@@ -99,7 +99,9 @@ class ChatPage:
     # -- settings ----------------------------------------------------------------------------------
 
     def open_settings(self) -> None:
-        accordion = self.page.get_by_role("button", name="System prompt and settings").filter(visible=True).last
+        accordion = (
+            self.page.get_by_role("button", name="System prompt and settings").filter(visible=True).last
+        )
         max_new_tokens = self._visible_label("number input for Max new tokens")
         # Gradio can render this accordion marked open with its content hidden, so that the first
         # click closes it: click until the settings show, waiting for each click to take effect.

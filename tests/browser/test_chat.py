@@ -86,7 +86,9 @@ def test_stop_halts_the_reply_and_the_generation(chat, real_model_pace):
     chat.wait_until_idle()
 
     generation = chat.recorder.ended_generation(started, timeout=10)
-    assert generation.finish_reason == FINISH_CANCELLED, "the reply ended before Stop: see LONG_WINDED_MESSAGE"
+    assert generation.finish_reason == FINISH_CANCELLED, (
+        "the reply ended before Stop: see LONG_WINDED_MESSAGE"
+    )
     assert 0 < generation.tokens < LONGEST_REPLY
     shown = chat.reply_text()
     # What the page shows stopped with the model: the start of the reply, no more than it made.
@@ -120,10 +122,15 @@ def test_the_system_prompt_goes_to_the_model(chat, local_backend):
     reply = chat.ask("Where is the treasure?")
 
     generation = chat.recorder.ended_generation(started)
-    assert generation.prompt.startswith("System: You are a pirate. Answer in one line.\nUser: Where is the treasure?")
+    assert generation.prompt.startswith(
+        "System: You are a pirate. Answer in one line.\nUser: Where is the treasure?"
+    )
     assert words(reply) == words(
         greedy_reply(
-            local_backend, "Where is the treasure?", system_prompt="You are a pirate. Answer in one line.", max_new_tokens=5
+            local_backend,
+            "Where is the treasure?",
+            system_prompt="You are a pirate. Answer in one line.",
+            max_new_tokens=5,
         )
     )
 
@@ -160,7 +167,9 @@ def test_editing_a_message_replaces_it_and_its_reply(chat):
     assert "Franse" not in edited.prompt
     chat.wait_until_idle()
     expect(chat.user_messages).to_have_count(1)
-    expect(chat.user_messages.last).to_have_attribute("aria-label", "user's message: What is the capital of France?")
+    expect(chat.user_messages.last).to_have_attribute(
+        "aria-label", "user's message: What is the capital of France?"
+    )
     expect(chat.bot_messages).to_have_count(1)
 
 
@@ -213,7 +222,9 @@ def test_a_reload_keeps_the_conversation(chat):
     saved.click()  # ...and the saved one is a click away
 
     expect(chat.user_messages).to_have_count(1)
-    expect(chat.user_messages.last).to_have_attribute("aria-label", "user's message: Remember this conversation")
+    expect(chat.user_messages.last).to_have_attribute(
+        "aria-label", "user's message: Remember this conversation"
+    )
     assert chat.reply_text() == reply
 
 

@@ -27,7 +27,9 @@ def test_the_playground_shows_the_app_and_the_snippets(page, assets_port, chat_u
     expect(page.locator("#src")).to_have_value(chat_url)
     expect(page.locator("#iframe-snippet")).to_contain_text(f'<iframe src="{chat_url}"')
     expect(page.locator("#component-snippet")).to_contain_text(f'<gradio-app src="{chat_url}"></gradio-app>')
-    expect(page.locator("#component-snippet")).to_contain_text("gradio.s3-us-west-2.amazonaws.com/6.31.0/gradio.js")
+    expect(page.locator("#component-snippet")).to_contain_text(
+        "gradio.s3-us-west-2.amazonaws.com/6.31.0/gradio.js"
+    )
 
 
 def test_the_playground_refuses_an_address_that_is_not_http(page, assets_port):
@@ -87,7 +89,10 @@ def test_an_allowed_origin_may_frame_a_restricted_app(page, assets_port, app_for
 def test_another_origin_is_refused_by_a_restricted_app(page, assets_port, app_for_localhost_pages):
     # The same playground from http://127.0.0.1:H: another origin than the one allowed.
     refusals = []
-    page.on("console", lambda message: refusals.append(message.text) if "frame-ancestors" in message.text else None)
+    page.on(
+        "console",
+        lambda message: refusals.append(message.text) if "frame-ancestors" in message.text else None,
+    )
     with page.expect_response(app_for_localhost_pages) as response_info:
         with page.expect_console_message(lambda message: "frame-ancestors" in message.text):
             page.goto(playground(assets_port, app_for_localhost_pages, host="127.0.0.1"))
