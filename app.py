@@ -7,9 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    from chat.backends import build_backend
     from chat.config import load_settings
     from chat.errors import ConfigError
+    from chat.factory import build_backend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

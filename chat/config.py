@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .embedding import parse_origins
 from .errors import ConfigError
 from .params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
 
@@ -74,7 +74,7 @@ class Settings:
     token: str | None = field(default=None, repr=False)
     log_messages: bool = False  # put message text in the request log (off: privacy)
     api_key: str | None = field(default=None, repr=False)  # for OpenAI-compatible servers
-    # Remote backends (None: the defaults in chat/backends/remote.py).
+    # Remote backends (None: the defaults in chat/backends/failover.py).
     connect_timeout_s: float | None = None
     first_token_timeout_s: float | None = None
     token_timeout_s: float | None = None  # longest silence between two tokens
@@ -232,3 +232,39 @@ def _check(settings: Settings) -> None:
         settings.default_params
     except Exception as error:
         raise ConfigError(f"--stop: {getattr(error, 'user_message', error)}") from None
+
+
+# A CSP source expression a person would write for a page that frames the app: a scheme
+# (`https:`), or an optional scheme, a host (optionally `*.`-prefixed) and an optional port.
+# Quotes, spaces, commas and semicolons are refused: they would change the header's meaning.
+_ORIGIN = re.compile(
+    r"""
+    (?:[a-z][a-z0-9+.-]*:)                                 # a scheme alone: https:
+    |
+    (?:[a-z][a-z0-9+.-]*://)?                              # optional scheme
+    (?:\*|(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*)            # host, *.host or *
+    (?::(?:[0-9]{1,5}|\*))?                                # optional port
+    """,
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
+def parse_origins(raw: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Origins from `--allow-embed-from` (comma-separated, or repeated), checked; () if none."""
+    if raw is None:
+        return ()
+    parts = raw.split(",") if isinstance(raw, str) else [p for item in raw for p in item.split(",")]
+    origins = []
+    for part in parts:
+        origin = part.strip()
+        if not origin:
+            continue
+        if origin.endswith("/") and "://" in origin and origin.count("/") == 3:
+            origin = origin[:-1]  # "https://example.com/" as copied from the address bar
+        if not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f"--allow-embed-from: {origin!r} is not an origin like https://example.com, "
+                "https://*.example.com or https:"
+            )
+        origins.append(origin)
+    return tuple(dict.fromkeys(origins))

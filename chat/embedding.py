@@ -13,24 +13,7 @@ the chat works and its history lasts as long as the page.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
-
-from .errors import ConfigError
-
-# A CSP source expression a person would write for a page that frames the app: a scheme
-# (`https:`), or an optional scheme, a host (optionally `*.`-prefixed) and an optional port.
-# Quotes, spaces, commas and semicolons are refused: they would change the header's meaning.
-_ORIGIN = re.compile(
-    r"""
-    (?:[a-z][a-z0-9+.-]*:)                                 # a scheme alone: https:
-    |
-    (?:[a-z][a-z0-9+.-]*://)?                              # optional scheme
-    (?:\*|(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*)            # host, *.host or *
-    (?::(?:[0-9]{1,5}|\*))?                                # optional port
-    """,
-    re.IGNORECASE | re.VERBOSE,
-)
 
 STORAGE_FALLBACK_HEAD = """<script>
 /* Falcon Chat: where this page is framed cross-site and the browser denies it storage, reading
@@ -58,27 +41,6 @@ STORAGE_FALLBACK_HEAD = """<script>
   });
 })();
 </script>"""
-
-
-def parse_origins(raw: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Origins from `--allow-embed-from` (comma-separated, or repeated), checked; () if none."""
-    if raw is None:
-        return ()
-    parts = raw.split(",") if isinstance(raw, str) else [p for item in raw for p in item.split(",")]
-    origins = []
-    for part in parts:
-        origin = part.strip()
-        if not origin:
-            continue
-        if origin.endswith("/") and "://" in origin and origin.count("/") == 3:
-            origin = origin[:-1]  # "https://example.com/" as copied from the address bar
-        if not _ORIGIN.fullmatch(origin):
-            raise ConfigError(
-                f"--allow-embed-from: {origin!r} is not an origin like https://example.com, "
-                "https://*.example.com or https:"
-            )
-        origins.append(origin)
-    return tuple(dict.fromkeys(origins))
 
 
 def frame_ancestors(origins: Iterable[str]) -> str:

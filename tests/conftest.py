@@ -35,10 +35,10 @@ def tiny_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def local_backend(tiny_model_dir):
-    from chat.backends.local import LocalBackend
     from chat.config import Settings
+    from chat.factory import build_backend
 
-    backend = LocalBackend.from_settings(Settings(model=str(tiny_model_dir)))
+    backend = build_backend(Settings(model=str(tiny_model_dir)))
     yield backend
     backend.close()
 

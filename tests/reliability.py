@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from chat.backends.remote import RemoteOptions
+from chat.backends.failover import RemoteOptions
 from chat.backends.tgi import TGIBackend
 from chat.config import Settings
 from tests.conftest import serve_app

@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
-from chat.config import load_settings
-from chat.embedding import STORAGE_FALLBACK_HEAD, embedding_launch_options, frame_ancestors, parse_origins
+from chat.config import load_settings, parse_origins
+from chat.embedding import STORAGE_FALLBACK_HEAD, embedding_launch_options, frame_ancestors
 from chat.errors import ConfigError
 from tests.conftest import serve_app
 

@@ -13,6 +13,7 @@ from chat.backends.base import FINISH_CANCELLED, FINISH_LENGTH
 from chat.backends.fast_decode import FastDecoder, Unsupported, penalize, sampling_probs
 from chat.backends.local import LocalBackend, PlainDecoder, choose_decoder
 from chat.config import Settings
+from chat.factory import build_backend
 from chat.params import GenerationParams
 
 CACHE = 128  # tokens; small, so eager attention over the whole cache stays quick
@@ -198,7 +199,7 @@ def test_decoder_choice(tiny_model_dir, tiny_tokenizer):
     assert isinstance(choose_decoder("auto", model, tiny_tokenizer, CACHE), PlainDecoder)  # CPU
     assert isinstance(choose_decoder("plain", model, tiny_tokenizer, CACHE), PlainDecoder)
     assert isinstance(choose_decoder("fast", model, tiny_tokenizer, CACHE), FastDecoder)
-    backend = LocalBackend.from_settings(Settings(model=str(tiny_model_dir), decoder="fast"))
+    backend = build_backend(Settings(model=str(tiny_model_dir), decoder="fast"))
     try:
         assert isinstance(backend.decoder, FastDecoder)
     finally:

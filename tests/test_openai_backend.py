@@ -12,8 +12,8 @@ import time
 import pytest
 
 from chat.backends.base import FINISH_LENGTH, FINISH_STOP
+from chat.backends.failover import RemoteOptions
 from chat.backends.openai_compat import OpenAIBackend
-from chat.backends.remote import RemoteOptions
 from chat.backends.remote_backend import estimate_tokens
 from chat.errors import BackendError, BackendUnavailable, ConfigError
 from chat.params import GenerationParams

@@ -8,9 +8,9 @@ import concurrent.futures
 import pytest
 from gradio_client import Client
 
-from chat.backends import build_backend
 from chat.config import Settings
 from chat.errors import BackendBusy, GenerationFailed
+from chat.factory import build_backend
 from chat.history import strip_note
 from tests.conftest import serve_app
 from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble

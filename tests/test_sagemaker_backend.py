@@ -16,7 +16,7 @@ from botocore.parsers import EventStreamJSONParser
 from botocore.stub import Stubber
 
 from chat.backends.base import FINISH_STOP
-from chat.backends.remote import RemoteOptions
+from chat.backends.failover import RemoteOptions
 from chat.backends.sagemaker import SageMakerBackend
 from chat.errors import BackendBusy, BackendUnavailable, ContextOverflow, GenerationFailed
 from chat.params import GenerationParams

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from chat.backends.remote import RemoteOptions
+from chat.backends.failover import RemoteOptions
 from chat.backends.tgi import TGIBackend
 from chat.errors import (
     BackendBusy,

@@ -17,7 +17,6 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config import Settings
 from ..errors import BackendTimeout, ConfigError, GenerationFailed
 from ..params import GenerationParams
 from .base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend, Token
@@ -86,22 +85,6 @@ class LocalBackend(Backend):
             # CUDA graphs belong to the thread that captures them: the worker, which replays them.
             # Start-up waits for it, so no user's request pays for compiling.
             self.call_on_worker(warm_up)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> LocalBackend:
-        from ..tiny_model import ensure_tiny_model
-
-        model_id = settings.model or str(ensure_tiny_model())
-        model, tokenizer = load_model(model_id, quantize=settings.quantize, token=settings.token)
-        name = "tiny demo Falcon (random weights)" if settings.model is None else model_id
-        context_length = settings.max_total_tokens or model_context_length(model, tokenizer)
-        return cls(
-            model,
-            tokenizer,
-            model_name=name,
-            context_length=context_length,
-            decoder=choose_decoder(settings.decoder, model, tokenizer, context_length),
-        )
 
     # -- the protocol --------------------------------------------------------------------------
 

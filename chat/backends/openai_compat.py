@@ -2,7 +2,7 @@
 
 The legacy completions route takes our own Falcon prompt and stop sequences as they are (the chat
 route would apply the server's chat template instead). Through the `openai` package, with its
-retries off (`remote.failover_stream` retries, once, for every backend).
+retries off (`failover.failover_stream` retries, once, for every backend).
 
 What servers tell us differs, so each question has a fallback:
 - the model name: --model, else the first model /v1/models lists;
@@ -22,18 +22,17 @@ from urllib.parse import urlsplit
 import httpx2
 import openai
 
-from ..config import Settings
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from ..params import GenerationParams
 from .base import FINISH_LENGTH, FINISH_STOP, Token
-from .remote import (
+from .failover import (
     RemoteOptions,
     error_for_event,
     error_for_exception,
     error_for_status,
     shutdown_response,
 )
-from .remote_backend import RemoteBackend, error_text, http_timeout, remote_arguments
+from .remote_backend import RemoteBackend, error_text, http_timeout
 
 OPENAI_MAX_STOP_SEQUENCES = 4  # the API's limit; our stop filter applies the rest
 _NO_KEY = "no-key"  # never sent: see the module docstring
@@ -95,11 +94,6 @@ class OpenAIBackend(RemoteBackend):
         self._listed: dict[str, dict] = {}
         self.model_name = model or self._first_listed_model()
         self.name = "an OpenAI-compatible server"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> OpenAIBackend:
-        endpoints = [openai_base_url(endpoint) for endpoint in settings.endpoints]
-        return cls(endpoints, model=settings.model, api_key=settings.api_key, **remote_arguments(settings))
 
     def open_stream(self, endpoint, prompt, params, watchdog):
         stream = None

@@ -2,7 +2,7 @@
 SageMaker.
 
 A subclass says how to open one stream on one endpoint, and (optionally) how the server counts
-tokens and how long its context is. This class adds failover (`remote.failover_stream`), a cache
+tokens and how long its context is. This class adds failover (`failover.failover_stream`), a cache
 of token counts (the prompt fitter counts every turn of a conversation again on each message, and
 each count is an HTTP request), and safe fallbacks: without a server-side count, a UTF-8 byte count,
 which is never below the token count of a byte-level or character-level BPE (every token covers at
@@ -18,11 +18,10 @@ from collections.abc import Generator, Iterator
 
 import httpx2
 
-from ..config import DEFAULT_REMOTE_CONCURRENCY
 from ..errors import BackendError
 from ..params import GenerationParams
 from .base import Backend, Token
-from .remote import (
+from .failover import (
     EndpointPool,
     RemoteOptions,
     Watchdog,
@@ -62,15 +61,6 @@ def error_text(response) -> str:
         return str(message.get("message", message) if isinstance(message, dict) else message)
     except Exception:
         return response.text
-
-
-def remote_arguments(settings) -> dict:
-    """The keyword arguments every RemoteBackend takes, from the configuration."""
-    return dict(
-        options=RemoteOptions.from_settings(settings),
-        concurrency_limit=settings.concurrency_limit or DEFAULT_REMOTE_CONCURRENCY,
-        max_total_tokens=settings.max_total_tokens,
-    )
 
 
 def estimate_tokens(text: str) -> int:

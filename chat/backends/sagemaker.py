@@ -8,7 +8,7 @@ the usual AWS environment (AWS_REGION, AWS_PROFILE, instance roles...), read by 
 
 SageMaker has no /info or /tokenize: the context is --max-total-tokens (else 2,048) and counts
 are the safe over-estimate; a length error from the container still makes the reply loop drop
-older turns. botocore's own retries are off: `remote.failover_stream` retries for every backend.
+older turns. botocore's own retries are off: `failover.failover_stream` retries for every backend.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import socket
 
-from ..config import Settings
 from ..errors import BackendError, BackendUnavailable, ConfigError
-from .remote import RemoteOptions, error_for_event, error_for_exception, error_for_status
-from .remote_backend import RemoteBackend, remote_arguments
+from .failover import RemoteOptions, error_for_event, error_for_exception, error_for_status
+from .remote_backend import RemoteBackend
 from .tgi import tgi_parameters
 from .tgi_events import LineBuffer, parse_line
 
@@ -90,10 +89,6 @@ class SageMakerBackend(RemoteBackend):
         self._client = client or sagemaker_client(options)
         self.model_name = model_name or "Falcon-180B chat"
         self.name = "Amazon SageMaker"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SageMakerBackend:
-        return cls(settings.endpoints, model_name=settings.model, **remote_arguments(settings))
 
     def open_stream(self, endpoint, prompt, params, watchdog):
         from botocore.exceptions import BotoCoreError, ClientError

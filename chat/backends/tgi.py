@@ -18,11 +18,10 @@ import logging
 
 import httpx2
 
-from ..config import Settings
 from ..errors import BackendError, GenerationFailed
 from ..params import GenerationParams
-from .remote import RemoteOptions, error_for_exception, error_for_status, shutdown_response
-from .remote_backend import RemoteBackend, error_text, remote_arguments
+from .failover import RemoteOptions, error_for_exception, error_for_status, shutdown_response
+from .remote_backend import RemoteBackend, error_text
 from .tgi_events import parse_line
 
 log = logging.getLogger(__name__)
@@ -81,11 +80,6 @@ class TGIBackend(RemoteBackend):
         )
         self.model_name = model_name or "Falcon"
         self.name = "Text Generation Inference"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TGIBackend:
-        endpoints = [endpoint.rstrip("/") for endpoint in settings.endpoints]
-        return cls(endpoints, token=settings.token, model_name=settings.model, **remote_arguments(settings))
 
     def open_stream(self, endpoint, prompt, params, watchdog):
         # A connection of its own, closed with the stream (which is how TGI hears of a Stop), and

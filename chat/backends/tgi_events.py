@@ -17,7 +17,7 @@ import json
 
 from ..errors import GenerationFailed
 from .base import FINISH_LENGTH, FINISH_STOP, Token
-from .remote import error_for_event
+from .failover import error_for_event
 
 # TGI's finish reasons -> ours. The matched stop sequence stays in TGI's text; our stop filter
 # cuts it, so "stop_sequence" is just the end of the turn.

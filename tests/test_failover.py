@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from chat.backends.base import Token
-from chat.backends.remote import (
+from chat.backends.failover import (
     EndpointPool,
     RemoteOptions,
     Watchdog,
@@ -205,7 +205,9 @@ def test_options_come_from_the_configuration():
         ],
         environ={},
     )
-    options = RemoteOptions.from_settings(settings)
+    from chat.factory import remote_options
+
+    options = remote_options(settings)
     assert (options.connect_timeout_s, options.first_token_timeout_s, options.token_timeout_s) == (2, 30, 7.5)
     assert (options.busy_retries, options.cooldown_s) == (0, 9)
 

@@ -73,17 +73,6 @@ class RemoteOptions:
         """Socket read timeout: a backstop for silence, the watchdog does the precise part."""
         return max(self.first_token_timeout_s, self.token_timeout_s) + 1.0
 
-    @classmethod
-    def from_settings(cls, settings) -> RemoteOptions:
-        given = dict(
-            connect_timeout_s=settings.connect_timeout_s,
-            first_token_timeout_s=settings.first_token_timeout_s,
-            token_timeout_s=settings.token_timeout_s,
-            busy_retries=settings.busy_retries,
-            cooldown_s=settings.endpoint_cooldown_s,
-        )
-        return cls(**{name: value for name, value in given.items() if value is not None})
-
 
 class EndpointPool:
     """Round-robin over endpoints; one that failed is tried last until its cooldown is over."""

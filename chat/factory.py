@@ -1,0 +1,73 @@
+"""From the app's configuration to a backend: the one place that reads `Settings` for them.
+
+Each backend's constructor takes plain values (endpoints, a token, timeouts); only this module
+knows which setting feeds which argument. It imports just the backend asked for, so a remote-only
+deployment never imports torch.
+"""
+
+from __future__ import annotations
+
+from .backends.base import Backend
+from .backends.failover import RemoteOptions
+from .config import DEFAULT_REMOTE_CONCURRENCY, Settings
+from .errors import ConfigError
+
+TINY_MODEL_NAME = "tiny demo Falcon (random weights)"
+
+
+def build_backend(settings: Settings) -> Backend:
+    """The backend the configuration asks for."""
+    if settings.backend == "local":
+        return _local_backend(settings)
+    if settings.backend == "tgi":
+        from .backends.tgi import TGIBackend
+
+        endpoints = [endpoint.rstrip("/") for endpoint in settings.endpoints]
+        return TGIBackend(endpoints, token=settings.token, model_name=settings.model, **_remote(settings))
+    if settings.backend == "openai":
+        from .backends.openai_compat import OpenAIBackend, openai_base_url
+
+        endpoints = [openai_base_url(endpoint) for endpoint in settings.endpoints]
+        return OpenAIBackend(endpoints, model=settings.model, api_key=settings.api_key, **_remote(settings))
+    if settings.backend == "sagemaker":
+        from .backends.sagemaker import SageMakerBackend
+
+        return SageMakerBackend(settings.endpoints, model_name=settings.model, **_remote(settings))
+    raise ConfigError(f"backend {settings.backend!r} is not available in this version")
+
+
+def remote_options(settings: Settings) -> RemoteOptions:
+    """Timeouts and retry policy from the flags; unset flags keep `RemoteOptions`' defaults."""
+    given = dict(
+        connect_timeout_s=settings.connect_timeout_s,
+        first_token_timeout_s=settings.first_token_timeout_s,
+        token_timeout_s=settings.token_timeout_s,
+        busy_retries=settings.busy_retries,
+        cooldown_s=settings.endpoint_cooldown_s,
+    )
+    return RemoteOptions(**{name: value for name, value in given.items() if value is not None})
+
+
+def _remote(settings: Settings) -> dict:
+    """The keyword arguments every RemoteBackend takes."""
+    return dict(
+        options=remote_options(settings),
+        concurrency_limit=settings.concurrency_limit or DEFAULT_REMOTE_CONCURRENCY,
+        max_total_tokens=settings.max_total_tokens,
+    )
+
+
+def _local_backend(settings: Settings) -> Backend:
+    from .backends.local import LocalBackend, choose_decoder, load_model, model_context_length
+    from .tiny_model import ensure_tiny_model
+
+    model_id = settings.model or str(ensure_tiny_model())
+    model, tokenizer = load_model(model_id, quantize=settings.quantize, token=settings.token)
+    context_length = settings.max_total_tokens or model_context_length(model, tokenizer)
+    return LocalBackend(
+        model,
+        tokenizer,
+        model_name=TINY_MODEL_NAME if settings.model is None else model_id,
+        context_length=context_length,
+        decoder=choose_decoder(settings.decoder, model, tokenizer, context_length),
+    )
