@@ -37,7 +37,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chat.history import strip_note  # noqa: E402
-from tests.tgi_double import Reply, TGIDouble, _Handler, tokenize  # noqa: E402
+from tests.tgi_double import Reply, TGIDouble, tokenize  # noqa: E402
 
 WORDS = (
     "falcon",
@@ -107,34 +106,22 @@ class TimedDouble(TGIDouble):
         self.reply_tokens = reply_tokens
         self.timings: dict[str, ServerTiming] = {}
 
-    def start(self, port: int = 0) -> TimedDouble:
-        from tests.tgi_double import _Server
+    def stream_started(self, body: dict) -> ServerTiming:
+        timing = ServerTiming(time.perf_counter())
+        tags = _TAG.findall(body.get("inputs", ""))
+        if tags:
+            self.timings[tags[-1]] = timing
+        return timing
 
-        self._server = _Server(("127.0.0.1", port), type("Handler", (_TimedHandler,), {"double": self}))
-        self._stopping.clear()
-        threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True).start()
-        return self
+    def token_sent(self, stream: ServerTiming, special: bool) -> None:
+        if not special:
+            stream.token_times.append(time.perf_counter())
 
     def reply_for(self, body: dict) -> Reply:
         tags = _TAG.findall(body.get("inputs", ""))
         if not tags:
             return super().reply_for(body)
         return Reply(text=reply_text(tags[-1], self.reply_tokens))
-
-
-class _TimedHandler(_Handler):
-    def _generate_stream(self, body: dict) -> None:
-        tags = _TAG.findall(body.get("inputs", ""))
-        tag = tags[-1] if tags else None
-        self._timing = ServerTiming(time.perf_counter())
-        if tag:
-            self.double.timings[tag] = self._timing
-        super()._generate_stream(body)
-
-    def _token(self, index, text, special, *args):
-        super()._token(index, text, special, *args)
-        if not special:
-            self._timing.token_times.append(time.perf_counter())
 
 
 # -- the clients --------------------------------------------------------------------------------------
@@ -378,8 +365,8 @@ async def run_phase(
         server_ttft.append(s_ttft)
         added_ttft.append(c_ttft - s_ttft)
         (added_first if reply.tag.endswith("t0") else added_later).append(c_ttft - s_ttft)
-        client_gaps += [b - a for a, b in zip(reply.update_times, reply.update_times[1:])]
-        server_gaps += [b - a for a, b in zip(timing.token_times, timing.token_times[1:])]
+        client_gaps += [b - a for a, b in zip(reply.update_times, reply.update_times[1:], strict=False)]
+        server_gaps += [b - a for a, b in zip(timing.token_times, timing.token_times[1:], strict=False)]
         lags.append(reply.update_times[-1] - timing.token_times[-1])
         shown_tokens = len(tokenize(expected_reply(reply.sent)))
         span = reply.update_times[-1] - reply.update_times[0]

@@ -145,6 +145,14 @@ class TGIDouble:
         """The reply to one /generate_stream request; override to answer by the prompt."""
         return self._next_reply()
 
+    def stream_started(self, body: dict) -> object:
+        """Called as a /generate_stream answer starts; its result goes to `token_sent` (benchmarks
+        time the server side through these two)."""
+        return None
+
+    def token_sent(self, stream: object, special: bool) -> None:
+        """Called after each token event of the stream that `stream_started` returned `stream` for."""
+
     def _next_reply(self) -> Reply:
         try:
             return self._script.popleft()
@@ -187,6 +195,7 @@ class _Stopped(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     double: TGIDouble
+    _stream: object = None  # what double.stream_started returned for the stream being sent
     protocol_version = "HTTP/1.1"
     # Headers and body go out in separate small writes: with Nagle's algorithm on, the second
     # waits for the client's delayed ACK (~40 ms), which a real TGI server does not add.
@@ -237,6 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- /generate_stream ----------------------------------------------------------------------
 
     def _generate_stream(self, body: dict) -> None:
+        self._stream = self.double.stream_started(body)
         reply = self.double.reply_for(body)
         if reply.fail and reply.fail.startswith("http_"):
             status = int(reply.fail[5:])
@@ -333,6 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "top_tokens": None,
             }
         )
+        self.double.token_sent(self._stream, special)
 
     def _validation_error(self, body: dict) -> str | None:
         """TGI's checks and wording (router/src/validation.rs)."""
