@@ -129,7 +129,7 @@ def main() -> None:
     if plain_tokens is not None:
         agree = leading_agreement(plain_tokens, bare_greedy["tokens"])
         results["greedy_agreement"] = {"leading": agree, "of": len(plain_tokens),
-                                       "same_position": sum(a == b for a, b in zip(plain_tokens, bare_greedy["tokens"]))}  # fmt: skip
+                                       "same_position": sum(a == b for a, b in zip(plain_tokens, bare_greedy["tokens"], strict=False))}  # fmt: skip
     if decoder.flash is not None:
         results["attention_check"] = backend.call_on_worker(lambda: check_attention(decoder))
         say(f"flash-decoding kernels against float64 attention: {results['attention_check']}")
@@ -451,7 +451,7 @@ def now(device: str) -> float:
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

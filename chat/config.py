@@ -229,7 +229,7 @@ def _check(settings: Settings) -> None:
     if len(settings.stop_sequences) > MAX_STOP_SEQUENCES:
         raise ConfigError(f"at most {MAX_STOP_SEQUENCES} stop sequences (--stop) are allowed")
     try:
-        settings.default_params
+        _ = settings.default_params  # builds and checks the stop sequences
     except Exception as error:
         raise ConfigError(f"--stop: {getattr(error, 'user_message', error)}") from None
 

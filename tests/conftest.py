@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port, serve_app
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -41,22 +35,6 @@ def local_backend(tiny_model_dir):
     backend = build_backend(Settings(model=str(tiny_model_dir)))
     yield backend
     backend.close()
-
-
-@contextlib.contextmanager
-def serve_app(backend, settings=None):
-    """Build the real app for `backend` and serve it on a free loopback port; yields its URL."""
-    from chat.config import Settings
-    from chat.ui import build_demo, launch_options
-
-    settings = settings or Settings()
-    settings = type(settings)(**{**settings.__dict__, "port": free_port()})
-    demo = build_demo(backend, settings)
-    demo.launch(**launch_options(settings, demo), prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{settings.port}/"
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from pathlib import Path
 from chat.backends.failover import RemoteOptions
 from chat.backends.tgi import TGIBackend
 from chat.config import Settings
-from tests.conftest import serve_app
+from tests.helpers import serve_app
 from tests.tgi_double import Reply, TGIDouble, _Handler
 
 HEALTHY_TEXT = " ".join(f"word{i}" for i in range(40)) + "."

@@ -9,8 +9,8 @@ from chat.backends.base import FINISH_CANCELLED
 from chat.backends.local import LocalBackend, PlainDecoder, load_model
 from chat.config import Settings
 from chat.history import strip_note
-from tests.conftest import serve_app
 from tests.doubles import RecordingDecoder
+from tests.helpers import serve_app
 
 GREEDY = ("", 0.0, 40, 0.9, 1.0)  # system prompt, temperature, max new tokens, top-p, repetition penalty
 

@@ -10,7 +10,7 @@ import pytest
 from chat.config import load_settings, parse_origins
 from chat.embedding import STORAGE_FALLBACK_HEAD, embedding_launch_options, frame_ancestors
 from chat.errors import ConfigError
-from tests.conftest import serve_app
+from tests.helpers import serve_app
 
 
 def headers_of(url: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from chat.backends.local import LocalBackend, PlainDecoder, load_model
 from chat.config import Settings
 from chat.errors import BackendBusy, BackendTimeout, GenerationFailed
 from chat.history import NOTE_MARK, strip_note
-from tests.conftest import serve_app
+from tests.helpers import serve_app
 from tests.reliability import ARGS, HEALTHY_TEXT, HUGE_TOKEN, app_on_double
 
 BROKE_OFF = "The connection to the model server broke off. Please try again."

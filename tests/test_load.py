@@ -12,7 +12,7 @@ from gradio_client.utils import QueueError
 from bench.load import TimedDouble, run_phase
 from chat.backends.tgi import TGIBackend
 from chat.config import Settings
-from tests.conftest import serve_app
+from tests.helpers import serve_app
 from tests.reliability import ARGS, QUICK, app_on_double, settled
 from tests.tgi_double import Reply
 

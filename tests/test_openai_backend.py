@@ -18,7 +18,7 @@ from chat.backends.remote_backend import estimate_tokens
 from chat.errors import BackendError, BackendUnavailable, ConfigError
 from chat.params import GenerationParams
 from chat.reply import stream_reply
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.tgi_double import TGIDouble
 
 OPTIONS = RemoteOptions(connect_timeout_s=5, first_token_timeout_s=30, token_timeout_s=30, busy_retries=0)
@@ -122,7 +122,7 @@ def test_an_api_key_is_sent_as_bearer_and_no_header_without_one():
         for key in ("sk-test", None):
             before = len(server.requests)
             backend = OpenAIBackend([server.url + "/v1"], model="m", api_key=key, options=OPTIONS)
-            with pytest.raises(Exception):
+            with pytest.raises(BackendError):  # the double answers 404 to /v1/completions
                 list(backend.stream("x", GREEDY))
             backend.count_tokens(f"counted with {key}")
             sent[key] = server.requests[before:]

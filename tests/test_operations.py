@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from chat.backends.local import LocalBackend, load_model
 from chat.config import Settings
 from chat.export import conversation_json, conversation_markdown
-from tests.conftest import serve_app
+from tests.helpers import serve_app
 
 
 def get(url: str) -> tuple[int, str]:
@@ -62,9 +62,11 @@ def test_request_logs_have_figures_but_no_message_text_or_secrets(tiny_model_dir
     model, tokenizer = load_model(str(tiny_model_dir))
     backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048)
     secret = "hf_SENTINEL_do_not_log_0123456789"
-    with caplog.at_level(logging.INFO, logger="falcon_chat.requests"):
-        with serve_app(backend, Settings(token=secret)) as url:
-            Client(url, verbose=False).predict("my private message", "", 0.0, 5, 0.9, 1.0, api_name="/chat")
+    with (
+        caplog.at_level(logging.INFO, logger="falcon_chat.requests"),
+        serve_app(backend, Settings(token=secret)) as url,
+    ):
+        Client(url, verbose=False).predict("my private message", "", 0.0, 5, 0.9, 1.0, api_name="/chat")
     backend.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "falcon_chat.requests"]
     assert any('"generated_tokens": 5' in line and '"finish_reason": "length"' in line for line in lines)

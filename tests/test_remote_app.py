@@ -12,7 +12,7 @@ from chat.config import Settings
 from chat.errors import BackendBusy, GenerationFailed
 from chat.factory import build_backend
 from chat.history import strip_note
-from tests.conftest import serve_app
+from tests.helpers import serve_app
 from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble
 
 

@@ -13,7 +13,7 @@ import pytest
 from gradio_client import Client
 
 from chat.config import Settings
-from tests.conftest import serve_app
+from tests.helpers import serve_app
 from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double, process_figures, settled
 from tests.tgi_double import Reply
 

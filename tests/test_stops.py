@@ -16,7 +16,7 @@ def expected_final(text: str, stops) -> str:
 
 def splits(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in zip(points, points[1:])]
+    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
 alphabet = st.sampled_from(list("ab \nUserSystm:<|>endoftx") + ["\ufffd", "é", "😀"])
@@ -34,7 +34,7 @@ def test_every_shown_text_is_a_prefix_of_the_final_text(text, cuts, stops):
     assert (shown[-1] if shown else "") == final
     for earlier in shown:
         assert final.startswith(earlier)
-    assert all(a != b for a, b in zip(shown, shown[1:]))
+    assert all(a != b for a, b in zip(shown, shown[1:], strict=False))
 
 
 @given(texts, st.lists(st.integers(min_value=0), max_size=20), stop_sets)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from chat.backends.base import FINISH_LENGTH, FINISH_STOP
@@ -37,7 +39,8 @@ def test_the_last_event_ends_the_turn_and_hides_the_special_token():
     "reason, ours", [("length", FINISH_LENGTH), ("stop_sequence", FINISH_STOP), ("eos_token", FINISH_STOP)]
 )
 def test_finish_reasons_map_to_ours(reason, ours):
-    line = 'data:{"token":{"id":1,"text":"x","special":false},"details":{"finish_reason":"%s"}}' % reason
+    details = json.dumps({"finish_reason": reason})
+    line = 'data:{"token":{"id":1,"text":"x","special":false},"details":' + details + "}"
     assert parse_line(line).finish_reason == ours
 
 

@@ -56,5 +56,5 @@ class Backend(ABC):
         """Whether the backend can serve a request now (model loaded, server reachable)."""
         return True
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most backends hold nothing)
         """Release the model or connections."""

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.browser.chat_page import ChatPage
-from tests.conftest import free_port, serve_app
 from tests.doubles import FailingBackend, RecordingDecoder
+from tests.helpers import free_port, serve_app
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # What FACTS.md found necessary for Debian's Chromium in a container without a GPU or network.

@@ -29,10 +29,8 @@ LONG_WINDED_MESSAGE = "Please keep talking"
 def greedy_reply(backend, message: str, *, system_prompt: str = "", max_new_tokens: int) -> str:
     """The reply the model gives at temperature 0, asked directly (not through the page)."""
     params = GenerationParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    text = ""
-    for text in stream_reply(backend, message, [], system_prompt, params, max_message_chars=20_000):
-        pass
-    return text
+    texts = stream_reply(backend, message, [], system_prompt, params, max_message_chars=20_000)
+    return list(texts)[-1]  # each value is the whole reply so far
 
 
 def words(text: str) -> str:

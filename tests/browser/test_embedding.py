@@ -11,7 +11,7 @@ from playwright.sync_api import expect
 
 from chat.config import Settings
 from tests.browser.chat_page import ChatPage
-from tests.conftest import serve_app
+from tests.helpers import serve_app
 
 pytestmark = pytest.mark.browser
 
@@ -93,9 +93,11 @@ def test_another_origin_is_refused_by_a_restricted_app(page, assets_port, app_fo
         "console",
         lambda message: refusals.append(message.text) if "frame-ancestors" in message.text else None,
     )
-    with page.expect_response(app_for_localhost_pages) as response_info:
-        with page.expect_console_message(lambda message: "frame-ancestors" in message.text):
-            page.goto(playground(assets_port, app_for_localhost_pages, host="127.0.0.1"))
+    with (
+        page.expect_response(app_for_localhost_pages) as response_info,
+        page.expect_console_message(lambda message: "frame-ancestors" in message.text),
+    ):
+        page.goto(playground(assets_port, app_for_localhost_pages, host="127.0.0.1"))
 
     policy = response_info.value.all_headers()["content-security-policy"]
     assert policy == f"frame-ancestors 'self' http://localhost:{assets_port}"
