@@ -1,8 +1,12 @@
 """Costs Gradio 6 puts on every request or streamed update, and what this app does about each.
 
-Each was found with `py-spy record --gil` against `bench/load.py` and is measured in the README
-(Reliability, Load). They are workarounds for the framework's habits, kept in one place so that
-each can be dropped when Gradio stops needing it.
+Each was found with `py-spy record --gil` against `bench/load.py` and is measured in
+docs/reliability.md. They are workarounds for the framework's habits, kept in one place so that
+each can be dropped when Gradio stops needing it; each says what it waits for. Public settings
+are used where Gradio has them; where a workaround must reach inside Gradio, `_require` checks at
+start-up that what it touches is still there, and stops the start naming the Gradio version if not
+(a silent no-op would bring the cost back unseen). tests/test_gradio_costs.py checks each one's
+effect through Gradio's own code.
 """
 
 from __future__ import annotations
@@ -18,13 +22,25 @@ import gradio as gr
 
 from .reply import MESSAGE_NOT_TEXT
 
+# Gradio reads these when `demo.queue()` builds its queue (gradio-app/gradio#11764, which added
+# the summary; 6.31 still recomputes it after every event by default).
+QUEUE_ANALYTICS_DEFAULTS = {"GRADIO_ANALYTICS_CACHE_FREQUENCY": "500", "GRADIO_ANALYTICS_MAX_EVENTS": "2000"}
+
 
 def trim_gradio_costs(demo: gr.Blocks, *, raw_inputs: list) -> None:
-    """Apply every workaround below to `demo` (after `demo.queue()`)."""
+    """Apply every workaround below to `demo`; call it before `demo.queue()`."""
     pass_inputs_through(demo, raw_inputs)
-    summarise_queue_rarely(demo)
+    summarise_queue_rarely()
     no_matplotlib_lookups()
     cache_config_signatures()
+
+
+def _require(holder, attribute: str, why: str) -> None:
+    if not hasattr(holder, attribute):
+        raise RuntimeError(
+            f"Gradio {gr.__version__} has no {getattr(holder, '__name__', type(holder).__name__)}."
+            f"{attribute}, which chat/gradio_costs.py relies on to {why}; update the workaround."
+        )
 
 
 def pass_inputs_through(demo: gr.Blocks, raw_inputs: list) -> None:
@@ -40,6 +56,7 @@ def pass_inputs_through(demo: gr.Blocks, raw_inputs: list) -> None:
     """
     raw = {id(component) for component in raw_inputs}
     for block_fn in demo.fns.values():
+        _require(block_fn, "preprocess", "skip preprocessing for events that check their own inputs")
         takes_raw = all(block.stateful or id(block) in raw for block in block_fn.inputs)
         if block_fn.api_name == "chat":
             block_fn.fn = _text_message_first(block_fn.fn)
@@ -65,24 +82,21 @@ def _text_message_first(chat_fn):
     return checked
 
 
-def summarise_queue_rarely(demo: gr.Blocks) -> None:
+def summarise_queue_rarely() -> None:
     """Gradio's queue recomputes its per-function timing summary (a pandas group-by over the last
-    10,000 events, for its estimates) after every event, in a worker thread: a cost that grows
-    with the app's age, paid by every request. Recompute it every 500 events, over the last
-    2,000. (Gradio reads the same two settings from GRADIO_ANALYTICS_CACHE_FREQUENCY and
-    GRADIO_ANALYTICS_MAX_EVENTS; an operator's values are kept.)"""
-    queue = demo._queue
-    if "GRADIO_ANALYTICS_CACHE_FREQUENCY" not in os.environ:
-        queue.ANAYLTICS_CACHE_FREQUENCY = 500  # sic: Gradio's spelling
-    if "GRADIO_ANALYTICS_MAX_EVENTS" not in os.environ:
-        queue.ANALYTICS_MAX_EVENTS = 2_000
+    10,000 events, for the API page's figures) after every event, in a worker thread: a cost that
+    grows with the app's age, paid by every request. Through Gradio's own environment settings,
+    recompute it every 500 events, over the last 2,000; an operator's values are kept. Waits for
+    a Gradio whose default is not every event."""
+    for name, value in QUEUE_ANALYTICS_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def no_matplotlib_lookups() -> None:
     """Gradio imports matplotlib around every step of every event (to switch its plot backend).
     Where it is not installed, each failed import searches sys.path again: twice per streamed
     token, on the event loop. A None in sys.modules makes that import fail at once; this app
-    draws no plots."""
+    draws no plots. Waits for Gradio to import matplotlib only for events that plot."""
     if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
         sys.modules["matplotlib"] = None
 
@@ -91,9 +105,11 @@ def cache_config_signatures() -> None:
     """Gradio builds a component's configuration from `inspect.signature(cls.__init__)`, computed
     afresh each time: for every component on the page when a new session starts (57 here) and
     for the chat's state after every streamed update. The signature of a class's `__init__`
-    never changes, so `gradio.blocks` is given an `inspect` whose `signature` is cached."""
+    never changes, so `gradio.blocks` is given an `inspect` whose `signature` is cached (a new
+    session: 8.7 -> 3.3 ms, docs/reliability.md). Waits for Gradio to cache it itself."""
     import gradio.blocks
 
+    _require(gradio.blocks, "inspect", "cache component signatures")
     if not isinstance(gradio.blocks.inspect, _InspectWithCachedSignatures):
         gradio.blocks.inspect = _InspectWithCachedSignatures()
 

@@ -222,14 +222,14 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             )
             stop_button.click(None, cancels=[generation])
     demo.operations = operations
+    trim_gradio_costs(
+        demo, raw_inputs=[system_prompt, *chat.additional_inputs, text, *completion_settings, stop]
+    )
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
     demo.queue(max_size=settings.queue_size)
     operations.watch_queue(demo)
-    trim_gradio_costs(
-        demo, raw_inputs=[system_prompt, *chat.additional_inputs, text, *completion_settings, stop]
-    )
     return demo
 
 

@@ -44,18 +44,48 @@ def test_the_wrapped_chat_event_keeps_its_streaming_and_its_documented_signature
     assert list(inspect.signature(chat_fn).parameters)[:2] == ["message", "history"]  # the API page's
 
 
-def test_gradio_blocks_sees_cached_signatures_equal_to_inspects():
-    build_demo(Quiet(), Settings())
+def test_a_new_sessions_config_is_built_from_cached_signatures():
+    demo = build_demo(Quiet(), Settings())
     cached = gradio.blocks.inspect
     assert cached.signature(gr.Textbox.__init__) == inspect.signature(gr.Textbox.__init__)
-    assert cached.signature(gr.Textbox.__init__) is cached.signature(gr.Textbox.__init__)
     assert cached.isasyncgenfunction is inspect.isasyncgenfunction  # the rest is inspect itself
+    demo.get_config_file()  # what a new session's page load asks for
+    before = cached.signature.cache_info()
+    demo.get_config_file()
+    after = cached.signature.cache_info()
+    # Gradio's own config code went through the cache, and computed nothing anew.
+    assert after.hits > before.hits and after.misses == before.misses
 
 
-def test_the_queue_summarises_rarely_unless_the_operator_says_otherwise(monkeypatch):
-    queue = build_demo(Quiet(), Settings())._queue
-    assert (queue.ANAYLTICS_CACHE_FREQUENCY, queue.ANALYTICS_MAX_EVENTS) == (500, 2_000)
-    monkeypatch.setenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", "7")
-    monkeypatch.setenv("GRADIO_ANALYTICS_MAX_EVENTS", "70")
-    queue = build_demo(Quiet(), Settings())._queue
-    assert (queue.ANAYLTICS_CACHE_FREQUENCY, queue.ANALYTICS_MAX_EVENTS) == (7, 70)
+def test_the_queue_summarises_every_500_events_unless_the_operator_says_otherwise(monkeypatch):
+    def computations(queue, events: int) -> int:
+        count = 0
+        real = queue._get_df
+
+        def counted(records):
+            nonlocal count
+            count += 1
+            return real(records)
+
+        queue._get_df = counted
+        records = [{"function": "chat", "status": "success", "process_time": 0.1}]
+        for _ in range(events):  # as Gradio's queue does after each finished event
+            queue.events_recorded += 1
+            queue.compute_analytics_summary(records)
+        return count
+
+    for name in ("GRADIO_ANALYTICS_CACHE_FREQUENCY", "GRADIO_ANALYTICS_MAX_EVENTS"):
+        monkeypatch.delenv(name, raising=False)
+    assert computations(build_demo(Quiet(), Settings())._queue, 1000) == 2  # Gradio's default: 1000
+    monkeypatch.setenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", "100")
+    assert computations(build_demo(Quiet(), Settings())._queue, 1000) == 10
+
+
+def test_a_missing_gradio_internal_stops_the_start_naming_the_version(monkeypatch):
+    import pytest
+
+    from chat import gradio_costs
+
+    monkeypatch.delattr(gradio.blocks, "inspect")
+    with pytest.raises(RuntimeError, match=f"Gradio {gr.__version__} .*inspect"):
+        gradio_costs.cache_config_signatures()
