@@ -419,7 +419,7 @@ async def run_phase(
 
 
 def table(result: dict) -> str:
-    """The phase's figures as a Markdown table (the README keeps one)."""
+    """The phase's figures as a Markdown table (docs/reliability.md keeps one)."""
 
     def pair(key, second="p99"):
         value = result[key]

@@ -2,7 +2,7 @@
 
 Gradio runs a synchronous generator by sending every `next()` to a worker thread and awaiting it:
 per streamed update, one hand-off from the event loop to a thread and back. With many streams at
-once that traffic, not the work, is what the event loop spends its time on (README, Reliability).
+once that traffic, not the work, is what the event loop spends its time on (docs/reliability.md).
 `newest_in_thread` turns it around: the blocking iteration (HTTP reads, the model, the stop
 filter) runs in one thread per reply, and the event loop only hears of it when it is ready for the
 next update: it is then given the newest item, and the items it was too busy to show are skipped.

@@ -48,9 +48,9 @@ def test_the_space_card_has_a_title_an_emoji_and_the_falcon_models():
     assert len(space.get("short_description", "")) <= 60  # the hub's limit
 
 
-def test_the_readme_documents_every_setting_a_space_can_be_given():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    deployment = readme[readme.index("## Deployment") :]
+def test_the_deployment_guide_documents_every_setting_a_space_can_be_given():
+    guide = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    deployment = guide[guide.index("## Hugging Face Space") :]
     for variable in ("HF_TOKEN", "MODEL_ID", "BACKEND", "ENDPOINT", "ALLOW_EMBED_FROM"):
         assert f"`{variable}`" in deployment, variable
 
@@ -95,5 +95,5 @@ def test_examples_are_not_cached_so_a_space_never_calls_the_model_at_start_up(lo
 def test_the_web_component_snippets_load_the_pinned_gradio_version():
     playground = (ROOT / "assets" / "playground.html").read_text(encoding="utf-8")
     assert re.search(r'GRADIO_VERSION = "([^"]+)"', playground).group(1) == gradio_pin()
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert set(re.findall(r"amazonaws\.com/([^/]+)/gradio\.js", readme)) == {gradio_pin()}
+    guide = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    assert set(re.findall(r"amazonaws\.com/([^/]+)/gradio\.js", guide)) == {gradio_pin()}

@@ -25,7 +25,7 @@ MAX_NEW_FDS = 10
 MAX_NEW_OBJECTS_PER_REPLY = 60
 # The process's resident memory, for the short runs only: with a thread per request, glibc's
 # per-thread malloc arenas keep freed memory spread out, and RSS creeps up without any Python object
-# leaking (+230 MB after 500 remote replies; MALLOC_ARENA_MAX=2 cuts it, see the README).
+# leaking (+230 MB after 500 remote replies; MALLOC_ARENA_MAX=2 cuts it, see docs/reliability.md).
 MAX_NEW_RSS_MIB = 40
 
 

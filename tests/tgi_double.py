@@ -1,7 +1,7 @@
 """A stand-in for a Text Generation Inference server (router 3.3.x), for tests and benchmarks.
 
 TGI needs a GPU and cannot run here. This is a real HTTP/1.1 server on a loopback port that speaks
-TGI's wire format as FACTS.md records it:
+TGI's wire format as its router (3.3.x) sends it:
 
 - POST /generate_stream (and POST / with `"stream": true`): chunked `text/event-stream`, one event
   per token `data:{"index", "token": {...}, "generated_text": null, "details": null}` (`data:` with

@@ -4,7 +4,7 @@ The request is TGI's `{"inputs", "parameters": {..., "details": true}, "stream":
 answer is server-sent events, parsed by `tgi_events.parse_line`, the same parser the SageMaker
 backend uses (huggingface_hub's `InferenceClient` speaks the same protocol, but builds and
 deep-copies dataclasses for every token: about 0.3 ms of CPU per token, a third of this app's
-CPU time with 64 streams; README, Reliability). Requests go through the backend's one
+CPU time with 64 streams; docs/reliability.md). Requests go through the backend's one
 `httpx2.Client` (so not through huggingface_hub's session, whose offline switch would refuse
 even a TGI on loopback), carry `Authorization` only when a token is configured, and are closed
 when the stream is: closing the connection is how TGI learns to stop generating. HTTP errors and

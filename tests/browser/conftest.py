@@ -21,7 +21,7 @@ from tests.doubles import FailingBackend, RecordingDecoder
 from tests.helpers import free_port, serve_app
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-# What FACTS.md found necessary for Debian's Chromium in a container without a GPU or network.
+# What Debian's Chromium needs to run headless in a container without a GPU or network.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
