@@ -160,8 +160,9 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
     if isinstance(endpoints, str):  # from the environment: comma-separated
         endpoints = [e for e in endpoints.split(",")]
     stops = value("stop")
-    if isinstance(stops, str):  # from the environment: JSON-ish escapes allowed ("\n")
-        stops = [s.encode().decode("unicode_escape") for s in stops.split(",")]
+    if isinstance(stops, str):  # from the environment: comma-separated (`\,` for a comma)
+        stops = split_unescaped_commas(stops)
+    stops = [decode_escapes(stop) for stop in stops or ()]
     settings = Settings(
         backend=value("backend") or "local",
         model=value("model"),
@@ -191,6 +192,22 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
     )
     _check(settings)
     return settings
+
+
+# Backslash escapes a stop sequence may contain, in flags and the environment alike; every other
+# character (accents, CJK, a lone backslash) stays as typed.
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", ",": ","}
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|[ntr\\,])")
+
+
+def decode_escapes(text: str) -> str:
+    """`\\n`, `\\t`, `\\r`, `\\\\`, `\\,` and `\\uXXXX` decoded; nothing else touched."""
+    return _ESCAPE.sub(lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "u" else _ESCAPES[m[1]], text)
+
+
+def split_unescaped_commas(text: str) -> list[str]:
+    """Split at commas that no backslash escapes; the escapes stay for `decode_escapes`."""
+    return [part for part in re.split(r"(?<!\\),", text) if part]
 
 
 def _int(flag: str, raw, default, low: int, high: int):

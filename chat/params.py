@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from .errors import InvalidParameter
 
-# End of a Falcon turn. The seed demo's "###" and " User:" also cut normal answers (markdown
-# headings, "Dear User:"), so they are only used when configured.
-DEFAULT_STOP_SEQUENCES = ("\nUser:", "\nSystem:", "<|endoftext|>")
+# End of a Falcon turn: the next turn's marker, whoever the model makes speak next (itself
+# included), or the end-of-text token. The seed demo's "###" and " User:" also cut normal answers
+# (markdown headings, "Dear User:"), so they are only used when configured.
+DEFAULT_STOP_SEQUENCES = ("\nUser:", "\nFalcon:", "\nSystem:", "<|endoftext|>")
 
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9

@@ -33,6 +33,25 @@ def test_environment_is_read_and_flags_win():
     assert settings.stop_sequences == ("\nUser:", "###")
 
 
+@pytest.mark.parametrize(
+    "argv, environ",
+    [
+        (["--stop", "\\nUser:", "--stop", "Utilisateur é:", "--stop", "用户:"], {}),
+        ([], {"STOP_SEQUENCES": "\\nUser:,Utilisateur é:,用户:"}),
+    ],
+    ids=["flags", "environment"],
+)
+def test_stop_escapes_decode_and_other_characters_stay_as_typed(argv, environ):
+    # One rule for the flag and the variable: `\n` is a newline, accents and CJK are untouched.
+    settings = load_settings(argv, environ=environ)
+    assert settings.stop_sequences == ("\nUser:", "Utilisateur é:", "用户:")
+
+
+def test_stop_escapes_for_tab_unicode_comma_and_backslash():
+    environ = {"STOP_SEQUENCES": "a\\tb,\\u00e9\\,x,back\\\\slash,C:\\dir"}
+    assert load_settings([], environ=environ).stop_sequences == ("a\tb", "é,x", "back\\slash", "C:\\dir")
+
+
 def test_secrets_stay_out_of_the_settings_repr():
     settings = load_settings(["--token", "hf_sentinel_secret"], environ={})
     assert settings.token == "hf_sentinel_secret" and "hf_sentinel_secret" not in repr(settings)

@@ -18,7 +18,12 @@ def test_defaults_are_the_seed_documents_values():
         256,
         1.0,
     )
-    assert params.stop_sequences == DEFAULT_STOP_SEQUENCES == ("\nUser:", "\nSystem:", "<|endoftext|>")
+    assert params.stop_sequences == DEFAULT_STOP_SEQUENCES
+
+
+def test_default_stops_end_every_turn_the_model_invents():
+    # The model writing its own next turn ("\nFalcon:") is as much the end of a reply as "\nUser:".
+    assert {"\nUser:", "\nFalcon:", "\nSystem:", "<|endoftext|>"} == set(DEFAULT_STOP_SEQUENCES)
 
 
 def test_temperature_zero_is_greedy_not_an_error():

@@ -155,7 +155,7 @@ def test_sends_the_jumpstart_payload(client):
                 "max_new_tokens": 64,
                 "repetition_penalty": None,
                 "seed": None,
-                "stop": ["\nUser:", "\nSystem:", "<|endoftext|>"],
+                "stop": ["\nUser:", "\nFalcon:", "\nSystem:", "<|endoftext|>"],
                 "details": True,
             },
             "stream": True,
