@@ -10,7 +10,9 @@ stops it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -139,7 +141,9 @@ def stream_completion(
             )
         return FittedPrompt(text, tokens, min(params.max_new_tokens, context - tokens), 0, context)
 
-    yield from stream_fitted(backend, fit, params, on_finish=on_finish, cancelled=cancelled)
+    yield from stream_fitted(
+        backend, fit, params, on_finish=on_finish, cancelled=cancelled, keep_leading_space=True
+    )
 
 
 def stream_fitted(
@@ -150,11 +154,16 @@ def stream_fitted(
     droppable_turns: int = 0,
     on_finish: Callable[[ReplyStats], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    keep_leading_space: bool = False,
 ) -> Iterator[str]:
     """The shared loop: fit, stream, filter. `fit(n)` fits the prompt with at least n turns dropped."""
     started = time.perf_counter()
-    stats = ReplyStats()
-    stop_filter = StopFilter(params.stop_sequences)
+    if params.seed is None:
+        # Chosen here, not by the backend: a reply cut by a stop sequence never reads the
+        # backend's last event, which is where servers report the seed they picked.
+        params = dataclasses.replace(params, seed=random.randrange(2**31))
+    stats = ReplyStats(seed=params.seed)
+    stop_filter = StopFilter(params.stop_sequences, keep_leading_space=keep_leading_space)
     drop = 0
     last_update = 0.0
     try:
@@ -169,7 +178,7 @@ def stream_fitted(
                 for token in tokens:
                     waited = time.perf_counter() - asked
                     if token.finish_reason:
-                        ended, stats.seed = token.finish_reason, token.seed
+                        ended = token.finish_reason
                     elif token.id is not None or token.text:
                         if stats.time_to_first_token_s is None:
                             stats.time_to_first_token_s = time.perf_counter() - started

@@ -4,8 +4,9 @@ Guarantees, for any split of the stream into pieces:
 - every text it returns is a prefix of the final text (the page never has to take text back);
 - text that could still become a stop sequence is held back until that is decided, and the reply
   ends at the first full stop sequence, which is never shown;
-- leading and trailing whitespace is not shown (the model writes a space after `Falcon:` and
-  newlines before the next turn);
+- trailing whitespace is not shown (the model writes newlines before the next turn), nor is
+  leading whitespace in a chat reply (the model writes a space after `Falcon:`); a raw
+  continuation keeps its leading space, which separates it from the text it continues;
 - U+FFFD, what a decoder writes for half a UTF-8 character, is never shown.
 """
 
@@ -19,7 +20,8 @@ _REPLACEMENT = "\ufffd"
 class StopFilter:
     """Feed it token texts with `push`; read `text` (what may be shown) and `stopped`."""
 
-    def __init__(self, stop_sequences: Iterable[str]):
+    def __init__(self, stop_sequences: Iterable[str], *, keep_leading_space: bool = False):
+        self._keep_leading_space = keep_leading_space
         self.stop_sequences = tuple(s for s in stop_sequences if s)
         self._longest = max((len(s) for s in self.stop_sequences), default=0)
         self._buffer = ""
@@ -57,7 +59,9 @@ class StopFilter:
         return 0
 
     def _show(self, end: int) -> bool:
-        text = self._buffer[:end].strip()
+        text = self._buffer[:end].rstrip()
+        if not self._keep_leading_space:
+            text = text.lstrip()
         if len(text) > len(self.text):
             self.text = text
             return True

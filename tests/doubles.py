@@ -124,3 +124,34 @@ class FailingBackend(Backend):
         for word in self.words:
             yield Token(word)
         raise GenerationFailed(detail="test backend: the server went away")
+
+
+class ScriptedBackend(Backend):
+    """Streams a scripted reply, like a server would, and records every prompt and count asked of
+    it. It stands in for a model whose answer a test must choose (which token carries a stop
+    sequence, where the last event with the seed comes); counting is one token per word."""
+
+    name = "scripted test backend"
+    model_name = "a scripted model"
+
+    def __init__(self, pieces=("Hello", " world"), *, seed_reported: int | None = 99, context: int = 2048):
+        self.pieces = tuple(pieces)
+        self.seed_reported = seed_reported
+        self.context = context
+        self.prompts: list = []
+        self.params: list[GenerationParams] = []
+        self.counted: list[str] = []
+
+    def context_length(self) -> int:
+        return self.context
+
+    def count_tokens(self, text: str) -> int:
+        self.counted.append(text)
+        return len(text.split()) + 1
+
+    def stream(self, prompt, params: GenerationParams) -> Generator[Token, None, None]:
+        self.prompts.append(prompt)
+        self.params.append(params)
+        for index, piece in enumerate(self.pieces):
+            yield Token(piece, id=index)
+        yield Token("", finish_reason="stop", seed=self.seed_reported)

@@ -1,0 +1,44 @@
+"""One reply through `chat.reply` with a scripted backend: what the stats and the text say."""
+
+from __future__ import annotations
+
+from chat.params import GenerationParams
+from chat.reply import stream_completion, stream_reply
+from tests.doubles import ScriptedBackend
+
+
+def _reply(backend, message="Hi", history=(), system_prompt="", params=GenerationParams(), **kwargs):
+    finished = []
+    texts = list(
+        stream_reply(
+            backend,
+            message,
+            list(history),
+            system_prompt,
+            params,
+            max_message_chars=20_000,
+            on_finish=finished.append,
+            **kwargs,
+        )
+    )
+    return texts, finished[-1]
+
+
+def test_the_seed_is_reported_when_a_stop_sequence_ends_the_reply():
+    # The stop sequence arrives before the backend's last event (which carries its seed).
+    backend = ScriptedBackend(["Paris.", "\nUser:", " more"], seed_reported=None)
+    texts, stats = _reply(backend)
+    assert texts[-1] == "Paris." and stats.finish_reason == "stop"
+    assert stats.seed is not None and backend.params[0].seed == stats.seed
+
+
+def test_a_chosen_seed_is_the_one_sent_and_reported():
+    backend = ScriptedBackend(["Hi"])
+    _, stats = _reply(backend, params=GenerationParams(seed=7))
+    assert stats.seed == 7 == backend.params[0].seed
+
+
+def test_a_completion_keeps_the_leading_space_of_its_continuation():
+    backend = ScriptedBackend([" the", " two", " primary"])
+    texts = list(stream_completion(backend, "Name", GenerationParams(), max_message_chars=100))
+    assert texts[-1] == " the two primary"
