@@ -83,8 +83,9 @@ def main() -> None:
     if not args.skip_plain:
         plain_tokens = bench_plain(model, tokenizer, prompt, long_prompt, args, rows, floor_ms)
 
+    from chat.backends.decoders import PlainDecoder
     from chat.backends.fast_decode import FastDecoder
-    from chat.backends.local import LocalBackend, PlainDecoder
+    from chat.backends.local import LocalBackend
     from chat.params import GenerationParams
 
     if not args.skip_plain:
@@ -101,7 +102,7 @@ def main() -> None:
     decoder = FastDecoder(model, tokenizer, max_len=2048, compile_mode=args.compile)
     backend = LocalBackend(model, tokenizer, model_name="bench", context_length=2048, decoder=decoder)
     results["fast_warm_up_s"] = time.perf_counter() - start
-    results["fast_decoder"] = decoder.name
+    results["fast_decoder"] = backend.decoder.name  # "plain generate" if the capture failed
     results["compile_mode"] = decoder.compile_mode
     say(f"fast decoder '{decoder.name}' ready in {results['fast_warm_up_s']:.1f} s")
 
@@ -294,20 +295,21 @@ def check_attention(decoder) -> dict:
 
 
 def matmuls_alone_ms(decoder) -> float:
-    """Only the step's matrix products (the fused layout), replayed from one CUDA graph."""
+    """Only the step's matrix products (the fused layout, its `products` adapter), in one CUDA graph."""
     import torch
-    import torch.nn.functional as F
 
-    x = torch.randn(1, decoder.hidden, dtype=decoder.dtype, device="cuda")
-    wide = torch.randn(1, decoder.layers[0].w_out.shape[1], dtype=decoder.dtype, device="cuda")
+    layout = decoder.layout
+    linear = layout.products.linear
+    x = torch.randn(1, layout.hidden, dtype=decoder.dtype, device="cuda")
+    wide = torch.randn(1, layout.attention_size + layout.ffn, dtype=decoder.dtype, device="cuda")
 
     def products():
-        for layer in decoder.layers:
-            F.linear(x, layer.w_in)
+        for layer in layout.layers:
+            linear(x, *layer.w_in)
             if layer.w_mlp_in is not None:
-                F.linear(x, layer.w_mlp_in)
-            torch.addmm(x, wide, layer.w_out.t())
-        F.linear(x, decoder.lm_head)
+                linear(x, *layer.w_mlp_in)
+            linear(wide, *layer.w_out)
+        linear(x, *layout.lm_head)
 
     return graph_ms(products)
 

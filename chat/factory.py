@@ -58,7 +58,8 @@ def _remote(settings: Settings) -> dict:
 
 
 def _local_backend(settings: Settings) -> Backend:
-    from .backends.local import LocalBackend, choose_decoder, load_model, model_context_length
+    from .backends.decoders import choose_decoder
+    from .backends.local import LocalBackend, load_model, model_context_length
     from .tiny_model import ensure_tiny_model
 
     model_id = settings.model or str(ensure_tiny_model())

@@ -91,7 +91,7 @@ def test_one_captured_graph_follows_the_position_tensor():
 def test_rotary_cache_write_and_gelu_are_those_of_the_torch_step(layout):
     import torch.nn.functional as F
 
-    from chat.backends.fast_decode import _split_rotate
+    from chat.backends.falcon_layout import split_rotate
 
     kv, group, d, max_len = LAYOUTS[layout]
     flash = FlashDecode(kv, group, d, max_len, DEVICE, DTYPE)
@@ -116,7 +116,7 @@ def test_rotary_cache_write_and_gelu_are_those_of_the_torch_step(layout):
 
     # The torch step's arithmetic, in float32 from the same inputs, rounded once.
     row = slice(position, position + 1)
-    q_ref, k_ref, v_ref = _split_rotate(qkv.float(), cos[row].float(), sin[row].float(), kv, group, d)
+    q_ref, k_ref, v_ref = split_rotate(qkv.float(), cos[row].float(), sin[row].float(), kv, group, d)
     close = dict(rtol=1e-2, atol=1e-2) if torch.bfloat16 == DTYPE else dict(rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(q, q_ref[0].to(DTYPE), **close)
     torch.testing.assert_close(k_cache[:, position], k_ref[0].to(DTYPE), **close)

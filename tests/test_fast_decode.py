@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from chat.backends.base import FINISH_CANCELLED, FINISH_LENGTH
-from chat.backends.fast_decode import FastDecoder, Unsupported, penalize, sampling_probs
-from chat.backends.local import LocalBackend, PlainDecoder, choose_decoder
+from chat.backends.decoders import PlainDecoder, choose_decoder
+from chat.backends.falcon_layout import Unsupported
+from chat.backends.fast_decode import FastDecoder
+from chat.backends.local import LocalBackend
+from chat.backends.sampling import penalize, sampling_probs
 from chat.config import Settings
 from chat.factory import build_backend
 from chat.params import GenerationParams
@@ -33,8 +36,14 @@ def plain(tiny_model_dir, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def fast(tiny_model_dir, tiny_tokenizer):
-    return FastDecoder(_load(tiny_model_dir), tiny_tokenizer, max_len=CACHE)
+def fast_model(tiny_model_dir):
+    """The model the `fast` decoder was laid out from (its modules now view the fused weights)."""
+    return _load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def fast(fast_model, tiny_tokenizer):
+    return FastDecoder(fast_model, tiny_tokenizer, max_len=CACHE)
 
 
 def _ids(tokenizer, text):
@@ -90,10 +99,10 @@ def test_every_rotary_falcon_layout_decodes_as_plain_generate(tiny_tokenizer, co
     assert run(FastDecoder(copy, tiny_tokenizer, max_len=CACHE), ids, GREEDY) == expected
 
 
-def test_plain_generate_still_works_on_the_fused_weights(tiny_tokenizer, plain, fast):
+def test_plain_generate_still_works_on_the_fused_weights(tiny_tokenizer, plain, fast, fast_model):
     ids = _ids(tiny_tokenizer, PROMPTS[0])
     short = GREEDY.with_max_new_tokens(8)
-    assert run(PlainDecoder(fast.model, tiny_tokenizer), ids, short) == run(plain, ids, short)
+    assert run(PlainDecoder(fast_model, tiny_tokenizer), ids, short) == run(plain, ids, short)
 
 
 def test_stop_ends_generation_within_one_token(fast, tiny_tokenizer):
@@ -179,8 +188,8 @@ def _processors(mixin, config):
     return mixin._get_logits_processor(owner, config, input_ids_seq_length=30, device="cpu")
 
 
-def test_local_backend_streams_and_cancels_through_the_fast_decoder(tiny_model_dir, tiny_tokenizer, fast):
-    backend = LocalBackend(fast.model, tiny_tokenizer, model_name="tiny", context_length=CACHE, decoder=fast)
+def test_local_backend_streams_and_cancels_through_the_fast_decoder(tiny_tokenizer, fast, fast_model):
+    backend = LocalBackend(fast_model, tiny_tokenizer, model_name="tiny", context_length=CACHE, decoder=fast)
     try:
         params = GenerationParams(temperature=0.0, max_new_tokens=30, stop_sequences=("\nUser:",))
         tokens = list(backend.stream(PROMPTS[0], params))
@@ -202,6 +211,19 @@ def test_decoder_choice(tiny_model_dir, tiny_tokenizer):
     backend = build_backend(Settings(model=str(tiny_model_dir), decoder="fast"))
     try:
         assert isinstance(backend.decoder, FastDecoder)
+    finally:
+        backend.close()
+
+
+def test_a_fast_decoder_that_cannot_start_falls_back_to_plain_generate(tiny_model_dir, tiny_tokenizer, plain):
+    model = _load(tiny_model_dir)
+    # Capturing CUDA graphs on a machine without CUDA fails as a failed compile or capture would.
+    doomed = FastDecoder(model, tiny_tokenizer, max_len=CACHE, use_graphs=True, compile_mode="off")
+    backend = LocalBackend(model, tiny_tokenizer, model_name="tiny", context_length=CACHE, decoder=doomed)
+    try:
+        assert isinstance(backend.decoder, PlainDecoder)
+        tokens = [t.id for t in backend.stream(PROMPTS[0], GREEDY) if t.id is not None]
+        assert tokens == run(plain, _ids(tiny_tokenizer, PROMPTS[0]), GREEDY)[0]
     finally:
         backend.close()
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chat.backends.base import FINISH_CANCELLED, FINISH_LENGTH
-from chat.backends.local import LocalBackend, PlainDecoder, load_model
+from chat.backends.decoders import PlainDecoder
+from chat.backends.local import LocalBackend, load_model
 from chat.errors import GenerationFailed
 from chat.params import GenerationParams
 from tests.doubles import RecordingDecoder

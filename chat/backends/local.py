@@ -3,8 +3,8 @@
 One long-lived worker thread owns the model and runs one generation at a time from a job queue.
 Owning the model from one thread is what a CUDA-graph decode path needs (graphs and their memory
 pools are per thread), and it makes "one generation at a time per model" a property of the
-design rather than of a lock. The decode loop itself sits behind `Decoder`, so a faster one can
-replace `PlainDecoder` without touching the streaming, cancelling and error handling here.
+design rather than of a lock. The decode loop itself sits behind `decoders.Decoder`, so a faster
+one can replace `PlainDecoder` without touching the streaming, cancelling and error handling here.
 """
 
 from __future__ import annotations
@@ -15,32 +15,16 @@ import random
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from ..errors import BackendTimeout, ConfigError, GenerationFailed
 from ..params import GenerationParams
-from .base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend, Token
+from .base import Backend, Token
+from .decoders import Decoder, PlainDecoder, warm_up
 
 log = logging.getLogger(__name__)
 
 # How long a reader waits for the next token before calling the generation stuck.
 TOKEN_TIMEOUT_S = 120.0
-
-
-class Decoder(Protocol):
-    """Runs one generation, calling `emit(token_id)` per new token, checking `cancelled()`."""
-
-    name: str
-
-    def generate(
-        self,
-        input_ids,
-        params: GenerationParams,
-        seed: int,
-        emit: Callable[[int], None],
-        cancelled: Callable[[], bool],
-    ) -> str:
-        """Returns the finish reason (FINISH_STOP, FINISH_LENGTH or FINISH_CANCELLED)."""
 
 
 @dataclass
@@ -80,11 +64,9 @@ class LocalBackend(Backend):
         self._jobs: queue.Queue[_Job | _Task | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="local-decoder", daemon=True)
         self._worker.start()
-        warm_up = getattr(self.decoder, "warm_up", None)
-        if warm_up is not None:
-            # CUDA graphs belong to the thread that captures them: the worker, which replays them.
-            # Start-up waits for it, so no user's request pays for compiling.
-            self.call_on_worker(warm_up)
+        # CUDA graphs belong to the thread that captures them: the worker, which replays them.
+        # Start-up waits for it, so no user's request pays for compiling.
+        self.decoder = self.call_on_worker(lambda: warm_up(self.decoder, model, tokenizer))
 
     # -- the protocol --------------------------------------------------------------------------
 
@@ -164,92 +146,6 @@ class LocalBackend(Backend):
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
-
-class PlainDecoder:
-    """transformers' own `generate`, fed to our stream one token at a time."""
-
-    name = "plain generate"
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.eos_token_id = tokenizer.eos_token_id
-
-    def generate(self, input_ids, params, seed, emit, cancelled) -> str:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        state = {"count": 0, "last": None, "prompt_seen": False}
-
-        class Emitter(BaseStreamer):
-            def put(self, value):
-                if not state["prompt_seen"]:  # generate first hands over the prompt itself
-                    state["prompt_seen"] = True
-                    return
-                for token_id in value.reshape(-1).tolist():
-                    state["count"] += 1
-                    state["last"] = token_id
-                    emit(token_id)
-
-            def end(self):
-                pass
-
-        class Cancelled(StoppingCriteria):
-            # transformers' streamers cannot stop generate; a stopping criterion can, per token.
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full(
-                    (input_ids.shape[0],), cancelled(), dtype=torch.bool, device=input_ids.device
-                )
-
-        torch.manual_seed(seed)
-        sampling = {}
-        if not params.greedy:
-            sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        input_ids = input_ids.to(self.model.device)
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=params.max_new_tokens,
-                do_sample=not params.greedy,
-                repetition_penalty=params.repetition_penalty,
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.eos_token_id,
-                streamer=Emitter(),
-                stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                **sampling,
-            )
-        return finish_reason(state["last"], state["count"], params, self.eos_token_id, cancelled())
-
-
-def choose_decoder(kind: str, model, tokenizer, max_len: int) -> Decoder:
-    """`plain`, `fast`, or `auto`: the fast decoder where a CUDA GPU and the model allow it."""
-    if kind == "plain":
-        return PlainDecoder(model, tokenizer)
-    from .fast_decode import FastDecoder, Unsupported
-
-    on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
-    if kind == "auto" and not on_gpu:
-        log.info("decoder: plain generate (the fast decoder needs a CUDA GPU)")
-        return PlainDecoder(model, tokenizer)
-    try:
-        decoder = FastDecoder(model, tokenizer, max_len=max_len)
-    except Unsupported as error:
-        if kind == "fast":
-            raise ConfigError(f"--decoder fast: {error}") from None
-        log.info("decoder: plain generate (fast decoder: %s)", error)
-        return PlainDecoder(model, tokenizer)
-    log.info("decoder: %s, cache of %d tokens", decoder.name, max_len)
-    return decoder
-
-
-def finish_reason(last_token, count: int, params: GenerationParams, eos_token_id, cancelled) -> str:
-    if cancelled:
-        return FINISH_CANCELLED
-    if last_token is not None and last_token == eos_token_id:
-        return FINISH_STOP
-    return FINISH_LENGTH if count >= params.max_new_tokens else FINISH_STOP
 
 
 def load_model(model_id: str, *, quantize: str | None = None, token: str | None = None):
