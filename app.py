@@ -18,10 +18,16 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         sys.exit(f"app.py: error: {error.user_message}")
 
+    from chat.operations import Operations
     from chat.ui import build_demo, launch_options
 
-    demo = build_demo(backend, settings)
-    demo.launch(**launch_options(settings, demo))
+    operations = Operations(backend, log_messages=settings.log_messages)
+    demo = build_demo(backend, settings, operations)
+    # Quiet: Gradio's own start-up lines end with a hint to set `share=True`, an option this app
+    # does not offer (a public tunnel to a model server); it says where the page is instead.
+    demo.launch(**launch_options(settings, operations), quiet=True, prevent_thread_lock=True)
+    print(f"Falcon Chat is running on {demo.local_url}", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-from .history import content_text, strip_note
+from .history import content_text, note_of, strip_note
 
 
 def conversation_messages(history) -> list[dict]:
-    """Gradio history as plain `{"role", "content"}` messages: the words, without the app's notes."""
+    """Gradio history as plain `{"role", "content"}` messages: the words, the app's note on how a
+    reply ended (stopped, cut short) apart in `note`; the figures' messages are left out."""
     messages = []
     for item in history or []:
         if isinstance(item, (list, tuple)) and len(item) == 2:
@@ -18,11 +19,11 @@ def conversation_messages(history) -> list[dict]:
         else:
             pairs = [(getattr(item, "role", None), getattr(item, "content", None))]
         for role, content in pairs:
-            text = content_text(content)
+            text, note = content_text(content), ""
             if role == "assistant":
-                text = strip_note(text).strip()
-            if role in ("user", "assistant") and text:
-                messages.append({"role": role, "content": text})
+                text, note = strip_note(text).strip(), note_of(text)
+            if role in ("user", "assistant") and (text or note):
+                messages.append({"role": role, "content": text, **({"note": note} if note else {})})
     return messages
 
 
@@ -35,6 +36,8 @@ def conversation_markdown(history, *, system_prompt: str = "", model_name: str =
     for message in conversation_messages(history):
         speaker = "User" if message["role"] == "user" else "Falcon"
         lines += [f"**{speaker}:** {message['content']}", ""]
+        if message.get("note"):
+            lines += [f"> {message['note']}", ""]
     return "\n".join(lines)
 
 

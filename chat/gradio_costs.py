@@ -74,9 +74,21 @@ def text_message(payload) -> str:
 
 
 def _text_message_first(chat_fn):
+    """`/chat` as API callers need it. ChatInterface gives the page's event and the API's one
+    function; the page is shown richer updates than the API returns: the reply's figures in a
+    message of their own, and a refused request as a note in the chat (Gradio 6.31 locks the
+    page when a chat function raises before its first update). For the API, each update is
+    turned back into the reply's text alone (its `text`), and a refusal (its `refused`) into the
+    error it is. Waits for a ChatInterface that keeps the page usable after an error."""
+
     @functools.wraps(chat_fn)
     async def checked(message, *args):
         async for update in chat_fn(text_message(message), *args):
+            response = update[0] if isinstance(update, tuple) else None
+            if getattr(response, "refused", None):
+                raise gr.Error(response.refused, print_exception=False)
+            if hasattr(response, "text"):
+                update = (response.text, *update[1:])
             yield update
 
     return checked

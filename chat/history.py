@@ -14,9 +14,10 @@ from dataclasses import dataclass
 # A note the app appends to a reply (an error, a cut reply): a markdown quote starting with this.
 NOTE_MARK = "> ⚠️ "
 _NOTE_AT_END = re.compile(r"(?:\A|\n\n)" + re.escape(NOTE_MARK) + r"[^\n]*\Z")
-# The figures shown under a reply (tokens, timings): one small line after everything else.
-FOOTER_MARK = "<sub>📊 "
-_FOOTER_AT_END = re.compile(r"(?:\A|\n\n)" + re.escape(FOOTER_MARK) + r"[^\n]*</sub>\Z")
+# The figures of a reply (tokens, timings, how it ended) are a message of their own after it,
+# with the figures as its title: a display, never the model's words.
+# Replies saved by earlier versions carry their figures inside the text, as this one-line footer.
+_OLD_FOOTER_AT_END = re.compile(r"(?:\A|\n\n)<sub>📊 [^\n]*</sub>\Z")
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,25 @@ def add_note(reply: str, note: str) -> str:
     return f"{reply}\n\n{note}" if reply else note
 
 
-def add_footer(reply: str, footer: str) -> str:
-    """Append the one-line figures under a reply, in the form `strip_note` removes."""
-    footer = f"{FOOTER_MARK}{' '.join(footer.split())}</sub>"
-    return f"{reply}\n\n{footer}" if reply else footer
+def figures_message(figures: str) -> dict:
+    """The message shown after a reply with its figures: metadata only, outside the reply's text
+    (copying the reply, or `/chat`, gives the words alone); `turns_from_history` skips it."""
+    return {
+        "role": "assistant",
+        "content": "",
+        "metadata": {"title": " ".join(figures.split()), "status": "done"},
+    }
 
 
 def strip_note(reply: str) -> str:
-    """The model's own words: the reply without the app's footer and note, if any."""
-    return _NOTE_AT_END.sub("", _FOOTER_AT_END.sub("", reply))
+    """The model's own words: the reply without the app's note (or an old saved footer), if any."""
+    return _NOTE_AT_END.sub("", _OLD_FOOTER_AT_END.sub("", reply))
+
+
+def note_of(reply: str) -> str:
+    """The app's note at the end of a reply (how it ended, when not normally), or ""."""
+    match = _NOTE_AT_END.search(_OLD_FOOTER_AT_END.sub("", reply))
+    return match.group(0).strip()[len(NOTE_MARK) :] if match else ""
 
 
 def content_text(content) -> str:

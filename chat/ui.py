@@ -1,8 +1,10 @@
-"""The page: a chat tab (`gr.ChatInterface` over `stream_reply`), a completion tab, and launching.
+"""The page: a chat tab (`gr.ChatInterface` over `PageHandlers.respond`), a completion tab, and
+launching. What each event does lives in `chat/page_handlers.py`; this module only lays it out.
 
 The UI never knows which backend it talks to. API endpoints:
 - `/chat`: `client.predict(message, system_prompt, temperature, max_new_tokens, top_p,
-  repetition_penalty, seed, api_name="/chat")`; a Client keeps its conversation across calls;
+  repetition_penalty, seed, api_name="/chat")` returns the reply's text; a Client keeps its
+  conversation across calls;
 - `/reply_stats`: the figures of this session's last reply, as JSON;
 - `/complete`: `client.predict(text, temperature, max_new_tokens, top_p, repetition_penalty, seed,
   stop, api_name="/complete")`, raw continuation for base models.
@@ -10,21 +12,17 @@ The UI never knows which backend it talks to. API endpoints:
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
+import html
 from pathlib import Path
 
 import gradio as gr
 
 from .backends.base import Backend
-from .bridge import UpdatePacer, newest_in_thread
 from .config import Settings
 from .embedding import embedding_launch_options
-from .errors import ChatError, InvalidParameter
-from .export import conversation_json, conversation_markdown
 from .gradio_costs import text_message, trim_gradio_costs
-from .history import add_footer
 from .operations import Operations
+from .page_handlers import PageHandlers, Refused
 from .params import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_REPETITION_PENALTY,
@@ -33,12 +31,18 @@ from .params import (
     MAX_REPETITION_PENALTY,
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
-    GenerationParams,
 )
-from .reply import FINISH_WORDS, MIN_UPDATE_INTERVAL_S, ReplyStats, stream_completion, stream_reply
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "Falcon Chat"
+SETTINGS_STORAGE_KEY = "falcon-chat-settings"
+# Math the page renders: `$$…$$` and `\[…\]` as blocks, `\(…\)` inline. Inline `$…$` is turned
+# into `\(…\)` on the server (page_handlers.inline_math), where "$5 and $10" can be told apart.
+LATEX_DELIMITERS = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "\\(", "right": "\\)", "display": False},
+]
 
 # Prompts from the Falcon-180B announcement and its SageMaker notebook.
 EXAMPLES = [
@@ -66,137 +70,91 @@ COMPLETION_PRESETS = {
         "\\n",
     ),
 }
-COMPLETION_STOPS = ("<|endoftext|>",)
 
 
 def build_demo(backend: Backend, settings: Settings, operations: Operations | None = None) -> gr.Blocks:
-    """The page for `backend`. `demo.operations` holds its metrics, logs and /healthz."""
+    """The page for `backend`; its replies are counted and logged in `operations` (whose routes
+    `launch_options` serves), a fresh one if none is given."""
     operations = operations or Operations(backend, log_messages=settings.log_messages)
-    defaults = settings.default_params
-    pacer = UpdatePacer(settings.page_updates, MIN_UPDATE_INTERVAL_S)
-
-    def params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed, stops=None):
-        return GenerationParams.from_request(
-            defaults,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=_seed(seed),
-            stop_sequences=stops,
-        )
-
-    async def respond(
-        message,
-        history,
-        system_prompt,
-        temperature,
-        max_new_tokens,
-        top_p,
-        repetition_penalty,
-        seed=None,
-        session=None,
-    ):
-        finished: list[ReplyStats] = []
-
-        def on_finish(stats: ReplyStats) -> None:
-            finished.append(stats)
-            operations.record_reply("chat", stats, message)
-            if isinstance(session, dict):
-                session["last_reply"] = stats.as_dict()
-
-        def reply(cancelled) -> Iterator[str]:  # runs in the reply's own thread (chat.bridge)
-            params = params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed)
-            return stream_reply(
-                backend,
-                message,
-                history,
-                system_prompt if isinstance(system_prompt, str) else "",
-                params,
-                max_message_chars=settings.max_message_chars,
-                on_finish=on_finish,
-                cancelled=cancelled.is_set,
-            )
-
-        operations.in_flight.inc()
-        try:
-            text = ""
-            async for text in newest_in_thread(reply, pacer=pacer, name="chat-reply"):
-                yield text
-        except ChatError as error:
-            operations.record_rejected("chat", type(error).__name__)
-            raise gr.Error(error.user_message, print_exception=False) from None
-        finally:
-            operations.in_flight.dec()
-        yield add_footer(text, stats_line(finished[-1]))
-
-    async def complete(text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
-        def reply(cancelled) -> Iterator[str]:
-            stops = COMPLETION_STOPS + tuple(_parse_stops(stop))
-            params = params_from(temperature, max_new_tokens, top_p, repetition_penalty, seed, stops)
-            return stream_completion(
-                backend,
-                text,
-                params,
-                max_message_chars=settings.max_message_chars,
-                on_finish=lambda stats: operations.record_reply("completion", stats, text),
-                cancelled=cancelled.is_set,
-            )
-
-        try:
-            async for continuation in newest_in_thread(reply, pacer=pacer, name="completion"):
-                yield continuation
-        except ChatError as error:
-            operations.record_rejected("completion", type(error).__name__)
-            raise gr.Error(error.user_message, print_exception=False) from None
-
-    def export(history, system_prompt):
-        folder = Path(tempfile.mkdtemp(prefix="falcon-chat-"))
-        options = dict(system_prompt=system_prompt or "", model_name=backend.model_name)
-        markdown, json_file = folder / "conversation.md", folder / "conversation.json"
-        markdown.write_text(conversation_markdown(history, **options), encoding="utf-8")
-        json_file.write_text(conversation_json(history, **options), encoding="utf-8")
-        return gr.update(value=[str(markdown), str(json_file)], visible=True)
-
+    handlers = PageHandlers(backend, settings, operations)
+    concurrency = settings.concurrency_limit or backend.concurrency_limit
     max_tokens_limit = min(backend.context_length(), 4096)
     with gr.Blocks(title=TITLE, fill_height=True) as demo:
         session = gr.State({})
-        gr.HTML(_banner(), elem_id="banner")
-        with gr.Tab("Chat"):
+        gr.HTML(banner(backend), elem_id="banner")
+        with gr.Tab("Chat", elem_id="chat-tab"):
             system_prompt = gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False)
+            chat_settings = [system_prompt, *_settings_inputs(max_tokens_limit, render=False)]
             chat = gr.ChatInterface(
-                respond,
-                additional_inputs=[
-                    system_prompt,
-                    *_settings_inputs(max_tokens_limit, render=False),
-                    session,
-                ],
-                additional_inputs_accordion="System prompt and settings",
-                description=_description(backend),
+                handlers.respond,
+                chatbot=gr.Chatbot(
+                    label="Conversation",
+                    show_label=False,
+                    elem_id="conversation",
+                    height=None,
+                    scale=1,
+                    buttons=["copy", "copy_all"],
+                    latex_delimiters=LATEX_DELIMITERS,
+                    placeholder=None,
+                ),
+                textbox=gr.Textbox(
+                    label="Message",
+                    show_label=False,
+                    placeholder="Type a message…",
+                    elem_id="message",
+                    lines=1,
+                    max_lines=8,
+                    scale=7,
+                    autofocus=False,  # the page script focuses it without scrolling the page away
+                    submit_btn="Send",
+                    stop_btn="Stop",
+                ),
+                additional_inputs=[*chat_settings, session],
+                additional_inputs_accordion=gr.Accordion(
+                    "System prompt and settings", open=False, render=False
+                ),
+                description=description(backend),
                 examples=[[example] for example in EXAMPLES],
+                run_examples_on_click=False,  # an example fills the box, to be edited and sent
                 cache_examples=False,  # Spaces would otherwise call the model at start-up
                 editable=True,
                 save_history=True,
-                concurrency_limit=settings.concurrency_limit or backend.concurrency_limit,
+                concurrency_limit=concurrency,
                 fill_height=True,
                 api_name="chat",
+                validator=lambda message: _validation(handlers.message_problem(message)),
             )
             # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
             # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
             chat.textbox.preprocess = text_message
-            with gr.Row():
+            # A stopped reply says so, with its figures (the stopped function cannot add them).
+            chat.textbox.stop(
+                handlers.figures_after_stop,
+                [chat.chatbot, session],
+                [chat.chatbot, chat.chatbot_state],
+                api_visibility="private",
+                queue=False,
+            )
+            _keep_settings(demo, chat_settings)
+            with gr.Row(elem_id="chat-tools"):
                 export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
             files = gr.File(label="Conversation files", file_count="multiple", visible=False)
-            export_button.click(export, [chat.chatbot, system_prompt], files, api_visibility="private")
+            export_button.click(
+                lambda history, prompt: gr.update(value=handlers.export(history, prompt), visible=True),
+                [chat.chatbot, system_prompt],
+                files,
+                api_name="export",
+                api_visibility="private",
+            )
             stats_button = gr.Button(visible=False)
             stats_button.click(
-                lambda state: (state or {}).get("last_reply"),
+                handlers.reply_stats,
                 session,
                 gr.JSON(visible=False),
                 api_name="reply_stats",
                 queue=False,
             )
-        with gr.Tab("Completion"):
+        with gr.Tab("Completion", elem_id="completion-tab"):
             gr.Markdown("Raw text continuation, for base models (no chat format).")
             text = gr.Textbox(label="Text to continue", lines=8)
             preset = gr.Dropdown(list(COMPLETION_PRESETS), label="Few-shot presets", value=None)
@@ -214,17 +172,14 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
                 api_visibility="private",
             )
             generation = generate_button.click(
-                complete,
+                _completion(handlers),
                 [text, *completion_settings, stop],
                 output,
                 api_name="complete",
-                concurrency_limit=settings.concurrency_limit or backend.concurrency_limit,
+                concurrency_limit=concurrency,
             )
             stop_button.click(None, cancels=[generation])
-    demo.operations = operations
-    trim_gradio_costs(
-        demo, raw_inputs=[system_prompt, *chat.additional_inputs, text, *completion_settings, stop]
-    )
+    trim_gradio_costs(demo, raw_inputs=[*chat_settings, text, *completion_settings, stop])
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
@@ -233,38 +188,80 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
     return demo
 
 
-def stats_line(stats: ReplyStats) -> str:
-    """The footer under a reply: tokens, time to first token, speed, why it ended, seed, context."""
-    parts = [f"{stats.generated_tokens} tokens"]
-    if stats.time_to_first_token_s is not None:
-        parts.append(f"first token {stats.time_to_first_token_s:.2f} s")
-    if stats.tokens_per_s:
-        parts.append(f"{stats.tokens_per_s:.1f} tokens/s")
-    parts.append(FINISH_WORDS.get(stats.finish_reason, stats.finish_reason))
-    if stats.seed is not None:
-        parts.append(f"seed {stats.seed}")
-    if stats.context_length:
-        used = stats.prompt_tokens + stats.generated_tokens
-        parts.append(f"context {used:,}/{stats.context_length:,} ({100 * used / stats.context_length:.0f}%)")
-    if stats.dropped_turns:
-        turns = "turn" if stats.dropped_turns == 1 else "turns"
-        parts.append(f"{stats.dropped_turns} older {turns} left out to fit")
-    return " · ".join(parts)
+def _validation(problem: str | None):
+    return gr.validate(problem is None, problem or "")
 
 
-def launch_options(settings: Settings, demo: gr.Blocks | None = None) -> dict:
-    """Keyword arguments for `demo.launch` (Gradio 6 takes theme and CSS here)."""
+def _completion(handlers: PageHandlers):
+    """`handlers.complete` for Gradio: a refusal is an error (a toast; the tab stays usable)."""
+
+    async def complete(text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
+        try:
+            async for continuation in handlers.complete(
+                text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop
+            ):
+                yield continuation
+        except Refused as refusal:
+            raise gr.Error(refusal.reason, print_exception=False) from None
+
+    return complete
+
+
+def _keep_settings(demo: gr.Blocks, inputs: list) -> None:
+    """The system prompt and settings are kept in the browser (localStorage, or the in-memory
+    stand-in inside frames denied storage: chat/embedding.py) and restored on load, so a reopened
+    chat goes on under the system prompt it had."""
+    saved = gr.BrowserState(None, storage_key=SETTINGS_STORAGE_KEY)
+    gr.on(
+        [component.change for component in inputs],
+        lambda *values: list(values),
+        inputs,
+        saved,
+        api_visibility="private",
+        queue=False,
+        show_progress="hidden",
+    )
+    demo.load(
+        lambda values: restored_settings(values, inputs),
+        saved,
+        inputs,
+        api_visibility="private",
+        queue=False,
+        show_progress="hidden",
+    )
+
+
+def restored_settings(values, inputs: list) -> list:
+    """The saved values (from the browser: untrusted) for `inputs`; a value of the wrong kind or
+    out of its slider's range leaves that input as it is."""
+    if not isinstance(values, list) or len(values) != len(inputs):
+        return [gr.skip() for _ in inputs]
+    restored = []
+    for value, component in zip(values, inputs, strict=True):
+        if isinstance(component, gr.Slider):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and component.minimum <= value <= component.maximum
+        else:
+            ok = isinstance(value, str) and len(value) <= 20_000
+        restored.append(value if ok else gr.skip())
+    return restored
+
+
+def launch_options(settings: Settings, operations: Operations | None = None) -> dict:
+    """Keyword arguments for `demo.launch` (Gradio 6 takes theme and CSS here); with `operations`,
+    its /healthz and /metrics are served by Gradio's own FastAPI app."""
+    embedding = embedding_launch_options(settings.allow_embed_from)
     options = dict(
         server_name=settings.host,
         server_port=settings.port,
         css=(ASSETS / "style.css").read_text(encoding="utf-8"),
         theme=gr.themes.Soft(primary_hue="amber"),
         footer_links=["api", "gradio"],
-        # Framed by other sites: storage fallback, and frame-ancestors when restricted.
-        **embedding_launch_options(settings.allow_embed_from),
+        **embedding,
     )
-    operations = getattr(demo, "operations", None)
-    if operations is not None:  # /healthz and /metrics, served by Gradio's own FastAPI app
+    # Framed by other sites: the storage fallback first; then the page's keyboard script.
+    options["head"] = embedding["head"] + page_script()
+    if operations is not None:
         app_kwargs = dict(options.get("app_kwargs") or {})
         app_kwargs["routes"] = [*app_kwargs.get("routes", []), *operations.routes()]
         options["app_kwargs"] = app_kwargs
@@ -273,6 +270,11 @@ def launch_options(settings: Settings, demo: gr.Blocks | None = None) -> dict:
         concurrency = settings.concurrency_limit or operations.backend.concurrency_limit
         options["max_threads"] = max(40, 2 * concurrency + 8)  # chat and completion, plus the rest
     return options
+
+
+def page_script() -> str:
+    """The page's own script (keyboard, focus, confirmations): assets/page.js."""
+    return "<script>\n" + (ASSETS / "page.js").read_text(encoding="utf-8") + "</script>"
 
 
 def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
@@ -303,31 +305,24 @@ def _slider(low, high, step, value, label, info, render) -> gr.Slider:
     return gr.Slider(low, high, value=value, step=step, label=label, info=info or None, render=render)
 
 
-def _seed(raw):
-    """The seed box's text (or an API number) as a seed; empty means a random one."""
-    if isinstance(raw, str):
-        raw = raw.strip()
-        if not raw:
-            return None
-        try:
-            return int(raw)
-        except ValueError:
-            raise InvalidParameter(f"seed must be a whole number or empty, not {raw[:20]!r}.") from None
-    return raw
+def model_label(backend: Backend) -> str:
+    """The model's name as the page shows it: a local folder by its own name, not its whole path."""
+    name = backend.model_name
+    if "/" in name and (name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().is_dir()):
+        return Path(name).name or name
+    return name
 
 
-def _parse_stops(raw) -> list[str]:
-    if not isinstance(raw, str) or not raw:
-        return []
-    return [s.replace("\\n", "\n") for s in raw.split(",") if s]
+def banner(backend: Backend) -> str:
+    """The banner, naming the model the page talks to."""
+    svg = (ASSETS / "banner.svg").read_text(encoding="utf-8")
+    return svg.replace("{model}", html.escape(model_label(backend)))
 
 
-def _banner() -> str:
-    return (ASSETS / "banner.svg").read_text(encoding="utf-8")
-
-
-def _description(backend: Backend) -> str:
-    text = f"Chatting with **{backend.model_name}** through {backend.name}."
+def description(backend: Backend) -> str:
+    """The line under the banner: which model, through which backend (and a warning for the
+    tiny demo model)."""
+    text = f"Chatting with **{model_label(backend)}** through {backend.name}."
     if "tiny demo" in backend.model_name:
         text += (
             "<br>⚠️ This is a tiny demo model with random weights, built offline so the app works "

@@ -20,12 +20,14 @@ def free_port() -> int:
 def serve_app(backend, settings=None):
     """Build the real app for `backend` and serve it on a free loopback port; yields its URL."""
     from chat.config import Settings
+    from chat.operations import Operations
     from chat.ui import build_demo, launch_options
 
     settings = settings or Settings()
     settings = type(settings)(**{**settings.__dict__, "port": free_port()})
-    demo = build_demo(backend, settings)
-    demo.launch(**launch_options(settings, demo), prevent_thread_lock=True, quiet=True)
+    operations = Operations(backend, log_messages=settings.log_messages)
+    demo = build_demo(backend, settings, operations)
+    demo.launch(**launch_options(settings, operations), prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{settings.port}/"
     finally:

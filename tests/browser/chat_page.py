@@ -20,7 +20,8 @@ BOT_LABEL_PREFIX = "bot's message: "
 WATCH_REPLY_GROWTH = """() => {
   window.replyLengths = [];
   const record = () => {
-    const bots = document.querySelectorAll("[data-testid=bot]");
+    const bots = [...document.querySelectorAll("[data-testid=bot]")].filter(
+      (bot) => bot.getAttribute("aria-label") !== "bot's message: ");  // not the figures
     if (!bots.length) return;
     const length = bots[bots.length - 1].innerText.length;
     const lengths = window.replyLengths;
@@ -37,12 +38,13 @@ class ChatPage:
         self.page = page
         self.url = url
         self.recorder = recorder
-        # Its placeholder goes once the chat has messages; its (hidden) label stays.
-        self.textbox = page.get_by_role("textbox", name="Textbox", exact=True).filter(visible=True)
-        self.stop_button = page.locator("button.stop-button")
-        self.submit_button = page.locator("button.submit-button")
+        self.textbox = page.locator("#message textarea")
+        self.stop_button = page.get_by_role("button", name="Stop", exact=True).filter(visible=True)
+        self.submit_button = page.get_by_role("button", name="Send", exact=True).filter(visible=True)
         self.user_messages = page.get_by_test_id("user")
-        self.bot_messages = page.get_by_test_id("bot")
+        # Each reply's figures are a message of their own, with no text but its title.
+        self.bot_messages = page.locator(f'[data-testid=bot]:not([aria-label="{BOT_LABEL_PREFIX}"])')
+        self.figures = page.locator(f'[data-testid=bot][aria-label="{BOT_LABEL_PREFIX}"]')
 
     def open(self, query: str = "") -> ChatPage:
         self.page.goto(self.url + query)
@@ -54,9 +56,10 @@ class ChatPage:
         self.textbox.press("Enter")
 
     def wait_until_idle(self) -> None:
-        """The reply has finished (or was stopped): the send button is back."""
+        """The reply has finished (or was stopped): the send button is back, the box editable."""
         expect(self.stop_button).to_be_hidden()
         expect(self.submit_button).to_be_visible()
+        expect(self.textbox).to_be_editable()
 
     def stop(self) -> None:
         """Click Stop until it takes (the button goes)."""
@@ -74,10 +77,11 @@ class ChatPage:
         raise AssertionError("Stop did not take after 5 clicks")
 
     def ask(self, message: str) -> str:
-        """Send `message`, wait for the whole reply, return its text."""
+        """Send `message`, wait for the whole reply and its figures, return its text."""
         replies = self.bot_messages.count()
         self.send(message)
         expect(self.bot_messages).to_have_count(replies + 1)
+        expect(self.figures).to_have_count(replies + 1)
         self.wait_until_idle()
         return self.reply_text(replies)
 

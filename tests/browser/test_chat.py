@@ -171,12 +171,16 @@ def test_editing_a_message_replaces_it_and_its_reply(chat):
     expect(chat.bot_messages).to_have_count(1)
 
 
-def test_clicking_an_example_sends_it(chat):
+def test_an_example_fills_the_box_to_be_edited_before_it_is_sent(chat):
     example = "Write a haiku about a falcon over the city at dawn."
     started = chat.recorder.count()
 
     chat.page.get_by_role("button", name=f"Select example 3: {example}").click()
 
+    expect(chat.textbox).to_have_value(example)
+    expect(chat.user_messages).to_have_count(0)  # nothing is sent, nothing generated yet
+    assert chat.recorder.count() == started
+    chat.textbox.press("Enter")
     expect(chat.user_messages).to_have_count(1)
     expect(chat.user_messages.last).to_have_attribute("aria-label", f"user's message: {example}")
     expect(chat.bot_messages).to_have_count(1)
@@ -247,7 +251,9 @@ def test_screenshots_in_light_and_dark(page, chat_url, screenshots, theme):
     chat.open_settings()
     chat.set_number("Max new tokens", 40)  # a reply that fits beside its question
     page.get_by_role("button", name="Select example 3").click()
-    expect(chat.bot_messages).to_have_count(1)
+    expect(chat.textbox).not_to_have_value("")
+    chat.textbox.press("Enter")
+    expect(chat.figures).to_have_count(1)
     chat.wait_until_idle()
 
     brightness = page.evaluate(PAGE_BRIGHTNESS)

@@ -1,0 +1,57 @@
+/* Falcon Chat: keyboard and focus on the chat page, on top of Gradio's ChatInterface.
+   - Enter on an empty message box does nothing (Gradio would send it, and refuse it);
+   - Escape stops a streaming reply (as the Stop button does);
+   - the message box gets the focus back after each reply, without scrolling the page;
+   - the trash button asks before it deletes the open chat from the saved chats. */
+(function () {
+  "use strict";
+  function messageBox() { return document.querySelector("#message textarea"); }
+  function stopButton() {
+    var button = document.querySelector("#message button.stop-button");
+    return button && button.offsetParent !== null ? button : null;
+  }
+  function focusMessageBox() {
+    var box = messageBox();
+    if (box && !box.disabled && document.activeElement !== box) box.focus({ preventScroll: true });
+  }
+
+  document.addEventListener("keydown", function (event) {
+    var box = messageBox();
+    if (event.key === "Escape" && stopButton()) {
+      event.preventDefault();
+      stopButton().click();
+    } else if (event.key === "Enter" && !event.shiftKey && event.target === box && !box.value.trim()) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+    }
+  }, true);
+
+  document.addEventListener("click", function (event) {
+    var trash = event.target.closest && event.target.closest("#conversation button[aria-label='Clear']");
+    if (trash && !window.confirm("Delete this chat? It is removed from the saved chats too.")) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+    }
+  }, true);
+
+  // Give the focus back when a reply ends, once the box is editable again.
+  function waitForBox(tries) {
+    var box = messageBox();
+    tries = tries || 0;
+    if (box && !box.disabled) return focusMessageBox();
+    if (tries < 50) setTimeout(function () { waitForBox(tries + 1); }, 50);
+  }
+  var streaming = false;
+  new MutationObserver(function () {
+    var now = stopButton() !== null;
+    if (streaming && !now) waitForBox();
+    streaming = now;
+  }).observe(document.documentElement, { subtree: true, childList: true, attributes: true, attributeFilter: ["disabled", "class", "style"] });
+
+  // Focus the box once the page is there, without the browser scrolling to it (phones).
+  var tries = 0;
+  (function focusWhenReady() {
+    if (messageBox()) return focusMessageBox();
+    if (++tries < 100) setTimeout(focusWhenReady, 100);
+  })();
+})();

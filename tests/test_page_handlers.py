@@ -1,0 +1,166 @@
+"""chat.page_handlers without a server: what each event of the page does, called directly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from chat.backends.base import FINISH_CANCELLED, Backend, Token
+from chat.config import Settings
+from chat.export import conversation_json, conversation_markdown
+from chat.history import turns_from_history
+from chat.operations import Operations
+from chat.page_handlers import PageHandlers, Refused, ShownReply, inline_math, stats_line
+from chat.reply import ReplyStats
+from tests.doubles import FailingBackend
+
+SETTINGS = (0.0, 20, 0.9, 1.0)  # temperature, max new tokens, top-p, repetition penalty
+
+
+class Words(Backend):
+    """Streams its words, one token each, then ends its turn; notes the in-flight gauge as it goes."""
+
+    name = "words"
+    model_name = "words model"
+
+    def __init__(self, words=("Hello ", "there"), gauge=None):
+        self.words, self.gauge, self.seen_in_flight = words, gauge, []
+
+    def context_length(self) -> int:
+        return 100
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stream(self, prompt, params):
+        for index, word in enumerate(self.words):
+            if self.gauge is not None:
+                self.seen_in_flight.append(self.gauge._value.get())
+            yield Token(word, id=index)
+        yield Token("", finish_reason="stop", seed=params.seed)
+
+
+def handlers_for(backend: Backend, **settings) -> PageHandlers:
+    operations = Operations(backend)
+    if isinstance(backend, Words):
+        backend.gauge = operations.in_flight
+    return PageHandlers(backend, Settings(**settings), operations)
+
+
+def collect(updates) -> list:
+    async def run():
+        return [update async for update in updates]
+
+    return asyncio.run(run())
+
+
+def counted(operations: Operations, mode: str, outcome: str) -> float:
+    return operations.requests.labels(mode, outcome)._value.get()
+
+
+def test_a_chat_reply_streams_then_ends_with_its_figures_in_a_message_of_their_own():
+    handlers = handlers_for(Words())
+    session = {}
+    updates = collect(handlers.respond("Hi", [], "", *SETTINGS, "7", session))
+
+    assert all(isinstance(update, ShownReply) for update in updates)
+    last = updates[-1]
+    assert last.text == "Hello there" and last[0]["content"] == "Hello there"
+    figures = last[1]["metadata"]["title"]
+    assert "2 tokens" in figures and "end of turn" in figures and "seed 7" in figures
+    assert last[1]["content"] == ""  # nothing to copy or read but the title
+    assert session["last_reply"]["generated_tokens"] == 2
+    # The figures are a display: the next prompt gets the reply's words only.
+    assert turns_from_history([{"role": "user", "content": "Hi"}, *last])[0].assistant == "Hello there"
+
+
+@pytest.mark.parametrize(
+    "message, seed, reason",
+    [
+        ("   ", None, "Please type a message first."),
+        ("x" * 50, None, "the limit is 40"),
+        ("Hi", "lucky", "The seed must be a whole number"),
+        ("word " * 120, None, "context"),
+    ],
+)
+def test_a_refused_chat_request_is_a_note_in_the_chat_and_counted(message, seed, reason):
+    handlers = handlers_for(Words(), max_message_chars=40 if len(message) == 50 else 20_000)
+    updates = collect(handlers.respond(message, [], "", 0.0, 90, 0.9, 1.0, seed, {}))
+
+    (refusal,) = updates
+    assert reason in refusal.refused and reason in refusal[0]["content"]
+    assert refusal.text == "" and len(refusal) == 1  # no figures: nothing was generated
+    assert counted(handlers.operations, "chat", "rejected") == 1
+    assert handlers.operations.in_flight._value.get() == 0
+
+
+def test_chat_and_completion_count_themselves_in_flight_while_they_stream():
+    for mode in ("chat", "completion"):
+        backend = Words()
+        handlers = handlers_for(backend)
+        if mode == "chat":
+            collect(handlers.respond("Hi", [], "", *SETTINGS, None, {}))
+        else:
+            collect(handlers.complete("Once upon", *SETTINGS, None, ""))
+        assert backend.seen_in_flight == [1, 1], mode
+        assert handlers.operations.in_flight._value.get() == 0
+        assert counted(handlers.operations, mode, "stop") == 1
+
+
+def test_a_refused_completion_raises_refused_and_is_counted():
+    handlers = handlers_for(Words())
+    with pytest.raises(Refused, match="Please type a message first"):
+        collect(handlers.complete("", *SETTINGS, None, ""))
+    assert counted(handlers.operations, "completion", "rejected") == 1
+
+
+def test_a_failing_backend_leaves_the_partial_reply_its_note_and_figures():
+    handlers = handlers_for(FailingBackend())
+    last = collect(handlers.respond("Hi", [], "", *SETTINGS, None, {}))[-1]
+    assert last.text.startswith("Partial reply") and "Reply cut short" in last.text
+    assert "error" in last[1]["metadata"]["title"]
+
+
+def test_after_stop_the_reply_is_marked_stopped_and_gets_its_figures():
+    handlers = handlers_for(Words())
+    session = {}
+    collect(handlers.respond("Hi", [], "", *SETTINGS, None, session))
+    session["last_stats"] = ReplyStats(generated_tokens=3, finish_reason=FINISH_CANCELLED)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello th"}]
+
+    shown = asyncio.run(handlers.figures_after_stop(history, session))
+
+    assert shown[1]["content"].startswith("Hello th") and "Stopped." in shown[1]["content"]
+    assert "stopped by user" in shown[2]["metadata"]["title"]
+    assert turns_from_history(shown)[0].assistant == "Hello th"
+    markdown = conversation_markdown(shown)
+    assert "**Falcon:** Hello th" in markdown and "> Stopped." in markdown
+    assert json.loads(conversation_json(shown))["messages"][1] == {
+        "role": "assistant",
+        "content": "Hello th",
+        "note": "Stopped.",
+    }
+
+
+def test_stats_line_says_how_the_reply_ended_and_what_was_left_out():
+    stats = ReplyStats(prompt_tokens=90, context_length=100, generated_tokens=5, dropped_turns=2)
+    line = stats_line(stats)
+    assert "5 tokens" in line and "context 95/100 (95%)" in line and "2 older turns left out" in line
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("Between $5 and $10.", "Between $5 and $10."),
+        ("It costs $5.", "It costs $5."),
+        ("Area $\\pi r^2$ here", "Area \\(\\pi r^2\\) here"),
+        ("So $x$ and $y$.", "So \\(x\\) and \\(y\\)."),
+        ("Block $$x^2$$ stays", "Block $$x^2$$ stays"),
+        ("Code `echo $HOME $PATH` and ```\n$a$\n```", "Code `echo $HOME $PATH` and ```\n$a$\n```"),
+        ("\\(a+b\\) already", "\\(a+b\\) already"),
+    ],
+)
+def test_inline_dollar_math_is_shown_as_math_but_prices_and_code_stay_text(text, shown):
+    assert inline_math(text) == shown
