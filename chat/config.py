@@ -25,6 +25,7 @@ DEFAULT_QUEUE_SIZE = 100  # requests waiting for a free slot; more get "busy, tr
 # Page updates per second, all streaming replies together (chat.bridge.UpdatePacer): one reply
 # alone updates at every token (up to 50 a second); 64 at once, every 0.32 s each.
 DEFAULT_PAGE_UPDATES = 200
+DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a long conversation's history, with room to spare
 
 # flag -> environment variable; the README's configuration table lists the same pairs.
 ENVIRONMENT = {
@@ -51,6 +52,7 @@ ENVIRONMENT = {
     "endpoint_cooldown": "ENDPOINT_COOLDOWN",
     "decoder": "DECODER",
     "allow_embed_from": "ALLOW_EMBED_FROM",
+    "max_request_bytes": "MAX_REQUEST_BYTES",
 }
 
 
@@ -82,6 +84,7 @@ class Settings:
     endpoint_cooldown_s: float | None = None
     decoder: str = "auto"  # local backend's decode loop: auto | plain | fast
     allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get HTTP 413
 
     @property
     def default_params(self) -> GenerationParams:
@@ -142,6 +145,7 @@ def _parser() -> _Parser:
         action="append",
         help="origins that may frame the page, comma-separated; default any" + env("allow_embed_from"),
     )
+    p.add_argument("--max-request-bytes", help="largest request body accepted" + env("max_request_bytes"))
     return p
 
 
@@ -189,6 +193,9 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         endpoint_cooldown_s=_seconds("--endpoint-cooldown", value("endpoint_cooldown")),
         decoder=value("decoder") or "auto",
         allow_embed_from=parse_origins(value("allow_embed_from")),
+        max_request_bytes=_int(
+            "--max-request-bytes", value("max_request_bytes"), DEFAULT_MAX_REQUEST_BYTES, 1024, 2**31
+        ),
     )
     _check(settings)
     return settings

@@ -2,7 +2,8 @@
 
 By default the app sends no frame-blocking header, so any page can embed it in an iframe.
 `--allow-embed-from ORIGINS` restricts that with `Content-Security-Policy: frame-ancestors 'self'
-ORIGINS` on the page's HTML responses (the header only means something on documents).
+ORIGINS` on the page's HTML responses (the header only means something on documents), as part of
+the page's one policy (`chat.security.content_security_policy`).
 
 A cross-site frame is often denied all storage (Chromium with third-party cookies blocked, Safari,
 Firefox's strict mode): merely reading `window.localStorage` throws SecurityError there. Gradio's
@@ -48,38 +49,7 @@ def frame_ancestors(origins: Iterable[str]) -> str:
     return " ".join(["frame-ancestors", "'self'", *origins])
 
 
-class FrameAncestorsMiddleware:
-    """ASGI middleware: adds `Content-Security-Policy: frame-ancestors ...` to HTML responses."""
-
-    def __init__(self, app, origins: Iterable[str]):
-        self.app = app
-        self.header = (b"content-security-policy", frame_ancestors(origins).encode("latin-1"))
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_policy(message):
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers") or [])
-                content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-                if content_type.startswith(b"text/html"):
-                    message = {**message, "headers": [*headers, self.header]}
-            await send(message)
-
-        return await self.app(scope, receive, send_with_policy)
-
-
 def embedding_launch_options(allow_embed_from: tuple[str, ...]) -> dict:
-    """`demo.launch` keyword arguments: the storage fallback, and the header when restricted."""
-    options: dict = {"head": STORAGE_FALLBACK_HEAD}
-    if allow_embed_from:
-        from starlette.middleware import Middleware
-
-        options["app_kwargs"] = {
-            "middleware": [Middleware(FrameAncestorsMiddleware, origins=allow_embed_from)]
-        }
-        # With server-side rendering (GRADIO_SSR_MODE, Node 24+), a Node server in front renders
-        # the page and the header above might never reach the browser: keep the page in Python.
-        options["ssr_mode"] = False
-    return options
+    """`demo.launch` keyword arguments: the storage fallback. (`frame-ancestors` for
+    `allow_embed_from` is part of the page's one policy, `chat.security.content_security_policy`.)"""
+    return {"head": STORAGE_FALLBACK_HEAD}

@@ -32,6 +32,7 @@ from .params import (
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
 )
+from .security import harden_demo, harden_launch_options, private_gradio_cache
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "Falcon Chat"
@@ -75,6 +76,7 @@ COMPLETION_PRESETS = {
 def build_demo(backend: Backend, settings: Settings, operations: Operations | None = None) -> gr.Blocks:
     """The page for `backend`; its replies are counted and logged in `operations` (whose routes
     `launch_options` serves), a fresh one if none is given."""
+    private_gradio_cache()  # before any component is made: each notes the folder
     operations = operations or Operations(backend, log_messages=settings.log_messages)
     handlers = PageHandlers(backend, settings, operations)
     concurrency = settings.concurrency_limit or backend.concurrency_limit
@@ -179,6 +181,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
                 concurrency_limit=concurrency,
             )
             stop_button.click(None, cancels=[generation])
+    harden_demo(demo)
     trim_gradio_costs(demo, raw_inputs=[*chat_settings, text, *completion_settings, stop])
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
@@ -269,7 +272,9 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
         # token; with Gradio's default of 40, the 41st concurrent reply waits for a thread.
         concurrency = settings.concurrency_limit or operations.backend.concurrency_limit
         options["max_threads"] = max(40, 2 * concurrency + 8)  # chat and completion, plus the rest
-    return options
+    return harden_launch_options(
+        options, max_request_bytes=settings.max_request_bytes, frame_origins=settings.allow_embed_from
+    )
 
 
 def page_script() -> str:
