@@ -51,6 +51,7 @@ ENVIRONMENT = {
     "busy_retries": "BUSY_RETRIES",
     "endpoint_cooldown": "ENDPOINT_COOLDOWN",
     "decoder": "DECODER",
+    "tensor_parallel": "TENSOR_PARALLEL",
     "allow_embed_from": "ALLOW_EMBED_FROM",
     "max_request_bytes": "MAX_REQUEST_BYTES",
 }
@@ -83,6 +84,7 @@ class Settings:
     busy_retries: int | None = None
     endpoint_cooldown_s: float | None = None
     decoder: str = "auto"  # local backend's decode loop: auto | plain | fast
+    tensor_parallel: int | str = 1  # GPUs that share each layer: a number, or "auto" (all, if needed)
     allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get HTTP 413
 
@@ -141,6 +143,11 @@ def _parser() -> _Parser:
     )
     p.add_argument("--decoder", help="local decode loop: auto, plain or fast" + env("decoder"))
     p.add_argument(
+        "--tensor-parallel",
+        help="GPUs sharing each layer: N, or auto (every GPU when the model needs them)"
+        + env("tensor_parallel"),
+    )
+    p.add_argument(
         "--allow-embed-from",
         action="append",
         help="origins that may frame the page, comma-separated; default any" + env("allow_embed_from"),
@@ -192,6 +199,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         busy_retries=_int("--busy-retries", value("busy_retries"), None, 0, 20),
         endpoint_cooldown_s=_seconds("--endpoint-cooldown", value("endpoint_cooldown")),
         decoder=value("decoder") or "auto",
+        tensor_parallel=_tensor_parallel(value("tensor_parallel")),
         allow_embed_from=parse_origins(value("allow_embed_from")),
         max_request_bytes=_int(
             "--max-request-bytes", value("max_request_bytes"), DEFAULT_MAX_REQUEST_BYTES, 1024, 2**31
@@ -227,6 +235,17 @@ def _int(flag: str, raw, default, low: int, high: int):
     if not low <= number <= high:
         raise ConfigError(f"{flag} must be between {low} and {high}, not {number}")
     return number
+
+
+def _tensor_parallel(raw) -> int | str:
+    if raw is not None and str(raw).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int("--tensor-parallel", raw, 1, 1, 64)
+    except ConfigError:
+        raise ConfigError(
+            f"--tensor-parallel must be a number of GPUs (1 to 64) or auto, not {raw!r}"
+        ) from None
 
 
 def _seconds(flag: str, raw) -> float | None:

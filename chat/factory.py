@@ -63,12 +63,42 @@ def _local_backend(settings: Settings) -> Backend:
     from .tiny_model import ensure_tiny_model
 
     model_id = settings.model or str(ensure_tiny_model())
+    model_name = TINY_MODEL_NAME if settings.model is None else model_id
+    if settings.tensor_parallel != 1:
+        backend = _tensor_parallel_backend(settings, model_id, model_name)
+        if backend is not None:
+            return backend
     model, tokenizer = load_model(model_id, quantize=settings.quantize, token=settings.token)
-    context_length = settings.max_total_tokens or model_context_length(model, tokenizer)
+    context_length = settings.max_total_tokens or model_context_length(model.config, tokenizer)
     return LocalBackend(
         model,
         tokenizer,
-        model_name=TINY_MODEL_NAME if settings.model is None else model_id,
+        model_name=model_name,
         context_length=context_length,
         decoder=choose_decoder(settings.decoder, model, tokenizer, context_length),
     )
+
+
+def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str) -> Backend | None:
+    """The local backend over N ranks, or None where `auto` finds one GPU enough."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .backends import tensor_parallel as tp
+    from .backends.local import LocalBackend, model_context_length
+
+    folder = tp.model_folder(model_id, settings.token)
+    config = AutoConfig.from_pretrained(folder)
+    ranks = tp.ranks_for(settings.tensor_parallel, config)
+    if ranks == 1:
+        return None
+    if settings.decoder == "plain":
+        raise ConfigError("--tensor-parallel runs the fast decoder; it cannot be used with --decoder plain")
+    if settings.quantize:
+        raise ConfigError("--tensor-parallel does not take --quantize (bitsandbytes) weights")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    context_length = settings.max_total_tokens or model_context_length(config, tokenizer)
+    spec = tp.RankSpec(world=ranks, port=tp.free_port(), max_len=context_length,
+                       eos_token_id=tokenizer.eos_token_id, folder=folder)  # fmt: skip
+    decoder = tp.start_ranks(spec)
+    return LocalBackend(None, tokenizer, model_name=model_name, context_length=context_length, decoder=decoder,
+                        name=f"local transformers ({ranks} ranks, tensor parallel)")  # fmt: skip

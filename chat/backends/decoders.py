@@ -125,6 +125,8 @@ def warm_up(decoder: Decoder, model, tokenizer) -> Decoder:
     try:
         start()
     except Exception as error:
+        if model is None:  # nothing to fall back to (tensor parallelism keeps only slices)
+            raise
         log.warning("decoder: %s failed to start, using plain generate (%s: %s)",
                     decoder.name, type(error).__name__, error, exc_info=True)  # fmt: skip
         return PlainDecoder(model, tokenizer)

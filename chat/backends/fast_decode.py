@@ -67,26 +67,35 @@ class FastDecoder:
         self._setup(layout, tokenizer.eos_token_id, use_graphs=use_graphs, compile_mode=compile_mode)
 
     @classmethod
-    def from_layout(cls, layout: FalconLayout, eos_token_id, *, reduce=whole, gather=whole,
+    def from_layout(cls, layout: FalconLayout, eos_token_id, *, reduce=whole, gather=whole, peers=None,
                     use_graphs: bool | None = None, compile_mode: str | None = None) -> FastDecoder:  # fmt: skip
-        """A decoder over weights already laid out (a rank's slice: `reduce` and `gather` complete
-        its products, see products.py)."""
+        """A decoder over weights already laid out: one rank's slice under tensor parallelism,
+        where `reduce` and `gather` complete its products (products.py) and, on rank 0, `peers`
+        (tensor_parallel.Peers) has the other ranks follow each reply step by step."""
         decoder = cls.__new__(cls)
-        decoder._setup(layout, eos_token_id, reduce=reduce, gather=gather, use_graphs=use_graphs,
-                       compile_mode=compile_mode)  # fmt: skip
+        decoder._setup(layout, eos_token_id, reduce=reduce, gather=gather, peers=peers,
+                       use_graphs=use_graphs, compile_mode=compile_mode)  # fmt: skip
         return decoder
 
-    def _setup(self, layout, eos_token_id, *, reduce=whole, gather=whole, use_graphs, compile_mode):
+    def _setup(
+        self, layout, eos_token_id, *, reduce=whole, gather=whole, peers=None, use_graphs, compile_mode
+    ):
         self.layout = layout
         self.eos_token_id = eos_token_id
         self.reduce, self.gather, self.linear = reduce, gather, layout.products.linear
+        self.peers = peers
         self.device, self.dtype, self.max_len = layout.device, layout.dtype, layout.max_len
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.compile_mode = compile_mode or COMPILE_MODE
         self.name = "fast (CUDA graphs)" if self.use_graphs else "fast (eager)"
+        if peers is not None:
+            self.name = f"{self.name[:-1]}, tensor parallel x{peers.world})"
         self.kv_heads, self.group, self.head_dim = layout.kv_heads, layout.group, layout.head_dim
         self.layers = layout.layers
         self.ready = not self.use_graphs
+        # Capturing refuses unsafe CUDA calls from every thread ("global", as on one GPU), or only
+        # from this one: under tensor parallelism NCCL's watchdog thread polls its events meanwhile.
+        self._capture_errors = "global" if reduce is whole else "thread_local"
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         # The step's pieces; compiled in warm_up on a GPU.
         self._project_in, self._decode_in, self._attend_torch, self._project_out, self._head = (
@@ -157,7 +166,7 @@ class FastDecoder:
             pool = None
             for greedy in (True, False):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=self._capture_errors):
                     self._step(greedy)
                 pool = graph.pool()
                 self._graphs[greedy] = graph
@@ -173,12 +182,37 @@ class FastDecoder:
             raise ValueError(f"prompt of {prompt_len} tokens does not fit the {self.max_len}-token cache")
         if self.use_graphs and not self.ready:
             self.warm_up()
-        torch.manual_seed(seed)  # seeds the CPU and every CUDA generator, as the plain path does
+        if self.peers is not None:  # the other ranks run the same prefill, then follow step by step
+            self.peers.start(input_ids, params, seed)
+        try:
+            torch.manual_seed(seed)  # seeds the CPU and every CUDA generator, as the plain path does
+            with torch.inference_mode():
+                self.knobs.set(params, self.layout.vocab)
+                self._reset(input_ids)
+                self._prefill(prompt_len, params.greedy)
+                return self._stream(prompt_len, params, emit, cancelled)
+        finally:
+            if self.peers is not None:
+                self.peers.end()
+
+    def follow(self, input_ids, params: GenerationParams, seed: int, next_step) -> None:
+        """Another rank's side of rank 0's `generate`: the same prefill and sampling (so the same
+        tokens), then one step each time `next_step()` says rank 0 took one (False: reply over)."""
+        torch.manual_seed(seed)
         with torch.inference_mode():
             self.knobs.set(params, self.layout.vocab)
             self._reset(input_ids)
-            self._prefill(prompt_len, params.greedy)
-            return self._stream(prompt_len, params, emit, cancelled)
+            self._prefill(input_ids.shape[-1], params.greedy)
+            while next_step():
+                self._replay(params.greedy)
+
+    def healthy(self) -> bool:
+        """False once another rank has died (the sums it takes part in can never finish)."""
+        return self.peers is None or self.peers.healthy()
+
+    def close(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
 
     def _stream(self, prompt_len: int, params, emit, cancelled) -> str:
         # The step for token n+1 is queued before token n is read back, so Python's per-token
@@ -204,6 +238,8 @@ class FastDecoder:
             position += 1
 
     def _replay(self, greedy: bool) -> None:
+        if self.peers is not None:  # first: an eager step waits in its sums for the other ranks
+            self.peers.step()
         if self.use_graphs:
             self._graphs[greedy].replay()
         else:
@@ -219,7 +255,10 @@ class FastDecoder:
         done.record()
 
         def wait() -> int:
-            done.synchronize()
+            if self.peers is None:
+                done.synchronize()
+            else:  # a dead rank would leave the step's sum waiting forever: watch the ranks
+                self.peers.wait_for(done)
             return int(buffer[0])
 
         return wait

@@ -52,14 +52,15 @@ _END = object()
 class LocalBackend(Backend):
     """Streams from a model loaded with transformers; see the module docstring."""
 
-    def __init__(self, model, tokenizer, *, model_name: str, context_length: int, decoder=None):
+    def __init__(self, model, tokenizer, *, model_name: str, context_length: int, decoder=None, name=None):
+        """`model` may be None where `decoder` holds the weights (tensor parallelism)."""
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._context_length = context_length
         self.decoder: Decoder = decoder or PlainDecoder(model, tokenizer)
         device = getattr(model, "device", "cpu")
-        self.name = f"local transformers ({getattr(device, 'type', device)})"
+        self.name = name or f"local transformers ({getattr(device, 'type', device)})"
         self.concurrency_limit = 1
         self._jobs: queue.Queue[_Job | _Task | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="local-decoder", daemon=True)
@@ -112,7 +113,8 @@ class LocalBackend(Backend):
         return task.result
 
     def healthy(self) -> bool:
-        return self._worker.is_alive()
+        decoder_healthy = getattr(self.decoder, "healthy", None)  # a tensor-parallel rank may die
+        return self._worker.is_alive() and (decoder_healthy is None or decoder_healthy())
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -139,6 +141,9 @@ class LocalBackend(Backend):
             except BaseException as error:  # reaches the reader as a clear message, never a hang
                 log.exception("generation failed")
                 job.out.put(error)
+        close = getattr(self.decoder, "close", None)
+        if close is not None:  # on this thread: it may still be generating until the queue ends
+            close()
 
     @property
     def _raw_tokenizer(self):
@@ -191,9 +196,9 @@ def _quantization_config(quantize: str):
     )
 
 
-def model_context_length(model, tokenizer) -> int:
+def model_context_length(config, tokenizer) -> int:
     """The model's context: its config, else the tokenizer's, else Falcon's 2,048."""
-    length = getattr(model.config, "max_position_embeddings", None)
+    length = getattr(config, "max_position_embeddings", None)
     if not length:
         length = getattr(tokenizer, "model_max_length", None)
     return int(length) if length and length < 10**7 else 2048

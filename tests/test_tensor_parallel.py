@@ -1,0 +1,194 @@
+"""Tensor parallelism on the CPU: the slices and the one-sum-per-layer step, then the real thing.
+
+First every rank of a sharded model runs in a thread of this process, meeting through
+`ThreadRanks` (it stands in for torch.distributed's sum and gather, nothing else), over the
+Falcon layouts that split differently. Then the app's own backend starts a second process and
+the two ranks meet over gloo: greedy output with 2 ranks equals 1 rank (float32, tiny model),
+Stop and the next reply work, and a rank that dies turns the backend unhealthy without a hang.
+The GPU side (NCCL inside CUDA graphs) is measured by bench/gpu_decode.py --tensor-parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from chat.backends.decoders import PlainDecoder
+from chat.backends.fast_decode import FastDecoder
+from chat.backends.shards import RankPlan, SafetensorsSource, layout_from_source, share
+from chat.config import Settings
+from chat.errors import ConfigError, GenerationFailed
+from chat.params import GenerationParams
+
+CACHE = 128
+GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
+PROMPTS = ["User: Plan a trip to Lisbon\nFalcon:", "System: Be brief.\nUser: Write a haiku\nFalcon:"]
+
+
+class ThreadRanks:
+    """torch.distributed's sum and gather for ranks running as threads of one process (a double)."""
+
+    def __init__(self, world: int, vocab: int):
+        self.world, self.vocab = world, vocab
+        self._barrier = threading.Barrier(world, timeout=30)
+        self._parts: list = [None] * world
+        self.sums = 0  # sums taken by rank 0
+
+    def reduce_for(self, rank: int):
+        def reduce(x):
+            self.sums += rank == 0
+            return self._meet(rank, x, lambda parts: sum(parts[1:], parts[0]))
+
+        return reduce
+
+    def gather_for(self, rank: int):
+        return lambda x: self._meet(rank, x, lambda parts: torch.cat(parts, dim=1)[:, : self.vocab])
+
+    def _meet(self, rank, x, combine):
+        self._parts[rank] = x
+        self._barrier.wait()
+        result = combine(list(self._parts))
+        self._barrier.wait()  # nobody overwrites a part before everyone has combined
+        return result
+
+
+def _ids(tokenizer, text):
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+def _sharded_greedy(folder, tokenizer, ids, world: int, new_tokens: int):
+    """Every rank's generated tokens and rank 0's count of sums, ranks running as threads."""
+    source = SafetensorsSource(folder, "cpu", torch.float32)
+    ranks = ThreadRanks(world, source.config.vocab_size)
+    decoders = [
+        FastDecoder.from_layout(layout_from_source(source, rank, world, max_len=CACHE), tokenizer.eos_token_id,
+                                reduce=ranks.reduce_for(rank), gather=ranks.gather_for(rank))
+        for rank in range(world)
+    ]  # fmt: skip
+
+    def follow(decoder):
+        steps = iter(range(new_tokens - 1))
+        decoder.follow(ids, GREEDY, 0, lambda: next(steps, None) is not None)
+
+    threads = [threading.Thread(target=follow, args=(d,)) for d in decoders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    start = ids.shape[-1]
+    return [d.history[start : start + new_tokens].tolist() for d in decoders], ranks.sums
+
+
+LAYOUTS = {
+    "tiny-multi-query": dict(multi_query=True, num_attention_heads=4),  # one KV head: queries split
+    "new-architecture": dict(
+        new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8
+    ),  # KV split
+    "new-architecture-one-norm": dict(
+        new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8, num_ln_in_parallel_attn=1
+    ),
+    "multi-head": dict(multi_query=False, num_attention_heads=4),
+    "multi-query-bias": dict(multi_query=True, num_attention_heads=4, bias=True),
+}
+
+
+@pytest.mark.parametrize(
+    "layout, world",
+    [*((layout, 2) for layout in LAYOUTS), ("tiny-multi-query", 3), ("multi-head", 3)],  # 3: uneven shares
+)
+def test_every_rank_generates_what_one_device_does_with_one_sum_per_layer(
+    tmp_path, tiny_tokenizer, layout, world
+):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    settings = dict(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, parallel_attn=True,
+                    alibi=False, bias=False, initializer_range=0.5)  # fmt: skip
+    torch.manual_seed(1)
+    model = FalconForCausalLM(FalconConfig(**{**settings, **LAYOUTS[layout]})).eval()
+    model.save_pretrained(tmp_path)
+    ids = _ids(tiny_tokenizer, PROMPTS[1])
+    expected = []
+    PlainDecoder(model, tiny_tokenizer).generate(ids, GREEDY, 0, expected.append, lambda: False)
+
+    per_rank, sums = _sharded_greedy(tmp_path, tiny_tokenizer, ids, world, len(expected))
+    assert per_rank == [expected] * world
+    # A sum per layer for the prompt and for each step after the first token; nothing else.
+    assert sums == model.config.num_hidden_layers * len(expected)
+
+
+def test_slices_cover_every_row_and_column_once():
+    from chat.backends.shards import FalconShape
+
+    seven_b = FalconShape(hidden=4544, heads=71, kv_heads=1, head_dim=64, vocab=65024, layers=32, eps=1e-5)
+    plans = [RankPlan.make(seven_b, rank, 2) for rank in range(2)]
+    assert [len(p.queries) for p in plans] == [36, 35]  # 71 queries, one shared KV head
+    columns = sorted(c for p in plans for r in p.attention_columns for c in r)
+    assert columns == list(range(71 * 64))
+    assert [share(10, 3, r) for r in range(3)] == [range(0, 4), range(4, 7), range(7, 10)]
+    forty_b = FalconShape(hidden=8192, heads=128, kv_heads=8, head_dim=64, vocab=65024, layers=60, eps=1e-5)
+    plan = RankPlan.make(forty_b, 1, 2)
+    assert plan.kv_heads == range(4, 8) and len(plan.qkv_rows) == 1  # whole groups: one read
+
+
+# -- two processes over gloo, through the app's own factory -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model_dir):
+    from chat.factory import build_backend
+
+    backend = build_backend(Settings(model=str(tiny_model_dir), tensor_parallel=2, max_total_tokens=CACHE))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return FastDecoder(model, tiny_tokenizer, max_len=CACHE)
+
+
+def _streamed_ids(backend, prompt, params):
+    return [token.id for token in backend.stream(prompt, params) if token.id is not None]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_two_ranks_stream_the_greedy_tokens_of_one(two_ranks, one_rank, tiny_tokenizer, prompt):
+    expected = []
+    one_rank.generate(_ids(tiny_tokenizer, prompt), GREEDY, 0, expected.append, lambda: False)
+    assert "tensor parallel" in two_ranks.name
+    assert _streamed_ids(two_ranks, prompt, GREEDY) == expected
+
+
+def test_two_ranks_stop_and_serve_the_next_reply(two_ranks):
+    sampled = GenerationParams(temperature=0.9, top_p=0.9, max_new_tokens=16, seed=5)
+    first = _streamed_ids(two_ranks, PROMPTS[0], sampled)
+    stream = two_ranks.stream(PROMPTS[0], GenerationParams(temperature=0.0, max_new_tokens=100))
+    next(stream)
+    stream.close()  # Stop: rank 0 ends the reply, the other rank must end it too
+    assert _streamed_ids(two_ranks, PROMPTS[0], sampled) == first  # in step again, same seed, same reply
+    assert two_ranks.healthy()
+
+
+def test_tensor_parallel_needs_the_fast_decoder(tiny_model_dir):
+    from chat.factory import build_backend
+
+    with pytest.raises(ConfigError, match="--decoder plain"):
+        build_backend(Settings(model=str(tiny_model_dir), tensor_parallel=2, decoder="plain"))
+
+
+def test_a_dead_rank_fails_the_reply_and_the_health_check_without_a_hang(two_ranks, caplog):
+    """Last in this file: it ends the module's two ranks."""
+    process = two_ranks.decoder.peers.processes[0]
+    with caplog.at_level(logging.ERROR):
+        process.kill()
+        process.join(timeout=10)
+        with pytest.raises(GenerationFailed):
+            list(two_ranks.stream(PROMPTS[0], GREEDY))
+    assert not two_ranks.healthy()
+    assert any("rank 1" in r.getMessage() and "restarted" in r.getMessage() for r in caplog.records)
