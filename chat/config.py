@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
+from .prompt import PROMPT_FORMATS
 
 BACKENDS = ("local", "tgi", "openai", "sagemaker")
 QUANTIZATIONS = ("8bit", "4bit")
@@ -52,6 +53,7 @@ ENVIRONMENT = {
     "endpoint_cooldown": "ENDPOINT_COOLDOWN",
     "decoder": "DECODER",
     "tensor_parallel": "TENSOR_PARALLEL",
+    "prompt_format": "PROMPT_FORMAT",
     "allow_embed_from": "ALLOW_EMBED_FROM",
     "max_request_bytes": "MAX_REQUEST_BYTES",
 }
@@ -85,6 +87,7 @@ class Settings:
     endpoint_cooldown_s: float | None = None
     decoder: str = "auto"  # local backend's decode loop: auto | plain | fast
     tensor_parallel: int | str = 1  # GPUs that share each layer: a number, or "auto" (all, if needed)
+    prompt_format: str = "auto"  # falcon | template | auto (chat.prompt)
     allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get HTTP 413
 
@@ -148,6 +151,11 @@ def _parser() -> _Parser:
         + env("tensor_parallel"),
     )
     p.add_argument(
+        "--prompt-format",
+        help="falcon, template (the model's chat template) or auto (template where the model has one)"
+        + env("prompt_format"),
+    )
+    p.add_argument(
         "--allow-embed-from",
         action="append",
         help="origins that may frame the page, comma-separated; default any" + env("allow_embed_from"),
@@ -200,6 +208,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         endpoint_cooldown_s=_seconds("--endpoint-cooldown", value("endpoint_cooldown")),
         decoder=value("decoder") or "auto",
         tensor_parallel=_tensor_parallel(value("tensor_parallel")),
+        prompt_format=value("prompt_format") or "auto",
         allow_embed_from=parse_origins(value("allow_embed_from")),
         max_request_bytes=_int(
             "--max-request-bytes", value("max_request_bytes"), DEFAULT_MAX_REQUEST_BYTES, 1024, 2**31
@@ -265,6 +274,10 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {settings.backend!r}")
     if settings.decoder not in DECODERS:
         raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, not {settings.decoder!r}")
+    if settings.prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(
+            f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, not {settings.prompt_format!r}"
+        )
     if settings.quantize not in (None, *QUANTIZATIONS):
         raise ConfigError(f"--quantize must be 8bit or 4bit, not {settings.quantize!r}")
     if settings.backend != "local" and not settings.endpoints:

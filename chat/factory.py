@@ -60,6 +60,7 @@ def _remote(settings: Settings) -> dict:
 def _local_backend(settings: Settings) -> Backend:
     from .backends.decoders import choose_decoder
     from .backends.local import LocalBackend, load_model, model_context_length
+    from .prompt import choose_prompt_format
     from .tiny_model import ensure_tiny_model
 
     model_id = settings.model or str(ensure_tiny_model())
@@ -76,6 +77,7 @@ def _local_backend(settings: Settings) -> Backend:
         model_name=model_name,
         context_length=context_length,
         decoder=choose_decoder(settings.decoder, model, tokenizer, context_length),
+        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer),
     )
 
 
@@ -85,6 +87,7 @@ def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str)
 
     from .backends import tensor_parallel as tp
     from .backends.local import LocalBackend, model_context_length
+    from .prompt import choose_prompt_format
 
     folder = tp.model_folder(model_id, settings.token)
     config = AutoConfig.from_pretrained(folder)
@@ -101,4 +104,5 @@ def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str)
                        eos_token_id=tokenizer.eos_token_id, folder=folder)  # fmt: skip
     decoder = tp.start_ranks(spec)
     return LocalBackend(None, tokenizer, model_name=model_name, context_length=context_length, decoder=decoder,
-                        name=f"local transformers ({ranks} ranks, tensor parallel)")  # fmt: skip
+                        name=f"local transformers ({ranks} ranks, tensor parallel)",
+                        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer))  # fmt: skip

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 
 from .backends.base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend
 from .errors import BackendError, ContextOverflow, InvalidMessage, PromptTooLong
+from .fitting import FittedPrompt, fit_prompt
 from .history import add_note, turns_from_history
 from .params import GenerationParams
-from .prompt import FittedPrompt, fit_prompt
 from .stops import StopFilter
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,11 @@ def stream_reply(
     does `cancelled()` turning true (checked after every token, for a reader in another thread)."""
     message = clean_message(message, max_message_chars)
     system_prompt = _CONTROL_CHARACTERS.sub("", system_prompt or "").strip()
+    if len(system_prompt) > max_message_chars:  # checked before anything counts its tokens
+        raise InvalidMessage(
+            f"The system prompt is {len(system_prompt):,} characters long; the limit is "
+            f"{max_message_chars:,}. Please shorten it."
+        )
     turns = turns_from_history(history)
 
     def fit(drop: int) -> FittedPrompt:
@@ -112,8 +117,9 @@ def stream_reply(
             count_tokens=backend.count_tokens,
             context_length=backend.context_length(),
             max_new_tokens=params.max_new_tokens,
+            prompt_format=backend.prompt_format,
         )
-        return FittedPrompt(**{**asdict(fitted), "dropped_turns": fitted.dropped_turns + drop})
+        return dataclasses.replace(fitted, dropped_turns=fitted.dropped_turns + drop)
 
     yield from stream_fitted(
         backend, fit, params, droppable_turns=len(turns), on_finish=on_finish, cancelled=cancelled

@@ -325,9 +325,9 @@ def banner(backend: Backend) -> str:
 
 
 def description(backend: Backend) -> str:
-    """The line under the banner: which model, through which backend (and a warning for the
-    tiny demo model)."""
-    text = f"Chatting with **{model_label(backend)}** through {backend.name}."
+    """The line under the banner: which model, through which backend, in which prompt format (and
+    a warning for the tiny demo model)."""
+    text = f"Chatting with **{model_label(backend)}** through {backend.name}, in {backend.prompt_format.description}."
     if "tiny demo" in backend.model_name:
         text += (
             "<br>⚠️ This is a tiny demo model with random weights, built offline so the app works "

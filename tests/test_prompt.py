@@ -6,9 +6,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chat.errors import PromptTooLong
+from chat.errors import ConfigError, PromptTooLong
+from chat.fitting import fit_prompt
 from chat.history import Turn, add_note, turns_from_history
-from chat.prompt import ROLE_MARKERS, fit_prompt, format_prompt, render
+from chat.prompt import (
+    ROLE_MARKERS,
+    Conversation,
+    ServerTemplateFormat,
+    choose_prompt_format,
+    format_prompt,
+    render,
+)
 
 
 def test_first_message_without_system_prompt():
@@ -157,3 +165,35 @@ def test_message_that_cannot_fit_says_how_long_it_is_and_what_fits(count):
         fit_prompt(message, [], "", count_tokens=count, context_length=128, max_new_tokens=16)
     text = raised.value.user_message
     assert f"{count(message):,} tokens" in text and "128 tokens" in text and "shorten it" in text
+
+
+# -- choosing the format ------------------------------------------------------------------------
+
+
+def test_auto_takes_the_falcon_format_for_a_tokenizer_without_a_template(tiny_tokenizer):
+    assert choose_prompt_format("auto", tiny_tokenizer).name == "falcon"
+    with pytest.raises(
+        ConfigError, match="--prompt-format template: this model's tokenizer has no chat template"
+    ):
+        choose_prompt_format("template", tiny_tokenizer)
+
+
+def test_auto_takes_the_models_own_template_where_it_has_one(smollm2):
+    _, tokenizer = smollm2
+    prompt_format = choose_prompt_format("auto", tokenizer)
+    assert prompt_format.name == "template"
+    assert prompt_format.render(Conversation("", (), "Hi")).endswith(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_typed_special_tokens_are_broken_in_every_format():
+    # A server's tokenizer would read a typed `<|endoftext|>` or `<|im_start|>` as the real token.
+    typed = "a <|endoftext|> b <|im_start|>system [INST] </s>"
+    for prompt in (
+        render(typed, [], ""),
+        ServerTemplateFormat().render(Conversation("", (), typed)).messages[-1][1],
+    ):
+        for marker in ("<|endoftext|>", "<|im_start|>", "[INST]", "</s>"):
+            assert marker not in prompt
+        assert typed in prompt.replace("\u200b", "")

@@ -13,6 +13,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 from ..params import GenerationParams
+from ..prompt import FalconFormat, Prompt, PromptFormat
 
 # Why a generation ended, as reported by the backend's last token.
 FINISH_STOP = "stop"  # end of turn: end-of-text token or a stop sequence
@@ -39,17 +40,20 @@ class Backend(ABC):
     model_name: str = "model"
     #: How many generations may run at once; the UI's queue allows that many.
     concurrency_limit: int = 1
+    #: How a conversation is written for this model; `stream` and `count_tokens` take what its
+    #: `render` returns (text, or `ChatMessages` for a server's chat route).
+    prompt_format: PromptFormat = FalconFormat()
 
     @abstractmethod
     def context_length(self) -> int:
         """Tokens the model can attend to: prompt plus reply."""
 
     @abstractmethod
-    def count_tokens(self, text: str) -> int:
+    def count_tokens(self, text: Prompt) -> int:
         """Tokens `text` takes as a prompt, counted the way the model will count them."""
 
     @abstractmethod
-    def stream(self, prompt: str, params: GenerationParams) -> Generator[Token, None, None]:
+    def stream(self, prompt: Prompt, params: GenerationParams) -> Generator[Token, None, None]:
         """Generate a continuation of `prompt`; closing the generator cancels the generation."""
 
     def healthy(self) -> bool:

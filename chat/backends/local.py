@@ -52,12 +52,24 @@ _END = object()
 class LocalBackend(Backend):
     """Streams from a model loaded with transformers; see the module docstring."""
 
-    def __init__(self, model, tokenizer, *, model_name: str, context_length: int, decoder=None, name=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        model_name: str,
+        context_length: int,
+        decoder=None,
+        name=None,
+        prompt_format=None,
+    ):
         """`model` may be None where `decoder` holds the weights (tensor parallelism)."""
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._context_length = context_length
+        if prompt_format is not None:
+            self.prompt_format = prompt_format
         self.decoder: Decoder = decoder or PlainDecoder(model, tokenizer)
         device = getattr(model, "device", "cpu")
         self.name = name or f"local transformers ({getattr(device, 'type', device)})"
@@ -150,7 +162,9 @@ class LocalBackend(Backend):
         return self.tokenizer._tokenizer if hasattr(self.tokenizer, "_tokenizer") else self.tokenizer
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        # A chat template writes BOS and the like itself; the tokenizer must not add them again.
+        special = not self.prompt_format.text_has_special_tokens
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
 def load_model(model_id: str, *, quantize: str | None = None, token: str | None = None):
