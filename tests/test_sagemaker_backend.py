@@ -145,7 +145,8 @@ def test_streams_tgi_tokens_out_of_payload_parts_split_anywhere(client):
     assert tokens[-1].finish_reason == FINISH_STOP and tokens[-1].seed == 7
 
 
-def test_sends_the_jumpstart_payload(client):
+def test_sends_the_jumpstart_payload_without_nulls(client):
+    # TGI (inside the container) rejects null for some parameters: they are left out, as for TGI.
     params = GenerationParams(temperature=0.0, max_new_tokens=64)
     expected = json.dumps(
         {
@@ -153,10 +154,9 @@ def test_sends_the_jumpstart_payload(client):
             "parameters": {
                 "do_sample": False,
                 "max_new_tokens": 64,
-                "repetition_penalty": None,
-                "seed": None,
                 "stop": ["\nUser:", "\nFalcon:", "\nSystem:", "<|endoftext|>"],
                 "details": True,
+                "return_full_text": False,
             },
             "stream": True,
         }
@@ -169,6 +169,18 @@ def test_sends_the_jumpstart_payload(client):
             )
         )
         stubber.assert_no_pending_responses()
+
+
+def test_a_stream_cut_before_tgis_final_event_is_a_failure_not_a_finished_reply(client):
+    cut = tgi_sse([" Bonjour", " à"]).split(b"\n\n")
+    without_final_event = b"\n\n".join(cut[:2]) + b"\n\n"
+    with EventStreamStubber(client) as stubber:
+        answer(stubber, client, payload_part(without_final_event))
+        tokens = SageMakerBackend(["falcon-180b-chat"], client=client, options=OPTIONS).stream(
+            "User: Hi\nFalcon:", GenerationParams()
+        )
+        with pytest.raises(GenerationFailed, match="broke off"):
+            list(tokens)
 
 
 def test_the_reply_loop_shows_the_text_with_stop_sequences_removed(client):

@@ -19,8 +19,7 @@ import socket
 from ..errors import BackendError, BackendUnavailable, ConfigError
 from .failover import RemoteOptions, error_for_event, error_for_exception, error_for_status
 from .remote_backend import RemoteBackend
-from .tgi import tgi_parameters
-from .tgi_events import LineBuffer, parse_line
+from .tgi_events import LineBuffer, generate_request, tokens_from_lines
 
 _STATUS_OF_CODE = {"ThrottlingException": 429, "ServiceUnavailable": 503, "InternalFailure": 500}
 
@@ -60,6 +59,14 @@ def error_for_client_error(error) -> BackendError:
     return error_for_status(int(status), f"{code}: {message}")
 
 
+def event_stream_lines(body):
+    """The text lines of TGI's SSE inside an AWS event stream's `PayloadPart` events."""
+    lines = LineBuffer()
+    for event in body:
+        yield from lines.feed(event.get("PayloadPart", {}).get("Bytes", b""))
+    yield from lines.finish()
+
+
 def shutdown_event_stream(body) -> None:
     """Interrupt a read blocked on a botocore event stream (its urllib3 connection's socket)."""
     raw = getattr(body, "_raw_stream", None)
@@ -93,11 +100,7 @@ class SageMakerBackend(RemoteBackend):
     def open_stream(self, endpoint, prompt, params, watchdog):
         from botocore.exceptions import BotoCoreError, ClientError
 
-        payload = {
-            "inputs": prompt,
-            "parameters": {**tgi_parameters(params), "details": True},
-            "stream": True,
-        }
+        payload = generate_request(prompt, params)
         body = None
         try:
             response = self._client.invoke_endpoint_with_response_stream(
@@ -105,14 +108,7 @@ class SageMakerBackend(RemoteBackend):
             )
             body = response["Body"]
             watchdog.on_expiry(lambda: shutdown_event_stream(body))
-            lines = LineBuffer()
-            for event in body:
-                for line in lines.feed(event.get("PayloadPart", {}).get("Bytes", b"")):
-                    if (token := parse_line(line)) is not None:
-                        yield token
-            for line in lines.finish():
-                if (token := parse_line(line)) is not None:
-                    yield token
+            yield from tokens_from_lines(event_stream_lines(body))
         except BackendError:
             raise
         except ClientError as error:  # includes EventStreamError, raised mid-stream

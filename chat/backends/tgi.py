@@ -1,7 +1,7 @@
 """TGI backend: Text Generation Inference's `/generate_stream`, spoken directly over httpx.
 
 The request is TGI's `{"inputs", "parameters": {..., "details": true}, "stream": true}`; the
-answer is server-sent events, parsed by `tgi_events.parse_line`, the same parser the SageMaker
+answer is server-sent events, read by `tgi_events.tokens_from_lines`, as the SageMaker
 backend uses (huggingface_hub's `InferenceClient` speaks the same protocol, but builds and
 deep-copies dataclasses for every token: about 0.3 ms of CPU per token, a third of this app's
 CPU time with 64 streams; docs/reliability.md). Requests go through the backend's one
@@ -18,44 +18,12 @@ import logging
 
 import httpx2
 
-from ..errors import BackendError, GenerationFailed
-from ..params import GenerationParams
+from ..errors import BackendError
 from .failover import RemoteOptions, error_for_exception, error_for_status, shutdown_response
 from .remote_backend import RemoteBackend, error_text
-from .tgi_events import parse_line
+from .tgi_events import generate_request, tokens_from_lines
 
 log = logging.getLogger(__name__)
-
-TGI_MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences; our stop filter applies them all
-
-
-def tgi_parameters(params: GenerationParams) -> dict:
-    """Our parameters as TGI accepts them (it rejects temperature 0 and top_p 1.0)."""
-    sampling = {}
-    if not params.greedy:
-        sampling = dict(
-            temperature=params.temperature,
-            top_p=params.top_p if params.top_p < 1.0 else None,
-            top_k=params.top_k or None,
-        )
-    return dict(
-        do_sample=not params.greedy,
-        max_new_tokens=params.max_new_tokens,
-        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
-        seed=params.seed,
-        stop=list(params.stop_sequences[:TGI_MAX_STOP_SEQUENCES]),
-        **sampling,
-    )
-
-
-def generate_request(prompt: str, params: GenerationParams) -> dict:
-    """The body of POST /generate_stream (TGI rejects nulls for some parameters: left out)."""
-    parameters = {**tgi_parameters(params), "details": True, "return_full_text": False}
-    return {
-        "inputs": prompt,
-        "parameters": {name: value for name, value in parameters.items() if value is not None},
-        "stream": True,
-    }
 
 
 class TGIBackend(RemoteBackend):
@@ -97,19 +65,7 @@ class TGIBackend(RemoteBackend):
                 if response.status_code >= 400:
                     response.read()
                     raise error_for_status(response.status_code, error_text(response))
-                finished = False
-                for line in response.iter_lines():
-                    token = parse_line(line)
-                    if token is not None:
-                        finished = finished or token.finish_reason is not None
-                        yield token
-            if not finished:
-                # TGI's last event always carries `details`: a stream that ends without it was cut
-                # off (a proxy timing out, a server restarting), not a finished reply.
-                raise GenerationFailed(
-                    "The connection to the model server broke off. Please try again.",
-                    detail="the stream ended without TGI's final event",
-                )
+                yield from tokens_from_lines(response.iter_lines())
         except BackendError:
             raise
         except (httpx2.HTTPError, OSError) as error:

@@ -7,21 +7,73 @@ token; the last one also carries `generated_text` and `details.finish_reason`. A
 an event `{"error": "...", "error_type": "validation" | "overloaded" | "generation" | ...}` inside a
 stream that started with HTTP 200.
 
-The TGI backend gets whole lines from httpx and parses each with `parse_line`; SageMaker's event
-stream hands us raw bytes split anywhere, so `LineBuffer` rebuilds the lines first.
+The TGI backend gets whole lines from httpx; SageMaker's event stream hands us raw bytes split
+anywhere, so `LineBuffer` rebuilds the lines first. Both send `generate_request` and read the
+answer with `tokens_from_lines`, so neither can drift from the other.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 
 from ..errors import GenerationFailed
+from ..params import GenerationParams
 from .base import FINISH_LENGTH, FINISH_STOP, Token
 from .failover import error_for_event
 
 # TGI's finish reasons -> ours. The matched stop sequence stays in TGI's text; our stop filter
 # cuts it, so "stop_sequence" is just the end of the turn.
 FINISH_REASONS = {"length": FINISH_LENGTH, "eos_token": FINISH_STOP, "stop_sequence": FINISH_STOP}
+
+
+TGI_MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences; our stop filter applies them all
+
+
+def tgi_parameters(params: GenerationParams) -> dict:
+    """Our parameters as TGI accepts them (it rejects temperature 0 and top_p 1.0)."""
+    sampling = {}
+    if not params.greedy:
+        sampling = dict(
+            temperature=params.temperature,
+            top_p=params.top_p if params.top_p < 1.0 else None,
+            top_k=params.top_k or None,
+        )
+    return dict(
+        do_sample=not params.greedy,
+        max_new_tokens=params.max_new_tokens,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+        seed=params.seed,
+        stop=list(params.stop_sequences[:TGI_MAX_STOP_SEQUENCES]),
+        **sampling,
+    )
+
+
+def generate_request(prompt: str, params: GenerationParams) -> dict:
+    """The body of a streaming generate request (TGI rejects nulls for some parameters: left out)."""
+    parameters = {**tgi_parameters(params), "details": True, "return_full_text": False}
+    return {
+        "inputs": prompt,
+        "parameters": {name: value for name, value in parameters.items() if value is not None},
+        "stream": True,
+    }
+
+
+def tokens_from_lines(lines: Iterable[str]) -> Iterator[Token]:
+    """The tokens of one TGI stream; GenerationFailed if it ends without TGI's final event, which
+    always carries `details`: such a stream was cut off (a proxy timing out, a server restarting),
+    not a finished reply."""
+    finished = False
+    for line in lines:
+        token = parse_line(line)
+        if token is not None:
+            finished = finished or token.finish_reason is not None
+            yield token
+    if not finished:
+        raise GenerationFailed(
+            "The connection to the model server broke off. Please try again.",
+            detail="the stream ended without TGI's final event",
+        )
 
 
 class LineBuffer:
