@@ -23,17 +23,44 @@ def build_backend(settings: Settings) -> Backend:
         from .backends.tgi import TGIBackend
 
         endpoints = [endpoint.rstrip("/") for endpoint in settings.endpoints]
-        return TGIBackend(endpoints, token=settings.token, model_name=settings.model, **_remote(settings))
+        return TGIBackend(
+            endpoints,
+            token=settings.token,
+            model_name=settings.model,
+            prompt_format=server_prompt_format(settings),
+            **_remote(settings),
+        )
     if settings.backend == "openai":
         from .backends.openai_compat import OpenAIBackend, openai_base_url
 
         endpoints = [openai_base_url(endpoint) for endpoint in settings.endpoints]
-        return OpenAIBackend(endpoints, model=settings.model, api_key=settings.api_key, **_remote(settings))
+        return OpenAIBackend(
+            endpoints,
+            model=settings.model,
+            api_key=settings.api_key,
+            prompt_format=server_prompt_format(settings),
+            **_remote(settings),
+        )
     if settings.backend == "sagemaker":
         from .backends.sagemaker import SageMakerBackend
 
+        if settings.prompt_format == "template":
+            raise ConfigError(
+                "--prompt-format template is not available for SageMaker yet: the endpoint takes "
+                "text (--prompt-format falcon); newer Hugging Face LLM containers (TGI 2+) also take "
+                "chat messages, which this app does not send there"
+            )
         return SageMakerBackend(settings.endpoints, model_name=settings.model, **_remote(settings))
     raise ConfigError(f"backend {settings.backend!r} is not available in this version")
+
+
+def server_prompt_format(settings: Settings):
+    """`template`: messages to the server's chat route, which applies the model's template.
+    `falcon` and `auto`: the Falcon format as text (a server does not tell whether its model has a
+    template; the README says when to choose `template`)."""
+    from .prompt import FalconFormat, ServerTemplateFormat
+
+    return ServerTemplateFormat() if settings.prompt_format == "template" else FalconFormat()
 
 
 def remote_options(settings: Settings) -> RemoteOptions:

@@ -39,6 +39,8 @@ MIN_UPDATE_INTERVAL_S = 0.02
 # that were already waiting (a fast model, or this server running late) are gathered for up to
 # MIN_UPDATE_INTERVAL_S after the page was last updated, so a busy server catches up in fewer updates.
 WAITED_S = 0.002
+# Server-side length errors answered by dropping one more turn each; after these, twice as many.
+LINEAR_RETRIES = 8
 FINISH_ERROR = "error"
 FINISH_WORDS = {
     FINISH_STOP: "end of turn",
@@ -170,7 +172,7 @@ def stream_fitted(
         params = dataclasses.replace(params, seed=random.randrange(2**31))
     stats = ReplyStats(seed=params.seed)
     stop_filter = StopFilter(params.stop_sequences, keep_leading_space=keep_leading_space)
-    drop = 0
+    drop, overflows = 0, 0
     last_update = 0.0
     try:
         while True:
@@ -203,10 +205,14 @@ def stream_fitted(
                 stats.finish_reason = ended or FINISH_STOP
                 break
             except ContextOverflow:
-                # The server counts differently from us: drop one more old turn, if any is left.
+                # The server counts differently from us (or limits its input more than its
+                # context): drop another old turn, if any is left; after a few tries 2, 4, 8...
+                # more each time, so a large difference costs a few retries, not one per turn.
                 if stats.generated_tokens or fitted.dropped_turns >= droppable_turns:
                     raise
-                drop = fitted.dropped_turns + 1
+                overflows += 1
+                step = 1 if overflows <= LINEAR_RETRIES else 2 ** (overflows - LINEAR_RETRIES)
+                drop = min(fitted.dropped_turns + step, droppable_turns)
             finally:
                 tokens.close()
         final = stop_filter.finish()

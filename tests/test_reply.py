@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from chat.errors import ContextOverflow
 from chat.params import GenerationParams
-from chat.reply import stream_completion, stream_reply
+from chat.reply import LINEAR_RETRIES, stream_completion, stream_reply
 from tests.doubles import ScriptedBackend
 
 
@@ -42,3 +43,20 @@ def test_a_completion_keeps_the_leading_space_of_its_continuation():
     backend = ScriptedBackend([" the", " two", " primary"])
     texts = list(stream_completion(backend, "Name", GenerationParams(), max_message_chars=100))
     assert texts[-1] == " the two primary"
+
+
+class OverflowingBackend(ScriptedBackend):
+    """A server whose input limit is far below the context it reports: every prompt is too long."""
+
+    def stream(self, prompt, params):
+        self.prompts.append(prompt)
+        raise ContextOverflow(detail="inputs must have less than 10 tokens")
+        yield
+
+
+def test_server_length_errors_cost_a_bounded_number_of_retries():
+    backend = OverflowingBackend()
+    history = [{"role": r, "content": f"{r} {i}"} for i in range(200) for r in ("user", "assistant")]
+    texts, stats = _reply(backend, history=history)
+    assert stats.error_kind == "ContextOverflow" and stats.dropped_turns == 200
+    assert len(backend.prompts) <= 1 + LINEAR_RETRIES + 8  # then 2, 4, ... 128 turns at a time

@@ -8,6 +8,10 @@ TGI's wire format as its router (3.3.x) sends it:
   or without the space, `data_prefix`), a blank line after each, `:` keep-alive comments while
   silent (`keepalive_s`), the last event with `generated_text` and `details`; errors as in-stream
   events `{"error", "error_type"}` under HTTP 200; no `[DONE]`.
+- POST /v1/chat/completions (TGI's Messages API, `"stream": true`): the messages go through a
+  ChatML-like template (`<|im_start|>role\ncontent<|im_end|>`, as TGI applies the model's), the
+  reply streams as chat-completion chunks (`choices[0].delta.content`), the last with its
+  `finish_reason`, then `data: [DONE]`; validation errors answer HTTP 422 before the stream.
 - GET /info (`max_input_tokens`, `max_total_tokens`, ...), POST /tokenize (one token per word,
   `tokenize=False` answers 404 like an old TGI), GET /health.
 - TGI's validation, with its error texts: temperature > 0, 0 < top_p < 1, max_new_tokens > 0,
@@ -42,6 +46,12 @@ _WORDS = re.compile(r"\s*\S+|\s+")
 def tokenize(text: str) -> list[str]:
     """The double's tokenizer: a word with the spaces before it is one token."""
     return _WORDS.findall(text)
+
+
+def chat_template(messages: list[dict]) -> str:
+    """The text a ChatML-templated model sees for `messages`, ending with the assistant's turn."""
+    turns = "".join(f"<|im_start|>{m.get('role')}\n{m.get('content')}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
 
 
 @dataclass
@@ -130,6 +140,9 @@ class TGIDouble:
 
     def generate_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path in ("/", "/generate_stream")]
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == "/v1/chat/completions"]
 
     def wait_for_disconnects(self, count: int, timeout: float = 5.0) -> bool:
         with self._changed:
@@ -240,6 +253,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, spans)
         elif self.path == "/generate_stream" or (self.path == "/" and body.get("stream")):
             self._generate_stream(body)
+        elif self.path == "/v1/chat/completions":
+            self._chat_stream(body)
         else:
             self._json(404, {"error": "Not Found", "error_type": "not_found"})
 
@@ -275,6 +290,34 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         finally:
             self.double._record("active", -1)
+        self.close_connection = True
+
+    def _chat_stream(self, body: dict) -> None:
+        """TGI's Messages API: its template applied, the reply as chat-completion chunks."""
+        inputs = chat_template(body.get("messages") or [])
+        parameters = {"max_new_tokens": body.get("max_tokens"), "stop": body.get("stop")}
+        error = self._validation_error({"inputs": inputs, "parameters": parameters})
+        if error:
+            return self._json(422, {"error": error, "error_type": "validation"})
+        reply = self.double.reply_for(body)
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        max_tokens = body.get("max_tokens") or 20
+        pieces = tokenize(reply.text)[:max_tokens]
+        try:
+            for index, piece in enumerate(pieces):
+                last = index == len(pieces) - 1
+                finish = ("length" if len(pieces) == max_tokens else "stop") if last else None
+                chunk = {"object": "chat.completion.chunk", "model": self.double.model_id,
+                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
+                                      "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+                self._event(chunk)
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
+        except _Disconnected:
+            self.double._record("disconnects")
         self.close_connection = True
 
     def _events(self, body: dict, reply: Reply) -> None:

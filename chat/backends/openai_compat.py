@@ -1,7 +1,8 @@
 """OpenAI-compatible backend: `/v1/completions` on vLLM, SGLang, TGI or `transformers serve`.
 
-The legacy completions route takes our own Falcon prompt and stop sequences as they are (the chat
-route would apply the server's chat template instead). Through the `openai` package, with its
+The legacy completions route takes our own Falcon prompt and stop sequences as they are; with
+`--prompt-format template` the chat route (`/v1/chat/completions`) gets role/content messages and
+the server applies the model's own chat template. Through the `openai` package, with its
 retries off (`failover.failover_stream` retries, once, for every backend).
 
 What servers tell us differs, so each question has a fallback:
@@ -24,6 +25,7 @@ import openai
 
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from ..params import GenerationParams
+from ..prompt import ChatMessages
 from .base import FINISH_LENGTH, FINISH_STOP, Token
 from .failover import (
     RemoteOptions,
@@ -73,6 +75,7 @@ class OpenAIBackend(RemoteBackend):
         options=RemoteOptions(),
         concurrency_limit=64,
         max_total_tokens=None,
+        prompt_format=None,
     ):
         super().__init__(
             endpoints,
@@ -80,6 +83,7 @@ class OpenAIBackend(RemoteBackend):
             concurrency_limit=concurrency_limit,
             max_total_tokens=max_total_tokens,
             token=api_key,
+            prompt_format=prompt_format,
         )
         self._api_key = api_key
         self._clients = {
@@ -98,19 +102,24 @@ class OpenAIBackend(RemoteBackend):
     def open_stream(self, endpoint, prompt, params, watchdog):
         stream = None
         try:
-            stream = self._clients[endpoint].completions.create(
+            client = self._clients[endpoint]
+            common = dict(
                 model=self.model_name,
-                prompt=prompt,
                 stream=True,
                 extra_headers={} if self._api_key else {"Authorization": openai.Omit()},
                 **completion_arguments(params),
             )
+            if isinstance(prompt, ChatMessages):  # the chat route: the server applies the template
+                stream = client.chat.completions.create(messages=prompt.as_dicts(), **common)
+            else:
+                stream = client.completions.create(prompt=prompt, **common)
             watchdog.on_expiry(lambda: shutdown_response(stream.response))
             for chunk in stream:
                 for choice in chunk.choices[:1]:
                     finish = choice.finish_reason
+                    text = choice.delta.content if hasattr(choice, "delta") else choice.text
                     yield Token(
-                        choice.text or "",
+                        text or "",
                         finish_reason=(FINISH_LENGTH if finish == "length" else FINISH_STOP)
                         if finish
                         else None,

@@ -20,6 +20,7 @@ import httpx2
 
 from ..errors import BackendError
 from ..params import GenerationParams
+from ..prompt import ChatMessages, Prompt
 from .base import Backend, Token
 from .failover import (
     EndpointPool,
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LENGTH = 2048  # Falcon's context
 _SPECIAL_TOKENS_MARGIN = 4  # a BOS/EOS the server's tokenizer may add
+TEMPLATE_TOKENS_PER_MESSAGE = 8  # role markers a chat template wraps each message in
 
 
 @functools.cache
@@ -79,8 +81,11 @@ class RemoteBackend(Backend):
         concurrency_limit: int,
         max_total_tokens: int | None = None,
         token: str | None = None,
+        prompt_format=None,
     ):
         self.options = options
+        if prompt_format is not None:
+            self.prompt_format = prompt_format
         # The servers' side routes (/info, /tokenize, /v1/models), and the streams of backends that
         # speak HTTP themselves. Not the Hub's session: no offline hook. No cap on connections:
         # each streaming reply holds one, and the UI's concurrency limit bounds those.
@@ -135,7 +140,13 @@ class RemoteBackend(Backend):
             self._server_context = self._ask_servers(self.server_context_length)
         return self._server_context or self._configured_context or DEFAULT_CONTEXT_LENGTH
 
-    def count_tokens(self, text: str) -> int:
+    def count_tokens(self, text: Prompt) -> int:
+        if isinstance(text, ChatMessages):
+            # One count for all the contents (one request, not one per message), plus what a
+            # template adds per message and before the reply; a template that adds more (a
+            # default system prompt) shows as a length error, and the reply loop drops a turn.
+            contents = "\n".join(content for _, content in text.messages)
+            return self._cached_count(contents) + TEMPLATE_TOKENS_PER_MESSAGE * (len(text.messages) + 1)
         return self._cached_count(text)
 
     def _count_tokens(self, text: str) -> int:

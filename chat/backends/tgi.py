@@ -19,6 +19,8 @@ import logging
 import httpx2
 
 from ..errors import BackendError
+from ..prompt import ChatMessages
+from .chat_events import chat_request, tokens_from_chat_lines
 from .failover import RemoteOptions, error_for_exception, error_for_status, shutdown_response
 from .remote_backend import RemoteBackend, error_text
 from .tgi_events import generate_request, tokens_from_lines
@@ -38,6 +40,7 @@ class TGIBackend(RemoteBackend):
         concurrency_limit=64,
         max_total_tokens=None,
         model_name=None,
+        prompt_format=None,
     ):
         super().__init__(
             endpoints,
@@ -45,6 +48,7 @@ class TGIBackend(RemoteBackend):
             concurrency_limit=concurrency_limit,
             max_total_tokens=max_total_tokens,
             token=token,
+            prompt_format=prompt_format,
         )
         self.model_name = model_name or "Falcon"
         self.name = "Text Generation Inference"
@@ -53,19 +57,18 @@ class TGIBackend(RemoteBackend):
         # A connection of its own, closed with the stream (which is how TGI hears of a Stop), and
         # never a kept-alive one that the server may be closing at that moment (a request sent
         # into it fails before the first token).
-        request = self._http.stream(
-            "POST",
-            f"{endpoint}/generate_stream",
-            json=generate_request(prompt, params),
-            headers={"Connection": "close"},
-        )
+        if isinstance(prompt, ChatMessages):  # the Messages API: TGI applies the model's template
+            route, body, read = "/v1/chat/completions", chat_request(prompt, params), tokens_from_chat_lines
+        else:
+            route, body, read = "/generate_stream", generate_request(prompt, params), tokens_from_lines
+        request = self._http.stream("POST", endpoint + route, json=body, headers={"Connection": "close"})
         try:
             with request as response:
                 watchdog.on_expiry(lambda: shutdown_response(response))
                 if response.status_code >= 400:
                     response.read()
                     raise error_for_status(response.status_code, error_text(response))
-                yield from tokens_from_lines(response.iter_lines())
+                yield from read(response.iter_lines())
         except BackendError:
             raise
         except (httpx2.HTTPError, OSError) as error:

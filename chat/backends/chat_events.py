@@ -1,0 +1,80 @@
+"""The chat-completions stream (`POST /v1/chat/completions`, OpenAI's shape), as `Token`s.
+
+Used where a server applies the model's chat template itself (`--prompt-format template`): TGI's
+Messages API speaks it, as do vLLM, SGLang and `transformers serve` (the OpenAI backend reads them
+through the `openai` package instead). Server-sent events, one JSON chunk per `data:` line:
+`{"choices": [{"delta": {"content": "..."}, "finish_reason": null}]}`, the last chunk with a
+`finish_reason`, then `data: [DONE]`. TGI reports errors inside the stream as in its own route
+(`{"error", "error_type"}`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+
+from ..errors import GenerationFailed
+from ..params import GenerationParams
+from ..prompt import ChatMessages
+from .base import FINISH_LENGTH, FINISH_STOP, Token
+from .failover import error_for_event
+
+CHAT_MAX_STOP_SEQUENCES = 4  # OpenAI's limit, and TGI's default; our stop filter applies them all
+
+
+def chat_request(messages: ChatMessages, params: GenerationParams, model: str = "tgi") -> dict:
+    """The body of a streaming chat request; temperature 0 is greedy on TGI and vLLM alike."""
+    body = {
+        "model": model,
+        "messages": messages.as_dicts(),
+        "stream": True,
+        "max_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p if params.top_p < 1.0 and not params.greedy else None,
+        "seed": params.seed,
+        "stop": list(params.stop_sequences[:CHAT_MAX_STOP_SEQUENCES]) or None,
+    }
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def parse_chat_line(line: str) -> Token | None:
+    """The token in one SSE line of a chat stream; None for anything that carries none."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[len("data:") :].strip()
+    if not payload or payload == "[DONE]":
+        return None
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise GenerationFailed(
+            "The connection to the model server broke off. Please try again.",
+            detail=f"unreadable event: {payload[:200]}",
+        ) from None
+    if event.get("error") is not None:
+        error = event["error"]
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise error_for_event(event.get("error_type"), str(message))
+    for choice in (event.get("choices") or [])[:1]:
+        text = (choice.get("delta") or {}).get("content") or ""
+        finish = choice.get("finish_reason")
+        return Token(
+            text, finish_reason=(FINISH_LENGTH if finish == "length" else FINISH_STOP) if finish else None
+        )
+    return None
+
+
+def tokens_from_chat_lines(lines: Iterable[str]) -> Iterator[Token]:
+    """The tokens of one chat stream; GenerationFailed if it ends before a chunk with a
+    `finish_reason` (cut off, not finished)."""
+    finished = False
+    for line in lines:
+        token = parse_chat_line(line)
+        if token is not None:
+            finished = finished or token.finish_reason is not None
+            yield token
+    if not finished:
+        raise GenerationFailed(
+            "The connection to the model server broke off. Please try again.",
+            detail="the chat stream ended without a finish_reason",
+        )
