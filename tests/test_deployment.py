@@ -97,3 +97,18 @@ def test_the_web_component_snippets_load_the_pinned_gradio_version():
     assert re.search(r'GRADIO_VERSION = "([^"]+)"', playground).group(1) == gradio_pin()
     guide = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
     assert set(re.findall(r"amazonaws\.com/([^/]+)/gradio\.js", guide)) == {gradio_pin()}
+
+
+def test_the_readmes_run_block_installs_cpu_torch_before_the_requirements():
+    # Read top-down, a bare `pip install -r requirements.txt` pulls ~3 GB of CUDA wheels first.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    run = readme[readme.index("## Run") :]
+    block = run[run.index("```bash") : run.index("```", run.index("```bash") + 7)]
+    lines = [line for line in block.splitlines() if line.startswith("pip install")]
+    assert lines[0].startswith("pip install torch==") and "requirements.txt" in lines[1]
+
+
+def test_every_flag_is_in_the_readmes_configuration_table():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for variable in ENVIRONMENT.values():
+        assert f"| `{variable}` |" in readme, variable
