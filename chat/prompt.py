@@ -98,7 +98,6 @@ class FalconFormat:
 
     name = "falcon"
     description = "the Falcon format (`User:` / `Falcon:` lines)"
-    text_has_special_tokens = False  # the tokenizer adds its own BOS, if any
 
     def render(self, conversation: Conversation) -> str:
         return render(conversation.message, conversation.turns, conversation.system_prompt)
@@ -109,7 +108,6 @@ class ChatTemplateFormat:
 
     name = "template"
     description = "the model's own chat template"
-    text_has_special_tokens = True  # the template writes BOS and the like itself
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -118,13 +116,18 @@ class ChatTemplateFormat:
             {*getattr(tokenizer, "all_special_tokens", ()), *(t.content for t in added.values() if t.special)}
         )
         self._system_role = True
+        automatic = tokenizer("", add_special_tokens=True)["input_ids"]  # what encoding adds itself
+        self._added_prefix = tokenizer.decode(automatic) if automatic else ""
 
     def render(self, conversation: Conversation) -> str:
         messages = chat_messages(conversation, self.special_tokens).as_dicts()
         if not self._system_role:
             messages = _system_into_first_user(messages)
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # The prompt is encoded like any text, with the tokenizer's own BOS: a template that
+            # writes it too would give two.
+            return text.removeprefix(self._added_prefix)
         except Exception as error:  # jinja raises what the template says: some refuse a system role
             if not self._system_role or messages[0]["role"] != "system":
                 raise
@@ -140,7 +143,6 @@ class ServerTemplateFormat:
 
     name = "template"
     description = "the model's own chat template (applied by the server)"
-    text_has_special_tokens = True
 
     def render(self, conversation: Conversation) -> ChatMessages:
         return chat_messages(conversation)

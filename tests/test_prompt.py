@@ -197,3 +197,25 @@ def test_typed_special_tokens_are_broken_in_every_format():
         for marker in ("<|endoftext|>", "<|im_start|>", "[INST]", "</s>"):
             assert marker not in prompt
         assert typed in prompt.replace("\u200b", "")
+
+
+class BosAddingTokenizer:
+    """A Llama-2-style tokenizer: encoding adds `<s>`, and so does its chat template."""
+
+    chat_template = "{{ bos_token }}[INST] ... [/INST]"
+    all_special_tokens = ["<s>", "</s>"]
+    added_tokens_decoder = {}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [5] * len(text.split())}
+
+    def decode(self, ids):
+        return "".join("<s>" if i == 1 else " x" for i in ids)
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return "<s>" + "".join(f"[INST] {m['content']} [/INST]" for m in messages)
+
+
+def test_a_template_that_writes_bos_itself_does_not_get_a_second_one():
+    prompt = choose_prompt_format("auto", BosAddingTokenizer()).render(Conversation("", (), "hi"))
+    assert prompt == "[INST] hi [/INST]"  # the tokenizer adds the one <s> when it encodes this

@@ -162,9 +162,7 @@ class LocalBackend(Backend):
         return self.tokenizer._tokenizer if hasattr(self.tokenizer, "_tokenizer") else self.tokenizer
 
     def _encode(self, text: str) -> list[int]:
-        # A chat template writes BOS and the like itself; the tokenizer must not add them again.
-        special = not self.prompt_format.text_has_special_tokens
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
 def load_model(model_id: str, *, quantize: str | None = None, token: str | None = None):
