@@ -44,13 +44,12 @@ def build_backend(settings: Settings) -> Backend:
     if settings.backend == "sagemaker":
         from .backends.sagemaker import SageMakerBackend
 
-        if settings.prompt_format == "template":
-            raise ConfigError(
-                "--prompt-format template is not available for SageMaker yet: the endpoint takes "
-                "text (--prompt-format falcon); newer Hugging Face LLM containers (TGI 2+) also take "
-                "chat messages, which this app does not send there"
-            )
-        return SageMakerBackend(settings.endpoints, model_name=settings.model, **_remote(settings))
+        return SageMakerBackend(
+            settings.endpoints,
+            model_name=settings.model,
+            prompt_format=server_prompt_format(settings),
+            **_remote(settings),
+        )
     raise ConfigError(f"backend {settings.backend!r} is not available in this version")
 
 

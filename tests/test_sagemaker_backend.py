@@ -20,6 +20,7 @@ from chat.backends.failover import RemoteOptions
 from chat.backends.sagemaker import SageMakerBackend
 from chat.errors import BackendBusy, BackendUnavailable, ContextOverflow, GenerationFailed
 from chat.params import GenerationParams
+from chat.prompt import ServerTemplateFormat
 from chat.reply import stream_reply
 
 OPERATION = "invoke_endpoint_with_response_stream"
@@ -181,6 +182,32 @@ def test_a_stream_cut_before_tgis_final_event_is_a_failure_not_a_finished_reply(
         )
         with pytest.raises(GenerationFailed, match="broke off"):
             list(tokens)
+
+
+def test_with_the_template_format_the_container_gets_a_chat_request(client):
+    # A TGI container with MESSAGES_API_ENABLED=true takes chat on /invocations, streams chat chunks.
+    chunks = [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": f}]} for w, f in
+              [(" Paris", None), (" it", None), (" is.", "stop")]]  # fmt: skip
+    sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
+    sent = []
+    client.meta.events.register(
+        "provide-client-params.sagemaker-runtime.InvokeEndpointWithResponseStream",
+        lambda params, **kwargs: sent.append(json.loads(params["Body"])),
+    )
+    with EventStreamStubber(client) as stubber:
+        answer(stubber, client, payload_part(sse))
+        backend = SageMakerBackend(
+            ["falcon-180b-chat"], client=client, options=OPTIONS, prompt_format=ServerTemplateFormat()
+        )
+        text = list(
+            stream_reply(backend, "Capital?", [], "Be brief.", GenerationParams(), max_message_chars=100)
+        )
+    assert text[-1] == "Paris it is."
+    assert sent[0]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital?"},
+    ]
+    assert sent[0]["stream"] is True and "inputs" not in sent[0]
 
 
 def test_the_reply_loop_shows_the_text_with_stop_sequences_removed(client):

@@ -10,7 +10,7 @@ from chat.backends.failover import RemoteOptions
 from chat.backends.openai_compat import OpenAIBackend
 from chat.backends.tgi import TGIBackend
 from chat.config import load_settings
-from chat.errors import ConfigError, GenerationFailed, RequestRejected
+from chat.errors import GenerationFailed, RequestRejected
 from chat.factory import build_backend
 from chat.params import GenerationParams
 from chat.prompt import ServerTemplateFormat
@@ -92,18 +92,13 @@ def test_chat_stream_lines_parse_and_a_cut_stream_fails():
         parse_chat_line('data: {"error": "Template error: template not found", "error_type": "validation"}')
 
 
-def test_the_factory_sends_template_to_the_chat_route_and_says_what_sagemaker_cannot():
+def test_the_factory_sends_template_to_the_chat_route_and_auto_means_falcon_for_servers():
     settings = load_settings(
         ["--backend", "tgi", "--endpoint", "http://127.0.0.1:9", "--prompt-format", "template"], {}
     )
     assert isinstance(build_backend(settings).prompt_format, ServerTemplateFormat)
     auto = load_settings(["--backend", "tgi", "--endpoint", "http://127.0.0.1:9"], {})
     assert build_backend(auto).prompt_format.name == "falcon"
-    sagemaker = load_settings(
-        ["--backend", "sagemaker", "--endpoint", "x", "--prompt-format", "template"], {}
-    )
-    with pytest.raises(ConfigError, match="not available for SageMaker"):
-        build_backend(sagemaker)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,11 @@ The answer is an AWS event stream whose `PayloadPart` events carry TGI's own SSE
 arbitrary places, so `tgi_events.LineBuffer` rebuilds the lines. Region and credentials come from
 the usual AWS environment (AWS_REGION, AWS_PROFILE, instance roles...), read by boto3 itself.
 
+With `--prompt-format template` the payload is a chat request (`{"messages", "stream": true, ...}`)
+instead: Hugging Face's TGI containers started with `MESSAGES_API_ENABLED=true` take it on the
+same /invocations route, apply the model's chat template and stream chat-completion chunks; others
+(JumpStart's Falcon-180B endpoint as deployed) expect text, so `falcon` stays the default.
+
 SageMaker has no /info or /tokenize: the context is --max-total-tokens (else 2,048) and counts
 are the safe over-estimate; a length error from the container still makes the reply loop drop
 older turns. botocore's own retries are off: `failover.failover_stream` retries for every backend.
@@ -17,6 +22,8 @@ import json
 import socket
 
 from ..errors import BackendError, BackendUnavailable, ConfigError
+from ..prompt import ChatMessages
+from .chat_events import chat_request, tokens_from_chat_lines
 from .failover import RemoteOptions, error_for_event, error_for_exception, error_for_status
 from .remote_backend import RemoteBackend
 from .tgi_events import LineBuffer, generate_request, tokens_from_lines
@@ -89,9 +96,14 @@ class SageMakerBackend(RemoteBackend):
         concurrency_limit=64,
         max_total_tokens=None,
         model_name=None,
+        prompt_format=None,
     ):
         super().__init__(
-            endpoints, options=options, concurrency_limit=concurrency_limit, max_total_tokens=max_total_tokens
+            endpoints,
+            options=options,
+            concurrency_limit=concurrency_limit,
+            max_total_tokens=max_total_tokens,
+            prompt_format=prompt_format,
         )
         self._client = client or sagemaker_client(options)
         self.model_name = model_name or "Falcon-180B chat"
@@ -100,7 +112,10 @@ class SageMakerBackend(RemoteBackend):
     def open_stream(self, endpoint, prompt, params, watchdog):
         from botocore.exceptions import BotoCoreError, ClientError
 
-        payload = generate_request(prompt, params)
+        if isinstance(prompt, ChatMessages):  # the Messages API, where the container enables it
+            payload, read = chat_request(prompt, params), tokens_from_chat_lines
+        else:
+            payload, read = generate_request(prompt, params), tokens_from_lines
         body = None
         try:
             response = self._client.invoke_endpoint_with_response_stream(
@@ -108,7 +123,7 @@ class SageMakerBackend(RemoteBackend):
             )
             body = response["Body"]
             watchdog.on_expiry(lambda: shutdown_event_stream(body))
-            yield from tokens_from_lines(event_stream_lines(body))
+            yield from read(event_stream_lines(body))
         except BackendError:
             raise
         except ClientError as error:  # includes EventStreamError, raised mid-stream
