@@ -7,6 +7,8 @@ never reach it.
 
 from __future__ import annotations
 
+from .log_safety import log_text
+
 
 class ChatError(Exception):
     """Base class: `user_message` is safe to show on the page and in the API."""
@@ -15,8 +17,9 @@ class ChatError(Exception):
 
     def __init__(self, user_message: str | None = None, *, detail: str = ""):
         self.user_message = user_message or type(self).user_message
-        # `detail` is for the log (never secrets, never shown to the user).
-        self.detail = detail
+        # `detail` is for the log, never shown to the user: often a server's own words, so its
+        # secrets are scrubbed and its line breaks escaped here, once for every error.
+        self.detail = log_text(detail)
         super().__init__(self.user_message if not detail else f"{self.user_message} ({detail})")
 
 

@@ -1,12 +1,12 @@
 """Running the app: `/healthz`, Prometheus `/metrics`, and one structured log line per reply.
 
 The routes are served by the same process as the page (passed to Gradio's FastAPI app when it is
-created). Logs never contain message text unless `--log-messages` asks for it, and never secrets.
+created). Logs never contain message text unless `--log-messages` asks for it, and never secrets:
+server text is scrubbed and escaped (chat.log_safety), each record is one line.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .backends.base import Backend
+from .log_safety import json_line, log_text
 
 request_log = logging.getLogger("falcon_chat.requests")
 
@@ -79,15 +80,19 @@ class Operations:
             "model": self.backend.model_name,
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.as_dict().items()},
         }
+        if getattr(stats, "error_detail", None):
+            # A server's error can repeat what it was sent: withheld then, unless --log-messages.
+            private = () if self.log_messages else (message or "",)
+            line["error_detail"] = log_text(stats.error_detail, private=private)
         if self.log_messages and message is not None:
             line["message"] = message
-        request_log.info(json.dumps(line, ensure_ascii=False))
+        request_log.info(json_line(line))
 
     def record_rejected(self, mode: str, kind: str) -> None:
         """A request refused before generation (bad settings, message too long, ...)."""
         self.requests.labels(mode, "rejected").inc()
         self.errors.labels(kind).inc()
-        request_log.info(json.dumps({"event": "rejected", "mode": mode, "kind": kind}))
+        request_log.info(json_line({"event": "rejected", "mode": mode, "kind": kind}))
 
     # -- routes ----------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .backends.base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend
 from .errors import BackendError, ContextOverflow, InvalidMessage, PromptTooLong
@@ -63,6 +63,8 @@ class ReplyStats:
     finish_reason: str = FINISH_CANCELLED
     seed: int | None = None
     error_kind: str | None = None
+    # The server's words about a failure: for the request log only, never /reply_stats or the page.
+    error_detail: str | None = field(default=None, repr=False)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -72,7 +74,8 @@ class ReplyStats:
         return (self.generated_tokens - 1) / decoding if decoding > 0 else None
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+        figures = {k: v for k, v in asdict(self).items() if k != "error_detail"}
+        return {**figures, "tokens_per_s": self.tokens_per_s}
 
 
 def clean_message(message, max_chars: int) -> str:
@@ -219,7 +222,8 @@ def stream_fitted(
         yield final or add_note("", EMPTY_REPLY_NOTE)
     except BackendError as error:
         stats.finish_reason, stats.error_kind = FINISH_ERROR, type(error).__name__
-        log.warning("reply failed: %s %s", type(error).__name__, error.detail)
+        stats.error_detail = error.detail  # logged with the request (chat.operations), made safe there
+        log.warning("reply failed: %s", type(error).__name__)
         partial = stop_filter.text
         yield add_note(partial, f"Reply cut short: {error.user_message}" if partial else error.user_message)
     finally:

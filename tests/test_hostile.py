@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import stat
 
@@ -17,6 +18,7 @@ from gradio_client import Client
 
 from chat.history import strip_note
 from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double
+from tests.tgi_double import Reply, TGIDouble
 
 LIMIT = 256 * 1024
 
@@ -73,9 +75,10 @@ def big_values_held() -> int:
     gc.collect()
     held = set()
     for container in gc.get_objects():
-        if isinstance(container, dict):
+        # Exact types: some dict subclasses compute their values (transformers' lazy mappings).
+        if type(container) is dict:
             values = container.values()
-        elif isinstance(container, list):
+        elif type(container) is list:
             values = container
         else:
             continue
@@ -145,3 +148,71 @@ def test_files_the_app_hands_out_are_private_and_deleted_as_they_age(app):
         folder = block.GRADIO_CACHE
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder  # Gradio's own: 0755
     assert demo.delete_cache == (600, 600)  # and at exit
+
+
+# -- logs --------------------------------------------------------------------------------------
+
+TOKEN = "hf_LogSentinelTokenNeverLogged0123456789"
+FORGED = 'hello\n2026-11-25 INFO falcon_chat.requests: {"event": "reply", "forged": true}\u2028next'
+
+
+def one_line_records(caplog) -> list[str]:
+    texts = [record.getMessage() for record in caplog.records]
+    for text in texts:
+        assert not any(c in text for c in "\n\r\x85\u2028\u2029"), text
+    return texts
+
+
+def test_server_text_in_logs_is_one_line_without_the_message_or_the_token(caplog):
+    caplog.set_level(logging.DEBUG)
+    with app_on_double(tokens_per_second=None, token=TOKEN) as (url, double):
+        # A server whose error repeats what it was sent, Authorization header included.
+        double.reply_for = lambda body: Reply(
+            fail="error_mid",
+            after_tokens=1,
+            error=f"cannot serve Authorization: Bearer {TOKEN} for input {body['inputs']}",
+        )
+        reply = Client(url, verbose=False).predict(FORGED, *ARGS, api_name="/chat")
+        del double.reply_for
+        assert "failed" in reply
+        assert chat_works(url)
+    texts = one_line_records(caplog)
+    assert not any(TOKEN in text or "forged" in text for text in texts + [caplog.text])
+    request_lines = [r.getMessage() for r in caplog.records if r.name == "falcon_chat.requests"]
+    failed = [json.loads(line) for line in request_lines if '"error_kind": "GenerationFailed"' in line]
+    assert failed and "withheld" in failed[0]["error_detail"]
+
+
+def test_with_log_messages_the_text_is_logged_escaped_and_scrubbed(caplog):
+    caplog.set_level(logging.INFO)
+    with app_on_double(tokens_per_second=None, token=TOKEN, log_messages=True) as (url, double):
+        double.reply_for = lambda body: Reply(
+            fail="error_mid", after_tokens=1, error=f"Bearer {TOKEN} for input {body['inputs']}"
+        )
+        Client(url, verbose=False).predict(FORGED, *ARGS, api_name="/chat")
+        del double.reply_for
+    texts = one_line_records(caplog)
+    assert not any(TOKEN in text for text in texts)
+    record = json.loads(next(t for t in texts if '"error_kind": "GenerationFailed"' in t))
+    assert record["message"] == FORGED  # kept exactly, as JSON escapes
+    assert "forged" in record["error_detail"] and "Bearer hf_***" in record["error_detail"]
+
+
+def test_credentials_in_an_endpoint_address_are_not_logged(caplog):
+    from chat.backends.tgi import TGIBackend
+    from chat.config import Settings
+    from tests.helpers import free_port, serve_app
+    from tests.reliability import QUICK
+
+    caplog.set_level(logging.DEBUG)
+    down = f"http://admin:pa55word@127.0.0.1:{free_port()}"  # nothing listens there
+    with TGIDouble() as double:
+        backend = TGIBackend([down, double.url], options=QUICK)
+        try:
+            with serve_app(backend, Settings(backend="tgi", endpoints=(double.url,))) as url:
+                assert Client(url, verbose=False).predict("Hello", *ARGS, api_name="/chat")
+        finally:
+            backend.close()
+    texts = one_line_records(caplog)
+    assert any("admin" not in t and "127.0.0.1" in t and "***@" in t for t in texts), texts
+    assert "pa55word" not in caplog.text

@@ -38,6 +38,7 @@ from ..errors import (
     GenerationFailed,
     RequestRejected,
 )
+from ..log_safety import log_text
 from .base import Token
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def failover_stream(
                 tokens.close()
                 if not failure.retryable:
                     raise
-                log.warning("endpoint %s failed before its first token: %s", endpoint, failure)
+                log.warning("endpoint %s failed before its first token: %s", log_text(endpoint), failure)
                 if isinstance(failure, BackendBusy):
                     busy = failure  # up, but full: no cooldown, and "busy" is what the user hears
                 else:

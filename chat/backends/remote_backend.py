@@ -19,6 +19,7 @@ from collections.abc import Generator, Iterator
 import httpx2
 
 from ..errors import BackendError
+from ..log_safety import log_text
 from ..params import GenerationParams
 from ..prompt import ChatMessages, Prompt
 from .base import Backend, Token
@@ -200,5 +201,5 @@ class RemoteBackend(Backend):
             try:
                 return question(endpoint)
             except BackendError as error:
-                log.warning("endpoint %s did not answer: %s", endpoint, error)
+                log.warning("endpoint %s did not answer: %s", log_text(endpoint), error)
         return None
