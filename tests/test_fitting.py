@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 from chat.errors import InvalidMessage, PromptTooLong
 from chat.fitting import MAX_HISTORY_TURNS, fit_prompt
@@ -104,9 +105,15 @@ class LoopWatchingBackend(ScriptedBackend):
         return super().count_tokens(text)
 
 
-def test_tokens_are_counted_off_the_event_loop():
+def test_tokens_are_counted_off_the_event_loop_and_a_long_system_prompt_is_named_in_the_api():
     backend = LoopWatchingBackend(["Hello"])
     backend.on_event_loop = False
     with serve_app(backend) as url:
         Client(url, verbose=False).predict("hi", "Be brief.", 0.0, 16, 0.9, 1.0, "", api_name="/chat")
-    assert backend.counted and not backend.on_event_loop
+        assert backend.counted and not backend.on_event_loop
+        counted = len(backend.counted)
+        with pytest.raises(
+            AppError, match="The system prompt is 30,000 characters long; the limit is 20,000"
+        ):
+            Client(url, verbose=False).predict("hi", "x" * 30_000, 0.0, 16, 0.9, 1.0, "", api_name="/chat")
+    assert len(backend.counted) == counted
