@@ -116,8 +116,11 @@ class ChatTemplateFormat:
             {*getattr(tokenizer, "all_special_tokens", ()), *(t.content for t in added.values() if t.special)}
         )
         self._system_role = True
-        automatic = tokenizer("", add_special_tokens=True)["input_ids"]  # what encoding adds itself
-        self._added_prefix = tokenizer.decode(automatic) if automatic else ""
+        # A BOS that encoding adds by itself (Llama 2 style), which a template may write too.
+        automatic = tokenizer("", add_special_tokens=True)["input_ids"]
+        bos = getattr(tokenizer, "bos_token", None)
+        adds_bos = bool(automatic) and bos is not None and automatic[0] == tokenizer.bos_token_id
+        self._added_prefix = bos if adds_bos else ""
 
     def render(self, conversation: Conversation) -> str:
         messages = chat_messages(conversation, self.special_tokens).as_dicts()

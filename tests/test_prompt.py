@@ -204,6 +204,7 @@ class BosAddingTokenizer:
 
     chat_template = "{{ bos_token }}[INST] ... [/INST]"
     all_special_tokens = ["<s>", "</s>"]
+    bos_token, bos_token_id = "<s>", 1
     added_tokens_decoder = {}
 
     def __call__(self, text, add_special_tokens=True):
