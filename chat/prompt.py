@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .history import Turn, turns_from_history
+from .history import Turn
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ def neutralize_special_tokens(text: str, special_tokens: Iterable[str] = ()) -> 
     return re.sub(pattern, lambda m: m[0][0] + _ZERO_WIDTH_SPACE + m[0][1:], text, flags=re.IGNORECASE)
 
 
-def render(message: str, turns: Sequence[Turn], system_prompt: str = "") -> str:
-    """The Falcon prompt for `message` after `turns`, ending with `Falcon:` for the model."""
+def format_prompt(message: str, turns: Sequence[Turn], system_prompt: str = "") -> str:
+    """The Falcon prompt for `message` after `turns` (`chat.history.turns_from_history` makes
+    them from Gradio's history), ending with `Falcon:` for the model to continue."""
 
     def clean(text: str) -> str:
         return neutralize_role_markers(neutralize_special_tokens(text))
@@ -88,11 +89,6 @@ def render(message: str, turns: Sequence[Turn], system_prompt: str = "") -> str:
     return "".join(parts)
 
 
-def format_prompt(message: str, history, system_prompt: str = "") -> str:
-    """Render Gradio history (messages or pairs) and the new message into Falcon's format."""
-    return render(message, turns_from_history(history), system_prompt)
-
-
 class FalconFormat:
     """Falcon's own `User:`/`Falcon:` lines (see the module docstring)."""
 
@@ -100,7 +96,7 @@ class FalconFormat:
     description = "the Falcon format (`User:` / `Falcon:` lines)"
 
     def render(self, conversation: Conversation) -> str:
-        return render(conversation.message, conversation.turns, conversation.system_prompt)
+        return format_prompt(conversation.message, conversation.turns, conversation.system_prompt)
 
 
 class ChatTemplateFormat:

@@ -12,7 +12,7 @@ Guarantees, for any split of the stream into pieces:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 _REPLACEMENT = "\ufffd"
 
@@ -66,16 +66,3 @@ class StopFilter:
             self.text = text
             return True
         return False
-
-
-def filter_stream(pieces: Iterable[str], stop_sequences: Iterable[str]) -> Iterator[str]:
-    """Yield the growing text to show; stop reading `pieces` at the first stop sequence."""
-    stop_filter = StopFilter(stop_sequences)
-    for piece in pieces:
-        if stop_filter.push(piece):
-            yield stop_filter.text
-        if stop_filter.stopped:
-            return
-    before = stop_filter.text
-    if stop_filter.finish() != before:
-        yield stop_filter.text

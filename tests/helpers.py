@@ -1,4 +1,5 @@
-"""Helpers the tests import: a free loopback port, and the real app served on it.
+"""Helpers the tests import: a free loopback port, the real app served on it, and the stop filter
+driven over a list of pieces as the reply loop drives it.
 
 Fixtures live in conftest.py (pytest finds them); plain functions live here, so no test imports
 from conftest.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Iterable, Iterator
+
+from chat.stops import StopFilter
 
 
 def free_port() -> int:
@@ -32,3 +36,16 @@ def serve_app(backend, settings=None):
         yield f"http://127.0.0.1:{settings.port}/"
     finally:
         demo.close()
+
+
+def filter_stream(pieces: Iterable[str], stop_sequences: Iterable[str]) -> Iterator[str]:
+    """Yield the growing text to show; stop reading `pieces` at the first stop sequence."""
+    stop_filter = StopFilter(stop_sequences)
+    for piece in pieces:
+        if stop_filter.push(piece):
+            yield stop_filter.text
+        if stop_filter.stopped:
+            return
+    before = stop_filter.text
+    if stop_filter.finish() != before:
+        yield stop_filter.text

@@ -12,7 +12,7 @@ from chat.errors import InvalidMessage, PromptTooLong
 from chat.fitting import MAX_HISTORY_TURNS, fit_prompt
 from chat.history import Turn
 from chat.params import GenerationParams
-from chat.prompt import ChatMessages, Conversation, ServerTemplateFormat, render
+from chat.prompt import ChatMessages, Conversation, ServerTemplateFormat, format_prompt
 from chat.reply import stream_reply
 from tests.doubles import ScriptedBackend
 from tests.helpers import serve_app
@@ -63,7 +63,7 @@ def test_a_forged_history_costs_a_bounded_number_of_counts(prompt_format):
 
 class _Falcon:
     def render(self, conversation):
-        return render(conversation.message, conversation.turns, conversation.system_prompt)
+        return format_prompt(conversation.message, conversation.turns, conversation.system_prompt)
 
 
 def test_history_beyond_the_bound_is_left_out_without_counting():

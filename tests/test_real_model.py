@@ -16,7 +16,7 @@ from chat.backends.base import FINISH_CANCELLED
 from chat.history import strip_note
 from chat.params import DEFAULT_STOP_SEQUENCES
 from chat.prompt import ChatTemplateFormat, Conversation
-from chat.stops import filter_stream
+from tests.helpers import filter_stream
 
 # system prompt, temperature, max new tokens, top-p, repetition penalty, seed
 GREEDY = ("", 0.0, 24, 0.9, 1.0, "")

@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chat.params import DEFAULT_STOP_SEQUENCES
-from chat.stops import StopFilter, filter_stream
+from chat.stops import StopFilter
+from tests.helpers import filter_stream
 
 
 def expected_final(text: str, stops) -> str:
