@@ -1,0 +1,236 @@
+"""Weight-only int4: group-wise quantization, its float32 reference product, save and load.
+
+A weight [out, in] is cut along `in` into groups of `group_size` columns; each group keeps a
+scale and an offset, and every weight is `q * scale + offset` with q in 0..15 (asymmetric: the
+offset is the group's low end, so a group that is all positive wastes no level). Symmetric
+(offset = -8 * scale) is kept to compare; bench/int4_quality.py measured both.
+
+The scale search picks, per group, how far to pull the range in from the group's min and max
+(outliers cost one level to everyone else): a small grid of shrink ratios, keeping the one with
+the least squared error ("clip"); the default, "hqq", then refines the offset by HQQ's
+half-quadratic steps (an lp<1 loss that lets outliers go), with the scale fixed. On SmolLM2 it
+gave the lowest perplexity of the three (bench/int4_quality.py, docs/performance.md).
+
+Storage (what is saved and what the CPU reference reads): `packed` uint8 [out, in / 2], the low
+nibble the even column; `scale` and `offset` [out, in / group_size] in the model's dtype. The GPU
+kernels repack from this (int4_kernels.py); none of them changes the numbers it stands for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+GROUP_SIZES = (128, 64, 32)  # the first that divides a weight's `in` size is used
+SEARCH_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8)
+_ROWS_PER_CHUNK_ELEMENTS = 1 << 26  # float32 scratch per chunk of rows: 256 MB
+
+
+@dataclass
+class Int4Weight:
+    """A [out, in] weight in int4 with group-wise scale and offset (see the module docstring)."""
+
+    packed: torch.Tensor  # uint8 [out, in // 2]
+    scale: torch.Tensor  # [out, in // group_size]
+    offset: torch.Tensor  # [out, in // group_size]
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed.shape[0], self.packed.shape[1] * 2)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
+
+    def to(self, device) -> Int4Weight:
+        return Int4Weight(
+            self.packed.to(device), self.scale.to(device), self.offset.to(device), self.group_size
+        )
+
+
+def group_size_for(in_features: int, preferred: int = 128) -> int:
+    """The largest of the allowed group sizes, at most `preferred`, that divides `in_features`."""
+    for size in GROUP_SIZES:
+        if size <= preferred and in_features % size == 0:
+            return size
+    raise ValueError(f"no int4 group size in {GROUP_SIZES} divides {in_features} columns")
+
+
+def quantize(
+    weight: torch.Tensor,
+    group_size: int | None = None,
+    *,
+    symmetric: bool = False,
+    search: str = "hqq",
+    dtype: torch.dtype | None = None,
+) -> Int4Weight:
+    """int4 with a scale and offset per group; `search`: "none", "clip" (grid) or "hqq".
+
+    Runs where `weight` is (the GPU while loading), a chunk of rows at a time.
+    """
+    out_features, in_features = weight.shape
+    group_size = group_size or group_size_for(in_features)
+    if in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide {in_features} columns")
+    dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+    rows = max(1, _ROWS_PER_CHUNK_ELEMENTS // (in_features * (len(SEARCH_RATIOS) + 4)))
+    parts = [
+        _quantize_rows(weight[r : r + rows], group_size, symmetric, search)
+        for r in range(0, out_features, rows)
+    ]
+    q = torch.cat([p[0] for p in parts])
+    scale = torch.cat([p[1] for p in parts]).to(dtype)
+    offset = torch.cat([p[2] for p in parts]).to(dtype)
+    return Int4Weight(pack(q), scale, offset, group_size)
+
+
+def _quantize_rows(weight, group_size: int, symmetric: bool, search: str):
+    w = weight.float().reshape(weight.shape[0], -1, group_size)  # [rows, groups, group_size]
+    ratios = SEARCH_RATIOS if search in ("clip", "hqq") else (1.0,)
+    best = None
+    for ratio in ratios:
+        scale, offset = _range(w, ratio, symmetric)
+        error = (_fake_quantize(w, scale, offset) - w).square().sum(-1)
+        if best is None:
+            best = (error, scale, offset)
+        else:
+            better = error < best[0]
+            best = tuple(
+                torch.where(better, new, old) for new, old in zip((error, scale, offset), best, strict=True)
+            )
+    _, scale, offset = best
+    if search == "hqq" and not symmetric:
+        offset = _hqq_offset(w, scale, offset)
+    q = _levels(w, scale, offset)
+    return q.reshape(weight.shape).to(torch.uint8), scale, offset
+
+
+def _range(w, ratio: float, symmetric: bool):
+    """Scale and offset that map 0..15 onto the group's range pulled in by `ratio`."""
+    if symmetric:
+        scale = (w.abs().amax(-1) * ratio / 7.5).clamp_min(1e-10)  # levels -8..7 around zero
+        return scale, -8 * scale
+    low, high = w.amin(-1) * ratio, w.amax(-1) * ratio
+    scale = ((high - low) / 15).clamp_min(1e-10)
+    return scale, low
+
+
+def _levels(w, scale, offset):
+    return ((w - offset[..., None]) / scale[..., None]).round_().clamp_(0, 15)
+
+
+def _fake_quantize(w, scale, offset):
+    return _levels(w, scale, offset) * scale[..., None] + offset[..., None]
+
+
+def _hqq_offset(
+    w, scale, offset, iterations: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01
+):
+    """HQQ's offset refinement (Badri & Shaji, 2023): alternate a sparse error term under an lp
+    norm (p < 1) with the closed-form offset; keep the best offset seen per group."""
+    s, o = scale[..., None], offset[..., None]
+    best_error = (_fake_quantize(w, scale, offset) - w).square().sum(-1)
+    best = offset.clone()
+    for _ in range(iterations):
+        q = ((w - o) / s).round().clamp(0, 15)
+        residual = w - (q * s + o)
+        sparse = residual.sign() * F.relu(residual.abs() - residual.abs().clamp_min(1e-12).pow(p - 1) / beta)
+        o = (w - sparse - q * s).mean(-1, keepdim=True)
+        beta *= kappa
+        error = (_fake_quantize(w, scale, o[..., 0]) - w).square().sum(-1)
+        better = error < best_error
+        best = torch.where(better, o[..., 0], best)
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """uint8 levels [out, in] -> two per byte, the even column in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack`: uint8 levels [out, in]."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [out, in] weight the int4 numbers stand for, computed in float32."""
+    out_features, in_features = weight.shape
+    q = unpack(weight.packed).float().reshape(out_features, -1, weight.group_size)
+    w = q * weight.scale.float()[..., None] + weight.offset.float()[..., None]
+    return w.reshape(out_features, in_features).to(dtype)
+
+
+def reference_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T with W dequantized in float32: the product every int4 kernel must match."""
+    out = F.linear(x.float(), dequantize(weight), None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+# -- save and load ------------------------------------------------------------------------------
+
+FORMAT = "falcon-chat-int4"
+FORMAT_VERSION = 1
+
+
+def save(weights: dict[str, Int4Weight], others: dict[str, torch.Tensor], folder: Path, meta: dict) -> None:
+    """One safetensors file per ~4 GB: `NAME.packed|scale|offset` for int4, plain tensors as they are."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        tensors[f"{name}.packed"] = w.packed
+        tensors[f"{name}.scale"] = w.scale
+        tensors[f"{name}.offset"] = w.offset
+    tensors.update(others)
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        current[name] = tensor.contiguous()
+        size += tensor.numel() * tensor.element_size()
+        if size > 4 << 30:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    files = []
+    for i, shard in enumerate(shards):
+        name = f"int4-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.cpu() for k, v in shard.items()}, str(folder / name))
+        files.append(name)
+    groups = {name: w.group_size for name, w in weights.items()}
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "files": files, "group_sizes": groups, **meta}
+    (folder / "int4.json").write_text(json.dumps(manifest, indent=1))
+
+
+def is_saved(folder) -> bool:
+    path = Path(folder) / "int4.json"
+    return path.exists() and json.loads(path.read_text()).get("format") == FORMAT
+
+
+def load(folder, device="cpu") -> tuple[dict[str, Int4Weight], dict[str, torch.Tensor], dict]:
+    """What `save` wrote: (int4 weights by name, plain tensors by name, the manifest)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = json.loads((folder / "int4.json").read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{folder} does not hold {FORMAT} version {FORMAT_VERSION} weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in manifest["files"]:
+        tensors.update(load_file(str(folder / name), device=str(device)))
+    weights = {
+        name: Int4Weight(
+            tensors.pop(f"{name}.packed"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.offset"), size
+        )
+        for name, size in manifest["group_sizes"].items()
+    }
+    return weights, tensors, manifest
