@@ -17,7 +17,7 @@ from .params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
 from .prompt import PROMPT_FORMATS
 
 BACKENDS = ("local", "tgi", "openai", "sagemaker")
-QUANTIZATIONS = ("8bit", "4bit")
+QUANTIZATIONS = ("8bit", "4bit", "int4")  # 8bit/4bit: bitsandbytes; int4: our fast path
 DECODERS = ("auto", "plain", "fast")  # auto: fast on a CUDA GPU where the model allows, else plain
 DEFAULT_PORT = 7860
 DEFAULT_MAX_MESSAGE_CHARS = 20_000
@@ -37,6 +37,7 @@ ENVIRONMENT = {
     "port": "GRADIO_SERVER_PORT",
     "system_prompt": "SYSTEM_PROMPT",
     "quantize": "QUANTIZE",
+    "save_quantized": "SAVE_QUANTIZED",
     "max_total_tokens": "MAX_TOTAL_TOKENS",
     "stop": "STOP_SEQUENCES",
     "max_message_chars": "MAX_MESSAGE_CHARS",
@@ -70,6 +71,7 @@ class Settings:
     port: int = DEFAULT_PORT
     system_prompt: str = ""
     quantize: str | None = None
+    save_quantized: str | None = None  # folder to write the int4 weights to (--quantize int4)
     max_total_tokens: int | None = None
     stop_sequences: tuple[str, ...] = DEFAULT_STOP_SEQUENCES
     max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
@@ -114,7 +116,16 @@ def _parser() -> _Parser:
     p.add_argument("--host", help="address to listen on" + env("host"))
     p.add_argument("--port", help="port to listen on" + env("port"))
     p.add_argument("--system-prompt", help="default system prompt" + env("system_prompt"))
-    p.add_argument("--quantize", choices=QUANTIZATIONS, help="bitsandbytes, CUDA only" + env("quantize"))
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="8bit or 4bit: bitsandbytes (CUDA only); int4: the fast decoder's weight-only int4, "
+        "quantized while loading" + env("quantize"),
+    )
+    p.add_argument(
+        "--save-quantized",
+        help="with --quantize int4: save the int4 model to this folder" + env("save_quantized"),
+    )
     p.add_argument("--max-total-tokens", help="model context in tokens" + env("max_total_tokens"))
     p.add_argument(
         "--stop",
@@ -190,6 +201,7 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         port=_int("--port", value("port"), DEFAULT_PORT, 1, 65535),
         system_prompt=value("system_prompt") or "",
         quantize=value("quantize"),
+        save_quantized=value("save_quantized"),
         max_total_tokens=_int("--max-total-tokens", value("max_total_tokens"), None, 16, 10**7),
         stop_sequences=tuple(stops) if stops else DEFAULT_STOP_SEQUENCES,
         max_message_chars=_int(
@@ -279,7 +291,9 @@ def _check(settings: Settings) -> None:
             f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, not {settings.prompt_format!r}"
         )
     if settings.quantize not in (None, *QUANTIZATIONS):
-        raise ConfigError(f"--quantize must be 8bit or 4bit, not {settings.quantize!r}")
+        raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, not {settings.quantize!r}")
+    if settings.save_quantized and settings.quantize != "int4":
+        raise ConfigError("--save-quantized needs --quantize int4")
     if settings.backend != "local" and not settings.endpoints:
         raise ConfigError(f"--backend {settings.backend} needs --endpoint (env ENDPOINT)")
     if len(settings.stop_sequences) > MAX_STOP_SEQUENCES:

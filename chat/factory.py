@@ -91,6 +91,8 @@ def _local_backend(settings: Settings) -> Backend:
 
     model_id = settings.model or str(ensure_tiny_model())
     model_name = TINY_MODEL_NAME if settings.model is None else model_id
+    if settings.quantize == "int4":
+        return _int4_backend(settings, model_id, model_name)
     if settings.tensor_parallel != 1:
         backend = _tensor_parallel_backend(settings, model_id, model_name)
         if backend is not None:
@@ -105,6 +107,43 @@ def _local_backend(settings: Settings) -> Backend:
         decoder=choose_decoder(settings.decoder, model, tokenizer, context_length),
         prompt_format=choose_prompt_format(settings.prompt_format, tokenizer),
     )
+
+
+def _int4_backend(settings: Settings, model_id: str, model_name: str) -> Backend:
+    """The fast decoder over int4 weights on one device (falcon_int4.py), quantized while loading."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .backends.falcon_int4 import layout_from_int4, load_int4, save_int4
+    from .backends.falcon_layout import Unsupported
+    from .backends.fast_decode import FastDecoder
+    from .backends.int4_products import int4_products
+    from .backends.local import LocalBackend, model_context_length
+    from .backends.tensor_parallel import model_folder
+    from .prompt import choose_prompt_format
+
+    if settings.decoder == "plain":
+        raise ConfigError("--quantize int4 runs the fast decoder; it cannot be used with --decoder plain")
+    if settings.tensor_parallel not in (1, "auto"):
+        raise ConfigError("--quantize int4 runs on one GPU; it cannot be used with --tensor-parallel")
+    folder = model_folder(model_id, settings.token)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    try:
+        model = load_int4(folder, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    except Unsupported as error:
+        raise ConfigError(f"--quantize int4: {error}") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--quantize int4: cannot load {model_id!r} ({str(error)[:200]})") from None
+    if settings.save_quantized:
+        save_int4(model, settings.save_quantized, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    context_length = settings.max_total_tokens or model_context_length(model.config, tokenizer)
+    layout = layout_from_int4(model, max_len=context_length, products=int4_products(device))
+    decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id)
+    return LocalBackend(None, tokenizer, model_name=model_name, context_length=context_length, decoder=decoder,
+                        name=f"local int4 ({device}, {layout.products.name})",
+                        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer))  # fmt: skip
 
 
 def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str) -> Backend | None:

@@ -32,6 +32,19 @@ class Unsupported(Exception):
 def check_supported(model) -> None:
     """Raise `Unsupported` unless this is a rotary, parallel-attention Falcon on one device."""
     config = model.config
+    check_config(config)
+    if getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None):
+        raise Unsupported("quantized weights are not supported")
+    params = list(model.parameters())
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise Unsupported(f"model spans {len(devices)} devices")
+    if {p.dtype for p in params} - {torch.float32, torch.bfloat16, torch.float16}:
+        raise Unsupported("weights are not float32, bfloat16 or float16")
+
+
+def check_config(config) -> None:
+    """Raise `Unsupported` unless the config is a rotary, parallel-attention Falcon."""
     if getattr(config, "model_type", None) != "falcon":
         raise Unsupported(f"model type {getattr(config, 'model_type', '?')!r} is not Falcon")
     if config.alibi:
@@ -41,14 +54,6 @@ def check_supported(model) -> None:
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope != "default":
         raise Unsupported(f"rope scaling {rope!r} is not supported")
-    if getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None):
-        raise Unsupported("quantized weights are not supported")
-    params = list(model.parameters())
-    devices = {p.device for p in params}
-    if len(devices) != 1:
-        raise Unsupported(f"model spans {len(devices)} devices")
-    if {p.dtype for p in params} - {torch.float32, torch.bfloat16, torch.float16}:
-        raise Unsupported("weights are not float32, bfloat16 or float16")
 
 
 @dataclass

@@ -1,0 +1,96 @@
+"""int4 weight-only products for the fast decoder: `Products` adapters (see products.py).
+
+- `Int4Reference` (the CPU, and CI): keeps the saved layout (int4.py) and multiplies by the
+  weight dequantized in float32: the definition every kernel is checked against.
+- `Int4TinyGemm` (a CUDA GPU): torch's built-in `_weight_int4pack_mm`. Chosen by measurement
+  (bench/int4_kernels.py, docs/performance.md): of the kernels that ran correctly on the H200 it
+  was the fastest on every Falcon shape, 1.8-1.9x bf16's time on the 40B and 180B layers.
+
+Each adapter packs either a dense weight (`pack`, quantizing it) or an `Int4Weight` already
+quantized (`from_int4`, as the loader has them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .int4 import Int4Weight, dequantize, quantize, unpack
+
+
+class Int4Reference:
+    """int4 weights in the saved layout; products in float32 through the dequantized weight."""
+
+    name = "int4 (reference, float32)"
+
+    @staticmethod
+    def pack(weight, bias) -> tuple:
+        return Int4Reference.from_int4(quantize(weight), bias)
+
+    @staticmethod
+    def from_int4(weight: Int4Weight, bias) -> tuple:
+        return (weight.packed, weight.scale, weight.offset, bias)
+
+    @staticmethod
+    def linear(x, packed, scale, offset, bias):
+        group_size = packed.shape[1] * 2 // scale.shape[1]
+        w = dequantize(Int4Weight(packed, scale, offset, group_size), torch.float32)
+        out = F.linear(x.float(), w, None if bias is None else bias.float())
+        return out.to(x.dtype)
+
+
+class Int4TinyGemm:
+    """int4 weights in tinygemm's tiles; `torch.ops.aten._weight_int4pack_mm` (bf16, CUDA)."""
+
+    name = "int4 (tinygemm)"
+
+    @staticmethod
+    def pack(weight, bias) -> tuple:
+        return Int4TinyGemm.from_int4(quantize(weight), bias)
+
+    @staticmethod
+    def from_int4(weight: Int4Weight, bias) -> tuple:
+        out_features, in_features = weight.shape
+        tiles = next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
+        q = unpack(weight.packed)
+        # tinygemm wants the even column in the high nibble, and stores (q - 8) * scale + zero.
+        swapped = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        del q
+        tiled = torch.ops.aten._convert_weight_to_int4pack(swapped, tiles)
+        del swapped
+        scale = weight.scale.float()
+        zero = weight.offset.float() + 8 * scale
+        scale_zero = torch.stack((scale, zero), dim=-1).to(torch.bfloat16).transpose(0, 1).contiguous()
+        return (tiled, scale_zero, bias)
+
+    @staticmethod
+    def linear(x, tiled, scale_zero, bias):
+        group_size = x.shape[-1] // scale_zero.shape[0]
+        out = torch.ops.aten._weight_int4pack_mm(x, tiled, group_size, scale_zero)
+        return out if bias is None else out + bias
+
+
+class Int4Triton:
+    """int4 weights interleaved for our Triton GEMV (int4_kernels.py); scale and offset as saved."""
+
+    name = "int4 (Triton GEMV)"
+
+    @staticmethod
+    def pack(weight, bias) -> tuple:
+        return Int4Triton.from_int4(quantize(weight), bias)
+
+    @staticmethod
+    def from_int4(weight: Int4Weight, bias) -> tuple:
+        from .int4_kernels import interleave
+
+        return (interleave(weight), weight.scale, weight.offset, bias)
+
+    @staticmethod
+    def linear(x, words, scale, offset, bias):
+        out = torch.ops.falcon_chat.int4_linear(x, words, scale, offset)
+        return out if bias is None else out + bias
+
+
+def int4_products(device: torch.device):
+    """The int4 adapter for `device`: tinygemm on a CUDA GPU, the float32 reference elsewhere."""
+    return Int4TinyGemm if torch.device(device).type == "cuda" else Int4Reference
