@@ -2,7 +2,8 @@
    - Enter on an empty message box does nothing (Gradio would send it, and refuse it);
    - Escape stops a streaming reply (as the Stop button does);
    - the message box gets the focus back after each reply, without scrolling the page;
-   - the trash button asks before it deletes the open chat from the saved chats. */
+   - the trash button asks before it deletes the open chat from the saved chats;
+   - every button has a name for screen readers. */
 (function () {
   "use strict";
   function messageBox() { return document.querySelector("#message textarea"); }
@@ -43,6 +44,11 @@
   }
   var streaming = false;
   new MutationObserver(function () {
+    // Gradio's "scroll to the newest message" button comes without a name: give it one.
+    document.querySelectorAll("#conversation button.icon-button[aria-label='']").forEach(function (button) {
+      button.setAttribute("aria-label", "Scroll to the newest message");
+      button.title = "Scroll to the newest message";
+    });
     var now = stopButton() !== null;
     if (streaming && !now) waitForBox();
     streaming = now;

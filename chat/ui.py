@@ -131,12 +131,15 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             chat.textbox.preprocess = text_message
             # A stopped reply says so, with its figures (the stopped function cannot add them).
             chat.textbox.stop(
-                handlers.figures_after_stop,
+                _shown_and_kept(handlers.figures_after_stop),
                 [chat.chatbot, session],
                 [chat.chatbot, chat.chatbot_state],
                 api_visibility="private",
                 queue=False,
             )
+            # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
+            chat.new_chat_button.elem_id = "new-chat"
+            chat.chat_history_dataset.elem_id = "saved-chats"
             _keep_settings(demo, chat_settings)
             with gr.Row(elem_id="chat-tools"):
                 export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
@@ -189,6 +192,17 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
     demo.queue(max_size=settings.queue_size)
     operations.watch_queue(demo)
     return demo
+
+
+def _shown_and_kept(update_history):
+    """An event that updates the conversation both where it is shown and where ChatInterface keeps
+    it for the next message (its `chatbot_state`)."""
+
+    async def both(history, session):
+        history = await update_history(history, session)
+        return history, history
+
+    return both
 
 
 def _validation(problem: str | None):
@@ -257,13 +271,12 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
     options = dict(
         server_name=settings.host,
         server_port=settings.port,
-        css=(ASSETS / "style.css").read_text(encoding="utf-8"),
         theme=gr.themes.Soft(primary_hue="amber"),
         footer_links=["api", "gradio"],
         **embedding,
     )
-    # Framed by other sites: the storage fallback first; then the page's keyboard script.
-    options["head"] = embedding["head"] + page_script()
+    # The storage fallback for frames first; then the page's style sheet and script.
+    options["head"] = embedding["head"] + page_head()
     if operations is not None:
         app_kwargs = dict(options.get("app_kwargs") or {})
         app_kwargs["routes"] = [*app_kwargs.get("routes", []), *operations.routes()]
@@ -277,9 +290,14 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
     )
 
 
-def page_script() -> str:
-    """The page's own script (keyboard, focus, confirmations): assets/page.js."""
-    return "<script>\n" + (ASSETS / "page.js").read_text(encoding="utf-8") + "</script>"
+def page_head() -> str:
+    """The page's style sheet (assets/style.css) and script (assets/page.js: keyboard, focus,
+    confirmations). The style sheet goes in the head rather than through `launch(css=...)`:
+    Gradio scopes that to the app's content, and inside media queries keeps only the scoped rules,
+    so a phone layout could not reach the page's padding or footer."""
+    style = (ASSETS / "style.css").read_text(encoding="utf-8")
+    script = (ASSETS / "page.js").read_text(encoding="utf-8")
+    return f"<style>\n{style}</style>\n<script>\n{script}</script>"
 
 
 def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:

@@ -78,10 +78,10 @@ class ChatPage:
 
     def ask(self, message: str) -> str:
         """Send `message`, wait for the whole reply and its figures, return its text."""
-        replies = self.bot_messages.count()
+        replies, figures = self.bot_messages.count(), self.figures.count()
         self.send(message)
         expect(self.bot_messages).to_have_count(replies + 1)
-        expect(self.figures).to_have_count(replies + 1)
+        expect(self.figures).to_have_count(figures + 1)
         self.wait_until_idle()
         return self.reply_text(replies)
 
@@ -126,6 +126,11 @@ class ChatPage:
         box.press("Enter")
         box.blur()
         expect(self._visible_label(f"range slider for {label}")).to_have_value(str(value))
+
+    def set_seed(self, text: str) -> None:
+        box = self.page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True)
+        box.fill(text)
+        box.blur()
 
     def set_system_prompt(self, text: str) -> None:
         box = self._visible_label("System prompt")

@@ -11,11 +11,15 @@ import contextlib
 import functools
 import http.server
 import os
+import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from chat.backends.base import Backend, Token
+from chat.config import Settings
 from tests.browser.chat_page import ChatPage
 from tests.doubles import FailingBackend, RecordingDecoder
 from tests.helpers import free_port, serve_app
@@ -166,3 +170,97 @@ def assets_port():
     """The assets folder (the playground page) served on its own port."""
     with serve_folder(ASSETS) as port:
         yield port
+
+
+# The page at the sizes people use it: a laptop, and a phone held upright.
+SIZES = {"desktop": {"width": 1366, "height": 900}, "phone": {"width": 390, "height": 844}}
+WIDE_CODE_LINE = "print(" + ", ".join(f"'value_{n:03d}'" for n in range(16)) + ")"  # ~200 characters
+# What the scripted model answers when the newest message contains the key.
+SCRIPT = {
+    "code and a table": (
+        "Here is the code:\n\n```python\n" + WIDE_CODE_LINE + "\n```\n\nAnd the table:\n\n"
+        "| name | date | amount | currency | paid by | note |\n|---|---|---|---|---|---|\n"
+        + "| Alice Wonderland | 1 September 2026 | 120.00 | EUR | bank transfer | first instalment |\n"
+        * 3
+    ),
+    "math": "Between $5 and $10. The area is $\\pi r^2$, and \\(a^2 + b^2 = c^2\\).",
+    "keep talking": "and on " * 1500,
+}
+MAX_MESSAGE_CHARS = 200
+
+
+class ScriptedBackend(Backend):
+    """Stands in for a model that writes what a page test needs (a wide code block and table,
+    math, a reply long enough to stop), word by word at `words_per_s`; closing the stream (Stop)
+    ends it. It records the prompts it was given."""
+
+    name = "scripted test backend"
+    model_name = "/models/falcon-7b-instruct"  # a local folder: the page names it by its own name
+    concurrency_limit = 4
+
+    def __init__(self, words_per_s: float = 200):
+        self.words_per_s = words_per_s
+        self.prompts: list[str] = []
+
+    def context_length(self) -> int:
+        return 4096
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split()) + 1
+
+    def stream(self, prompt, params):
+        self.prompts.append(prompt)
+        message = prompt.rsplit("User:", 1)[-1]
+        reply = next((text for key, text in SCRIPT.items() if key in message), "A short reply.")
+        for index, word in enumerate(re.findall(r"\S+\s*|\s+", reply)):
+            if index >= params.max_new_tokens:
+                yield Token("", finish_reason="length")
+                return
+            time.sleep(1 / self.words_per_s)
+            yield Token(word, id=index)
+        yield Token("", finish_reason="stop")
+
+
+@pytest.fixture(scope="package")
+def scripted_backend():
+    return ScriptedBackend()
+
+
+@pytest.fixture(scope="package")
+def scripted_url(scripted_backend):
+    with serve_app(scripted_backend, Settings(max_message_chars=MAX_MESSAGE_CHARS)) as url:
+        yield url
+
+
+@pytest.fixture(scope="package")
+def sized_contexts(browser):
+    """One browser context per size, made when first asked for."""
+    contexts = {}
+
+    def context(size: str, theme: str = "light"):
+        if (size, theme) not in contexts:
+            made = browser.new_context(viewport=SIZES[size], color_scheme=theme)
+            made.set_default_timeout(TIMEOUT_MS)
+            contexts[size, theme] = made
+        return contexts[size, theme]
+
+    yield context
+    for made in contexts.values():
+        made.close()
+
+
+@pytest.fixture
+def open_scripted(sized_contexts, scripted_url):
+    """Open the chat on the scripted model at a size (and theme); storage is cleared afterwards."""
+    pages = []
+
+    def open_chat(size: str = "desktop", theme: str = "light") -> ChatPage:
+        page = sized_contexts(size, theme).new_page()
+        pages.append(page)
+        return ChatPage(page, scripted_url).open(f"?__theme={theme}")
+
+    yield open_chat
+    for page in pages:
+        with contextlib.suppress(Exception):
+            page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
+        page.close()

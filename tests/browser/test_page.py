@@ -1,0 +1,208 @@
+"""The page as a new user meets it (issue #13), at desktop (1366x900) and phone (390x844) sizes,
+light and dark where it matters, against a scripted model that writes wide code, tables and math."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.chat_page import ChatPage
+from tests.browser.conftest import MAX_MESSAGE_CHARS, SIZES
+
+pytestmark = pytest.mark.browser
+
+BOTH = ["desktop", "phone"]
+PAGE_WIDTH = "() => [document.documentElement.scrollWidth, window.innerWidth]"
+CONTAINER_WIDTH = "() => document.querySelector('.gradio-container').getBoundingClientRect().width"
+
+
+def inside_window(page, locator) -> bool:
+    """The element is wholly on screen, without scrolling sideways."""
+    box, window = locator.bounding_box(), page.viewport_size
+    return (
+        box is not None
+        and box["x"] >= 0
+        and box["x"] + box["width"] <= window["width"]
+        and box["y"] + box["height"] <= window["height"]
+    )
+
+
+@pytest.mark.parametrize("size", BOTH)
+def test_refused_messages_leave_the_chat_usable_and_the_next_one_gets_a_reply(open_scripted, size):
+    chat = open_scripted(size)
+
+    chat.textbox.press("Enter")  # an empty Enter does nothing at all
+    too_long = "x" * (MAX_MESSAGE_CHARS + 1)
+    chat.send(too_long)
+    expect(chat.page.get_by_text(f"the limit is {MAX_MESSAGE_CHARS}")).to_be_visible()
+    expect(chat.textbox).to_have_value(too_long)  # the typed text stays to be shortened
+    expect(chat.textbox).to_be_editable()
+    expect(chat.user_messages).to_have_count(0)
+
+    chat.open_settings()
+    chat.set_seed("lucky")
+    chat.send("Hello")
+    expect(chat.bot_messages.last).to_contain_text("The seed must be a whole number")
+    expect(chat.textbox).to_be_editable()
+    expect(chat.user_messages.last).to_have_attribute("aria-label", "user's message: Hello")
+
+    chat.set_seed("")
+    assert chat.ask("Hello again") == "A short reply."
+    expect(chat.page.get_by_text("Error", exact=True)).to_have_count(0)
+
+
+@pytest.mark.parametrize("size, theme", [("phone", "light"), ("phone", "dark"), ("desktop", "dark")])
+def test_wide_code_and_tables_scroll_inside_their_block_not_the_page(open_scripted, size, theme):
+    chat = open_scripted(size, theme)
+    chat.ask("Please write code and a table")
+
+    width, window = chat.page.evaluate(PAGE_WIDTH)
+    assert width == window, (width, window)
+    code = chat.bot_messages.last.locator("pre").first
+    assert code.evaluate("e => e.scrollWidth > e.clientWidth")  # it scrolls inside itself
+    assert inside_window(chat.page, chat.submit_button)
+    table = chat.bot_messages.last.locator("table").first
+    assert table.evaluate("e => e.getBoundingClientRect().right") <= SIZES[size]["width"]
+
+
+def test_at_every_phone_width_the_page_never_scrolls_sideways(open_scripted):
+    chat = open_scripted("phone")
+    chat.ask("Please write code and a table")
+    for width in (320, 360, 430):
+        chat.page.set_viewport_size({"width": width, "height": 800})
+        assert chat.page.evaluate(PAGE_WIDTH) == [width, width]
+        assert inside_window(chat.page, chat.submit_button)
+
+
+@pytest.mark.parametrize("size", BOTH)
+def test_the_page_opens_at_its_top_with_settings_closed_and_the_chat_filling_the_window(open_scripted, size):
+    chat = open_scripted(size)
+    page = chat.page
+    expect(page.locator("#banner svg")).to_be_in_viewport()
+    assert page.evaluate("() => window.scrollY") == 0
+    expect(page.get_by_label("number input for Max new tokens").filter(visible=True)).to_have_count(0)
+    height = page.locator("#conversation").bounding_box()["height"]
+    assert height >= 0.4 * page.viewport_size["height"], height
+    # One scroll: the page itself is no taller than the window (the conversation scrolls).
+    assert page.evaluate("() => document.documentElement.scrollHeight") <= page.viewport_size["height"] + 4
+    if size == "desktop":
+        expect(chat.textbox).to_be_focused()
+
+
+def test_the_layout_width_stays_put_whatever_the_content(open_scripted):
+    chat = open_scripted("desktop")
+    empty = chat.page.evaluate(CONTAINER_WIDTH)
+    chat.ask("Hi")
+    short = chat.page.evaluate(CONTAINER_WIDTH)
+    chat.ask("Please write code and a table")
+    wide = chat.page.evaluate(CONTAINER_WIDTH)
+    chat.page.get_by_role("tab", name="Completion").click()
+    completion = chat.page.evaluate(CONTAINER_WIDTH)
+    assert empty == short == wide == completion == 960, (empty, short, wide, completion)
+
+
+@pytest.mark.parametrize("size", BOTH)
+def test_a_reload_restores_the_system_prompt_and_settings(open_scripted, scripted_backend, size):
+    chat = open_scripted(size)
+    chat.open_settings()
+    chat.set_system_prompt("You are a pirate.")
+    chat.set_number("Max new tokens", 3)
+    chat.ask("Ahoy")
+
+    chat.page.reload()
+    expect(chat.textbox).to_be_editable()
+    chat.open_settings()
+    expect(chat.page.get_by_label("System prompt", exact=True).filter(visible=True)).to_have_value(
+        "You are a pirate."
+    )
+    expect(chat.page.get_by_label("number input for Max new tokens").filter(visible=True)).to_have_value("3")
+    chat.ask("Where is the treasure?")
+    assert scripted_backend.prompts[-1].startswith("System: You are a pirate.")
+
+
+@pytest.mark.parametrize("size", BOTH)
+def test_figures_are_beside_the_reply_not_in_its_text(open_scripted, size):
+    chat = open_scripted(size)
+    reply = chat.ask("Hi")
+    label = chat.bot_messages.last.get_attribute("aria-label")
+    assert label == f"bot's message: {reply}" and "tokens" not in label and "<sub>" not in label
+    figures = chat.figures.last
+    expect(figures).to_contain_text("tokens")
+    expect(figures).to_contain_text("end of turn")
+    box = figures.bounding_box()
+    assert box["height"] < 80, box  # no more than two short lines, even on a phone
+
+
+@pytest.mark.parametrize("size", BOTH)
+def test_keyboard_only_type_enter_escape_type_again(open_scripted, size):
+    chat = open_scripted(size)
+    page = chat.page
+    chat.textbox.focus()
+    page.keyboard.type("Please keep talking")
+    page.keyboard.press("Enter")
+    expect(chat.stop_button).to_be_visible()
+    expect(chat.bot_messages).to_have_count(1)
+    page.keyboard.press("Escape")
+    chat.wait_until_idle()
+    expect(chat.figures.last).to_contain_text("stopped by user")
+    expect(chat.bot_messages.last).to_contain_text("Stopped.")
+    expect(chat.textbox).to_be_focused()  # the focus came back to the box
+    page.keyboard.type("Hi")
+    page.keyboard.press("Enter")
+    expect(chat.figures).to_have_count(2)
+    assert chat.reply_text() == "A short reply."
+
+
+def test_buttons_have_names_and_nothing_covers_or_misleads(open_scripted):
+    chat = open_scripted("desktop")
+    page = chat.page
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
+    chat.ask("Hi")
+    expect(page.get_by_role("button", name="Clear", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name=re.compile("share", re.I))).to_have_count(0)
+    expect(page.get_by_text("Chatbot", exact=True)).to_have_count(0)  # no floating label
+    unnamed = page.evaluate(
+        "() => [...document.querySelectorAll('button')].filter(b => b.offsetParent &&"
+        " !(b.getAttribute('aria-label') || b.innerText.trim() || b.title)).map(b => b.outerHTML)"
+    )
+    assert unnamed == []
+
+
+def test_the_trash_button_asks_before_it_deletes_the_chat(open_scripted):
+    chat = open_scripted("desktop")
+    chat.ask("Keep this chat")
+    answers = iter([False, True])
+    chat.page.on("dialog", lambda dialog: dialog.accept() if next(answers) else dialog.dismiss())
+
+    chat.page.get_by_role("button", name="Clear", exact=True).click()
+    expect(chat.user_messages).to_have_count(1)  # dismissed: kept
+    expect(chat.page.get_by_role("gridcell", name="Keep this chat")).to_be_visible()
+    chat.page.get_by_role("button", name="Clear", exact=True).click()
+    expect(chat.user_messages).to_have_count(0)
+
+
+def test_inline_math_renders_but_prices_stay_text(open_scripted):
+    chat = open_scripted("desktop")
+    chat.ask("Some math please")
+    message = chat.bot_messages.last
+    expect(message.locator(".katex")).to_have_count(2)
+    expect(message).to_contain_text("Between $5 and $10.")
+
+
+@pytest.mark.parametrize("size", BOTH)
+def test_the_page_names_the_model_it_talks_to(open_scripted, size):
+    chat = open_scripted(size)
+    banner = chat.page.locator("#banner")
+    expect(banner).to_contain_text("falcon-7b-instruct")
+    expect(banner).not_to_contain_text("180B")
+    expect(chat.page.get_by_text("Chatting with")).to_contain_text("falcon-7b-instruct")
+    expect(chat.page.get_by_text("/models/")).to_have_count(0)
+
+
+def test_screenshots_for_the_readme(open_scripted, screenshots):
+    for size, theme in [("desktop", "light"), ("phone", "light"), ("desktop", "dark"), ("phone", "dark")]:
+        chat: ChatPage = open_scripted(size, theme)
+        chat.ask("Please write code and a table")
+        chat.page.screenshot(path=str(screenshots / f"page-{size}-{theme}.png"))
