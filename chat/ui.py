@@ -129,11 +129,18 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
             # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
             chat.textbox.preprocess = text_message
-            # A stopped reply says so, with its figures (the stopped function cannot add them).
+            # A stopped reply says so, with its figures (the stopped function cannot add them);
+            # then ChatInterface's copy of the conversation, which the next message starts from.
             chat.textbox.stop(
-                _shown_and_kept(handlers.figures_after_stop),
+                handlers.figures_after_stop,
                 [chat.chatbot, session],
-                [chat.chatbot, chat.chatbot_state],
+                chat.chatbot,
+                api_visibility="private",
+                queue=False,
+            ).then(
+                lambda history: history,
+                chat.chatbot,
+                chat.chatbot_state,
                 api_visibility="private",
                 queue=False,
             )
@@ -192,17 +199,6 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
     demo.queue(max_size=settings.queue_size)
     operations.watch_queue(demo)
     return demo
-
-
-def _shown_and_kept(update_history):
-    """An event that updates the conversation both where it is shown and where ChatInterface keeps
-    it for the next message (its `chatbot_state`)."""
-
-    async def both(history, session):
-        history = await update_history(history, session)
-        return history, history
-
-    return both
 
 
 def _validation(problem: str | None):
