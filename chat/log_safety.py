@@ -37,7 +37,10 @@ _SECRETS = [
     ),
 ]
 # Characters that end a line in some reader, or reorder what a reader shows.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+# Lone surrogates too: a log handler writing UTF-8 would fail on them.
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]"
+)
 _WINDOW = 16  # a server text sharing this many characters in a row with the conversation repeats it
 
 

@@ -107,7 +107,7 @@ class PageHandlers:
                 self.backend,
                 message,
                 history,
-                system_prompt if isinstance(system_prompt, str) else "",
+                system_prompt,  # stream_reply refuses anything but text
                 params,
                 max_message_chars=self.settings.max_message_chars,
                 on_finish=finished,

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from .backends.base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend
 from .errors import BackendError, ContextOverflow, InvalidMessage, PromptTooLong
 from .fitting import FittedPrompt, fit_prompt
-from .history import add_note, turns_from_history
+from .history import Turn, add_note, turns_from_history
 from .params import GenerationParams
 from .stops import StopFilter
 
@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 # Control characters other than tab and line breaks: invisible, and NUL breaks some servers.
 _CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 MESSAGE_NOT_TEXT = "The message must be text."
+# A surrogate code point alone is no character: no encoder takes it (UTF-8, a tokenizer, a server).
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+# How each refusal names the text it is about: the chat's message, or /complete's `text`.
+_FIELD_WORDS = {
+    "message": ("message", "Please type a message first.", MESSAGE_NOT_TEXT),
+    "text": ("text", "Please type the text to continue first.", "The text to continue must be text."),
+}
 EMPTY_REPLY_NOTE = "The model ended its turn without writing anything. Try again or rephrase."
 # Each yield costs the web server a message to the page (~5-30 ms of CPU on a small machine), so
 # tokens that arrive faster than this are shown together: a fast model is not slowed to the
@@ -78,16 +85,23 @@ class ReplyStats:
         return {**figures, "tokens_per_s": self.tokens_per_s}
 
 
-def clean_message(message, max_chars: int) -> str:
-    """The message as it will be sent, or InvalidMessage saying what is wrong with it."""
+def clean_text(text: str) -> str:
+    """`text` without control characters, a lone surrogate replaced by U+FFFD."""
+    return _LONE_SURROGATES.sub("\ufffd", _CONTROL_CHARACTERS.sub("", text))
+
+
+def clean_message(message, max_chars: int, *, field: str = "message") -> str:
+    """The message (`field="text"`: /complete's text) as it will be sent, or InvalidMessage
+    saying what is wrong with it."""
+    name, empty, not_text = _FIELD_WORDS[field]
     if not isinstance(message, str):
-        raise InvalidMessage(MESSAGE_NOT_TEXT)
-    message = _CONTROL_CHARACTERS.sub("", message)
+        raise InvalidMessage(not_text)
+    message = clean_text(message)
     if not message.strip():
-        raise InvalidMessage("Please type a message first.")
+        raise InvalidMessage(empty)
     if len(message) > max_chars:
         raise InvalidMessage(
-            f"The message is {len(message):,} characters long; the limit is {max_chars:,}. Please shorten it."
+            f"The {name} is {len(message):,} characters long; the limit is {max_chars:,}. Please shorten it."
         )
     return message
 
@@ -96,7 +110,7 @@ def stream_reply(
     backend: Backend,
     message: str,
     history,
-    system_prompt: str,
+    system_prompt: str | None,
     params: GenerationParams,
     *,
     max_message_chars: int,
@@ -106,13 +120,15 @@ def stream_reply(
     """Yield the growing reply text. Closing this generator stops the backend's generation, and so
     does `cancelled()` turning true (checked after every token, for a reader in another thread)."""
     message = clean_message(message, max_message_chars)
-    system_prompt = _CONTROL_CHARACTERS.sub("", system_prompt or "").strip()
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise InvalidMessage("The system prompt must be text.")
+    system_prompt = clean_text(system_prompt or "").strip()
     if len(system_prompt) > max_message_chars:  # checked before anything counts its tokens
         raise InvalidMessage(
             f"The system prompt is {len(system_prompt):,} characters long; the limit is "
             f"{max_message_chars:,}. Please shorten it."
         )
-    turns = turns_from_history(history)
+    turns = [Turn(clean_text(t.user), clean_text(t.assistant)) for t in turns_from_history(history)]
 
     def fit(drop: int) -> FittedPrompt:
         fitted = fit_prompt(
@@ -141,7 +157,7 @@ def stream_completion(
     cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[str]:
     """Raw continuation of `text` (for base models): no chat format, same streaming."""
-    text = clean_message(text, max_message_chars)
+    text = clean_message(text, max_message_chars, field="text")
 
     def fit(drop: int) -> FittedPrompt:
         context, tokens = backend.context_length(), backend.count_tokens(text)

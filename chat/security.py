@@ -213,11 +213,77 @@ class ClosedRoutesMiddleware:
         return await self.app(scope, receive, send)
 
 
+class ApiCallErrorsMiddleware:
+    """ASGI middleware: Gradio's keyword route (`/gradio_api/call/v2/NAME`) raises on a parameter
+    the endpoint does not have (TypeError) or an endpoint that does not exist (KeyError), which
+    the server answers with a bare HTTP 500. Answer 422 or 404 with what was wrong instead."""
+
+    PREFIX = "/gradio_api/call/v2/"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith(self.PREFIX):
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, tracking_send)
+        except (TypeError, KeyError, ValueError) as error:
+            if started:
+                raise
+            name = scope["path"][len(self.PREFIX) :].strip("/")
+            if isinstance(error, KeyError):
+                status, text = 404, f"There is no API endpoint named /{name}."
+            else:  # Gradio's own words name the parameter; no traceback
+                status, text = 422, str(error).split(". Please click")[0][:300] + "."
+            await _json_response(send, status, {"error": text})
+
+
+async def _json_response(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def check_value_counts(demo: gr.Blocks) -> None:
+    """An API call with fewer values than the endpoint takes fails inside Gradio with a ValueError
+    the client only sees as `{"error": null}`; more values are silently dropped. Refuse both with
+    a message that says how many values the endpoint takes, in which order (Gradio 6.31,
+    `Blocks.validate_inputs`, called before anything of the event runs)."""
+    if not callable(getattr(demo, "validate_inputs", None)):
+        raise RuntimeError(f"gradio {gr.__version__}: Blocks.validate_inputs is gone")
+    gradio_check = demo.validate_inputs
+
+    def validate_inputs(block_fn, inputs):
+        # More values than inputs are refused only for public API endpoints without a `js=`
+        # step (Gradio lets a page's JavaScript return extra values).
+        strict = block_fn.api_visibility == "public" and not block_fn.js
+        if len(inputs) < len(block_fn.inputs) or (strict and len(inputs) > len(block_fn.inputs)):
+            sent = [block for block in block_fn.inputs if not block.stateful]
+            names = ", ".join(block.label or type(block).__name__ for block in sent) or "none"
+            raise gr.Error(
+                f"/{block_fn.api_name} takes {len(sent)} values, in this order: {names}.",
+                print_exception=False,
+            )
+        return gradio_check(block_fn, inputs)
+
+    demo.validate_inputs = validate_inputs
+
+
 def security_middleware(*, max_request_bytes: int, frame_origins: Iterable[str] = ()) -> list[Middleware]:
     """The middleware above, outermost first (Starlette runs the list in this order)."""
     return [
         Middleware(BodyLimitMiddleware, max_bytes=max_request_bytes),
         Middleware(ClosedRoutesMiddleware),
+        Middleware(ApiCallErrorsMiddleware),
         Middleware(SecurityHeadersMiddleware, frame_origins=tuple(frame_origins)),
     ]
 
@@ -249,6 +315,7 @@ def harden_demo(demo: gr.Blocks, *, cache_cleanup_s: int = 600) -> gr.Blocks:
             block.allow_tags = list(UNTRUSTED_TAGS)
     demo.delete_cache = (cache_cleanup_s, cache_cleanup_s)
     forget_input_values()
+    check_value_counts(demo)
     return demo
 
 

@@ -216,3 +216,87 @@ def test_credentials_in_an_endpoint_address_are_not_logged(caplog):
     texts = one_line_records(caplog)
     assert any("admin" not in t and "127.0.0.1" in t and "***@" in t for t in texts), texts
     assert "pa55word" not in caplog.text
+
+
+# -- small edges -------------------------------------------------------------------------------
+
+
+def rest_call(url: str, api: str, raw: str) -> tuple[int, str | None, object]:
+    """Gradio's REST route with a raw JSON body: (POST status, event, data)."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        posted = http.post(
+            f"gradio_api/call/{api}", content=raw, headers={"content-type": "application/json"}
+        )
+        if posted.status_code != 200:
+            return posted.status_code, None, posted.json()
+        event, payload = None, None
+        with http.stream("GET", f"gradio_api/call/{api}/{posted.json()['event_id']}") as events:
+            for line in events.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    payload = json.loads(line[5:])
+                    break
+        return posted.status_code, event, payload
+
+
+def error_of(payload) -> str:
+    return payload.get("error") if isinstance(payload, dict) else str(payload)
+
+
+@pytest.mark.parametrize("field", [0, 1])  # a lone surrogate in the message, in the system prompt
+def test_a_lone_surrogate_is_replaced_and_answered(app, field):
+    url, double = app
+    values = ['"Hello \\ud800 there"', '""']
+    values[field] = '"Hi \\udc00"'
+    status, event, payload = rest_call(
+        url, "chat", '{"data": [' + ", ".join(values) + ", 0.7, 20, 0.9, 1.0, null]}"
+    )
+    assert (status, event) == (200, "complete"), payload
+    assert "\ufffd" in double.generate_requests()[-1].body["inputs"]
+    assert chat_works(url)
+
+
+@pytest.mark.parametrize("values", [["Hello"], ["Hello", *ARGS, None, "extra"]])
+def test_a_wrong_number_of_values_is_refused_naming_them(app, values):
+    url, _ = app
+    status, event, payload = rest_call(url, "chat", json.dumps({"data": values}))
+    assert event == "error"
+    assert error_of(payload).startswith("/chat takes 7 values, in this order: Message, System prompt")
+
+
+def test_an_unknown_keyword_or_endpoint_is_a_client_error_not_a_500(app):
+    url, _ = app
+    status, _, payload = rest_call(url, "v2/chat", json.dumps({"message": "Hello", "bogus": 1}))
+    assert status == 422 and "`bogus` is not a valid" in payload["error"]
+    status, _, payload = rest_call(url, "v2/nothing", json.dumps({"message": "Hello"}))
+    assert status == 404 and "/nothing" in payload["error"]
+    status, event, _ = rest_call(url, "v2/chat", json.dumps({"message": "Hello"}))
+    assert (status, event) == (200, "complete")
+
+
+@pytest.mark.parametrize("system_prompt", [123, ["be brief"], {"role": "system"}])
+def test_a_system_prompt_that_is_not_text_is_refused(app, system_prompt):
+    url, double = app
+    sent = len(double.generate_requests())
+    status, event, payload = rest_call(
+        url, "chat", json.dumps({"data": ["Hello", system_prompt, 0.7, 20, 0.9, 1.0, None]})
+    )
+    assert event == "error" and error_of(payload) == "The system prompt must be text."
+    assert len(double.generate_requests()) == sent
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", "Please type the text to continue first."),
+        (5, "The text to continue must be text."),
+        ("x" * 6000, "The text is 6,000 characters long; the limit is 5,000. Please shorten it."),
+    ],
+)
+def test_completion_errors_name_its_text(app, text, error):
+    url, _ = app
+    status, event, payload = rest_call(
+        url, "complete", json.dumps({"data": [text, 0.7, 20, 0.9, 1.0, None, ""]})
+    )
+    assert event == "error" and error_of(payload) == error

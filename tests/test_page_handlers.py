@@ -111,7 +111,7 @@ def test_chat_and_completion_count_themselves_in_flight_while_they_stream():
 
 def test_a_refused_completion_raises_refused_and_is_counted():
     handlers = handlers_for(Words())
-    with pytest.raises(Refused, match="Please type a message first"):
+    with pytest.raises(Refused, match="Please type the text to continue first"):
         collect(handlers.complete("", *SETTINGS, None, ""))
     assert counted(handlers.operations, "completion", "rejected") == 1
 
