@@ -1,5 +1,6 @@
 /* Falcon Chat: keyboard and focus on the chat page, on top of Gradio's ChatInterface.
-   - Enter on an empty message box does nothing (Gradio would send it, and refuse it);
+   - Enter on an empty message box does nothing (Gradio would send it, and refuse it), nor while
+     a reply streams (the next message can be typed meanwhile: chat/gradio_costs.py);
    - Escape stops a streaming reply (as the Stop button does);
    - the message box gets the focus back after each reply, without scrolling the page;
    - the trash button asks before it deletes the open chat from the saved chats;
@@ -21,7 +22,8 @@
     if (event.key === "Escape" && stopButton()) {
       event.preventDefault();
       stopButton().click();
-    } else if (event.key === "Enter" && !event.shiftKey && event.target === box && !box.value.trim()) {
+    } else if (event.key === "Enter" && !event.shiftKey && event.target === box && (!box.value.trim() || stopButton())) {
+      // Nothing to send, or a reply still streaming: the typed text waits in the box.
       event.preventDefault();
       event.stopImmediatePropagation();
     }

@@ -94,6 +94,47 @@ def _text_message_first(chat_fn):
     return checked
 
 
+def keep_message_box_editable(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
+    """Gradio 6.31's ChatInterface disables its message box while a reply streams and empties it
+    when the reply ends: the next message cannot be typed meanwhile, and what was typed would be
+    lost. Here the box only loses the message it sent, and stays editable; the page's script
+    (assets/page.js) keeps Enter from sending while a reply streams, so one reply runs at a time.
+    Waits for a ChatInterface that lets the next message be typed during a reply."""
+    _require(chat, "_clear_and_save_textbox", "keep the message box editable while a reply streams")
+    sent, ended = [], []
+    for block_fn in demo.fns.values():
+        if block_fn.fn == chat._clear_and_save_textbox:
+            block_fn.fn = _take_message_keep_box
+            sent.append(block_fn)
+        elif _outputs_only(block_fn, chat.textbox) and _empties_and_enables(block_fn.fn):
+            block_fn.fn = _enable_box
+            ended.append(block_fn)
+    if not (sent and ended):
+        raise RuntimeError(
+            f"Gradio {gr.__version__}: ChatInterface's message box events are not where "
+            "chat/gradio_costs.py expects them (keep_message_box_editable); update the workaround."
+        )
+
+
+def _take_message_keep_box(message):
+    return gr.update(value=""), message
+
+
+def _enable_box():
+    return gr.update(interactive=True)
+
+
+def _outputs_only(block_fn, component) -> bool:
+    return not block_fn.inputs and [id(block) for block in block_fn.outputs] == [id(component)]
+
+
+def _empties_and_enables(fn) -> bool:
+    """Whether `fn` is ChatInterface's `lambda: update(value=None, interactive=True)`."""
+    if fn is None or inspect.iscoroutinefunction(fn) or inspect.signature(fn).parameters:
+        return False
+    return fn() == {"__type__": "update", "value": None, "interactive": True}
+
+
 def summarise_queue_rarely() -> None:
     """Gradio's queue recomputes its per-function timing summary (a pandas group-by over the last
     10,000 events, for the API page's figures) after every event, in a worker thread: a cost that

@@ -20,7 +20,7 @@ import gradio as gr
 from .backends.base import Backend
 from .config import Settings
 from .embedding import embedding_launch_options
-from .gradio_costs import text_message, trim_gradio_costs
+from .gradio_costs import keep_message_box_editable, text_message, trim_gradio_costs
 from .operations import Operations
 from .page_handlers import PageHandlers, Refused
 from .params import (
@@ -144,6 +144,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
                 api_visibility="private",
                 queue=False,
             )
+            keep_message_box_editable(demo, chat)
             # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
             chat.new_chat_button.elem_id = "new-chat"
             chat.chat_history_dataset.elem_id = "saved-chats"

@@ -144,15 +144,21 @@ def test_keyboard_only_type_enter_escape_type_again(open_scripted, size):
     page.keyboard.press("Enter")
     expect(chat.stop_button).to_be_visible()
     expect(chat.bot_messages).to_have_count(1)
+    page.keyboard.type("Hi")  # the next message, typed while the reply streams...
+    page.keyboard.press("Enter")  # ...waits in the box: one reply at a time
+    expect(chat.textbox).to_have_value("Hi")
+    expect(chat.user_messages).to_have_count(1)
+
     page.keyboard.press("Escape")
     chat.wait_until_idle()
     expect(chat.figures.last).to_contain_text("stopped by user")
     expect(chat.bot_messages.last).to_contain_text("Stopped.")
-    expect(chat.textbox).to_be_focused()  # the focus came back to the box
-    page.keyboard.type("Hi")
+    expect(chat.textbox).to_be_focused()  # the focus is back in the box, the text still there
+    expect(chat.textbox).to_have_value("Hi")
     page.keyboard.press("Enter")
-    expect(chat.figures).to_have_count(2)
+    expect(chat.figures).to_have_count(2)  # the stopped reply keeps its figures
     assert chat.reply_text() == "A short reply."
+    expect(chat.textbox).to_have_value("")
 
 
 def test_buttons_have_names_and_nothing_covers_or_misleads(open_scripted):
