@@ -40,9 +40,16 @@ class Int4Reference:
 
 
 class Int4TinyGemm:
-    """int4 weights in tinygemm's tiles; `torch.ops.aten._weight_int4pack_mm` (bf16, CUDA)."""
+    """int4 weights in tinygemm's tiles; `torch.ops.aten._weight_int4pack_mm` (bf16, CUDA).
+
+    A prompt (PROMPT_ROWS rows or more) is multiplied instead by the weight read back from the
+    tiles into bf16 (tinygemm_tiles.py): tinygemm's time grows with the rows.
+    """
 
     name = "int4 (tinygemm)"
+    # Estimated, not measured: on 180B, tinygemm took ~12 ms per prompt row (1.5 s for 128, 22.6 s
+    # for 1,900); reading the tiles back to bf16 should cost ~1 s a prompt plus cuBLAS's product.
+    PROMPT_ROWS = 128
 
     @staticmethod
     def pack(weight, bias) -> tuple:
@@ -50,14 +57,15 @@ class Int4TinyGemm:
 
     @staticmethod
     def from_int4(weight: Int4Weight, bias) -> tuple:
+        from . import tinygemm_tiles
+
         out_features, in_features = weight.shape
         tiles = next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
         q = unpack(weight.packed)
-        # tinygemm wants the even column in the high nibble, and stores (q - 8) * scale + zero.
-        swapped = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        # tinygemm stores (q - 8) * scale + zero.
+        tiled = torch.ops.aten._convert_weight_to_int4pack(tinygemm_tiles.swap_nibbles(q), tiles)
+        tinygemm_tiles.order_for(tiles, tiled, q)  # found and checked on the first weight only
         del q
-        tiled = torch.ops.aten._convert_weight_to_int4pack(swapped, tiles)
-        del swapped
         scale = weight.scale.float()
         zero = weight.offset.float() + 8 * scale
         scale_zero = torch.stack((scale, zero), dim=-1).to(torch.bfloat16).transpose(0, 1).contiguous()
@@ -65,6 +73,12 @@ class Int4TinyGemm:
 
     @staticmethod
     def linear(x, tiled, scale_zero, bias):
+        if x.shape[0] >= Int4TinyGemm.PROMPT_ROWS:  # a prompt (eager; the decode step never is)
+            from . import tinygemm_tiles
+
+            order = tinygemm_tiles._ORDERS.get((tiled.shape[3] * 2, str(tiled.device)))
+            if order is not None:
+                return F.linear(x, tinygemm_tiles.dense_weight(tiled, scale_zero, order, x.dtype), bias)
         group_size = x.shape[-1] // scale_zero.shape[0]
         out = torch.ops.aten._weight_int4pack_mm(x, tiled, group_size, scale_zero)
         return out if bias is None else out + bias
