@@ -3,9 +3,11 @@
 Three kernels, measured side by side by bench/int4_kernels.py (docs/performance.md):
 - "tinygemm": torch's built-in `_weight_int4pack_mm` (tensor-core tiles, bf16 only). It stores
   `(q - 8) * scale + zero`, so zero = offset + 8 * scale, one bf16 rounding.
-- "gemlite": GemLite's Triton kernels (HQQ's `(q - zero) * scale`, zero = -offset / scale).
-- "triton": our own GEMV (below), reading the storage layout as saved, no repacking.
-Each takes x [rows, in] in bf16 and returns [rows, out] in bf16.
+- "gemlite": GemLite's Triton kernels (HQQ's `(q - zero) * scale`, zero = -offset / scale);
+  its layer products missed the float32 reference by 2-3% on the H200 (bench), so unused.
+- "triton": our own GEMV (below) over interleaved nibbles; correct, but read at ~1.1 TB/s.
+The fast decoder uses tinygemm (int4_products.py). Each takes x [rows, in] in bf16 and returns
+[rows, out] in bf16. The device needs torchao/GemLite only for the bench: carry them as wheels.
 """
 
 from __future__ import annotations
