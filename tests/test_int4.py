@@ -209,3 +209,16 @@ def test_tile_order_found_by_probes_reads_back_every_level(tiles):
     assert torch.allclose(
         dense_weight(tiled, scale_zero, order, torch.float32), int4.dequantize(weight), atol=1e-6
     )
+
+
+def test_a_checkpoint_in_shards_quantizes_to_the_same_weights(tmp_path, tiny_model_dir, quantized_tiny):
+    """Layers split across shards (as Falcon-180B's 4 GB shards split them) are fused and
+    quantized once their last weight arrives, whatever the shard order."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    sharded = load_int4(tmp_path, device="cpu", dtype=torch.float32)
+    assert sharded.products.keys() == quantized_tiny.products.keys()
+    for name, weight in quantized_tiny.products.items():
+        assert torch.equal(sharded.products[name].packed, weight.packed), name

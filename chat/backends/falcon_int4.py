@@ -12,6 +12,7 @@ so `--model DIR --quantize int4` starts without the bf16 checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -72,7 +73,13 @@ def quantize_checkpoint(folder: Path, config, *, device, dtype, search: str = "h
     """Read the shards one by one onto `device`, quantizing each layer once it is complete."""
     from safetensors import safe_open
 
-    files = sorted(Path(folder).glob("*.safetensors"))
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.exists():  # the shards it names (a folder may also hold a consolidated copy)
+        files = [
+            Path(folder) / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
+    else:
+        files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} has no .safetensors files to quantize")
     two_norms = _two_norms(config)
