@@ -139,3 +139,18 @@ def test_completion_mode_continues_raw_text(app_url, local_backend):
     assert continuation and "\n" not in continuation
     unstopped = client.predict(text, 0.0, 20, 0.9, 1.0, None, "", api_name="/complete")
     assert unstopped.startswith(continuation) and len(unstopped) > len(continuation)
+
+
+def test_app_py_says_where_the_page_is_and_offers_no_share_option(tiny_model_dir, monkeypatch, capsys):
+    import gradio as gr
+
+    import app
+    from tests.helpers import free_port
+
+    started = []
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda demo: started.append(demo))
+    app.main(["--model", str(tiny_model_dir), "--port", str(free_port())])
+    started[0].close()
+    printed = capsys.readouterr().out
+    assert "Falcon Chat is running on http://127.0.0.1:" in printed
+    assert "share=True" not in printed  # Gradio's hint named an option app.py does not have
