@@ -8,6 +8,16 @@ CUDA graph, plain `generate`, `generate` + TextIteratorStreamer, the project's L
 with the plain and the fast decoder, and the fast decoder bare (greedy and sampling). Also: greedy
 agreement with plain `generate` (bf16), seeded determinism, and a kernel profile of the step.
 `--shape tiny` runs the same script on the CPU in seconds (a smoke test; no graphs).
+
+Across the visible GPUs, with weights drawn from a seed so every run holds the same model:
+
+    python bench/gpu_decode.py --shape 40b --tensor-parallel 2 --out bench/results/tp2-40b.json
+    python bench/gpu_decode.py --shape 40b --device-map --out bench/results/devmap-40b.json
+
+`--tensor-parallel N` serves the fast decoder from N ranks (N=1: one GPU, the same weights; the
+floor is then a rank's share of the weights over one GPU's copy bandwidth); `--device-map` is
+the baseline: the model spread over the GPUs by accelerate, plain `generate`. `--agree-with
+OTHER.json` counts the leading greedy tokens two such runs share.
 """
 
 from __future__ import annotations
@@ -44,6 +54,13 @@ def main() -> None:
     parser.add_argument("--compile", default=None, help="default | max-autotune-no-cudagraphs | off")
     parser.add_argument("--skip-plain", action="store_true", help="only the fast decoder")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--tensor-parallel", type=int, default=0, help="ranks sharing each layer (seeded weights)"
+    )
+    parser.add_argument(
+        "--device-map", action="store_true", help="plain generate across the GPUs (accelerate)"
+    )
+    parser.add_argument("--agree-with", type=Path, default=None, help="another run's JSON: greedy agreement")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 
@@ -63,6 +80,9 @@ def main() -> None:
         "rows": [],
     }
     say(f"device {results['device']}, torch {torch.__version__}, transformers {transformers.__version__}")
+    if args.tensor_parallel or args.device_map:
+        bench_across_gpus(args, results, device)
+        return
 
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
@@ -152,6 +172,155 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
         say(f"wrote {args.out}")
+
+
+# -- across GPUs: tensor parallelism and its device_map baseline ----------------------------------
+
+
+def bench_across_gpus(args, results: dict, device: str) -> None:
+    """The seeded model of `--shape` from N ranks (`--tensor-parallel N`) or spread by accelerate."""
+    import torch
+
+    from chat.backends.fast_decode import FastDecoder
+    from chat.backends.local import LocalBackend
+    from chat.backends.shards import RandomSource, layout_from_source
+    from chat.backends.tensor_parallel import RankSpec, free_port, start_ranks
+    from chat.params import GenerationParams
+
+    config = falcon_config(args.shape)
+    tokenizer = word_tokenizer(config.vocab_size)
+    gpus = max(1, torch.cuda.device_count())
+    world = args.tensor_parallel or gpus
+    bandwidth = copy_bandwidth(device)
+    weight_bytes = model_bytes(config)
+    # Ranks read their shares at once; device_map's GPUs read theirs one after another.
+    floor_ms = weight_bytes / (1 if args.device_map else world) / bandwidth * 1e3
+    results.update(copy_bandwidth_GBps=bandwidth / 1e9, weight_GB=weight_bytes / 1e9, floor_ms=floor_ms,
+                   gpus=gpus, tensor_parallel=0 if args.device_map else world)  # fmt: skip
+    say(
+        f"copy {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms/token"
+    )
+    rows = results["rows"]
+    rows.append(row("floor (weights per GPU / copy bandwidth)", floor_ms, floor_ms))
+    prompt, long_prompt = (
+        prompt_text(args.prompt_tokens, seed=1),
+        prompt_text(args.long_prompt_tokens, seed=2),
+    )
+    if args.device_map:
+        model = build_model_across_gpus(config, device)
+        results["device_map"] = sorted({str(p.device) for p in model.parameters()})
+        results["fast_greedy_tokens"] = bench_plain(
+            model, tokenizer, prompt, long_prompt, args, rows, floor_ms
+        )
+        finish(args, results)
+        return
+
+    start = time.perf_counter()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if world == 1:
+        layout = layout_from_source(RandomSource(config, device, dtype), 0, 1, max_len=2048)
+        decoder = FastDecoder.from_layout(layout, None, compile_mode=args.compile)
+    else:
+        spec = RankSpec(world=world, port=free_port(), max_len=2048, eos_token_id=None,
+                        random_config=config.to_dict(), compile_mode=args.compile)  # fmt: skip
+        decoder = start_ranks(spec)
+    backend = LocalBackend(None, tokenizer, model_name="bench", context_length=2048, decoder=decoder,
+                           name=f"{world} ranks")  # fmt: skip
+    results["fast_warm_up_s"] = time.perf_counter() - start
+    results["fast_decoder"] = backend.decoder.name
+    say(f"'{backend.decoder.name}' ready in {results['fast_warm_up_s']:.1f} s")
+    label = f"fast decoder, tensor parallel x{world}"
+    rows.append(
+        bench_stream(backend, f"LocalBackend.stream, {label}", prompt, long_prompt, args, floor_ms, runs=3)
+    )
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    greedy = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens)
+    sampled = GenerationParams(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1,
+                               max_new_tokens=args.new_tokens)  # fmt: skip
+    bare = bench_bare(backend, decoder, ids, greedy, f"{label}, bare (greedy)", floor_ms)
+    rows.append(bare)
+    results["fast_greedy_tokens"] = bare["tokens"]
+    results["greedy_repeatable"] = (
+        bench_bare(backend, decoder, ids, greedy, "", floor_ms)["tokens"] == bare["tokens"]
+    )
+    bench_bare(backend, decoder, ids, sampled, "", floor_ms, seed=11)
+    rows.append(bench_bare(backend, decoder, ids, sampled, f"{label}, bare (sampling)", floor_ms, seed=11))
+    if device == "cuda" and decoder._graphs:
+        try:
+            matmul_ms = backend.call_on_worker(lambda: matmuls_alone_ms(decoder))
+            rows.insert(1, row("rank 0's matrix products alone, one CUDA graph", matmul_ms, floor_ms))
+            short = greedy.with_max_new_tokens(64)
+            generate = lambda: decoder.generate(ids, short, 0, lambda token: None, lambda: False)  # noqa: E731
+            results["profile"] = backend.call_on_worker(lambda: profile_step(decoder, 64, generate))
+        except Exception as error:  # the table matters more than these extras
+            say(f"extras failed: {type(error).__name__}: {error}")
+    backend.close()
+    finish(args, results)
+
+
+def finish(args, results: dict) -> None:
+    if args.agree_with and args.agree_with.exists():
+        other = json.loads(args.agree_with.read_text()).get("fast_greedy_tokens") or []
+        mine = results.get("fast_greedy_tokens") or []
+        results["greedy_agreement"] = {"with": str(args.agree_with), "leading": leading_agreement(other, mine),
+                                       "of": min(len(other), len(mine))}  # fmt: skip
+    for r in results["rows"]:
+        r.pop("tokens", None)
+    print_table(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        say(f"wrote {args.out}")
+
+
+def falcon_config(shape: str):
+    from transformers import FalconConfig
+
+    return FalconConfig(vocab_size=65024, parallel_attn=True, bias=False, alibi=False,
+                        max_position_embeddings=2048, **SHAPES[shape])  # fmt: skip
+
+
+def model_bytes(config) -> int:
+    """bf16 bytes of the model's weights, tied ones once."""
+    import torch
+    from transformers import FalconForCausalLM
+
+    with torch.device("meta"):
+        model = FalconForCausalLM(config)
+    model.tie_weights()
+    return sum(p.numel() for p in model.parameters()) * 2  # parameters(): each tied one once
+
+
+def build_model_across_gpus(config, device: str):
+    """The model spread over every visible GPU as `device_map="auto"` spreads it, random weights."""
+    import torch
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+    from transformers import FalconForCausalLM
+
+    from chat.backends.shards import RandomSource
+
+    # Untied: accelerate places the head on the last GPU and the embedding on the first (the same
+    # values, from the same source; a token reads the head whole and one row of the embedding).
+    untied = config.__class__(**{**config.to_dict(), "tie_word_embeddings": False})
+    with init_empty_weights():
+        model = FalconForCausalLM(untied).eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    no_split = ["FalconDecoderLayer"]
+    memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
+    placement = infer_auto_device_map(model, max_memory=memory, dtype=dtype, no_split_module_classes=no_split)
+    sources: dict = {}  # the seeded weights the tensor-parallel runs hold, so their tokens compare
+    for name, _ in model.named_parameters():
+        owner = max((m for m in placement if name == m or name.startswith(m + ".") or m == ""), key=len)
+        target = placement[owner] if device == "cuda" else "cpu"
+        target = f"cuda:{target}" if isinstance(target, int) else target
+        if target not in sources:
+            sources[target] = RandomSource(config, target, dtype)
+        source = sources[target]
+        value = source.read(name if name in source.names() else "transformer.word_embeddings.weight")
+        set_module_tensor_to_device(model, name, target, value=value, dtype=dtype)
+    say(f"device_map: {sorted(set(map(str, placement.values())))}")
+    return dispatch_model(model, device_map=placement)
 
 
 # -- measurements ---------------------------------------------------------------------------------
@@ -336,17 +505,24 @@ def graph_ms(function, replays: int = 50) -> float:
     return start.elapsed_time(end) / replays
 
 
-def profile_step(decoder, replays: int = 20) -> dict:
-    """Where the step's GPU time goes: kernel time by kind, from the profiler over graph replays."""
+def profile_step(decoder, replays: int = 20, run=None) -> dict:
+    """Where the step's GPU time goes: kernel time by kind, from the profiler over graph replays
+    (or over `run()`, which makes `replays` tokens: under tensor parallelism the other ranks
+    replay only as rank 0's replies tell them)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    graph = decoder._graphs[True]
-    graph.replay()
-    torch.cuda.synchronize()
+    if run is None:
+        graph = decoder._graphs[True]
+        graph.replay()
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(replays):
+                graph.replay()
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
+        run()
         torch.cuda.synchronize()
     kinds: dict[str, float] = {}
     kernels = []
@@ -379,6 +555,8 @@ def kernel_kind(name: str) -> str:
         return "matrix products"
     if any(word in lowered for word in ("fmha", "attention", "flash", "softmax", "merge_chunks")):
         return "attention"
+    if "nccl" in lowered:
+        return "all-reduce / all-gather (NCCL)"
     if "rotate_store" in lowered:
         return "rotary, cache write, GELU"
     if "triton" in lowered:
@@ -392,12 +570,9 @@ def kernel_kind(name: str) -> str:
 def build_model(shape: str, device: str):
     """A Falcon of the given shape with random bf16 weights made on the GPU, and a word tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
+    from transformers import FalconForCausalLM
 
-    vocab = 65024
-    config = FalconConfig(vocab_size=vocab, parallel_attn=True, bias=False, alibi=False,
-                          max_position_embeddings=2048, **SHAPES[shape])  # fmt: skip
+    config = falcon_config(shape)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -410,12 +585,17 @@ def build_model(shape: str, device: str):
         torch.set_default_dtype(default)
     say(f"built {shape} Falcon ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) "
         f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    return model, word_tokenizer(config.vocab_size)
+
+
+def word_tokenizer(vocab: int):
+    """One word per token, `w0` .. `w{vocab-1}`: prompts of an exact length, any id decodable."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, model_input_names=["input_ids", "attention_mask"]
-    )
-    return model, tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=words, model_input_names=["input_ids", "attention_mask"])
 
 
 def prompt_text(tokens: int, seed: int) -> str:
@@ -483,8 +663,8 @@ def print_table(results: dict) -> None:
     for r in results["rows"]:
         say(f"| {r['label']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.0f} | {r['ratio_to_floor']:.2f} | "
             f"{fmt(r['ttft_ms'])} | {fmt(r['ttft_long_ms'])} |")  # fmt: skip
-    if plain:
-        fast = next(r for r in results["rows"] if r["label"] == "LocalBackend.stream, fast decoder")
+    fast = next((r for r in results["rows"] if r["label"] == "LocalBackend.stream, fast decoder"), None)
+    if plain and fast:
         say(
             f"speed-up of LocalBackend.stream (fast) over plain generate: {plain['ms_per_token'] / fast['ms_per_token']:.2f}x"
         )
@@ -495,6 +675,8 @@ def print_table(results: dict) -> None:
         "fast_warm_up_s",
         "compile_mode",
         "fast_decoder",
+        "tensor_parallel",
+        "device_map",
     ):
         if key in results:
             say(f"{key}: {results[key]}")

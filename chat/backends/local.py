@@ -130,6 +130,10 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         self._jobs.put(None)
+        if hasattr(self.decoder, "close") and threading.current_thread() is not self._worker:
+            # The decoder's processes end on the worker thread; a process exiting meanwhile
+            # would cut that short (tensor-parallel ranks left without their group's teardown).
+            self._worker.join(timeout=30)
 
     # -- the worker ------------------------------------------------------------------------------
 
