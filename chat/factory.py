@@ -91,12 +91,12 @@ def _local_backend(settings: Settings) -> Backend:
 
     model_id = settings.model or str(ensure_tiny_model())
     model_name = TINY_MODEL_NAME if settings.model is None else model_id
-    if settings.quantize == "int4":
-        return _int4_backend(settings, model_id, model_name)
     if settings.tensor_parallel != 1:
         backend = _tensor_parallel_backend(settings, model_id, model_name)
         if backend is not None:
             return backend
+    if settings.quantize == "int4":
+        return _int4_backend(settings, model_id, model_name)
     model, tokenizer = load_model(model_id, quantize=settings.quantize, token=settings.token)
     context_length = settings.max_total_tokens or model_context_length(model.config, tokenizer)
     return LocalBackend(
@@ -124,8 +124,6 @@ def _int4_backend(settings: Settings, model_id: str, model_name: str) -> Backend
 
     if settings.decoder == "plain":
         raise ConfigError("--quantize int4 runs the fast decoder; it cannot be used with --decoder plain")
-    if settings.tensor_parallel not in (1, "auto"):
-        raise ConfigError("--quantize int4 runs on one GPU; it cannot be used with --tensor-parallel")
     folder = model_folder(model_id, settings.token)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -154,20 +152,25 @@ def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str)
     from .backends.local import LocalBackend, model_context_length
     from .prompt import choose_prompt_format
 
+    int4 = settings.quantize == "int4"
     folder = tp.model_folder(model_id, settings.token)
     config = AutoConfig.from_pretrained(folder)
-    ranks = tp.ranks_for(settings.tensor_parallel, config)
+    ranks = tp.ranks_for(settings.tensor_parallel, config, bytes_per_weight=0.5625 if int4 else 2.0)
     if ranks == 1:
         return None
     if settings.decoder == "plain":
         raise ConfigError("--tensor-parallel runs the fast decoder; it cannot be used with --decoder plain")
-    if settings.quantize:
-        raise ConfigError("--tensor-parallel does not take --quantize (bitsandbytes) weights")
+    if settings.quantize and not int4:
+        raise ConfigError("--tensor-parallel does not take --quantize (bitsandbytes) weights; int4 it does")
+    if settings.save_quantized:
+        raise ConfigError("--save-quantized runs on one GPU; it cannot be used with --tensor-parallel")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     context_length = settings.max_total_tokens or model_context_length(config, tokenizer)
     spec = tp.RankSpec(world=ranks, port=tp.free_port(), max_len=context_length,
-                       eos_token_id=tokenizer.eos_token_id, folder=folder)  # fmt: skip
+                       eos_token_id=tokenizer.eos_token_id, folder=folder,
+                       products="int4" if int4 else "dense")  # fmt: skip
     decoder = tp.start_ranks(spec)
+    kind = "int4" if int4 else "transformers"
     return LocalBackend(None, tokenizer, model_name=model_name, context_length=context_length, decoder=decoder,
-                        name=f"local transformers ({ranks} ranks, tensor parallel)",
+                        name=f"local {kind} ({ranks} ranks, tensor parallel)",
                         prompt_format=choose_prompt_format(settings.prompt_format, tokenizer))  # fmt: skip

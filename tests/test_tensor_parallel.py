@@ -18,6 +18,7 @@ import torch
 
 from chat.backends.decoders import PlainDecoder
 from chat.backends.fast_decode import FastDecoder
+from chat.backends.products import Dense
 from chat.backends.shards import RankPlan, SafetensorsSource, layout_from_source, share
 from chat.config import Settings
 from chat.errors import ConfigError, GenerationFailed
@@ -59,13 +60,13 @@ def _ids(tokenizer, text):
     return torch.tensor([tokenizer(text)["input_ids"]])
 
 
-def _sharded_greedy(folder, tokenizer, ids, world: int, new_tokens: int):
+def _sharded_greedy(folder, tokenizer, ids, world: int, new_tokens: int, products=Dense):
     """Every rank's generated tokens and rank 0's count of sums, ranks running as threads."""
     source = SafetensorsSource(folder, "cpu", torch.float32)
     ranks = ThreadRanks(world, source.config.vocab_size)
     decoders = [
-        FastDecoder.from_layout(layout_from_source(source, rank, world, max_len=CACHE), tokenizer.eos_token_id,
-                                reduce=ranks.reduce_for(rank), gather=ranks.gather_for(rank))
+        FastDecoder.from_layout(layout_from_source(source, rank, world, max_len=CACHE, products=products),
+                                tokenizer.eos_token_id, reduce=ranks.reduce_for(rank), gather=ranks.gather_for(rank))
         for rank in range(world)
     ]  # fmt: skip
 
@@ -117,6 +118,28 @@ def test_every_rank_generates_what_one_device_does_with_one_sum_per_layer(
     assert per_rank == [expected] * world
     # A sum per layer for the prompt and for each step after the first token; nothing else.
     assert sums == model.config.num_hidden_layers * len(expected)
+
+
+def test_int4_slices_generate_what_the_one_device_int4_path_does(tmp_path, tiny_tokenizer):
+    """Each rank quantizes the slices it reads; with int4 groups that fall on the same columns as
+    on one device (widths of 128), the ranks hold exactly the one-device int4 model."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from chat.backends.falcon_int4 import layout_from_int4, load_int4
+    from chat.backends.int4_products import Int4Reference
+
+    torch.manual_seed(2)
+    config = FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          multi_query=True, parallel_attn=True, alibi=False, bias=False, initializer_range=0.3)  # fmt: skip
+    FalconForCausalLM(config).eval().save_pretrained(tmp_path)
+    ids = _ids(tiny_tokenizer, PROMPTS[0])
+    one = load_int4(tmp_path, device="cpu", dtype=torch.float32)
+    decoder = FastDecoder.from_layout(layout_from_int4(one, max_len=CACHE, products=Int4Reference), 0)
+    expected = []
+    decoder.generate(ids, GREEDY, 0, expected.append, lambda: False)
+
+    per_rank, _ = _sharded_greedy(tmp_path, tiny_tokenizer, ids, 2, len(expected), products=Int4Reference)
+    assert per_rank == [expected] * 2
 
 
 def test_slices_cover_every_row_and_column_once():
@@ -175,11 +198,13 @@ def test_two_ranks_stop_and_serve_the_next_reply(two_ranks):
     assert two_ranks.healthy()
 
 
-def test_tensor_parallel_needs_the_fast_decoder(tiny_model_dir):
+def test_tensor_parallel_needs_the_fast_decoder_and_our_own_int4(tiny_model_dir):
     from chat.factory import build_backend
 
     with pytest.raises(ConfigError, match="--decoder plain"):
         build_backend(Settings(model=str(tiny_model_dir), tensor_parallel=2, decoder="plain"))
+    with pytest.raises(ConfigError, match="bitsandbytes"):
+        build_backend(Settings(model=str(tiny_model_dir), tensor_parallel=2, quantize="8bit"))
 
 
 def test_a_dead_rank_fails_the_reply_and_the_health_check_without_a_hang(two_ranks, caplog):

@@ -56,6 +56,7 @@ class RankSpec:
     random_config: dict | None = None  # a FalconConfig's dict: seeded random weights (benchmarks)
     seed: int = 0
     compile_mode: str | None = None
+    products: str = "dense"  # or "int4": each rank quantizes its slices as it reads them (int4.py)
 
 
 def start_ranks(spec: RankSpec) -> FastDecoder:
@@ -118,9 +119,10 @@ def model_folder(model_id: str, token: str | None) -> str:
         ) from None
 
 
-def ranks_for(requested: int | str, config) -> int:
+def ranks_for(requested: int | str, config, bytes_per_weight: float = 2.0) -> int:
     """`--tensor-parallel`: a number as given; auto: every visible GPU if one cannot hold the
-    model's bf16 weights with room to spare (a fifth, for the cache and the graphs), else 1."""
+    model's weights (bf16: 2 bytes each) with room to spare (a fifth, for the cache and the
+    graphs), else 1."""
     if requested != "auto":
         if requested > 1 and torch.cuda.is_available() and requested > torch.cuda.device_count():
             raise ConfigError(
@@ -132,7 +134,9 @@ def ranks_for(requested: int | str, config) -> int:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        weights = sum(p.numel() * 2 for p in AutoModelForCausalLM.from_config(config).parameters())
+        weights = (
+            sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) * bytes_per_weight
+        )
     fits = weights <= 0.8 * torch.cuda.get_device_properties(0).total_memory
     return 1 if fits else torch.cuda.device_count()
 
@@ -291,6 +295,7 @@ class Peers:
 
 def _rank_decoder(rank: int, spec: RankSpec, peers: Peers | None) -> FastDecoder:
     """Join the process group as `rank` and lay out this rank's slice of the weights."""
+    from .products import Dense
     from .shards import RandomSource, SafetensorsSource, layout_from_source
 
     cuda = torch.cuda.is_available()
@@ -306,8 +311,13 @@ def _rank_decoder(rank: int, spec: RankSpec, peers: Peers | None) -> FastDecoder
         from transformers import FalconConfig
 
         source = RandomSource(FalconConfig(**spec.random_config), device, dtype, seed=spec.seed)
+    products = Dense
+    if spec.products == "int4":
+        from .int4_products import int4_products
+
+        products = int4_products(device)
     start = time.monotonic()
-    layout = layout_from_source(source, rank, spec.world, max_len=spec.max_len)
+    layout = layout_from_source(source, rank, spec.world, max_len=spec.max_len, products=products)
     log.info("tensor parallel: rank %d loaded its slice in %.1f s", rank, time.monotonic() - start)
     group = dist.group.WORLD.group_name
     return FastDecoder.from_layout(layout, spec.eos_token_id, reduce=SumAcrossRanks(group),
