@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,7 +208,7 @@ class RandomSource:
 
 
 def _stable_hash(text: str) -> int:
-    return int.from_bytes(text.encode()[-8:].rjust(8, b"\0"), "little") % 1_000_003 + len(text)
+    return zlib.crc32(text.encode())  # the same in every process (Python's hash() is salted)
 
 
 # -- the rank's layout ---------------------------------------------------------------------------------
