@@ -169,6 +169,9 @@ def test_buttons_have_names_and_nothing_covers_or_misleads(open_scripted):
     expect(page.get_by_role("button", name="Clear", exact=True)).to_be_visible()
     expect(page.get_by_role("button", name=re.compile("share", re.I))).to_have_count(0)
     expect(page.get_by_text("Chatbot", exact=True)).to_have_count(0)  # no floating label
+    clear = page.get_by_role("button", name="Clear", exact=True).bounding_box()
+    first = chat.user_messages.first.bounding_box()
+    assert clear["y"] + clear["height"] <= first["y"], (clear, first)  # nothing covers the text
     unnamed = page.evaluate(
         "() => [...document.querySelectorAll('button')].filter(b => b.offsetParent &&"
         " !(b.getAttribute('aria-label') || b.innerText.trim() || b.title)).map(b => b.outerHTML)"
