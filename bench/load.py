@@ -164,7 +164,7 @@ async def one_reply(
                     event = line[6:].strip()
                 elif line.startswith("data:") and event in ("generating", "complete"):
                     text = json.loads(line[5:])[0]
-                    if event == "generating" and strip_note(text) == text:  # not the footer update
+                    if event == "generating" and strip_note(text) == text:  # not a note-only update
                         reply.update_times.append(time.perf_counter())
                         texts.append(text)
                     if event == "complete":

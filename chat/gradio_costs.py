@@ -83,12 +83,15 @@ def _text_message_first(chat_fn):
 
     @functools.wraps(chat_fn)
     async def checked(message, *args):
+        sent = None
         async for update in chat_fn(text_message(message), *args):
             response = update[0] if isinstance(update, tuple) else None
             if getattr(response, "refused", None):
                 raise gr.Error(response.refused, print_exception=False)
             if hasattr(response, "text"):
-                update = (response.text, *update[1:])
+                if response.text == sent:
+                    continue  # the page's last update adds the figures; the text is unchanged
+                sent, update = response.text, (response.text, *update[1:])
             yield update
 
     return checked
