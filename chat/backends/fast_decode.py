@@ -11,7 +11,7 @@ The pieces live apart: this module is the loop; falcon_layout.py the weights (fu
 KV cache, rotary) and the layer step as functions; sampling.py the choice of the next token;
 products.py how a product is computed from kept weights (dense, or an adapter such as int4 or
 a tensor-parallel slice). One-row products compiled with coordinate-descent tuning become Triton
-reductions that read the weights at the copy bandwidth (cuBLAS's GEMV: 87%).
+reductions that read the weights at the copy bandwidth, faster than cuBLAS's GEMV (docs/performance.md).
 
 On the CPU (float32) the same functions run eagerly, without graphs: CI checks the logic there.
 """
