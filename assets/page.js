@@ -2,7 +2,8 @@
    - Enter on an empty message box does nothing (Gradio would send it, and refuse it), nor while
      a reply streams (the next message can be typed meanwhile: chat/gradio_costs.py);
    - Escape stops a streaming reply (as the Stop button does);
-   - the message box gets the focus back after each reply, without scrolling the page;
+   - the message box gets the focus back after each reply, without scrolling the page, and a
+     refused message back to be fixed;
    - the trash button asks before it deletes the open chat from the saved chats;
    - every button has a name for screen readers. */
 (function () {
@@ -37,11 +38,28 @@
     }
   }, true);
 
-  // Give the focus back when a reply ends, once the box is editable again.
+  // When a reply ends: the focus back in the box, once it is editable again; and where the
+  // message was refused or the model could not answer (the reply is only the app's note), the
+  // message back in the box, to be fixed or sent again.
+  var NOTE_ONLY = "bot's message: > \u26a0\ufe0f ";
+  var USER = "user's message: ";
+  function restoreRefusedMessage(box) {
+    var bots = document.querySelectorAll("#conversation [data-testid=bot]");
+    var users = document.querySelectorAll("#conversation [data-testid=user]");
+    if (!bots.length || !users.length || box.value) return;
+    var reply = bots[bots.length - 1].getAttribute("aria-label") || "";
+    var message = users[users.length - 1].getAttribute("aria-label") || "";
+    if (reply.indexOf(NOTE_ONLY) !== 0 || message.indexOf(USER) !== 0) return;
+    box.value = message.slice(USER.length);
+    box.dispatchEvent(new Event("input", { bubbles: true }));
+  }
   function waitForBox(tries) {
     var box = messageBox();
     tries = tries || 0;
-    if (box && !box.disabled) return focusMessageBox();
+    if (box && !box.disabled) {
+      restoreRefusedMessage(box);
+      return focusMessageBox();
+    }
     if (tries < 50) setTimeout(function () { waitForBox(tries + 1); }, 50);
   }
   var streaming = false;

@@ -47,9 +47,12 @@ def test_refused_messages_leave_the_chat_usable_and_the_next_one_gets_a_reply(op
     expect(chat.bot_messages.last).to_contain_text("The seed must be a whole number")
     expect(chat.textbox).to_be_editable()
     expect(chat.user_messages.last).to_have_attribute("aria-label", "user's message: Hello")
+    expect(chat.textbox).to_have_value("Hello")  # back in the box, to send again
 
     chat.set_seed("")
-    assert chat.ask("Hello again") == "A short reply."
+    chat.textbox.press("Enter")
+    expect(chat.figures).to_have_count(1)
+    assert chat.reply_text() == "A short reply."
     expect(chat.page.get_by_text("Error", exact=True)).to_have_count(0)
 
 
