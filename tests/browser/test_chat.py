@@ -240,6 +240,7 @@ def test_a_backend_error_shows_a_readable_message_under_the_partial_reply(page, 
     expect(chat.bot_messages.last).to_contain_text(
         "Reply cut short: The model failed while generating the reply. Please try again."
     )
+    expect(chat.figures.last).to_contain_text("error")  # a failed reply has its figures too
     expect(page.get_by_text("Traceback")).to_have_count(0)
     expect(page.get_by_text("server went away")).to_have_count(0)  # the log's detail, not the page's
     expect(chat.textbox).to_be_editable()
