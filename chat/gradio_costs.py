@@ -7,6 +7,11 @@ are used where Gradio has them; where a workaround must reach inside Gradio, `_r
 start-up that what it touches is still there, and stops the start naming the Gradio version if not
 (a silent no-op would bring the cost back unseen). tests/test_gradio_costs.py checks each one's
 effect through Gradio's own code.
+
+The chat page's workarounds for ChatInterface's behaviour (a locked page after an error, a message
+box disabled while a reply streams, a stopped reply that cannot be updated) are here too, their
+effects checked in a browser (tests/browser/test_page.py); those that must run in the browser
+(Enter on an empty box or during a reply, a button Gradio leaves unnamed) are in assets/page.js.
 """
 
 from __future__ import annotations
@@ -117,6 +122,29 @@ def keep_message_box_editable(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
             f"Gradio {gr.__version__}: ChatInterface's message box events are not where "
             "chat/gradio_costs.py expects them (keep_message_box_editable); update the workaround."
         )
+
+
+def update_after_stop(chat: gr.ChatInterface, update_history, state) -> None:
+    """Gradio 6.31 closes a stopped chat function, which so cannot update its reply (to say it
+    was stopped, with its figures). `update_history(history, state)` does it after Stop; then
+    the updated conversation is copied into ChatInterface's own (`chatbot_state`), which the next
+    message starts from: written at once with the shown one, it raced ChatInterface's own copy
+    after the cancel and the next message lost the update. Waits for a ChatInterface whose
+    function can finish a stopped reply."""
+    _require(chat, "chatbot_state", "keep a stopped reply's update for the next message")
+    chat.textbox.stop(
+        update_history,
+        [chat.chatbot, state],
+        chat.chatbot,
+        api_visibility="private",
+        queue=False,
+    ).then(
+        lambda history: history,
+        chat.chatbot,
+        chat.chatbot_state,
+        api_visibility="private",
+        queue=False,
+    )
 
 
 def _take_message_keep_box(message):

@@ -20,7 +20,12 @@ import gradio as gr
 from .backends.base import Backend
 from .config import Settings
 from .embedding import embedding_launch_options
-from .gradio_costs import keep_message_box_editable, text_message, trim_gradio_costs
+from .gradio_costs import (
+    keep_message_box_editable,
+    text_message,
+    trim_gradio_costs,
+    update_after_stop,
+)
 from .operations import Operations
 from .page_handlers import PageHandlers, Refused
 from .params import (
@@ -129,21 +134,8 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
             # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
             chat.textbox.preprocess = text_message
-            # A stopped reply says so, with its figures (the stopped function cannot add them);
-            # then ChatInterface's copy of the conversation, which the next message starts from.
-            chat.textbox.stop(
-                handlers.figures_after_stop,
-                [chat.chatbot, session],
-                chat.chatbot,
-                api_visibility="private",
-                queue=False,
-            ).then(
-                lambda history: history,
-                chat.chatbot,
-                chat.chatbot_state,
-                api_visibility="private",
-                queue=False,
-            )
+            # A stopped reply says so, with its figures (the stopped function cannot add them).
+            update_after_stop(chat, handlers.figures_after_stop, session)
             keep_message_box_editable(demo, chat)
             # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
             chat.new_chat_button.elem_id = "new-chat"
