@@ -1,6 +1,11 @@
-"""Memory of the app under oversize requests (issue #17): RSS before and after N attempts.
+"""Memory of the app under oversize requests, and dropped sessions (issue #17).
 
     python -m bench.hostile [--attempts 20] [--megabytes 10]
+    python -m bench.hostile --drops 3 [--tokens-per-second 1]
+
+The second form drops a chat session (the client closes its event stream) after three updates,
+with the TGI double streaming at the given pace, and prints the seconds from the drop until the
+double sees its stream closed, for each of the sessions (one at a time).
 
 Serves the whole app (TGI backend on the protocol double, tests/tgi_double.py) in this process on
 loopback, posts N chat requests of the given size to Gradio's REST route (each one a session of
@@ -26,7 +31,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attempts", type=int, default=20)
     parser.add_argument("--megabytes", type=float, default=10.0)
+    parser.add_argument("--drops", type=int, default=0, help="sessions to drop, one at a time")
+    parser.add_argument("--tokens-per-second", type=float, default=1.0)
     args = parser.parse_args()
+    if args.drops:
+        return drops(args.drops, args.tokens_per_second)
 
     import httpx
     from gradio_client import Client
@@ -65,6 +74,37 @@ def main() -> None:
         f"{', '.join(f'{k}: {v}' for k, v in sorted(statuses.items()))} | {before:.0f} MiB | "
         f"{after:.0f} MiB | {elapsed:.1f} s | {'answered' if reply.startswith('word0') else 'FAILED'} |"
     )
+
+
+def drops(sessions: int, tokens_per_second: float) -> None:
+    import httpx
+
+    from tests.reliability import ARGS, app_on_double
+    from tests.tgi_double import Reply
+
+    seconds = []
+    with app_on_double(tokens_per_second=tokens_per_second) as (url, double):
+        double.reply_for = lambda body: Reply(text="word " * 400)
+        body = json.dumps({"data": ["Hello", ARGS[0], 0.7, 300, 0.9, 1.0, None]})
+        for _ in range(sessions):
+            before = double.disconnects
+            with httpx.Client(base_url=url, timeout=60) as http:
+                posted = http.post(
+                    "gradio_api/call/chat", content=body, headers={"content-type": "application/json"}
+                )
+                with http.stream("GET", f"gradio_api/call/chat/{posted.json()['event_id']}") as events:
+                    updates = 0
+                    for line in events.iter_lines():
+                        updates += line.startswith("data:")
+                        if updates >= 3:
+                            break
+            dropped = time.perf_counter()
+            while double.disconnects == before and time.perf_counter() - dropped < 60:
+                time.sleep(0.01)
+            seconds.append(time.perf_counter() - dropped)
+    print("| tokens/s | sessions dropped | seconds from drop to closed server stream |")
+    print("|---|---|---|")
+    print(f"| {tokens_per_second:g} | {sessions} | {', '.join(f'{s:.2f}' for s in seconds)} |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
+from .cancellation import Cancellation
+
 T = TypeVar("T")
 
 _NOTHING = object()
@@ -99,7 +101,7 @@ async def newest_in_thread(
     """
     loop = asyncio.get_running_loop()
     slot = _Newest(loop)
-    cancelled = threading.Event()
+    cancelled = Cancellation()  # a threading.Event whose set() also interrupts blocked reads
 
     def produce() -> None:
         error = None

@@ -111,7 +111,7 @@ class PageHandlers:
                 params,
                 max_message_chars=self.settings.max_message_chars,
                 on_finish=finished,
-                cancelled=cancelled.is_set,
+                cancelled=cancelled,  # a Cancellation: also interrupts a blocked read
             )
 
         text = ""
@@ -136,7 +136,7 @@ class PageHandlers:
                 params,
                 max_message_chars=self.settings.max_message_chars,
                 on_finish=finished,
-                cancelled=cancelled.is_set,
+                cancelled=cancelled,  # a Cancellation: also interrupts a blocked read
             )
 
         async for continuation in self._stream("completion", reply, text):

@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from . import cancellation
 from .backends.base import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend
+from .cancellation import Cancellation
 from .errors import BackendError, ContextOverflow, InvalidMessage, PromptTooLong
 from .fitting import FittedPrompt, fit_prompt
 from .history import Turn, add_note, turns_from_history
@@ -193,6 +195,8 @@ def stream_fitted(
     stop_filter = StopFilter(params.stop_sequences, keep_leading_space=keep_leading_space)
     drop, overflows = 0, 0
     last_update = 0.0
+    if isinstance(cancelled, Cancellation):  # lets a remote backend's blocked read be interrupted
+        cancellation.current.set(cancelled)
     try:
         while True:
             fitted = fit(drop)
@@ -221,6 +225,8 @@ def stream_fitted(
                         break
                     if cancelled is not None and cancelled():
                         return  # finish_reason stays FINISH_CANCELLED; `finally` stops the backend
+                if cancelled is not None and cancelled():
+                    return  # the stream was interrupted while waiting for a token
                 stats.finish_reason = ended or FINISH_STOP
                 break
             except ContextOverflow:

@@ -17,7 +17,7 @@ import pytest
 from gradio_client import Client
 
 from chat.history import strip_note
-from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double
+from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double, settled
 from tests.tgi_double import Reply, TGIDouble
 
 LIMIT = 256 * 1024
@@ -300,3 +300,33 @@ def test_completion_errors_name_its_text(app, text, error):
         url, "complete", json.dumps({"data": [text, 0.7, 20, 0.9, 1.0, None, ""]})
     )
     assert event == "error" and error_of(payload) == error
+
+
+@pytest.mark.parametrize("fail", ["silent_before", "silent_mid"])
+def test_a_reply_stopped_while_the_server_is_silent_closes_its_stream_at_once(fail):
+    """A slow or busy server (the wait for the first token, or for the next): the reply's thread
+    sits in a blocking read, and before, the server kept generating until its next token came or
+    the timeout passed (here a minute)."""
+    from chat.backends.failover import RemoteOptions
+    from chat.backends.tgi import TGIBackend
+    from chat.config import Settings
+    from tests.helpers import serve_app
+
+    patient = RemoteOptions(first_token_timeout_s=60, token_timeout_s=60, busy_retries=0)
+    with TGIDouble(tokens_per_second=50) as double:
+        double.script(Reply(fail=fail, after_tokens=2))
+        backend = TGIBackend([double.url], options=patient)
+        try:
+            with serve_app(backend, Settings(backend="tgi", endpoints=(double.url,))) as url:
+                job = Client(url, verbose=False).submit("Hello", *ARGS, api_name="/chat")
+                if fail == "silent_mid":
+                    for count, _ in enumerate(job):
+                        if count >= 1:
+                            break
+                else:
+                    assert settled(lambda: double.active == 1)
+                job.cancel()
+                assert double.wait_for_disconnects(1, timeout=5.0)
+                assert strip_note(Client(url, verbose=False).predict("Hi", *ARGS, api_name="/chat"))
+        finally:
+            backend.close()

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
+from .. import cancellation
 from ..errors import (
     BackendBusy,
     BackendError,
@@ -146,6 +147,18 @@ class Watchdog:
             self._stopped = True
             self._condition.notify()
 
+    def expire_now(self) -> None:
+        """Interrupt the read now (the reply was cancelled: nobody waits for its tokens)."""
+        with self._condition:
+            if self._stopped or self.expired:
+                return
+            self.expired = True
+            self._stopped = True
+            abort = self._abort
+            self._condition.notify()
+        if abort is not None:
+            _quietly(abort)
+
     def _watch(self) -> None:
         with self._condition:
             while not self._stopped:
@@ -182,16 +195,21 @@ def failover_stream(
 ) -> Generator[Token, None, None]:
     """Tokens from the first endpoint that produces one; see the module docstring."""
     error: BackendError | None = None
+    cancelled = cancellation.current.get()  # the reply's, when it can interrupt a blocked read
     for attempt in range(options.busy_retries + 1):
         if attempt:
             sleep(options.backoff_s * 2 ** (attempt - 1))
         busy: BackendBusy | None = None
         for endpoint in pool.order():
+            if cancelled is not None and cancelled.is_set():
+                return
             watchdog = Watchdog(options.first_token_timeout_s)
             tokens = open_stream(endpoint, watchdog)
+            forget = cancelled.on_set(watchdog.expire_now) if cancelled is not None else _nothing
             try:
-                first = _next_token(tokens, watchdog)
+                first = _next_token(tokens, watchdog, cancelled)
             except BackendError as failure:
+                forget()
                 watchdog.stop()
                 tokens.close()
                 if not failure.retryable:
@@ -204,34 +222,46 @@ def failover_stream(
                     pool.failed(endpoint)
                 continue
             except BaseException:
+                forget()
                 watchdog.stop()
                 tokens.close()
                 raise
+            if first is None and cancelled is not None and cancelled.is_set():
+                forget()
+                watchdog.stop()
+                tokens.close()
+                return
             pool.succeeded(endpoint)
-            yield from _rest(first, tokens, watchdog, options.token_timeout_s)
+            try:
+                yield from _rest(first, tokens, watchdog, options.token_timeout_s, cancelled)
+            finally:
+                forget()
             return
         if busy is None:
             break  # every endpoint is down: waiting here would only delay the message
     raise busy or error or BackendUnavailable(detail="no endpoint answered")
 
 
-def _rest(first, tokens, watchdog: Watchdog, token_timeout_s: float):
+def _rest(first, tokens, watchdog: Watchdog, token_timeout_s: float, cancelled=None):
     try:
         token = first
         while token is not None:
             watchdog.pause()
             yield token
             watchdog.arm(token_timeout_s)
-            token = _next_token(tokens, watchdog)
+            token = _next_token(tokens, watchdog, cancelled)
     finally:
         watchdog.stop()
         tokens.close()  # closes the HTTP response: the server stops generating
 
 
-def _next_token(tokens: Iterator[Token], watchdog: Watchdog) -> Token | None:
+def _next_token(tokens: Iterator[Token], watchdog: Watchdog, cancelled=None) -> Token | None:
+    """The next token; None at the end, or when the read was interrupted by a cancellation."""
     try:
         return next(tokens, None)
     except Exception as error:
+        if cancelled is not None and cancelled.is_set():
+            return None  # interrupted on purpose: the stream simply ends
         if watchdog.expired:
             raise BackendTimeout(detail="no token within the timeout") from error
         if isinstance(error, BackendError):
@@ -291,6 +321,10 @@ def error_for_exception(error: BaseException) -> BackendError:
     )
     failure.retryable = True  # before the first token another endpoint may answer
     return failure
+
+
+def _nothing() -> None:
+    pass
 
 
 def _quietly(action: Callable[[], None]) -> None:
