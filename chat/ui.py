@@ -84,114 +84,128 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
     private_gradio_cache()  # before any component is made: each notes the folder
     operations = operations or Operations(backend, log_messages=settings.log_messages)
     handlers = PageHandlers(backend, settings, operations)
-    concurrency = settings.concurrency_limit or backend.concurrency_limit
-    max_tokens_limit = min(backend.context_length(), 4096)
     with gr.Blocks(title=TITLE, fill_height=True) as demo:
-        session = gr.State({})
         gr.HTML(banner(backend), elem_id="banner")
         with gr.Tab("Chat", elem_id="chat-tab"):
-            system_prompt = gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False)
-            chat_settings = [system_prompt, *_settings_inputs(max_tokens_limit, render=False)]
-            chat = gr.ChatInterface(
-                handlers.respond,
-                chatbot=gr.Chatbot(
-                    label="Conversation",
-                    show_label=False,
-                    elem_id="conversation",
-                    height=None,
-                    scale=1,
-                    buttons=["copy", "copy_all"],
-                    latex_delimiters=LATEX_DELIMITERS,
-                    placeholder=None,
-                ),
-                textbox=gr.Textbox(
-                    label="Message",
-                    show_label=False,
-                    placeholder="Type a message…",
-                    elem_id="message",
-                    lines=1,
-                    max_lines=8,
-                    scale=7,
-                    autofocus=False,  # the page script focuses it without scrolling the page away
-                    submit_btn="Send",
-                    stop_btn="Stop",
-                ),
-                additional_inputs=[*chat_settings, session],
-                additional_inputs_accordion=gr.Accordion(
-                    "System prompt and settings", open=False, render=False
-                ),
-                description=description(backend),
-                examples=[[example] for example in EXAMPLES],
-                run_examples_on_click=False,  # an example fills the box, to be edited and sent
-                cache_examples=False,  # Spaces would otherwise call the model at start-up
-                editable=True,
-                save_history=True,
-                concurrency_limit=concurrency,
-                fill_height=True,
-                api_name="chat",
-                validator=lambda message: _validation(handlers.message_problem(message)),
-            )
-            # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
-            # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
-            chat.textbox.preprocess = text_message
-            # A stopped reply says so, with its figures (the stopped function cannot add them).
-            update_after_stop(chat, handlers.figures_after_stop, session)
-            keep_message_box_editable(demo, chat)
-            # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
-            chat.new_chat_button.elem_id = "new-chat"
-            chat.chat_history_dataset.elem_id = "saved-chats"
-            _keep_settings(demo, chat_settings)
-            with gr.Row(elem_id="chat-tools"):
-                export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
-            files = gr.File(label="Conversation files", file_count="multiple", visible=False)
-            export_button.click(
-                lambda history, prompt: gr.update(value=handlers.export(history, prompt), visible=True),
-                [chat.chatbot, system_prompt],
-                files,
-                api_name="export",
-                api_visibility="private",
-            )
-            stats_button = gr.Button(visible=False)
-            stats_button.click(
-                handlers.reply_stats,
-                session,
-                gr.JSON(visible=False),
-                api_name="reply_stats",
-                queue=False,
-            )
+            chat_inputs = _chat_tab(demo, handlers)
         with gr.Tab("Completion", elem_id="completion-tab"):
-            gr.Markdown("Raw text continuation, for base models (no chat format).")
-            text = gr.Textbox(label="Text to continue", lines=8)
-            preset = gr.Dropdown(list(COMPLETION_PRESETS), label="Few-shot presets", value=None)
-            output = gr.Textbox(label="Continuation", lines=6, interactive=False)
-            with gr.Row():
-                generate_button = gr.Button("Generate", variant="primary")
-                stop_button = gr.Button("Stop", variant="stop")
-            with gr.Accordion("Settings", open=False):
-                stop = gr.Textbox("", label="Stop at", info="comma-separated; \\n for a newline")
-                completion_settings = _settings_inputs(max_tokens_limit, render=True)
-            preset.change(
-                lambda name: COMPLETION_PRESETS.get(name, ("", ""))[:2],
-                preset,
-                [text, stop],
-                api_visibility="private",
-            )
-            generation = generate_button.click(
-                _completion(handlers),
-                [text, *completion_settings, stop],
-                output,
-                api_name="complete",
-                concurrency_limit=concurrency,
-            )
-            stop_button.click(None, cancels=[generation])
+            completion_inputs = _completion_tab(handlers)
     harden_demo(demo)
-    trim_gradio_costs(demo, raw_inputs=[*chat_settings, text, *completion_settings, stop])
+    trim_gradio_costs(demo, raw_inputs=[*chat_inputs, *completion_inputs])
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
     demo.queue(max_size=settings.queue_size)
     operations.watch_queue(demo)
     return demo
+
+
+def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
+    """The chat, its settings (kept in the browser), export and `/reply_stats`; returns the
+    settings' inputs."""
+    backend, settings = handlers.backend, handlers.settings
+    session = gr.State({})
+    system_prompt = gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False)
+    chat_settings = [system_prompt, *_settings_inputs(_max_tokens_limit(backend), render=False)]
+    chat = gr.ChatInterface(
+        handlers.respond,
+        chatbot=gr.Chatbot(
+            label="Conversation",
+            show_label=False,
+            elem_id="conversation",
+            height=None,
+            scale=1,
+            buttons=["copy", "copy_all"],
+            latex_delimiters=LATEX_DELIMITERS,
+            placeholder=None,
+        ),
+        textbox=gr.Textbox(
+            label="Message",
+            show_label=False,
+            placeholder="Type a message…",
+            elem_id="message",
+            lines=1,
+            max_lines=8,
+            scale=7,
+            autofocus=False,  # the page script focuses it without scrolling the page away
+            submit_btn="Send",
+            stop_btn="Stop",
+        ),
+        additional_inputs=[*chat_settings, session],
+        additional_inputs_accordion=gr.Accordion("System prompt and settings", open=False, render=False),
+        description=description(backend),
+        examples=[[example] for example in EXAMPLES],
+        run_examples_on_click=False,  # an example fills the box, to be edited and sent
+        cache_examples=False,  # Spaces would otherwise call the model at start-up
+        editable=True,
+        save_history=True,
+        concurrency_limit=_concurrency(handlers),
+        fill_height=True,
+        api_name="chat",
+        validator=lambda message: _validation(handlers.message_problem(message)),
+    )
+    # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
+    # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
+    chat.textbox.preprocess = text_message
+    # A stopped reply says so, with its figures (the stopped function cannot add them).
+    update_after_stop(chat, handlers.figures_after_stop, session)
+    keep_message_box_editable(demo, chat)
+    # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
+    chat.new_chat_button.elem_id = "new-chat"
+    chat.chat_history_dataset.elem_id = "saved-chats"
+    _keep_settings(demo, chat_settings)
+    with gr.Row(elem_id="chat-tools"):
+        export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
+    files = gr.File(label="Conversation files", file_count="multiple", visible=False)
+    export_button.click(
+        lambda history, prompt: gr.update(value=handlers.export(history, prompt), visible=True),
+        [chat.chatbot, system_prompt],
+        files,
+        api_name="export",
+        api_visibility="private",
+    )
+    stats_button = gr.Button(visible=False)
+    stats_button.click(
+        handlers.reply_stats, session, gr.JSON(visible=False), api_name="reply_stats", queue=False
+    )
+    return chat_settings
+
+
+def _completion_tab(handlers: PageHandlers) -> list:
+    """Raw continuation (`/complete`) with few-shot presets; returns its inputs."""
+    gr.Markdown("Raw text continuation, for base models (no chat format).")
+    text = gr.Textbox(label="Text to continue", lines=8)
+    preset = gr.Dropdown(list(COMPLETION_PRESETS), label="Few-shot presets", value=None)
+    output = gr.Textbox(label="Continuation", lines=6, interactive=False)
+    with gr.Row():
+        generate_button = gr.Button("Generate", variant="primary")
+        stop_button = gr.Button("Stop", variant="stop")
+    with gr.Accordion("Settings", open=False):
+        stop = gr.Textbox("", label="Stop at", info="comma-separated; \\n for a newline")
+        completion_settings = _settings_inputs(_max_tokens_limit(handlers.backend), render=True)
+    preset.change(
+        lambda name: COMPLETION_PRESETS.get(name, ("", ""))[:2],
+        preset,
+        [text, stop],
+        api_visibility="private",
+    )
+    generation = generate_button.click(
+        _completion(handlers),
+        [text, *completion_settings, stop],
+        output,
+        api_name="complete",
+        concurrency_limit=_concurrency(handlers),
+    )
+    stop_button.click(None, cancels=[generation])
+    return [text, *completion_settings, stop]
+
+
+def _max_tokens_limit(backend: Backend) -> int:
+    return min(backend.context_length(), 4096)
+
+
+def _concurrency(handlers: PageHandlers) -> int:
+    return handlers.settings.concurrency_limit or handlers.backend.concurrency_limit
 
 
 def _validation(problem: str | None):
