@@ -1,8 +1,10 @@
 """Browser fixtures: headless Chromium (Debian's build, driven by Playwright), the app on a recording
-tiny model, the app on a failing backend, and a static server for the playground page.
+tiny model, on a failing backend and on a scripted model (wide code, tables, math, a long reply) seen
+at desktop and phone sizes, and a static server for the playground page.
 
-Pages share one browser context (Gradio's scripts load once); each test's pages clear their
-storage when the test ends, so saved chat history never leaks between tests. Screenshots go to tests/screenshots/ (ignored by git).
+Pages share a browser context per size (Gradio's scripts load once); each test's pages clear their
+storage when the test ends, so saved chat history never leaks between tests. Screenshots go to
+tests/screenshots/ (ignored by git).
 """
 
 from __future__ import annotations
