@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 from .params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
 from .prompt import PROMPT_FORMATS
+from .stops import decode_escapes, split_unescaped_commas
 
 BACKENDS = ("local", "tgi", "openai", "sagemaker")
 QUANTIZATIONS = ("8bit", "4bit", "int4")  # 8bit/4bit: bitsandbytes; int4: our fast path
@@ -228,22 +229,6 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
     )
     _check(settings)
     return settings
-
-
-# Backslash escapes a stop sequence may contain, in flags and the environment alike; every other
-# character (accents, CJK, a lone backslash) stays as typed.
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", ",": ","}
-_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|[ntr\\,])")
-
-
-def decode_escapes(text: str) -> str:
-    """`\\n`, `\\t`, `\\r`, `\\\\`, `\\,` and `\\uXXXX` decoded; nothing else touched."""
-    return _ESCAPE.sub(lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "u" else _ESCAPES[m[1]], text)
-
-
-def split_unescaped_commas(text: str) -> list[str]:
-    """Split at commas that no backslash escapes; the escapes stay for `decode_escapes`."""
-    return [part for part in re.split(r"(?<!\\),", text) if part]
 
 
 def _int(flag: str, raw, default, low: int, high: int):

@@ -37,6 +37,7 @@ from .reply import (
     stream_completion,
     stream_reply,
 )
+from .stops import decode_escapes, split_unescaped_commas
 
 COMPLETION_STOPS = ("<|endoftext|>",)
 STOPPED_NOTE = "Stopped."
@@ -253,9 +254,10 @@ def parse_seed(raw):
 
 
 def parse_stops(raw) -> list[str]:
+    """The Completion tab's "Stop at" box: comma-separated, with the escapes `--stop` takes."""
     if not isinstance(raw, str) or not raw:
         return []
-    return [s.replace("\\n", "\n") for s in raw.split(",") if s]
+    return [decode_escapes(stop) for stop in split_unescaped_commas(raw)]
 
 
 # Inline math as Pandoc reads it: `$` followed by a non-space, closed by a `$` after a non-space

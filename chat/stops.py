@@ -12,6 +12,7 @@ Guarantees, for any split of the stream into pieces:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 _REPLACEMENT = "\ufffd"
@@ -66,3 +67,19 @@ class StopFilter:
             self.text = text
             return True
         return False
+
+
+# Backslash escapes a stop sequence may contain, in flags and the environment alike; every other
+# character (accents, CJK, a lone backslash) stays as typed.
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", ",": ","}
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|[ntr\\,])")
+
+
+def decode_escapes(text: str) -> str:
+    """`\\n`, `\\t`, `\\r`, `\\\\`, `\\,` and `\\uXXXX` decoded; nothing else touched."""
+    return _ESCAPE.sub(lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "u" else _ESCAPES[m[1]], text)
+
+
+def split_unescaped_commas(text: str) -> list[str]:
+    """Split at commas that no backslash escapes; the escapes stay for `decode_escapes`."""
+    return [part for part in re.split(r"(?<!\\),", text) if part]

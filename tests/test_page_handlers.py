@@ -164,3 +164,10 @@ def test_stats_line_says_how_the_reply_ended_and_what_was_left_out():
 )
 def test_inline_dollar_math_is_shown_as_math_but_prices_and_code_stay_text(text, shown):
     assert inline_math(text) == shown
+
+
+def test_the_completion_stop_box_takes_the_escapes_the_stop_flag_takes():
+    from chat.page_handlers import parse_stops
+
+    assert parse_stops("\\n,###") == ["\n", "###"]
+    assert parse_stops("a\\,b,\\tUtilisateur é:,用户:") == ["a,b", "\tUtilisateur é:", "用户:"]
