@@ -2,10 +2,13 @@
 
     python -m bench.hostile [--attempts 20] [--megabytes 10]
     python -m bench.hostile --drops 3 [--tokens-per-second 1]
+    python -m bench.hostile --exports 100 [--megabytes 1]
 
 The second form drops a chat session (the client closes its event stream) after three updates,
 with the TGI double streaming at the given pace, and prints the seconds from the drop until the
-double sees its stream closed, for each of the sessions (one at a time).
+double sees its stream closed, for each of the sessions (one at a time). The third calls the
+export event N times with a system prompt of the given size and prints the disk the app's files
+take afterwards (its export folders and Gradio's copies of them, under GRADIO_TEMP_DIR and /tmp).
 
 Serves the whole app (TGI backend on the protocol double, tests/tgi_double.py) in this process on
 loopback, posts N chat requests of the given size to Gradio's REST route (each one a session of
@@ -33,9 +36,12 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=10.0)
     parser.add_argument("--drops", type=int, default=0, help="sessions to drop, one at a time")
     parser.add_argument("--tokens-per-second", type=float, default=1.0)
+    parser.add_argument("--exports", type=int, default=0, help="export calls to make")
     args = parser.parse_args()
     if args.drops:
         return drops(args.drops, args.tokens_per_second)
+    if args.exports:
+        return exports(args.exports, args.megabytes)
 
     import httpx
     from gradio_client import Client
@@ -74,6 +80,49 @@ def main() -> None:
         f"{', '.join(f'{k}: {v}' for k, v in sorted(statuses.items()))} | {before:.0f} MiB | "
         f"{after:.0f} MiB | {elapsed:.1f} s | {'answered' if reply.startswith('word0') else 'FAILED'} |"
     )
+
+
+def _disk_mb(folders) -> float:
+    total = 0
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            total += sum(os.path.getsize(os.path.join(root, name)) for name in names)
+    return total / 1e6
+
+
+def exports(calls: int, megabytes: float) -> None:
+    import glob
+    import tempfile
+
+    import httpx
+
+    from tests.reliability import app_on_double
+
+    # Everything the app writes goes under this process's own temporary folder.
+    scratch = tempfile.mkdtemp(prefix="bench-hostile-")
+    os.environ["TMPDIR"] = scratch
+    tempfile.tempdir = None
+    os.environ["GRADIO_TEMP_DIR"] = os.path.join(scratch, "gradio")
+    history = [
+        {"role": role, "content": [{"type": "text", "text": text}]}
+        for role, text in [("user", "Hi"), ("assistant", "Hello")]
+    ]
+    started = time.perf_counter()
+    with app_on_double(tokens_per_second=None) as (url, _):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for number in range(calls):
+                prompt = f"{number} ".ljust(int(megabytes * 1_000_000), "x")
+                posted = http.post("gradio_api/call/export", json={"data": [history, prompt]})
+                assert posted.status_code == 200, posted.text[:300]
+                with http.stream("GET", f"gradio_api/call/export/{posted.json()['event_id']}") as events:
+                    for _ in events.iter_lines():
+                        pass
+        elapsed = time.perf_counter() - started
+        during = _disk_mb(glob.glob(os.path.join(scratch, "*")))
+    after = _disk_mb(glob.glob(os.path.join(scratch, "*")))
+    print("| export calls | system prompt | disk while running | disk after exit | time |")
+    print("|---|---|---|---|---|")
+    print(f"| {calls} | {megabytes:g} MB | {during:.0f} MB | {after:.0f} MB | {elapsed:.1f} s |")
 
 
 def drops(sessions: int, tokens_per_second: float) -> None:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 
 from .backends.base import Backend
 from .bridge import UpdatePacer, newest_in_thread
@@ -37,6 +35,7 @@ from .reply import (
     stream_completion,
     stream_reply,
 )
+from .security import export_folder
 from .stops import decode_escapes, split_unescaped_commas
 
 COMPLETION_STOPS = ("<|endoftext|>",)
@@ -208,7 +207,7 @@ class PageHandlers:
 
     def export(self, history, system_prompt) -> list[str]:
         """The conversation as a Markdown and a JSON file; their paths."""
-        folder = Path(tempfile.mkdtemp(prefix="falcon-chat-"))
+        folder = export_folder()  # private, the newest 64 MiB kept, removed at exit
         options = dict(system_prompt=system_prompt or "", model_name=self.backend.model_name)
         markdown, json_file = folder / "conversation.md", folder / "conversation.json"
         markdown.write_text(conversation_markdown(history, **options), encoding="utf-8")

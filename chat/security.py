@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 import gradio as gr
 from starlette.middleware import Middleware
@@ -335,6 +336,32 @@ def forget_input_values() -> None:
 
     _update_value_in_config.forgets = True
     SessionState._update_value_in_config = _update_value_in_config
+
+
+EXPORTS_DISK_BUDGET = 64 * 1024 * 1024  # bytes of export files kept; a conversation's take KBs
+
+
+def export_folder() -> Path:
+    """A new private folder for one export's files. Gradio serves files from its cache folder as
+    they are, so exports written there are never copied; the newest are kept up to
+    `EXPORTS_DISK_BUDGET` bytes (thousands of ordinary conversations; an export loop only pushes
+    out its own older files), and all go at exit with the private cache."""
+    root = Path(private_gradio_cache()) / "exports"
+    root.mkdir(mode=0o700, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=root))
+    kept = 0
+    for old in sorted(root.iterdir(), key=_modified, reverse=True):
+        kept += sum(f.stat().st_size for f in old.iterdir() if f.is_file()) if old.is_dir() else 0
+        if kept > EXPORTS_DISK_BUDGET and old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def private_gradio_cache() -> str:

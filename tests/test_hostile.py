@@ -330,3 +330,27 @@ def test_a_reply_stopped_while_the_server_is_silent_closes_its_stream_at_once(fa
                 assert strip_note(Client(url, verbose=False).predict("Hi", *ARGS, api_name="/chat"))
         finally:
             backend.close()
+
+
+def test_exports_called_in_a_loop_keep_a_bounded_amount_of_private_files(app, monkeypatch):
+    from chat import security
+    from chat.security import private_gradio_cache
+
+    monkeypatch.setattr(security, "EXPORTS_DISK_BUDGET", 1_000_000)
+
+    url, _ = app
+    exports = os.path.join(private_gradio_cache(), "exports")
+    history = [
+        {"role": role, "content": [{"type": "text", "text": text}]}
+        for role, text in [("user", "Hi"), ("assistant", "Hello")]
+    ]
+    for number in range(30):  # 100 KB a call: 3 MB in all
+        data = json.dumps({"data": [history, f"{number} " * 25_000]})
+        status, event, payload = rest_call(url, "export", data)
+        assert (status, event) == (200, "complete"), payload
+    kept = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(exports) for f in files)
+    assert 0 < kept <= 1_100_000
+    assert stat.S_IMODE(os.stat(private_gradio_cache()).st_mode) == 0o700
+    served = payload[0]["value"][0]["path"] if isinstance(payload[0], dict) else payload[0][0]["path"]
+    assert served.startswith(private_gradio_cache())  # Gradio's copy, in the private folder too
+    assert chat_works(url)
