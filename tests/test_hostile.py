@@ -354,3 +354,22 @@ def test_exports_called_in_a_loop_keep_a_bounded_amount_of_private_files(app, mo
     served = payload[0]["value"][0]["path"] if isinstance(payload[0], dict) else payload[0][0]["path"]
     assert served.startswith(private_gradio_cache())  # Gradio's copy, in the private folder too
     assert chat_works(url)
+
+
+# -- points 3 and 4 of the issue (prompt fitting) seen from outside -------------------------------
+
+
+def test_a_huge_system_prompt_is_refused_by_name_before_anything_is_counted(app):
+    url, double = app
+    counted = len([r for r in double.requests if r.path == "/tokenize"])
+    data = json.dumps({"data": ["Hello", "s" * 200_000, 0.7, 20, 0.9, 1.0, None]})
+    status, event, payload = rest_call(url, "chat", data)
+    assert event == "error" and error_of(payload).startswith("The system prompt is 200,000 characters")
+    assert len([r for r in double.requests if r.path == "/tokenize"]) == counted
+    with httpx.Client(base_url=url, timeout=30) as http:  # 5 MB: not even read
+        body = json.dumps({"data": ["Hello", "s" * 5_000_000, 0.7, 20, 0.9, 1.0, None]})
+        assert http.post("gradio_api/call/chat", content=body).status_code == 413
+
+
+def test_a_normal_chat_is_answered_after_every_attack_above(app):
+    assert chat_works(app[0])
