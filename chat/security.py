@@ -32,14 +32,16 @@ from .embedding import frame_ancestors
 
 # Tags the chat shows as text instead of rendering them. Gradio escapes these in the HTML that its
 # markdown renderer makes (so a markdown image shows as its <img ...> text) before it sanitizes;
-# KaTeX's math, added afterwards, is not affected. Forms and their controls, everything that loads
-# or embeds another resource, and everything that styles or redirects the page.
+# KaTeX's math, added afterwards, is not affected. Forms and their fields, everything that loads
+# or embeds another resource, and everything that styles or redirects the page. Not `button` nor
+# `svg`: Gradio's renderer itself puts a copy button with an SVG icon on every code block (a button
+# outside a form does nothing, and the sanitizer leaves no script or handler on it).
 UNTRUSTED_TAGS = (
-    *("form", "input", "button", "textarea", "select", "option", "optgroup", "datalist"),
-    *("label", "fieldset", "legend", "output", "meter", "progress", "dialog", "menu"),
+    *("form", "input", "textarea", "select", "option", "optgroup", "datalist", "label", "fieldset"),
+    *("legend", "output", "meter", "progress", "dialog", "menu"),
     *("img", "picture", "source", "srcset", "video", "audio", "track", "map", "area", "canvas"),
     *("iframe", "frame", "frameset", "object", "embed", "applet", "portal", "fencedframe"),
-    *("svg", "math", "image", "use", "feimage", "foreignobject"),
+    *("math", "image", "use", "feimage", "foreignobject"),
     *("style", "link", "meta", "base", "noscript", "template", "slot", "marquee", "font", "center"),
 )
 
