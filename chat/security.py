@@ -57,7 +57,6 @@ CHAT_CSS = """<style>
 html { margin: 0; padding: 0; min-height: 100%; display: flex; flex-direction: column; }
 body { width: 100%; margin: 0; padding: 0; display: flex; flex-direction: column; flex-grow: 1; }
 gradio-app { display: flex; flex-direction: column; flex-grow: 1; }
-#banner svg { width: 100%; max-height: 96px; }
 </style>"""
 
 # Routes of Gradio's that store what a client sends on disk, which this app never uses.
