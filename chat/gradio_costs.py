@@ -12,6 +12,8 @@ The chat page's workarounds for ChatInterface's behaviour (a locked page after a
 box disabled while a reply streams, a stopped reply that cannot be updated) are here too, their
 effects checked in a browser (tests/browser/test_page.py); those that must run in the browser
 (Enter on an empty box or during a reply, a button Gradio leaves unnamed) are in assets/page.js.
+So are the two that hostile input needs (chat/security.py applies them): Gradio keeping every
+session's input values, and API calls with the wrong number of values.
 """
 
 from __future__ import annotations
@@ -164,6 +166,47 @@ def _empties_and_enables(fn) -> bool:
     if fn is None or inspect.iscoroutinefunction(fn) or inspect.signature(fn).parameters:
         return False
     return fn() == {"__type__": "update", "value": None, "interactive": True}
+
+
+def check_value_counts(demo: gr.Blocks) -> None:
+    """An API call with fewer values than the endpoint takes fails inside Gradio with a ValueError
+    the client only sees as `{"error": null}`; more values are silently dropped. Refuse both with
+    a message that says how many values the endpoint takes, in which order (Gradio 6.31,
+    `Blocks.validate_inputs`, called before anything of the event runs)."""
+    _require(demo, "validate_inputs", "name the values an API endpoint takes")
+    gradio_check = demo.validate_inputs
+
+    def validate_inputs(block_fn, inputs):
+        # More values than inputs are refused only for public API endpoints without a `js=`
+        # step (Gradio lets a page's JavaScript return extra values).
+        strict = block_fn.api_visibility == "public" and not block_fn.js
+        if len(inputs) < len(block_fn.inputs) or (strict and len(inputs) > len(block_fn.inputs)):
+            sent = [block for block in block_fn.inputs if not block.stateful]
+            names = ", ".join(block.label or type(block).__name__ for block in sent) or "none"
+            raise gr.Error(
+                f"/{block_fn.api_name} takes {len(sent)} values, in this order: {names}.",
+                print_exception=False,
+            )
+        return gradio_check(block_fn, inputs)
+
+    demo.validate_inputs = validate_inputs
+
+
+def forget_input_values() -> None:
+    """Gradio keeps the last value of every input of every session (up to 10,000 sessions), for
+    its deep links, so any value a client sends stays in memory, refused or not. This app has no
+    deep links (their route is closed): keep none. (Gradio 6.31, gradio/state_holder.py)"""
+    from gradio.state_holder import SessionState
+
+    if getattr(SessionState._update_value_in_config, "forgets", False):
+        return
+    _require(SessionState, "_update_value_in_config", "keep no session's input values")
+
+    def _update_value_in_config(self, key, value):  # noqa: ARG001 - Gradio's signature
+        return None
+
+    _update_value_in_config.forgets = True
+    SessionState._update_value_in_config = _update_value_in_config
 
 
 def summarise_queue_rarely() -> None:

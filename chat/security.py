@@ -8,7 +8,8 @@
   attribute applies, no script from another site runs.
 - `BodyLimitMiddleware` refuses request bodies over `--max-request-bytes` with HTTP 413 before
   Gradio reads them, and `forget_input_values` stops Gradio keeping each session's last input
-  values (it keeps them only for deep links, which this app does not offer).
+  values (it keeps them only for deep links, which this app does not offer); that patch and
+  `check_value_counts` live with the other Gradio workarounds in chat/gradio_costs.py.
 - `ClosedRoutesMiddleware` answers 404 on Gradio routes that write client data to disk and that
   the app never uses (file upload, deep links); Gradio's cache of files the app hands out lives in
   a private folder and is cleaned while the app runs and at exit (`private_gradio_cache`,
@@ -29,6 +30,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from .embedding import frame_ancestors
+from .gradio_costs import check_value_counts, forget_input_values
 
 # Tags the chat shows as text instead of rendering them. Gradio escapes these in the HTML that its
 # markdown renderer makes (so a markdown image shows as its <img ...> text) before it sanitizes;
@@ -255,31 +257,6 @@ async def _json_response(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def check_value_counts(demo: gr.Blocks) -> None:
-    """An API call with fewer values than the endpoint takes fails inside Gradio with a ValueError
-    the client only sees as `{"error": null}`; more values are silently dropped. Refuse both with
-    a message that says how many values the endpoint takes, in which order (Gradio 6.31,
-    `Blocks.validate_inputs`, called before anything of the event runs)."""
-    if not callable(getattr(demo, "validate_inputs", None)):
-        raise RuntimeError(f"gradio {gr.__version__}: Blocks.validate_inputs is gone")
-    gradio_check = demo.validate_inputs
-
-    def validate_inputs(block_fn, inputs):
-        # More values than inputs are refused only for public API endpoints without a `js=`
-        # step (Gradio lets a page's JavaScript return extra values).
-        strict = block_fn.api_visibility == "public" and not block_fn.js
-        if len(inputs) < len(block_fn.inputs) or (strict and len(inputs) > len(block_fn.inputs)):
-            sent = [block for block in block_fn.inputs if not block.stateful]
-            names = ", ".join(block.label or type(block).__name__ for block in sent) or "none"
-            raise gr.Error(
-                f"/{block_fn.api_name} takes {len(sent)} values, in this order: {names}.",
-                print_exception=False,
-            )
-        return gradio_check(block_fn, inputs)
-
-    demo.validate_inputs = validate_inputs
-
-
 def security_middleware(*, max_request_bytes: int, frame_origins: Iterable[str] = ()) -> list[Middleware]:
     """The middleware above, outermost first (Starlette runs the list in this order)."""
     return [
@@ -319,24 +296,6 @@ def harden_demo(demo: gr.Blocks, *, cache_cleanup_s: int = 600) -> gr.Blocks:
     forget_input_values()
     check_value_counts(demo)
     return demo
-
-
-def forget_input_values() -> None:
-    """Gradio keeps the last value of every input of every session (up to 10,000 sessions), for
-    its deep links, so any value a client sends stays in memory, refused or not. This app has no
-    deep links (their route is closed): keep none. (Gradio 6.31, gradio/state_holder.py)"""
-    from gradio.state_holder import SessionState
-
-    if getattr(SessionState._update_value_in_config, "forgets", False):
-        return
-    if not callable(getattr(SessionState, "_update_value_in_config", None)):
-        raise RuntimeError(f"gradio {gr.__version__}: SessionState._update_value_in_config is gone")
-
-    def _update_value_in_config(self, key, value):  # noqa: ARG001 - Gradio's signature
-        return None
-
-    _update_value_in_config.forgets = True
-    SessionState._update_value_in_config = _update_value_in_config
 
 
 EXPORTS_DISK_BUDGET = 64 * 1024 * 1024  # bytes of export files kept; a conversation's take KBs
