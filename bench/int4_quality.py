@@ -36,7 +36,9 @@ VARIANTS = [  # (group size, symmetric, search, LM head too)
     (64, False, "hqq", False),
     (64, False, "clip", True),
     (32, False, "none", False),
+    (32, False, "none", True),
     (32, False, "clip", True),
+    (32, False, "hqq", True),
 ]
 
 
