@@ -18,6 +18,7 @@ from ..params import GenerationParams
 from ..prompt import ChatMessages
 from .base import FINISH_LENGTH, FINISH_STOP, Token
 from .failover import error_for_event
+from .tgi_events import tokens_from_lines
 
 CHAT_MAX_STOP_SEQUENCES = 4  # OpenAI's limit, and TGI's default; our stop filter applies them all
 
@@ -67,14 +68,4 @@ def parse_chat_line(line: str) -> Token | None:
 def tokens_from_chat_lines(lines: Iterable[str]) -> Iterator[Token]:
     """The tokens of one chat stream; GenerationFailed if it ends before a chunk with a
     `finish_reason` (cut off, not finished)."""
-    finished = False
-    for line in lines:
-        token = parse_chat_line(line)
-        if token is not None:
-            finished = finished or token.finish_reason is not None
-            yield token
-    if not finished:
-        raise GenerationFailed(
-            "The connection to the model server broke off. Please try again.",
-            detail="the chat stream ended without a finish_reason",
-        )
+    return tokens_from_lines(lines, parse_chat_line, final_event="a finish_reason")

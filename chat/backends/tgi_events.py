@@ -59,20 +59,24 @@ def generate_request(prompt: str, params: GenerationParams) -> dict:
     }
 
 
-def tokens_from_lines(lines: Iterable[str]) -> Iterator[Token]:
-    """The tokens of one TGI stream; GenerationFailed if it ends without TGI's final event, which
-    always carries `details`: such a stream was cut off (a proxy timing out, a server restarting),
-    not a finished reply."""
+def tokens_from_lines(
+    lines: Iterable[str], parse=None, *, final_event: str = "TGI's final event"
+) -> Iterator[Token]:
+    """The tokens of one stream (`parse` turns a line into a Token or None; TGI's `parse_line` by
+    default); GenerationFailed if it ends without its final event (for TGI the one carrying
+    `details`): such a stream was cut off (a proxy timing out, a server restarting), not a
+    finished reply."""
+    parse = parse or parse_line
     finished = False
     for line in lines:
-        token = parse_line(line)
+        token = parse(line)
         if token is not None:
             finished = finished or token.finish_reason is not None
             yield token
     if not finished:
         raise GenerationFailed(
             "The connection to the model server broke off. Please try again.",
-            detail="the stream ended without TGI's final event",
+            detail=f"the stream ended without {final_event}",
         )
 
 
