@@ -49,3 +49,26 @@ def filter_stream(pieces: Iterable[str], stop_sequences: Iterable[str]) -> Itera
     before = stop_filter.text
     if stop_filter.finish() != before:
         yield stop_filter.text
+
+
+def reply_with_stats(
+    backend, message="Hi", history=(), system_prompt="", params=None, **options
+) -> tuple[list[str], object]:
+    """Every text `chat.reply.stream_reply` shows for one message, and the reply's stats."""
+    from chat.params import GenerationParams
+    from chat.reply import stream_reply
+
+    finished = []
+    texts = list(
+        stream_reply(
+            backend,
+            message,
+            list(history),
+            system_prompt,
+            params or GenerationParams(),
+            max_message_chars=20_000,
+            on_finish=finished.append,
+            **options,
+        )
+    )
+    return texts, finished[-1]

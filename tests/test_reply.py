@@ -4,38 +4,22 @@ from __future__ import annotations
 
 from chat.errors import ContextOverflow
 from chat.params import GenerationParams
-from chat.reply import LINEAR_RETRIES, stream_completion, stream_reply
+from chat.reply import LINEAR_RETRIES, stream_completion
 from tests.doubles import ScriptedBackend
+from tests.helpers import reply_with_stats
 
 
-def _reply(backend, message="Hi", history=(), system_prompt="", params=GenerationParams(), **kwargs):
-    finished = []
-    texts = list(
-        stream_reply(
-            backend,
-            message,
-            list(history),
-            system_prompt,
-            params,
-            max_message_chars=20_000,
-            on_finish=finished.append,
-            **kwargs,
-        )
-    )
-    return texts, finished[-1]
-
-
-def test_the_seed_is_reported_when_a_stop_sequence_ends_the_reply():
+def test_the_seed_is_reported_when_a_stop_sequence_ends_thereply_with_stats():
     # The stop sequence arrives before the backend's last event (which carries its seed).
     backend = ScriptedBackend(["Paris.", "\nUser:", " more"], seed_reported=None)
-    texts, stats = _reply(backend)
+    texts, stats = reply_with_stats(backend)
     assert texts[-1] == "Paris." and stats.finish_reason == "stop"
     assert stats.seed is not None and backend.params[0].seed == stats.seed
 
 
 def test_a_chosen_seed_is_the_one_sent_and_reported():
     backend = ScriptedBackend(["Hi"])
-    _, stats = _reply(backend, params=GenerationParams(seed=7))
+    _, stats = reply_with_stats(backend, params=GenerationParams(seed=7))
     assert stats.seed == 7 == backend.params[0].seed
 
 
@@ -57,6 +41,6 @@ class OverflowingBackend(ScriptedBackend):
 def test_server_length_errors_cost_a_bounded_number_of_retries():
     backend = OverflowingBackend()
     history = [{"role": r, "content": f"{r} {i}"} for i in range(200) for r in ("user", "assistant")]
-    texts, stats = _reply(backend, history=history)
+    texts, stats = reply_with_stats(backend, history=history)
     assert stats.error_kind == "ContextOverflow" and stats.dropped_turns == 200
     assert len(backend.prompts) <= 1 + LINEAR_RETRIES + 8  # then 2, 4, ... 128 turns at a time

@@ -14,8 +14,7 @@ from chat.errors import GenerationFailed, RequestRejected
 from chat.factory import build_backend
 from chat.params import GenerationParams
 from chat.prompt import ServerTemplateFormat
-from chat.reply import stream_reply
-from tests.helpers import free_port
+from tests.helpers import free_port, reply_with_stats
 from tests.tgi_double import Reply, TGIDouble
 
 OPTIONS = RemoteOptions(connect_timeout_s=5, first_token_timeout_s=60, token_timeout_s=30, busy_retries=0)
@@ -23,19 +22,8 @@ GREEDY = GenerationParams(temperature=0.0, max_new_tokens=16)
 
 
 def reply(backend, message, history=(), system_prompt="", params=GREEDY) -> tuple[str, object]:
-    finished = []
-    texts = list(
-        stream_reply(
-            backend,
-            message,
-            list(history),
-            system_prompt,
-            params,
-            max_message_chars=20_000,
-            on_finish=finished.append,
-        )
-    )
-    return texts[-1], finished[-1]
+    texts, stats = reply_with_stats(backend, message, history, system_prompt, params)
+    return texts[-1], stats
 
 
 def test_tgi_gets_role_messages_on_its_chat_route_with_typed_markers_broken():
