@@ -8,6 +8,7 @@ from conftest.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Iterable, Iterator
 
@@ -72,3 +73,28 @@ def reply_with_stats(
         )
     )
     return texts, finished[-1]
+
+
+def rest_call(url: str, api: str, raw: str, timeout: float = 30) -> tuple[int, str | None, object]:
+    """Gradio's REST route with a raw JSON body (NaN and infinity allowed): (POST status, event,
+    data); a refused POST gives its JSON body, or its text where it has none."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=timeout) as http:
+        posted = http.post(
+            f"gradio_api/call/{api}", content=raw, headers={"content-type": "application/json"}
+        )
+        if posted.status_code != 200:
+            try:
+                return posted.status_code, None, posted.json()
+            except ValueError:
+                return posted.status_code, None, posted.text
+        event, payload = None, None
+        with http.stream("GET", f"gradio_api/call/{api}/{posted.json()['event_id']}") as events:
+            for line in events.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    payload = json.loads(line[5:])
+                    break
+        return posted.status_code, event, payload

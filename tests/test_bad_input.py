@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chat.history import strip_note
+from tests.helpers import rest_call
 from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double
 from tests.tgi_double import Reply
 
@@ -38,24 +39,8 @@ def last_prompt(double) -> str:
 
 
 def call(url: str, data: list, timeout: float = 20) -> tuple[int, str | None, object]:
-    """Gradio's REST route with raw JSON (NaN and infinity included): (POST status, event, data)."""
-    with httpx.Client(base_url=url, timeout=timeout) as http:
-        posted = http.post(
-            "gradio_api/call/chat",
-            content=json.dumps({"data": data}),
-            headers={"content-type": "application/json"},
-        )
-        if posted.status_code != 200:
-            return posted.status_code, None, posted.text
-        event, payload = None, None
-        with http.stream("GET", f"gradio_api/call/chat/{posted.json()['event_id']}") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event in ("complete", "error"):
-                    payload = json.loads(line[5:])
-                    break
-        return posted.status_code, event, payload
+    """/chat through Gradio's REST route with raw JSON (NaN and infinity included)."""
+    return rest_call(url, "chat", json.dumps({"data": data}), timeout)
 
 
 @pytest.mark.parametrize("message", ["", "   ", "\n\t \n", "\x00\x07"])

@@ -17,6 +17,7 @@ import pytest
 from gradio_client import Client
 
 from chat.history import strip_note
+from tests.helpers import rest_call
 from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double, settled
 from tests.tgi_double import Reply, TGIDouble
 
@@ -219,25 +220,6 @@ def test_credentials_in_an_endpoint_address_are_not_logged(caplog):
 
 
 # -- small edges -------------------------------------------------------------------------------
-
-
-def rest_call(url: str, api: str, raw: str) -> tuple[int, str | None, object]:
-    """Gradio's REST route with a raw JSON body: (POST status, event, data)."""
-    with httpx.Client(base_url=url, timeout=30) as http:
-        posted = http.post(
-            f"gradio_api/call/{api}", content=raw, headers={"content-type": "application/json"}
-        )
-        if posted.status_code != 200:
-            return posted.status_code, None, posted.json()
-        event, payload = None, None
-        with http.stream("GET", f"gradio_api/call/{api}/{posted.json()['event_id']}") as events:
-            for line in events.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event in ("complete", "error"):
-                    payload = json.loads(line[5:])
-                    break
-        return posted.status_code, event, payload
 
 
 def error_of(payload) -> str:
