@@ -15,6 +15,7 @@ import threading
 
 import pytest
 import torch
+from transformers import FalconConfig
 
 from chat.backends.decoders import PlainDecoder
 from chat.backends.fast_decode import FastDecoder
@@ -63,11 +64,18 @@ def _ids(tokenizer, text):
 def _sharded_greedy(folder, tokenizer, ids, world: int, new_tokens: int, products=Dense):
     """Every rank's generated tokens and rank 0's count of sums, ranks running as threads."""
     source = SafetensorsSource(folder, "cpu", torch.float32)
-    ranks = ThreadRanks(world, source.config.vocab_size)
+    layouts = [
+        layout_from_source(source, rank, world, max_len=CACHE, products=products) for rank in range(world)
+    ]
+    return _threaded_greedy(layouts, ids, new_tokens, source.config.vocab_size, tokenizer.eos_token_id)
+
+
+def _threaded_greedy(layouts, ids, new_tokens: int, vocab: int, eos_token_id=None):
+    world = len(layouts)
+    ranks = ThreadRanks(world, vocab)
     decoders = [
-        FastDecoder.from_layout(layout_from_source(source, rank, world, max_len=CACHE, products=products),
-                                tokenizer.eos_token_id, reduce=ranks.reduce_for(rank), gather=ranks.gather_for(rank))
-        for rank in range(world)
+        FastDecoder.from_layout(layout, eos_token_id, reduce=ranks.reduce_for(rank), gather=ranks.gather_for(rank))
+        for rank, layout in enumerate(layouts)
     ]  # fmt: skip
 
     def follow(decoder):
@@ -142,6 +150,35 @@ def test_int4_slices_generate_what_the_one_device_int4_path_does(tmp_path, tiny_
     assert per_rank == [expected] * 2
 
 
+def _int4_spec(int4: str, world: int = 2):
+
+    from chat.backends.tensor_parallel import RankSpec, free_port
+
+    config = FalconConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_kv_heads=2,
+                          new_decoder_architecture=True, parallel_attn=True, alibi=False, bias=False,
+                          initializer_range=0.3)  # fmt: skip
+    return RankSpec(world=world, port=free_port(), max_len=CACHE, eos_token_id=None, random_config=config.to_dict(),
+                    products="int4", int4=int4)  # fmt: skip
+
+
+def test_int4_drawn_directly_never_makes_the_products_in_bf16():
+    """`--int4-weights random` (bench/gpu_decode.py, for 180B): the source gives the products'
+    weights as shapes only and each rank draws its slices in int4; the ranks still meet per layer."""
+    from chat.backends.shards import RandomSource
+    from chat.backends.tensor_parallel import rank_layout
+
+    spec = _int4_spec("random")
+    source = RandomSource(FalconConfig(**spec.random_config), "cpu", torch.float32, shapes_only=True)
+    assert source.read("transformer.h.0.mlp.dense_4h_to_h.weight", columns=[range(0, 512)]).is_meta
+    assert not source.read("transformer.word_embeddings.weight").is_meta  # one row a token: kept whole
+    layouts = [rank_layout(spec, rank, "cpu", torch.float32) for rank in range(2)]
+    packed, scale, offset, bias = layouts[0].layers[0].w_out  # Int4Reference's: levels, scale, offset
+    assert packed.dtype == torch.uint8 and packed.shape == (256, (128 + 512) // 2) and scale.shape == (256, 5)
+    per_rank, sums = _threaded_greedy(layouts, torch.tensor([[5, 17, 300, 42]]), 12, vocab=512)
+    assert per_rank[0] == per_rank[1] and len(per_rank[0]) == 12
+    assert sums == 2 * 12
+
+
 def test_slices_cover_every_row_and_column_once():
     from chat.backends.shards import FalconShape
 
@@ -154,6 +191,31 @@ def test_slices_cover_every_row_and_column_once():
     forty_b = FalconShape(hidden=8192, heads=128, kv_heads=8, head_dim=64, vocab=65024, layers=60, eps=1e-5)
     plan = RankPlan.make(forty_b, 1, 2)
     assert plan.kv_heads == range(4, 8) and len(plan.qkv_rows) == 1  # whole groups: one read
+
+
+# -- two processes over gloo ---------------------------------------------------------------------------
+
+
+def test_two_rank_processes_quantizing_their_slices_give_the_greedy_tokens_of_one():
+    """bench/gpu_decode.py --tensor-parallel 2 --quantize int4: each rank process draws the seeded
+    model and quantizes (HQQ) the slices it keeps; 2 ranks over gloo give 1 rank's greedy tokens."""
+    from dataclasses import replace
+
+    from chat.backends.tensor_parallel import rank_layout, start_ranks
+
+    spec = _int4_spec("hqq")
+    ids = torch.tensor([[5, 17, 300, 42, 9]])
+    expected = []
+    one = FastDecoder.from_layout(rank_layout(replace(spec, world=1), 0, "cpu", torch.float32), None)
+    one.generate(ids, GREEDY, 0, expected.append, lambda: False)
+    decoder = start_ranks(spec)
+    try:
+        streamed = []
+        decoder.generate(ids, GREEDY, 0, streamed.append, lambda: False)
+        assert streamed == expected
+        assert set(decoder.peers.loaded) == {0, 1}  # each rank's load report reached rank 0
+    finally:
+        decoder.close()
 
 
 # -- two processes over gloo, through the app's own factory -------------------------------------------

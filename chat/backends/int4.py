@@ -149,6 +149,16 @@ def _hqq_offset(
     return best
 
 
+def random_int4(rows: int, cols: int, *, device, dtype=torch.bfloat16, generator=None) -> Int4Weight:
+    """A random [rows, cols] weight made directly in int4, no dense weight quantized: benchmarks
+    of shapes too large to quantize quickly (Falcon-180B). Levels uniform in 0..15 around zero
+    (offset -8 * scale), scales in 0.001..0.002."""
+    group = group_size_for(cols)
+    packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, device=device, generator=generator)
+    scale = torch.rand(rows, cols // group, device=device, generator=generator).add_(0.5).mul_(0.002)
+    return Int4Weight(packed, scale.to(dtype), (-8 * scale).to(dtype), group)
+
+
 def pack(q: torch.Tensor) -> torch.Tensor:
     """uint8 levels [out, in] -> two per byte, the even column in the low nibble."""
     q = q.to(torch.uint8)

@@ -13,6 +13,8 @@ groups unevenly.
 
 A rank reads only its rows and columns of each tensor (`SafetensorsSource`); `RandomSource`
 makes a model's tensors from a seed on the GPU instead (benchmarks of shapes nobody downloads).
+Each product's slice is packed (quantized, for int4) as soon as it is read, so a rank holds its
+packed slices plus about one tensor being read, never its share of the model in bf16.
 """
 
 from __future__ import annotations
@@ -172,16 +174,20 @@ class RandomSource:
     """A Falcon of `config`'s shape with seeded random weights made on `device` (benchmarks).
 
     Every rank draws the same whole tensor and keeps its slice, so N ranks hold one model.
+    With `shapes_only`, the products' weights (the layers' four and an untied head) come back
+    as meta tensors, shapes without values, for `int4_slices` to draw directly in int4: quantizing
+    a Falcon-180B's bf16 weights takes many minutes (docs/performance.md).
     """
 
-    def __init__(self, config, device, dtype, seed: int = 0):
+    def __init__(self, config, device, dtype, seed: int = 0, shapes_only: bool = False):
         from transformers import FalconForCausalLM
 
         self.config, self.device, self.dtype, self.seed = config, torch.device(device), dtype, seed
+        self.shapes_only = shapes_only
         with torch.device("meta"):
             meta = FalconForCausalLM(config)
         self._shapes = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and not shapes_only:  # drawn, the head is its own weight
             self._shapes.pop("lm_head.weight", None)
 
     def names(self) -> set[str]:
@@ -192,7 +198,9 @@ class RandomSource:
 
     def read(self, name: str, rows: Ranges | None = None, columns: Ranges | None = None) -> torch.Tensor:
         shape = self._shapes[name]
-        if "layernorm" in name or ".ln_" in name:
+        if self.shapes_only and _is_product_weight(name):
+            whole = torch.empty(shape, device="meta", dtype=self.dtype)
+        elif "layernorm" in name or ".ln_" in name:
             whole = (torch.ones if name.endswith("weight") else torch.zeros)(
                 shape, device=self.device, dtype=self.dtype
             )
@@ -209,6 +217,34 @@ class RandomSource:
 
 def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())  # the same in every process (Python's hash() is salted)
+
+
+def _is_product_weight(name: str) -> bool:
+    return name == "lm_head.weight" or (name.endswith(".weight") and any(part in name for part in _PRODUCTS))
+
+
+_PRODUCTS = (".query_key_value.", ".dense.", ".dense_h_to_4h.", ".dense_4h_to_h.")
+
+
+def int4_slices(products, *, search: str = "hqq", device=None, dtype=torch.bfloat16, seed: int = 0):
+    """An int4 `products` adapter (int4_products.py) that packs each slice a rank reads by
+    quantizing it with `search` (int4.quantize), or, for a weight that is only a shape
+    (`RandomSource(shapes_only=True)`), by drawing random int4 directly on `device`."""
+    from . import int4
+
+    generator = None if device is None else torch.Generator(device).manual_seed(seed)
+
+    class Slices(products):
+        @staticmethod
+        def pack(weight, bias) -> tuple:
+            if weight.is_meta:
+                made = int4.random_int4(*weight.shape, device=device, dtype=dtype, generator=generator)
+            else:
+                made = int4.quantize(weight, search=search)
+            return products.from_int4(made, bias)
+
+    Slices.__name__ = Slices.__qualname__ = f"{products.__name__}Slices"
+    return Slices
 
 
 # -- the rank's layout ---------------------------------------------------------------------------------
@@ -264,25 +300,28 @@ def _layer(source, names, prefix, plan: RankPlan, shape: FalconShape, max_len, p
     def bias(name, rows=None):
         return source.read(name + "bias", rows=rows) if name + "bias" in names else None
 
-    w_qkv, b_qkv = source.read(qkv + "weight", rows=plan.qkv_rows), bias(qkv, plan.qkv_rows)
-    w_h4, b_h4 = source.read(h4 + "weight", rows=ffn), bias(h4, ffn)
+    # Each slice is packed as soon as it is read, and no name keeps it after (the module docstring).
+    b_qkv, b_h4 = bias(qkv, plan.qkv_rows), bias(h4, ffn)
     if prefix + "ln_attn.weight" in names:  # two norms: the products stay apart
         ln_attn, ln_mlp = (
             _norm(source, prefix + "ln_attn.", shape.eps),
             _norm(source, prefix + "ln_mlp.", shape.eps),
         )
-        w_in, w_mlp_in = products.pack(w_qkv, b_qkv), products.pack(w_h4, b_h4)
+        w_in = products.pack(source.read(qkv + "weight", rows=plan.qkv_rows), b_qkv)
+        w_mlp_in = products.pack(source.read(h4 + "weight", rows=ffn), b_h4)
     else:
         ln_attn, ln_mlp = _norm(source, prefix + "input_layernorm.", shape.eps), None
         b_in = torch.cat([b_qkv, b_h4]) if b_qkv is not None else None
-        w_in, w_mlp_in = products.pack(torch.cat([w_qkv, w_h4]), b_in), None
-    w_out = torch.cat([source.read(dense + "weight", columns=plan.attention_columns),
-                       source.read(h4h + "weight", columns=ffn)], dim=1)  # fmt: skip
+        w_in = products.pack(torch.cat([source.read(qkv + "weight", rows=plan.qkv_rows),
+                                        source.read(h4 + "weight", rows=ffn)]), b_in)  # fmt: skip
+        w_mlp_in = None
     b_out = None
     if plan.rank == 0 and dense + "bias" in names:  # added once, by one rank, before the sum
         b_out = bias(dense) + bias(h4h)
+    w_out = products.pack(torch.cat([source.read(dense + "weight", columns=plan.attention_columns),
+                                     source.read(h4h + "weight", columns=ffn)], dim=1), b_out)  # fmt: skip
     cache = torch.zeros(len(plan.kv_heads), max_len, shape.head_dim, dtype=source.dtype, device=source.device)
-    return Layer(ln_attn, ln_mlp, w_in, w_mlp_in, products.pack(w_out, b_out), cache, cache.clone())
+    return Layer(ln_attn, ln_mlp, w_in, w_mlp_in, w_out, cache, cache.clone())
 
 
 def _norm(source, prefix, eps) -> tuple:

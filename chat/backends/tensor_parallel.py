@@ -17,6 +17,7 @@ unhealthy (/healthz 503) until the app is restarted.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 # Rank 0 -> the others, one message each: a job is JOB + pickled (ids, params, seed).
 JOB, STEP, END, QUIT = b"j", b"s", b"e", b"q"
-# The others -> rank 0: LOADED once their slice is in memory, FAILED + the reason if it is not.
+# The others -> rank 0: LOADED + JSON (load seconds, GPU memory) once their slice is in memory,
+# FAILED + the reason if it is not.
 LOADED, FAILED = b"l", b"f"
 START_TIMEOUT_S = 900.0  # joining the group and loading a slice (a 180B shard takes minutes)
 RANK_CHECK_S = 0.05  # while waiting for a token, how often rank 0 looks at the other ranks
@@ -57,6 +59,9 @@ class RankSpec:
     seed: int = 0
     compile_mode: str | None = None
     products: str = "dense"  # or "int4": each rank quantizes its slices as it reads them (int4.py)
+    # int4 slices: quantized with this scale search ("hqq", "clip", "none"), or "random": drawn
+    # directly in int4 (random_config only: quantizing 180B's bf16 takes many minutes).
+    int4: str = "hqq"
 
 
 def start_ranks(spec: RankSpec) -> FastDecoder:
@@ -82,7 +87,7 @@ def start_ranks(spec: RankSpec) -> FastDecoder:
 
     def load() -> None:
         try:
-            loaded["decoder"] = _rank_decoder(0, spec, peers)
+            loaded["decoder"], peers.loaded[0] = _rank_decoder(0, spec, peers)
         except BaseException as error:
             loaded["error"] = error
         finally:
@@ -191,6 +196,7 @@ class Peers:
     def __init__(self, processes, pipes):
         self.processes, self.pipes = processes, pipes
         self.world = len(processes) + 1
+        self.loaded: dict[int, dict] = {}  # by rank: what it reported once its slice was in memory
         self._dead: str | None = None
         self._closing = False
         self._next_check = 0.0
@@ -238,10 +244,11 @@ class Peers:
                 if time.monotonic() > deadline:
                     raise ConfigError(f"tensor parallel: rank {rank} did not load in {timeout_s:.0f} s")
             message = pipe.recv_bytes()
-            if message != LOADED:
+            if message[:1] != LOADED:
                 raise ConfigError(
                     f"tensor parallel: rank {rank} could not start: {message[1:].decode()[:300]}"
                 )
+            self.loaded[rank] = json.loads(message[1:] or b"{}")
 
     def close(self) -> None:
         self._closing = True
@@ -293,11 +300,33 @@ class Peers:
 # -- every rank ----------------------------------------------------------------------------------------
 
 
-def _rank_decoder(rank: int, spec: RankSpec, peers: Peers | None) -> FastDecoder:
-    """Join the process group as `rank` and lay out this rank's slice of the weights."""
+def rank_layout(spec: RankSpec, rank: int, device, dtype):
+    """Rank `rank`'s slice of the model `spec` names, laid out for the fast decoder (shards.py)."""
     from .products import Dense
-    from .shards import RandomSource, SafetensorsSource, layout_from_source
+    from .shards import RandomSource, SafetensorsSource, int4_slices, layout_from_source
 
+    drawn = spec.products == "int4" and spec.int4 == "random"
+    if spec.int4 not in ("hqq", "clip", "none", "random") or (drawn and spec.random_config is None):
+        raise ConfigError(f"int4 slices {spec.int4!r}: hqq, clip, none, or random (random weights only)")
+    if spec.folder is not None:
+        source = SafetensorsSource(spec.folder, device, dtype)
+    else:
+        from transformers import FalconConfig
+
+        config = FalconConfig(**spec.random_config)
+        source = RandomSource(config, device, dtype, seed=spec.seed, shapes_only=drawn)
+    products = Dense
+    if spec.products == "int4":
+        from .int4_products import int4_products
+
+        products = int4_slices(int4_products(device), search="none" if drawn else spec.int4, device=device,
+                               dtype=dtype, seed=spec.seed * 1_000_003 + rank)  # fmt: skip
+    return layout_from_source(source, rank, spec.world, max_len=spec.max_len, products=products)
+
+
+def _rank_decoder(rank: int, spec: RankSpec, peers: Peers | None) -> tuple[FastDecoder, dict]:
+    """Join the process group as `rank` and lay out this rank's slice of the weights; the
+    decoder, and the load's seconds and peak GPU memory."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)
@@ -305,33 +334,33 @@ def _rank_decoder(rank: int, spec: RankSpec, peers: Peers | None) -> FastDecoder
     dtype = torch.bfloat16 if cuda else torch.float32
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{spec.port}",
                             rank=rank, world_size=spec.world, timeout=timedelta(seconds=START_TIMEOUT_S))  # fmt: skip
-    if spec.folder is not None:
-        source = SafetensorsSource(spec.folder, device, dtype)
-    else:
-        from transformers import FalconConfig
-
-        source = RandomSource(FalconConfig(**spec.random_config), device, dtype, seed=spec.seed)
-    products = Dense
-    if spec.products == "int4":
-        from .int4_products import int4_products
-
-        products = int4_products(device)
     start = time.monotonic()
-    layout = layout_from_source(source, rank, spec.world, max_len=spec.max_len, products=products)
-    log.info("tensor parallel: rank %d loaded its slice in %.1f s", rank, time.monotonic() - start)
+    layout = rank_layout(spec, rank, device, dtype)
+    stats = {"load_s": round(time.monotonic() - start, 2), **gpu_memory(device)}
+    log.info("tensor parallel: rank %d loaded its slice: %s", rank, stats)
     group = dist.group.WORLD.group_name
-    return FastDecoder.from_layout(layout, spec.eos_token_id, reduce=SumAcrossRanks(group),
-                                   gather=GatherVocab(group, spec.world, layout.vocab), peers=peers,
-                                   compile_mode=spec.compile_mode)  # fmt: skip
+    decoder = FastDecoder.from_layout(layout, spec.eos_token_id, reduce=SumAcrossRanks(group),
+                                      gather=GatherVocab(group, spec.world, layout.vocab), peers=peers,
+                                      compile_mode=spec.compile_mode)  # fmt: skip
+    return decoder, stats
+
+
+def gpu_memory(device) -> dict:
+    """GB of GPU memory held now and at most so far by this process on `device` (none on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"held_GB": round(torch.cuda.memory_allocated(device) / 1e9, 2),
+            "peak_GB": round(torch.cuda.max_memory_allocated(device) / 1e9, 2)}  # fmt: skip
 
 
 def _follow(rank: int, spec: RankSpec, pipe) -> None:
     """A rank other than 0: load, capture, then follow rank 0's replies until told to quit."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(name)s %(message)s")
     try:
-        decoder = _rank_decoder(rank, spec, None)
-        pipe.send_bytes(LOADED)
+        decoder, stats = _rank_decoder(rank, spec, None)
+        pipe.send_bytes(LOADED + json.dumps(stats).encode())
         decoder.warm_up()  # in step with rank 0's: capturing runs the same sums
+        log.info("tensor parallel: rank %d ready: %s", rank, gpu_memory(decoder.device))
         while (message := pipe.recv_bytes()) != QUIT:
             ids, params, seed = pickle.loads(message[len(JOB) :])
             decoder.follow(torch.tensor([ids]), params, seed, lambda: pipe.recv_bytes() == STEP)
