@@ -15,9 +15,15 @@ Across the visible GPUs, with weights drawn from a seed so every run holds the s
     python bench/gpu_decode.py --shape 40b --device-map --out bench/results/devmap-40b.json
 
 `--tensor-parallel N` serves the fast decoder from N ranks (N=1: one GPU, the same weights; the
-floor is then a rank's share of the weights over one GPU's copy bandwidth); `--device-map` is
-the baseline: the model spread over the GPUs by accelerate, plain `generate`. `--agree-with
-OTHER.json` counts the leading greedy tokens two such runs share.
+floor is then the bytes rank 0 reads per token, its share of the weights, over one GPU's copy
+bandwidth); `--device-map` is the baseline: the model spread over the GPUs by accelerate, plain
+`generate`. `--agree-with OTHER.json` counts the leading greedy tokens two such runs share.
+
+`--quantize int4` has each rank hold its slices in int4 (`--int4-weights hqq|clip|none`: the
+seeded bf16 slices quantized as they are read, the app's path; `random`: drawn directly in int4,
+for Falcon-180B, whose bf16 would take many minutes to quantize):
+
+    python bench/gpu_decode.py --shape 180b --tensor-parallel 2 --quantize int4 --int4-weights random
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ SHAPES = {
                new_decoder_architecture=False),
     "40b": dict(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128, num_kv_heads=8,
                 new_decoder_architecture=True),
+    "180b": dict(hidden_size=14848, num_hidden_layers=80, num_attention_heads=232, num_kv_heads=8,
+                 new_decoder_architecture=True),
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
                  new_decoder_architecture=False),
 }  # fmt: skip
@@ -61,7 +69,14 @@ def main() -> None:
         "--device-map", action="store_true", help="plain generate across the GPUs (accelerate)"
     )
     parser.add_argument("--agree-with", type=Path, default=None, help="another run's JSON: greedy agreement")
+    parser.add_argument(
+        "--quantize", choices=["int4"], default=None, help="int4 slices (--tensor-parallel N)"
+    )
+    parser.add_argument("--int4-weights", choices=["hqq", "clip", "none", "random"], default="hqq",
+                        help="quantize the seeded bf16 slices with this search, or draw random int4")  # fmt: skip
     args = parser.parse_args()
+    if args.quantize and not args.tensor_parallel:
+        parser.error("--quantize int4 runs through the ranks' loader: give --tensor-parallel N (1 or more)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 
     import torch
@@ -77,6 +92,7 @@ def main() -> None:
         "shape": args.shape,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
+        "weights": f"random int4 ({args.int4_weights})" if args.quantize else "random bf16",
         "rows": [],
     }
     say(f"device {results['device']}, torch {torch.__version__}, transformers {transformers.__version__}")
@@ -183,8 +199,7 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
 
     from chat.backends.fast_decode import FastDecoder
     from chat.backends.local import LocalBackend
-    from chat.backends.shards import RandomSource, layout_from_source
-    from chat.backends.tensor_parallel import RankSpec, free_port, start_ranks
+    from chat.backends.tensor_parallel import RankSpec, free_port, gpu_memory, rank_layout, start_ranks
     from chat.params import GenerationParams
 
     config = falcon_config(args.shape)
@@ -193,20 +208,20 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
     world = args.tensor_parallel or gpus
     bandwidth = copy_bandwidth(device)
     weight_bytes = model_bytes(config)
-    # Ranks read their shares at once; device_map's GPUs read theirs one after another.
-    floor_ms = weight_bytes / (1 if args.device_map else world) / bandwidth * 1e3
-    results.update(copy_bandwidth_GBps=bandwidth / 1e9, weight_GB=weight_bytes / 1e9, floor_ms=floor_ms,
+    results.update(copy_bandwidth_GBps=bandwidth / 1e9, weight_GB=weight_bytes / 1e9,
                    gpus=gpus, tensor_parallel=0 if args.device_map else world)  # fmt: skip
-    say(
-        f"copy {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms/token"
-    )
     rows = results["rows"]
-    rows.append(row("floor (weights per GPU / copy bandwidth)", floor_ms, floor_ms))
     prompt, long_prompt = (
         prompt_text(args.prompt_tokens, seed=1),
         prompt_text(args.long_prompt_tokens, seed=2),
     )
-    if args.device_map:
+    if args.device_map:  # its GPUs read their shares one after another: all the weights
+        floor_ms = weight_bytes / bandwidth * 1e3
+        results.update(floor_ms=floor_ms, floor_basis="bf16 weights / one GPU's copy bandwidth")
+        say(
+            f"copy {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms/token"
+        )
+        rows.append(row("floor (weights / copy bandwidth)", floor_ms, floor_ms))
         model = build_model_across_gpus(config, device)
         results["device_map"] = sorted({str(p.device) for p in model.parameters()})
         results["fast_greedy_tokens"] = bench_plain(
@@ -217,18 +232,34 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
 
     start = time.perf_counter()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    spec = RankSpec(world=world, port=free_port(), max_len=2048, eos_token_id=None, random_config=config.to_dict(),
+                    compile_mode=args.compile, products="int4" if args.quantize else "dense",
+                    int4=args.int4_weights)  # fmt: skip
     if world == 1:
-        layout = layout_from_source(RandomSource(config, device, dtype), 0, 1, max_len=2048)
+        layout = rank_layout(spec, 0, device, dtype)
+        results["load"] = {0: {"load_s": round(time.perf_counter() - start, 2), **gpu_memory(device)}}
         decoder = FastDecoder.from_layout(layout, None, compile_mode=args.compile)
     else:
-        spec = RankSpec(world=world, port=free_port(), max_len=2048, eos_token_id=None,
-                        random_config=config.to_dict(), compile_mode=args.compile)  # fmt: skip
         decoder = start_ranks(spec)
+        results["load"] = decoder.peers.loaded
+    say(f"loaded (seconds, GB of GPU memory, by rank): {results['load']}")
+    # The floor: what rank 0 (the largest share) reads per token, at one GPU's copy bandwidth.
+    read = step_bytes(decoder.layout)
+    floor_ms = read / bandwidth * 1e3
+    results.update(rank_read_GB=read / 1e9, floor_ms=floor_ms,
+                   floor_basis="bytes rank 0 reads per token (its slices of the products as packed: int4 "
+                               "levels + scales and offsets, or bf16; norms; one embedding row) / copy bandwidth")  # fmt: skip
+    say(f"copy {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB in bf16; rank 0 reads "
+        f"{read / 1e9:.2f} GB a token ({decoder.layout.products.name}); floor {floor_ms:.2f} ms/token")  # fmt: skip
+    rows.append(row(f"floor (rank 0's {read / 1e9:.1f} GB a token / copy bandwidth)", floor_ms, floor_ms))
     backend = LocalBackend(None, tokenizer, model_name="bench", context_length=2048, decoder=decoder,
                            name=f"{world} ranks")  # fmt: skip
     results["fast_warm_up_s"] = time.perf_counter() - start
     results["fast_decoder"] = backend.decoder.name
-    say(f"'{backend.decoder.name}' ready in {results['fast_warm_up_s']:.1f} s")
+    results["gpu_memory_ready"] = {"rank 0": gpu_memory(device), "every GPU (nvidia-smi)": gpu_memory_used()}
+    say(
+        f"'{backend.decoder.name}' ready in {results['fast_warm_up_s']:.1f} s; memory {results['gpu_memory_ready']}"
+    )
     label = f"fast decoder, tensor parallel x{world}"
     rows.append(
         bench_stream(backend, f"LocalBackend.stream, {label}", prompt, long_prompt, args, floor_ms, runs=3)
@@ -254,6 +285,8 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
             results["profile"] = backend.call_on_worker(lambda: profile_step(decoder, 64, generate))
         except Exception as error:  # the table matters more than these extras
             say(f"extras failed: {type(error).__name__}: {error}")
+    results["gpu_memory_end"] = {"rank 0": gpu_memory(device), "every GPU (nvidia-smi)": gpu_memory_used()}
+    say(f"GPU memory at the end: {results['gpu_memory_end']}")
     backend.close()
     finish(args, results)
 
@@ -289,6 +322,33 @@ def model_bytes(config) -> int:
         model = FalconForCausalLM(config)
     model.tie_weights()
     return sum(p.numel() for p in model.parameters()) * 2  # parameters(): each tied one once
+
+
+def step_bytes(layout) -> int:
+    """Bytes one decode step reads of the weights in `layout` (one rank's, under tensor
+    parallelism): every product's kept tensors as packed, the norms, one row of the embedding."""
+    import torch
+
+    tensors = [layout.embed[0], *layout.lm_head, *layout.ln_f]
+    for layer in layout.layers:
+        for kept in (layer.w_in, layer.w_mlp_in, layer.w_out, layer.ln_attn, layer.ln_mlp):
+            tensors += kept or ()
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def gpu_memory_used() -> dict:
+    """MB of memory in use on each GPU, every process's (nvidia-smi); empty where there is none."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {
+        f"GPU {i.strip()}": f"{int(mb)} MiB"
+        for i, mb in (line.split(",") for line in out.strip().splitlines())
+    }
 
 
 def build_model_across_gpus(config, device: str):
@@ -653,7 +713,7 @@ def row(label, ms, floor_ms, ttft_s=None, ttft_long_s=None) -> dict:
 
 def print_table(results: dict) -> None:
     say("")
-    say(f"{results['device']}, Falcon-{results['shape']} shape, random bf16, batch 1, "
+    say(f"{results['device']}, Falcon-{results['shape']} shape, {results.get('weights', 'random bf16')}, batch 1, "
         f"{results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens "
         f"(copy {results['copy_bandwidth_GBps'] / 1e3:.2f} TB/s, weights {results['weight_GB']:.2f} GB)")  # fmt: skip
     say("| path | ms/token | tokens/s | x floor | TTFT 128 (ms) | TTFT 1024 (ms) |")
@@ -677,6 +737,9 @@ def print_table(results: dict) -> None:
         "fast_decoder",
         "tensor_parallel",
         "device_map",
+        "load",
+        "gpu_memory_ready",
+        "gpu_memory_end",
     ):
         if key in results:
             say(f"{key}: {results[key]}")
