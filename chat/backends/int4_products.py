@@ -47,9 +47,9 @@ class Int4TinyGemm:
     """
 
     name = "int4 (tinygemm)"
-    # Estimated, not measured: on 180B, tinygemm took ~12 ms per prompt row (1.5 s for 128, 22.6 s
-    # for 1,900); reading the tiles back to bf16 should cost ~1 s a prompt plus cuBLAS's product.
-    PROMPT_ROWS = 128
+    # On 180B tinygemm took ~12 ms per prompt row (1.5 s for 128 rows, 22.6 s for 1,900), and reading
+    # the tiles back in one Triton pass costs about one read of the weights plus cuBLAS's product.
+    PROMPT_ROWS = 16
 
     @staticmethod
     def pack(weight, bias) -> tuple:
@@ -85,7 +85,7 @@ class Int4TinyGemm:
 
 
 class Int4Triton:
-    """int4 weights interleaved for our Triton GEMV (int4_kernels.py); scale and offset as saved."""
+    """int4 weights in our GEMV's layout (int4_gemv.py); each new shape tuned on its first weight."""
 
     name = "int4 (Triton GEMV)"
 
@@ -95,9 +95,14 @@ class Int4Triton:
 
     @staticmethod
     def from_int4(weight: Int4Weight, bias) -> tuple:
-        from .int4_kernels import interleave
+        from . import int4_gemv
 
-        return (interleave(weight), weight.scale, weight.offset, bias)
+        words, scale, offset = int4_gemv.pack(weight)
+        if words.is_cuda and int4_gemv.triton is not None:
+            x = torch.randn(1, weight.shape[1], dtype=scale.dtype, device=words.device)
+            if int4_gemv.chosen(x, words) is None:
+                int4_gemv.tune(x, words, scale, offset)
+        return (words, scale, offset, bias)
 
     @staticmethod
     def linear(x, words, scale, offset, bias):

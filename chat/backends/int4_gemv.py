@@ -1,0 +1,312 @@
+"""Our int4 GEMV in Triton: a few rows of x times an int4 weight, at the speed of reading it.
+
+Decoding multiplies one row by every weight, so a token costs the time to read the weights; the
+kernel's job is to read int4 as fast as the GPU copies memory while doing as little arithmetic
+per weight as it can (an H100/H200 issues ~3-4 instructions per weight at the copy rate).
+
+Layout (`pack`): int32 words [in / 8, out] (column-major, so a program's loads along `out` are
+contiguous), and scale and offset [groups, out]. In each group of G columns, word t of a row holds
+columns t + i * G / 8 in its nibble i, so the x values for one nibble are a contiguous run.
+
+Per weight: one logic op puts the nibble into the mantissa of 2**23 (0x4B000000 | q << 4i is the
+float 2**23 + q * 16**i, exact), one subtraction takes 2**23 off, and one fused multiply-add
+multiplies by x / 16**i. The group's scale multiplies the group's partial sums once, and the
+offset adds offset * sum(x) per group: sum((q * s + o) * x) = s * sum(q * x) + o * sum(x).
+
+Parallelism: programs take BLOCK_N outputs each and, when that is too few programs to keep every
+multiprocessor reading, SPLIT slices of the groups; the slices' float32 partial sums are added by
+a second small kernel in a fixed order (deterministic, unlike atomics). Which (BLOCK_N, SPLIT,
+warps, stages) is fastest depends on the shape and the GPU: `tune` times the candidates on the
+weight at hand and remembers the winner per shape (bench/int4_gemv.py prints the whole sweep).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .int4 import Int4Weight, unpack
+
+try:  # Triton comes with CUDA builds of torch; the CPU reference needs none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent
+    triton = None
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int
+    split: int
+    warps: int
+    stages: int
+    prefetch: bool = False  # load the next group's words before working on this one's
+
+    def __str__(self) -> str:
+        return f"n{self.block_n} s{self.split} w{self.warps} st{self.stages}" + (
+            " pf" if self.prefetch else ""
+        )
+
+
+# The sweep (bench/int4_gemv.py) covers more; `tune` chooses among these.
+CANDIDATES = tuple(
+    Config(n, s, w, st, pf)
+    for n, s, w, st, pf in (
+        (64, 1, 4, 1, True),
+        (64, 2, 4, 1, True),
+        (64, 4, 4, 1, True),
+        (128, 1, 4, 1, True),
+        (128, 2, 4, 1, True),
+        (128, 4, 4, 1, True),
+        (128, 8, 4, 1, True),
+        (256, 2, 8, 1, True),
+        (256, 4, 8, 1, True),
+        (128, 2, 4, 3, False),
+        (128, 4, 4, 3, False),
+        (64, 4, 4, 3, False),
+    )
+)
+DEFAULT = Config(64, 1, 4, 1)
+_chosen: dict[tuple, Config] = {}
+
+
+# -- layout ---------------------------------------------------------------------------------------
+
+
+def pack(weight: Int4Weight, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(words [groups, out, G / 8] int32, scale [groups, out], offset [groups, out]) for `gemv`.
+
+    Built a chunk of output rows at a time: the int32 scratch of a whole 180B MLP weight would
+    be 3.5 GB.
+    """
+    out_features, in_features = weight.shape
+    per_group = weight.group_size // 8
+    groups = in_features // weight.group_size
+    words = torch.empty(groups, out_features, per_group, dtype=torch.int32, device=weight.packed.device)
+    for start in range(0, out_features, rows_per_chunk):
+        stop = min(start + rows_per_chunk, out_features)
+        q = unpack(weight.packed[start:stop]).to(torch.int32).view(stop - start, groups, 8, per_group)
+        chunk = torch.zeros(stop - start, groups, per_group, dtype=torch.int32, device=q.device)
+        for i in range(8):
+            chunk |= q[:, :, i, :] << (4 * i)  # bit 31 wraps to the sign: read back with masks only
+        words[:, start:stop] = chunk.transpose(0, 1)
+        del q, chunk
+    return words, weight.scale.t().contiguous(), weight.offset.t().contiguous()
+
+
+def levels(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack`'s words: uint8 levels [out, in]."""
+    groups, out_features, per_group = words.shape
+    by_row = words.transpose(0, 1)  # [out, groups, words]
+    nibbles = torch.stack([(by_row >> (4 * i)) & 15 for i in range(8)], dim=2)  # [out, groups, 8, words]
+    return nibbles.reshape(out_features, -1).to(torch.uint8)
+
+
+def dequantize(words, scale, offset, dtype) -> torch.Tensor:
+    """The dense weight transposed, [in, out], in `dtype` (a prompt's rows take one dense
+    product): Triton's one pass on a GPU, torch elsewhere."""
+    groups, out_features, per_group = words.shape
+    if triton is not None and words.is_cuda:
+        return dense_by_triton(words, scale, offset, dtype)
+    q = levels(words).view(out_features, groups, per_group * 8).to(dtype)
+    w = q * scale.t()[..., None].to(dtype) + offset.t()[..., None].to(dtype)
+    return w.view(out_features, -1).t()
+
+
+def dense_by_triton(words, scale, offset, dtype) -> torch.Tensor:
+    groups, out_features, per_group = words.shape
+    dense = torch.empty(groups * per_group * 8, out_features, dtype=dtype, device=words.device)
+    block_n = 128
+    _dequantize[(groups, triton.cdiv(out_features, block_n))](
+        words, scale, offset, dense, out_features, GROUP=per_group * 8, BLOCK_N=block_n, num_warps=4
+    )
+    return dense
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, N, K,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+              PREFETCH: tl.constexpr, LOAD_ONLY: tl.constexpr = False):  # fmt: skip
+        # A tile is one group's words for BLOCK_N outputs: [BLOCK_N, GROUP / 8], contiguous in
+        # memory. LOAD_ONLY (the bench's probe of the layout's read rate) sums the words instead.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        row = tl.program_id(2)
+        words: tl.constexpr = GROUP // 8
+        groups_per_split = K // GROUP // SPLIT  # the caller makes SPLIT divide the groups
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        t = tl.arange(0, words)
+        first = pid_k * groups_per_split
+        acc = tl.zeros([BLOCK_N, words], dtype=tl.float32)
+        acc_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+        probe = tl.zeros([BLOCK_N, words], dtype=tl.int32)
+        x_row = x_ptr + row.to(tl.int64) * K
+        w_tile = w_ptr + cols[:, None] * words + t[None, :]
+        magic = 8388608.0  # 2**23
+        if PREFETCH:
+            w_next = tl.load(w_tile + first.to(tl.int64) * N * words, mask=col_ok[:, None], other=0)
+        for j in range(0, groups_per_split):  # (from 0: Triton's interpreter wants a plain start)
+            g = first + j
+            if PREFETCH:
+                w = w_next
+                more = j + 1 < groups_per_split
+                w_next = tl.load(
+                    w_tile + (g + 1).to(tl.int64) * N * words, mask=col_ok[:, None] & more, other=0
+                )
+            else:
+                w = tl.load(w_tile + g.to(tl.int64) * N * words, mask=col_ok[:, None], other=0)
+            if LOAD_ONLY:
+                probe += w
+            else:
+                s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+                o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+                upper = w >> 20
+                dots = tl.zeros([BLOCK_N, words], dtype=tl.float32)
+                x_sum = tl.zeros([words], dtype=tl.float32)
+                for i in tl.static_range(8):
+                    x_i = tl.load(x_row + g * GROUP + i * words + t).to(tl.float32)
+                    x_sum += x_i
+                    if i < 5:
+                        bits = (w & (15 << (4 * i))) | 0x4B000000
+                        x_i = x_i * (1.0 / (16**i))
+                    else:
+                        bits = (upper & (15 << (4 * (i - 5)))) | 0x4B000000
+                        x_i = x_i * (1.0 / (16 ** (i - 5)))
+                    dots += (bits.to(tl.float32, bitcast=True) - magic) * x_i[None, :]
+                acc += dots * s[:, None]
+                acc_offset += o * tl.sum(x_sum, axis=0)
+        if LOAD_ONLY:
+            total = tl.sum(probe, axis=1).to(tl.float32)
+        else:
+            total = tl.sum(acc, axis=1) + acc_offset
+        if SPLIT == 1:
+            tl.store(out_ptr + row * N + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+        else:  # float32 partial sums [rows, SPLIT, N], added by _sum_splits
+            tl.store(out_ptr + (row * SPLIT + pid_k).to(tl.int64) * N + cols, total, mask=col_ok)
+
+    @triton.jit
+    def _dequantize(w_ptr, s_ptr, o_ptr, out_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One group's rows of the transposed dense weight [in, out]: stores run along `out`.
+        g = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = cols < N
+        words: tl.constexpr = GROUP // 8
+        t = tl.arange(0, words)
+        w = tl.load(
+            w_ptr + (g.to(tl.int64) * N + cols[:, None]) * words + t[None, :], mask=ok[:, None], other=0
+        )
+        s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+        upper = w >> 20
+        for i in tl.static_range(8):
+            if i < 5:
+                q = (((w & (15 << (4 * i))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * (
+                    1.0 / (16**i)
+                )
+            else:
+                q = (
+                    ((upper & (15 << (4 * (i - 5)))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                ) * (1.0 / (16 ** (i - 5)))
+            value = q * s[:, None] + o[:, None]  # [BLOCK_N, words]
+            rows = g * GROUP + i * words + t
+            tl.store(out_ptr + rows[None, :].to(tl.int64) * N + cols[:, None], value.to(out_ptr.dtype.element_ty),
+                     mask=ok[:, None])  # fmt: skip
+
+    @triton.jit
+    def _sum_splits(part_ptr, out_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row = tl.program_id(1)
+        ok = cols < N
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(SPLIT):
+            total += tl.load(part_ptr + (row * SPLIT + k) * N + cols, mask=ok, other=0.0)
+        tl.store(out_ptr + row * N + cols, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gemv(
+    x: torch.Tensor, words, scale, offset, config: Config | None = None, load_only=False
+) -> torch.Tensor:
+    """x [rows, in] @ W.T for the packed weight (`pack`): [rows, out] in x's dtype.
+
+    Without `config`, the one `tune` chose for this shape (DEFAULT before any tuning).
+    """
+    if triton is None:
+        raise RuntimeError("the int4 GEMV needs Triton")
+    x = x.contiguous()
+    rows, in_features = x.shape
+    n_groups, out_features, _ = words.shape
+    config = config or _chosen.get(_key(x, words), DEFAULT)
+    split = max(d for d in range(1, config.split + 1) if n_groups % d == 0)  # equal slices
+    out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    target = (
+        out if split == 1 else torch.empty(rows, split, out_features, dtype=torch.float32, device=x.device)
+    )
+    grid = (triton.cdiv(out_features, config.block_n), split, rows)
+    _gemv[grid](x, words, scale, offset, target, out_features, in_features,
+                GROUP=in_features // n_groups, BLOCK_N=config.block_n, SPLIT=split,
+                PREFETCH=config.prefetch, LOAD_ONLY=load_only, num_warps=config.warps, num_stages=config.stages)  # fmt: skip
+    if split > 1:
+        _sum_splits[(triton.cdiv(out_features, 1024), rows)](
+            target, out, out_features, SPLIT=split, BLOCK=1024
+        )
+    return out
+
+
+def _key(x, words) -> tuple:
+    return (x.shape[0], *words.shape, str(x.device))
+
+
+def tune(x: torch.Tensor, words, scale, offset, candidates=CANDIDATES) -> dict[Config, float]:
+    """Time each candidate on this weight (cold L2 each run) and keep the fastest for its shape.
+
+    Returns microseconds per candidate; a candidate that fails to compile or run is left out.
+    """
+    from triton.testing import do_bench
+
+    sample = min(512, words.shape[1])  # outputs checked: the float32 copy of a 180B weight is 3.5 GB
+    exact = x.float() @ dequantize(words, scale, offset, x.dtype)[:, :sample].float()
+    times = {}
+    for config in candidates:
+        try:
+            out = gemv(x, words, scale, offset, config)[:, :sample].float()
+            if not ((out - exact).norm() / exact.norm()).item() <= 1e-2:
+                continue
+            times[config] = (
+                do_bench(lambda c=config: gemv(x, words, scale, offset, c), warmup=5, rep=20) * 1e3
+            )
+        except Exception:  # noqa: BLE001 - a config this GPU cannot run is simply not chosen
+            continue
+    if times:
+        _chosen[_key(x, words)] = min(times, key=times.get)
+    return times
+
+
+def chosen(x: torch.Tensor, words) -> Config | None:
+    return _chosen.get(_key(x, words))
+
+
+# -- the product the fast decoder calls -----------------------------------------------------------
+
+PROMPT_ROWS = 16  # from this many rows on, one dense product (the GEMV reads the weight per row)
+
+
+@torch.library.custom_op("falcon_chat::int4_linear", mutates_args=())
+def int4_linear(
+    x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """x @ W.T for the packed int4 weight: the GEMV for a token, one dense product for a prompt.
+    An opaque op to torch.compile: Dynamo does not trace Triton's launcher or the tuning table."""
+    if x.shape[0] < PROMPT_ROWS and triton is not None and x.is_cuda:
+        return gemv(x, words, scale, offset)
+    return (x @ dequantize(words, scale, offset, x.dtype)).to(x.dtype)
+
+
+@int4_linear.register_fake
+def _int4_linear_shape(x, words, scale, offset):
+    return x.new_empty(x.shape[0], words.shape[1])
