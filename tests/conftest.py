@@ -6,11 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import free_port, serve_app
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+if not torch.cuda.is_available():
+    # Our Triton kernels (int4 GEMV, flash decoding) then run in Triton's interpreter on the CPU,
+    # where Triton is installed (requirements-test.txt): set before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.helpers import free_port, serve_app  # noqa: E402
 
 
 @pytest.fixture(scope="session")

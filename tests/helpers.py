@@ -98,3 +98,22 @@ def rest_call(url: str, api: str, raw: str, timeout: float = 30) -> tuple[int, s
                     payload = json.loads(line[5:])
                     break
         return posted.status_code, event, payload
+
+
+def fake_tinygemm_pack(swapped, tiles):
+    import torch
+
+    """Stands in for `_convert_weight_to_int4pack` (CUDA only): a fixed scramble of each tile of
+    8 x 16*tiles levels into int32 words, shaped as tinygemm's [out/8, in/(16*tiles), 32, tiles/2]."""
+    levels = torch.stack((swapped >> 4, swapped & 15), dim=-1).reshape(swapped.shape[0], -1)
+    rows, columns = levels.shape
+    width = 16 * tiles
+    tiles_of = (
+        levels.view(rows // 8, 8, columns // width, width)
+        .transpose(1, 2)
+        .reshape(rows // 8, columns // width, -1)
+    )
+    scramble = torch.randperm(8 * width, generator=torch.Generator().manual_seed(tiles))
+    slots = tiles_of[..., scramble].to(torch.int32).view(rows // 8, columns // width, -1, 8)
+    words = sum(slots[..., j] << (4 * j) for j in range(8))
+    return words.view(rows // 8, columns // width, 32, tiles // 2)

@@ -177,31 +177,15 @@ def test_int4_of_a_model_the_fast_decoder_cannot_run_is_a_clear_error(tmp_path):
         build_backend(Settings(model=str(tmp_path), quantize="int4"))
 
 
-def _fake_tinygemm_pack(swapped, tiles):
-    """Stands in for `_convert_weight_to_int4pack` (CUDA only): a fixed scramble of each tile of
-    8 x 16*tiles levels into int32 words, shaped as tinygemm's [out/8, in/(16*tiles), 32, tiles/2]."""
-    levels = torch.stack((swapped >> 4, swapped & 15), dim=-1).reshape(swapped.shape[0], -1)
-    rows, columns = levels.shape
-    width = 16 * tiles
-    tiles_of = (
-        levels.view(rows // 8, 8, columns // width, width)
-        .transpose(1, 2)
-        .reshape(rows // 8, columns // width, -1)
-    )
-    scramble = torch.randperm(8 * width, generator=torch.Generator().manual_seed(tiles))
-    slots = tiles_of[..., scramble].to(torch.int32).view(rows // 8, columns // width, -1, 8)
-    words = sum(slots[..., j] << (4 * j) for j in range(8))
-    return words.view(rows // 8, columns // width, 32, tiles // 2)
-
-
 @pytest.mark.parametrize("tiles", [2, 4, 8])
 def test_tile_order_found_by_probes_reads_back_every_level(tiles):
     from chat.backends.tinygemm_tiles import TileOrder, dense_weight, swap_nibbles
+    from tests.helpers import fake_tinygemm_pack
 
     weight = int4.quantize(_weights(rows=32, cols=512), 64)
     levels = int4.unpack(weight.packed)
-    tiled = _fake_tinygemm_pack(swap_nibbles(levels), tiles)
-    order = TileOrder(tiles, "cpu", pack=_fake_tinygemm_pack)
+    tiled = fake_tinygemm_pack(swap_nibbles(levels), tiles)
+    order = TileOrder(tiles, "cpu", pack=fake_tinygemm_pack)
     assert order.check(tiled, levels)
     assert not order.check(tiled, levels.roll(1, dims=1))
     scale, zero = weight.scale.float(), weight.offset.float() + 8 * weight.scale.float()

@@ -1,0 +1,98 @@
+"""Our int4 GEMV (chat/backends/int4_gemv.py) and the Triton read-back of tinygemm's tiles.
+
+The layout and the CPU path are checked everywhere; the Triton kernels run on a GPU, or in
+Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1 there; Triton comes from
+requirements-test.txt), each against the float32 product of the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from chat.backends import int4, int4_gemv
+from chat.backends.int4_products import Int4Reference, Int4Triton
+
+CUDA = torch.cuda.is_available()
+RUNS_TRITON = int4_gemv.triton is not None and (CUDA or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(not RUNS_TRITON, reason="needs a CUDA GPU or Triton's interpreter")
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _weight(rows, cols, group_size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    dense = torch.randn(rows, cols, generator=generator) * 0.02
+    dense[:, 3] += 0.5  # an outlier column: groups differ in scale and offset
+    return int4.quantize(dense, group_size, search="none", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("group_size", [128, 64, 32])
+def test_layout_keeps_every_level_and_the_dequantized_weight(group_size):
+    weight = _weight(40, 256, group_size)
+    words, scale, offset = int4_gemv.pack(weight, rows_per_chunk=16)  # several chunks
+    assert words.shape == (256 // group_size, 40, group_size // 8)
+    assert torch.equal(int4_gemv.levels(words), int4.unpack(weight.packed))
+    assert torch.equal(int4_gemv.dequantize(words, scale, offset, torch.float32).T, int4.dequantize(weight))
+
+
+def test_triton_adapter_multiplies_like_the_reference_on_the_cpu():
+    weight = _weight(48, 256, 128)
+    bias = torch.randn(48)
+    x = torch.randn(3, 256)
+    expected = Int4Reference.linear(x, *Int4Reference.from_int4(weight, bias))
+    packed = Int4Triton.from_int4(weight, bias)
+    assert torch.allclose(Int4Triton.linear(x, *packed), expected, atol=1e-5)
+    prompt = torch.randn(int4_gemv.PROMPT_ROWS + 3, 256)  # the dense path
+    assert torch.allclose(
+        Int4Triton.linear(prompt, *packed), Int4Reference.linear(prompt, *Int4Reference.from_int4(weight, bias)),
+        atol=1e-5,
+    )  # fmt: skip
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("rows", "cols", "group_size", "batch", "config"),
+    [
+        (96, 512, 128, 1, int4_gemv.Config(64, 1, 4, 1)),
+        (96, 512, 128, 2, int4_gemv.Config(32, 4, 4, 1, prefetch=True)),  # split in 4, ragged columns
+        (200, 384, 128, 1, int4_gemv.Config(128, 3, 4, 1)),  # 3 groups in 3 slices
+        (130, 512, 64, 3, int4_gemv.Config(64, 8, 4, 1, prefetch=True)),
+        (64, 256, 32, 1, int4_gemv.Config(64, 2, 4, 1)),
+    ],
+)
+def test_gemv_equals_the_float32_product(rows, cols, group_size, batch, config):
+    weight = _weight(rows, cols, group_size, seed=rows)
+    packed = [t.to(DEVICE) for t in int4_gemv.pack(weight)]
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    exact = x.double() @ int4.dequantize(weight).double().T.to(DEVICE)
+    out = int4_gemv.gemv(x, *packed, config)
+    assert out.shape == (batch, rows)
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+@needs_triton
+def test_dense_read_back_equals_the_dequantized_weight():
+    weight = _weight(300, 512, 64)
+    words, scale, offset = (t.to(DEVICE) for t in int4_gemv.pack(weight))
+    dense = int4_gemv.dense_by_triton(words, scale, offset, torch.float32)
+    assert torch.equal(dense.T.cpu(), int4.dequantize(weight))
+
+
+@needs_triton
+@pytest.mark.parametrize("tiles", [2, 8])
+def test_tinygemm_tiles_read_back_by_triton_equal_the_torch_read_back(tiles):
+    from chat.backends.tinygemm_tiles import TileOrder, dense_weight, swap_nibbles
+    from tests.helpers import fake_tinygemm_pack
+
+    weight = _weight(32, 512, 64)
+    levels = int4.unpack(weight.packed)
+    tiled = fake_tinygemm_pack(swap_nibbles(levels), tiles)
+    order = TileOrder(tiles, "cpu", pack=fake_tinygemm_pack)
+    scale, zero = weight.scale.float(), weight.offset.float() + 8 * weight.scale.float()
+    scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1)
+    by_torch = dense_weight(tiled, scale_zero, order, torch.float32, kernel=False)
+    by_triton = dense_weight(tiled.to(DEVICE), scale_zero.to(DEVICE), order, torch.float32, kernel=True)
+    assert torch.equal(by_triton.cpu(), by_torch)
+    assert torch.allclose(by_torch, int4.dequantize(weight), atol=1e-6)
