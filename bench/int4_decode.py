@@ -24,10 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_decode import bench_stream, build_model, copy_bandwidth, prompt_text, row, say  # noqa: E402
+from bench.gpu_decode import (  # noqa: E402
+    SHAPES,
+    bench_stream,
+    build_model,
+    copy_bandwidth,
+    prompt_text,
+    row,
+    say,
+    step_bytes,
+)
 
-SHAPE_180B = dict(hidden_size=14848, num_hidden_layers=80, num_attention_heads=232, num_kv_heads=8,
-                  new_decoder_architecture=True)  # fmt: skip
+SHAPE_180B = dict(SHAPES["180b"])  # a copy: the CPU smoke run shrinks it
 VOCAB = 65024
 DEVICE = "cuda"
 ADAPTERS = {"tinygemm": "Int4TinyGemm", "triton": "Int4Triton"}  # int4_products' classes
@@ -80,7 +88,7 @@ def main() -> None:
 
 def cpu_smoke(args) -> None:
     ADAPTERS.update(tinygemm="Int4Reference")  # the CPU's int4 products
-    args.int4_kernels = ["tinygemm"]
+    args.int4_kernels = ["tinygemm", "triton"]
     results = {"rows": []}
     args.long_prompt_tokens = 24
     bench_against_bf16("tiny", args, 1e10, results, device="cpu")
@@ -93,11 +101,33 @@ def cpu_smoke(args) -> None:
 
 
 def bench_180b(args, bandwidth, results) -> None:
+    """Each kernel of --int4-kernels in turn, on the same seeded random int4 weights."""
+    import gc
+
+    import torch
+
+    floor_row = None
+    for kernel in pick_kernels(args, "180b"):
+        torch.manual_seed(0)
+        mine = {"rows": []}
+        bench_180b_with(args, bandwidth, mine, kernel)
+        floor_row = floor_row or mine["rows"][0]
+        results["rows"] += mine["rows"][1:]
+        results.setdefault("kernels", {})[kernel] = {k: v for k, v in mine.items() if k != "rows"}
+        results.update({k: v for k, v in mine.items() if k in ("int4_GB_saved_layout",)})
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    results["rows"].insert(0, floor_row)
+
+
+def bench_180b_with(args, bandwidth, results, kernel) -> None:
     import torch
     from transformers import FalconConfig
 
     from chat.backends.falcon_int4 import Int4Falcon, layout_from_int4
     from chat.backends.fast_decode import FastDecoder
+    from chat.backends.int4 import random_int4
     from chat.backends.local import LocalBackend
 
     if DEVICE == "cuda":
@@ -114,13 +144,13 @@ def bench_180b(args, bandwidth, results) -> None:
             ("mlp_in", (ffn, hidden)),
             ("out", (hidden, hidden + ffn)),
         ):
-            products[f"h.{i}.{name}"] = random_int4(rows, cols)
+            products[f"h.{i}.{name}"] = random_int4(rows, cols, device=DEVICE)
         for norm in ("ln_attn", "ln_mlp"):
             dense[f"transformer.h.{i}.{norm}.weight"] = torch.ones(
                 hidden, dtype=torch.bfloat16, device=DEVICE
             )
             dense[f"transformer.h.{i}.{norm}.bias"] = torch.zeros(hidden, dtype=torch.bfloat16, device=DEVICE)
-    products["lm_head"] = random_int4(VOCAB, hidden)
+    products["lm_head"] = random_int4(VOCAB, hidden, device=DEVICE)
     dense["transformer.word_embeddings.weight"] = torch.randn(
         VOCAB, hidden, dtype=torch.bfloat16, device=DEVICE
     )
@@ -128,15 +158,19 @@ def bench_180b(args, bandwidth, results) -> None:
     dense["transformer.ln_f.bias"] = torch.zeros(hidden, dtype=torch.bfloat16, device=DEVICE)
     model = Int4Falcon(config, products, dense)
     results["int4_GB_saved_layout"] = model.nbytes / 1e9
-    kernel = pick_kernels(args, "180b")[0]
     results["kernel"] = kernel
     layout = layout_from_int4(model, max_len=2048, products=adapter(kernel))
     del model, products
     read = step_bytes(layout)
     floor_ms = read / bandwidth * 1e3
     results.update(weights_read_GB=read / 1e9, floor_ms=floor_ms, built_s=time.perf_counter() - start)
+    if kernel == "triton":
+        from chat.backends import int4_gemv
+
+        results["tuned"] = {str(key[1:3]): str(c) for key, c in int4_gemv._chosen.items()}
     say(
-        f"180b int4: {read / 1e9:.1f} GB read per token; floor {floor_ms:.2f} ms; built in {results['built_s']:.0f} s"
+        f"180b int4 ({kernel}): {read / 1e9:.1f} GB read per token; floor {floor_ms:.2f} ms; "
+        f"built in {results['built_s']:.0f} s {results.get('tuned', '')}"
     )
     results["rows"].append(row("int4 floor (bytes read / copy bandwidth)", floor_ms, floor_ms))
     tokenizer = word_tokenizer()
@@ -157,13 +191,14 @@ def bench_180b(args, bandwidth, results) -> None:
         f"2,048-token conversation: {results['conversation_2048']}; peak GPU memory {results['peak_GB']:.1f} GB"
     )
     backend.close()
+    del backend, decoder, layout
 
 
 def pick_kernels(args, shape: str) -> list[str]:
     """With --pick-from (bench/int4_kernels.py's JSON): the fastest kernel on this shape's layer;
-    else every kernel of --int4-kernels (180b: the first)."""
+    else every kernel of --int4-kernels."""
     if not args.pick_from or not args.pick_from.exists():
-        return args.int4_kernels[:1] if shape == "180b" else args.int4_kernels
+        return args.int4_kernels
     rows = json.loads(args.pick_from.read_text())["rows"]
     timed = {r["kernel"]: r["us_per_layer"] for r in rows
              if r.get("shape") == shape and r.get("part") == "layer" and "us_per_layer" in r}  # fmt: skip
@@ -286,27 +321,6 @@ def conversation(backend, long_prompt, new_tokens) -> dict:
     start = time.perf_counter()
     tokens = [t for t in backend.stream(long_prompt, params) if t.id is not None]
     return {"new_tokens": len(tokens), "finish": "ok", "s": time.perf_counter() - start}
-
-
-def random_int4(rows: int, cols: int):
-    import torch
-
-    from chat.backends.int4 import Int4Weight, group_size_for
-
-    group = group_size_for(cols)
-    packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, device=DEVICE)
-    scale = torch.rand(rows, cols // group, device=DEVICE).add_(0.5).mul_(0.002).to(torch.bfloat16)
-    return Int4Weight(packed, scale, (-8 * scale.float()).to(torch.bfloat16), group)
-
-
-def step_bytes(layout) -> int:
-    """Bytes one decode step must read: every product's kept tensors (the embedding: one row)."""
-    total = 0
-    for layer in layout.layers:
-        for packed in (layer.w_in, layer.w_mlp_in, layer.w_out):
-            total += sum(t.numel() * t.element_size() for t in (packed or ()) if t is not None)
-    total += sum(t.numel() * t.element_size() for t in layout.lm_head if t is not None)
-    return total
 
 
 def word_tokenizer():
