@@ -42,11 +42,11 @@ class Config:
     warps: int
     stages: int
     prefetch: bool = False  # load the next group's words before working on this one's
+    half2: bool = True  # fp16x2 arithmetic (inline PTX: a GPU only; Triton's interpreter runs float32)
 
     def __str__(self) -> str:
-        return f"n{self.block_n} s{self.split} w{self.warps} st{self.stages}" + (
-            " pf" if self.prefetch else ""
-        )
+        flags = (" pf" if self.prefetch else "") + ("" if self.half2 else " f32")
+        return f"n{self.block_n} s{self.split} w{self.warps} st{self.stages}{flags}"
 
 
 # The sweep (bench/int4_gemv.py) covers more; `tune` chooses among these.
@@ -124,14 +124,69 @@ def dense_by_triton(words, scale, offset, dtype) -> torch.Tensor:
     return dense
 
 
+# Two nibbles to two fp16 at once (lop3 = (w & mask) | magic): 0x5400 is 64.0 with a last
+# mantissa bit of 1/16, 0x4400 is 4.0 with 1/256, so a nibble at bits 0-3 (or 16-19) of the first
+# and one at bits 4-7 (20-23) of the second both read back as 64 + q/16 or 4 + q/16, exactly;
+# subtracting the magic leaves q/16. Each word's 8 levels times its 8 x values (packed the same
+# way by _pack_x) are summed in fp16x2 (4 products a lane, so no overflow below |x| = 16,384)
+# and the two lanes added in float32: 17 instructions per 8 weights instead of ~27.
+_WORD_DOT_PTX = """{
+.reg .b32 a, b, c, d, h, k64, k4, s;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 k64, 0x54005400;
+mov.b32 k4, 0x44004400;
+lop3.b32 a, $1, 0x000F000F, 0x54005400, 0xEA;
+lop3.b32 b, $1, 0x00F000F0, 0x44004400, 0xEA;
+shr.u32 h, $1, 8;
+lop3.b32 c, h, 0x000F000F, 0x54005400, 0xEA;
+lop3.b32 d, h, 0x00F000F0, 0x44004400, 0xEA;
+sub.f16x2 a, a, k64;
+sub.f16x2 b, b, k4;
+sub.f16x2 c, c, k64;
+sub.f16x2 d, d, k4;
+mul.f16x2 s, a, $2;
+fma.rn.f16x2 s, b, $3, s;
+fma.rn.f16x2 s, c, $4, s;
+fma.rn.f16x2 s, d, $5, s;
+mov.b32 {lo, hi}, s;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 flo, flo, fhi;
+mov.b32 $0, flo;
+}"""
+
+
 # -- kernels --------------------------------------------------------------------------------------
 
 if triton is not None:
+    _WORD_DOT_ASM = tl.constexpr(_WORD_DOT_PTX)  # a kernel reads module globals only as constexpr
+
+    @triton.jit
+    def _pack_x(x_ptr, xp_ptr, xs_ptr, K, GROUP: tl.constexpr):
+        # x for the fp16x2 path: per group, 4 words per t pairing x's columns as the nibbles
+        # pair ([groups, 4, G / 8] int32, fp16 in each half), and the group's sum in float32.
+        g = tl.program_id(0)
+        row = tl.program_id(1)
+        n_groups = K // GROUP
+        words: tl.constexpr = GROUP // 8
+        t = tl.arange(0, words)
+        base = x_ptr + row.to(tl.int64) * K + g * GROUP
+        total = 0.0
+        for p in tl.static_range(4):
+            lo = tl.load(base + p * words + t).to(tl.float32)
+            hi = tl.load(base + (p + 4) * words + t).to(tl.float32)
+            total += tl.sum(lo, axis=0) + tl.sum(hi, axis=0)
+            lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            hi_bits = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+            tl.store(xp_ptr + ((row * n_groups + g) * 4 + p).to(tl.int64) * words + t, lo_bits | hi_bits)
+        tl.store(xs_ptr + row * n_groups + g, total)
 
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, N, K,
               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-              PREFETCH: tl.constexpr, LOAD_ONLY: tl.constexpr = False):  # fmt: skip
+              PREFETCH: tl.constexpr, LOAD_ONLY: tl.constexpr = False, HALF2: tl.constexpr = False,
+              xp_ptr=None, xs_ptr=None):  # fmt: skip
         # A tile is one group's words for BLOCK_N outputs: [BLOCK_N, GROUP / 8], contiguous in
         # memory. LOAD_ONLY (the bench's probe of the layout's read rate) sums the words instead.
         pid_n = tl.program_id(0)
@@ -163,6 +218,19 @@ if triton is not None:
                 w = tl.load(w_tile + g.to(tl.int64) * N * words, mask=col_ok[:, None], other=0)
             if LOAD_ONLY:
                 probe += w
+            elif HALF2:  # x packed by _pack_x; the asm gives sum(q * x) / 16 per word
+                s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+                o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+                packed_x = xp_ptr + ((row * (K // GROUP) + g) * 4).to(tl.int64) * words + t
+                xa = tl.broadcast_to(tl.load(packed_x)[None, :], (BLOCK_N, words))
+                xb = tl.broadcast_to(tl.load(packed_x + words)[None, :], (BLOCK_N, words))
+                xc = tl.broadcast_to(tl.load(packed_x + 2 * words)[None, :], (BLOCK_N, words))
+                xd = tl.broadcast_to(tl.load(packed_x + 3 * words)[None, :], (BLOCK_N, words))
+                part = tl.inline_asm_elementwise(
+                    _WORD_DOT_ASM, "=r,r,r,r,r,r", [w, xa, xb, xc, xd], dtype=tl.int32, is_pure=True, pack=1
+                )
+                acc += part.to(tl.float32, bitcast=True) * (s * 16.0)[:, None]
+                acc_offset += o * tl.load(xs_ptr + row * (K // GROUP) + g)
             else:
                 s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
                 o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -247,15 +315,29 @@ def gemv(
     target = (
         out if split == 1 else torch.empty(rows, split, out_features, dtype=torch.float32, device=x.device)
     )
+    group_size = in_features // n_groups
+    half2 = config.half2 and x.is_cuda and not load_only
+    packed_x, x_sums = pack_x(x, n_groups) if half2 else (None, None)
     grid = (triton.cdiv(out_features, config.block_n), split, rows)
     _gemv[grid](x, words, scale, offset, target, out_features, in_features,
-                GROUP=in_features // n_groups, BLOCK_N=config.block_n, SPLIT=split,
-                PREFETCH=config.prefetch, LOAD_ONLY=load_only, num_warps=config.warps, num_stages=config.stages)  # fmt: skip
+                GROUP=group_size, BLOCK_N=config.block_n, SPLIT=split,
+                PREFETCH=config.prefetch, LOAD_ONLY=load_only, HALF2=half2, xp_ptr=packed_x, xs_ptr=x_sums,
+                num_warps=config.warps, num_stages=config.stages)  # fmt: skip
     if split > 1:
         _sum_splits[(triton.cdiv(out_features, 1024), rows)](
             target, out, out_features, SPLIT=split, BLOCK=1024
         )
     return out
+
+
+def pack_x(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x for the fp16x2 path: ([rows, groups, 4, G / 8] int32 fp16 pairs, [rows, groups] sums)."""
+    rows, in_features = x.shape
+    group_size = in_features // n_groups
+    packed = torch.empty(rows, n_groups, 4, group_size // 8, dtype=torch.int32, device=x.device)
+    sums = torch.empty(rows, n_groups, dtype=torch.float32, device=x.device)
+    _pack_x[(n_groups, rows)](x, packed, sums, in_features, GROUP=group_size, num_warps=1)
+    return packed, sums
 
 
 def _key(x, words) -> tuple:
