@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.int4_kernels import SHAPES, VOCAB, copy_bandwidth, graph_ms, products, say  # noqa: E402
 
-SWEEP = dict(block_n=(64, 128, 256), split=(1, 2, 4, 8), warps=(4, 8), stages=(1, 3), prefetch=(False, True))
+SWEEP = dict(
+    block_n=(32, 64, 128, 256), split=(1, 4, 8, 16), warps=(4, 8), stages=(1, 3), prefetch=(False, True)
+)
 FLOAT32 = (
     (256, 4, 4, 1, False, False),
     (128, 8, 4, 1, True, False),

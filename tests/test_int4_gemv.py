@@ -60,6 +60,8 @@ def test_triton_adapter_multiplies_like_the_reference_on_the_cpu():
         (200, 384, 128, 1, int4_gemv.Config(128, 3, 4, 1)),  # 3 groups in 3 slices
         (130, 512, 64, 3, int4_gemv.Config(64, 8, 4, 1, prefetch=True)),
         (64, 256, 32, 1, int4_gemv.Config(64, 2, 4, 1)),
+        (72, 384, 128, 1, int4_gemv.Config(64, 2, 4, 1)),  # 3 groups in slices of 2 and 1
+        (64, 704, 64, 2, int4_gemv.Config(32, 4, 4, 1, prefetch=True)),  # 11 groups: 3, 3, 3, 2
     ],
 )
 def test_gemv_equals_the_float32_product(rows, cols, group_size, batch, config):

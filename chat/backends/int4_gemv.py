@@ -53,21 +53,21 @@ class Config:
 CANDIDATES = tuple(
     Config(n, s, w, st, pf)
     for n, s, w, st, pf in (
-        (64, 1, 4, 1, True),
-        (64, 2, 4, 1, True),
-        (64, 4, 4, 1, True),
-        (128, 1, 4, 1, True),
-        (128, 2, 4, 1, True),
-        (128, 4, 4, 1, True),
+        (64, 4, 4, 3, False),  # the best on most 180B and 40B products (H200 sweep)
+        (64, 4, 4, 1, False),
+        (128, 4, 8, 1, False),
         (128, 8, 4, 1, True),
-        (256, 2, 8, 1, True),
-        (256, 4, 8, 1, True),
-        (128, 2, 4, 3, False),
         (128, 4, 4, 3, False),
-        (64, 4, 4, 3, False),
+        (256, 4, 8, 1, False),
+        (64, 2, 4, 3, False),
+        (64, 8, 4, 3, False),
+        (64, 16, 4, 3, False),  # short rows (7B): more slices, more programs
+        (32, 8, 4, 3, False),
+        (64, 8, 4, 1, True),
+        (64, 1, 4, 3, False),
     )
 )
-DEFAULT = Config(64, 1, 4, 1)
+DEFAULT = Config(64, 4, 4, 3)
 _chosen: dict[tuple, Config] = {}
 
 
@@ -186,14 +186,15 @@ if triton is not None:
     def _gemv(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, N, K,
               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
               PREFETCH: tl.constexpr, LOAD_ONLY: tl.constexpr = False, HALF2: tl.constexpr = False,
-              xp_ptr=None, xs_ptr=None):  # fmt: skip
+              RAGGED: tl.constexpr = False, xp_ptr=None, xs_ptr=None):  # fmt: skip
         # A tile is one group's words for BLOCK_N outputs: [BLOCK_N, GROUP / 8], contiguous in
         # memory. LOAD_ONLY (the bench's probe of the layout's read rate) sums the words instead.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         row = tl.program_id(2)
         words: tl.constexpr = GROUP // 8
-        groups_per_split = K // GROUP // SPLIT  # the caller makes SPLIT divide the groups
+        n_groups = K // GROUP
+        groups_per_split = (n_groups + SPLIT - 1) // SPLIT  # RAGGED: the last slice is shorter
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         t = tl.arange(0, words)
@@ -205,40 +206,50 @@ if triton is not None:
         w_tile = w_ptr + cols[:, None] * words + t[None, :]
         magic = 8388608.0  # 2**23
         if PREFETCH:
-            w_next = tl.load(w_tile + first.to(tl.int64) * N * words, mask=col_ok[:, None], other=0)
+            w_next = tl.load(
+                w_tile + first.to(tl.int64) * N * words, mask=col_ok[:, None] & (first < n_groups), other=0
+            )
         for j in range(0, groups_per_split):  # (from 0: Triton's interpreter wants a plain start)
             g = first + j
+            ok = col_ok & (g < n_groups) if RAGGED else col_ok  # past the end: zeros, which add nothing
+            in_range = (g < n_groups) if RAGGED else True
             if PREFETCH:
                 w = w_next
-                more = j + 1 < groups_per_split
+                more = (j + 1 < groups_per_split) & (g + 1 < n_groups)
                 w_next = tl.load(
                     w_tile + (g + 1).to(tl.int64) * N * words, mask=col_ok[:, None] & more, other=0
                 )
             else:
-                w = tl.load(w_tile + g.to(tl.int64) * N * words, mask=col_ok[:, None], other=0)
+                w = tl.load(w_tile + g.to(tl.int64) * N * words, mask=ok[:, None], other=0)
             if LOAD_ONLY:
                 probe += w
             elif HALF2:  # x packed by _pack_x; the asm gives sum(q * x) / 16 per word
-                s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-                o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-                packed_x = xp_ptr + ((row * (K // GROUP) + g) * 4).to(tl.int64) * words + t
-                xa = tl.broadcast_to(tl.load(packed_x)[None, :], (BLOCK_N, words))
-                xb = tl.broadcast_to(tl.load(packed_x + words)[None, :], (BLOCK_N, words))
-                xc = tl.broadcast_to(tl.load(packed_x + 2 * words)[None, :], (BLOCK_N, words))
-                xd = tl.broadcast_to(tl.load(packed_x + 3 * words)[None, :], (BLOCK_N, words))
+                s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+                o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+                packed_x = xp_ptr + ((row * n_groups + g) * 4).to(tl.int64) * words + t
+                xa = tl.broadcast_to(tl.load(packed_x, mask=in_range, other=0)[None, :], (BLOCK_N, words))
+                xb = tl.broadcast_to(
+                    tl.load(packed_x + words, mask=in_range, other=0)[None, :], (BLOCK_N, words)
+                )
+                xc = tl.broadcast_to(
+                    tl.load(packed_x + 2 * words, mask=in_range, other=0)[None, :], (BLOCK_N, words)
+                )
+                xd = tl.broadcast_to(
+                    tl.load(packed_x + 3 * words, mask=in_range, other=0)[None, :], (BLOCK_N, words)
+                )
                 part = tl.inline_asm_elementwise(
                     _WORD_DOT_ASM, "=r,r,r,r,r,r", [w, xa, xb, xc, xd], dtype=tl.int32, is_pure=True, pack=1
                 )
                 acc += part.to(tl.float32, bitcast=True) * (s * 16.0)[:, None]
-                acc_offset += o * tl.load(xs_ptr + row * (K // GROUP) + g)
+                acc_offset += o * tl.load(xs_ptr + row * n_groups + g, mask=in_range, other=0.0)
             else:
-                s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-                o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+                o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
                 upper = w >> 20
                 dots = tl.zeros([BLOCK_N, words], dtype=tl.float32)
                 x_sum = tl.zeros([words], dtype=tl.float32)
                 for i in tl.static_range(8):
-                    x_i = tl.load(x_row + g * GROUP + i * words + t).to(tl.float32)
+                    x_i = tl.load(x_row + g * GROUP + i * words + t, mask=in_range, other=0.0).to(tl.float32)
                     x_sum += x_i
                     if i < 5:
                         bits = (w & (15 << (4 * i))) | 0x4B000000
@@ -310,7 +321,8 @@ def gemv(
     rows, in_features = x.shape
     n_groups, out_features, _ = words.shape
     config = config or _chosen.get(_key(x, words), DEFAULT)
-    split = max(d for d in range(1, config.split + 1) if n_groups % d == 0)  # equal slices
+    per_split = triton.cdiv(n_groups, min(config.split, n_groups))
+    split = triton.cdiv(n_groups, per_split)  # no empty slice; the last may be shorter
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     target = (
         out if split == 1 else torch.empty(rows, split, out_features, dtype=torch.float32, device=x.device)
@@ -321,7 +333,8 @@ def gemv(
     grid = (triton.cdiv(out_features, config.block_n), split, rows)
     _gemv[grid](x, words, scale, offset, target, out_features, in_features,
                 GROUP=group_size, BLOCK_N=config.block_n, SPLIT=split,
-                PREFETCH=config.prefetch, LOAD_ONLY=load_only, HALF2=half2, xp_ptr=packed_x, xs_ptr=x_sums,
+                PREFETCH=config.prefetch, LOAD_ONLY=load_only, HALF2=half2, RAGGED=n_groups % split != 0,
+                xp_ptr=packed_x, xs_ptr=x_sums,
                 num_warps=config.warps, num_stages=config.stages)  # fmt: skip
     if split > 1:
         _sum_splits[(triton.cdiv(out_features, 1024), rows)](
