@@ -2,9 +2,12 @@
 
 - `Int4Reference` (the CPU, and CI): keeps the saved layout (int4.py) and multiplies by the
   weight dequantized in float32: the definition every kernel is checked against.
-- `Int4TinyGemm` (a CUDA GPU): torch's built-in `_weight_int4pack_mm`. Chosen by measurement
-  (bench/int4_kernels.py, docs/performance.md): of the kernels that ran correctly on the H200 it
-  was the fastest on every Falcon shape, 1.8-1.9x bf16's time on the 40B and 180B layers.
+- `Int4Triton` (a CUDA GPU, the default): our GEMV (int4_gemv.py). Chosen by measurement
+  (bench/int4_gemv.py, bench/int4_decode.py, docs/performance.md): on one H200 it read int4 at
+  2.1-3.8 TB/s against tinygemm's 1.5-2.2, on every Falcon shape; 180B decoded at 30.5 ms/token
+  against 47.4.
+- `Int4TinyGemm` (a CUDA GPU): torch's built-in `_weight_int4pack_mm`, the baseline the benches
+  compare with.
 
 Each adapter packs either a dense weight (`pack`, quantizing it) or an `Int4Weight` already
 quantized (`from_int4`, as the loader has them).
@@ -111,5 +114,10 @@ class Int4Triton:
 
 
 def int4_products(device: torch.device):
-    """The int4 adapter for `device`: tinygemm on a CUDA GPU, the float32 reference elsewhere."""
-    return Int4TinyGemm if torch.device(device).type == "cuda" else Int4Reference
+    """The int4 adapter for `device`: our GEMV on a CUDA GPU (tinygemm where Triton is missing),
+    the float32 reference elsewhere."""
+    if torch.device(device).type != "cuda":
+        return Int4Reference
+    from . import int4_gemv
+
+    return Int4Triton if int4_gemv.triton is not None else Int4TinyGemm
