@@ -133,6 +133,8 @@ class FastDecoder:
             self._capture()
         except Exception:
             self._graphs.clear()
+            if self.peers is not None:  # a rank that died mid-capture is the reason to report
+                self.peers.raise_if_dead()
             raise
         self.ready = True
 

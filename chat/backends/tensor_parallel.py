@@ -229,6 +229,10 @@ class Peers:
     def healthy(self) -> bool:
         return self._dead is None and all(p.is_alive() for p in self.processes)
 
+    def raise_if_dead(self) -> None:
+        """RankDied, with the dead rank and its exit code, if one has ended."""
+        self._check()
+
     def check_started(self) -> None:
         for rank, process in enumerate(self.processes, start=1):
             if not process.is_alive():
@@ -284,6 +288,25 @@ class Peers:
         self._dead = (f"tensor parallel: rank {rank} (pid {process.pid}) ended with exit code {process.exitcode}; "
                       "the model cannot serve until the app is restarted")  # fmt: skip
         log.error(self._dead)
+        self._abort_sums()
+
+    def _abort_sums(self) -> None:
+        """Fail this rank's pending and future sums now. A sum the dead rank never joins would
+        otherwise keep the GPU waiting until NCCL's timeout (START_TIMEOUT_S): during start-up
+        capture that held rank 0 for 15 minutes before the start could fail."""
+        try:
+            if not dist.is_initialized() or dist.get_backend() != "nccl":
+                return  # gloo fails such sums at once
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if abort is None:
+                log.warning(
+                    "tensor parallel: this torch cannot abort NCCL; pending sums wait for its timeout"
+                )
+                return
+            abort()
+            log.error("tensor parallel: NCCL aborted on rank 0; its pending sums fail")
+        except Exception as error:  # the death is already reported; this only shortens the wait
+            log.warning("tensor parallel: aborting NCCL failed: %s: %s", type(error).__name__, error)
 
     def _watch(self) -> None:
         """Log a rank's death when it happens, not at the next reply."""
