@@ -144,6 +144,16 @@ def _int4_backend(settings: Settings, model_id: str, model_name: str) -> Backend
                         prompt_format=choose_prompt_format(settings.prompt_format, tokenizer))  # fmt: skip
 
 
+def _is_gptq(folder) -> bool:
+    from .backends import gptq
+    from .backends.falcon_layout import Unsupported
+
+    try:
+        return gptq.read_config(folder) is not None
+    except Unsupported as error:
+        raise ConfigError(f"--quantize int4: {error}") from None
+
+
 def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str) -> Backend | None:
     """The local backend over N ranks, or None where `auto` finds one GPU enough."""
     from transformers import AutoConfig, AutoTokenizer
@@ -154,6 +164,10 @@ def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str)
 
     int4 = settings.quantize == "int4"
     folder = tp.model_folder(model_id, settings.token)
+    if int4 and _is_gptq(folder):
+        if settings.tensor_parallel == "auto":
+            return None
+        raise ConfigError("--quantize int4 loads a GPTQ checkpoint on one GPU: use --tensor-parallel 1")
     config = AutoConfig.from_pretrained(folder)
     ranks = tp.ranks_for(settings.tensor_parallel, config, bytes_per_weight=0.5625 if int4 else 2.0)
     if ranks == 1:

@@ -6,12 +6,16 @@ quantized (int4.py) as soon as the last of them has arrived, then the bf16 copie
 Peak memory is the int4 model plus about one shard and one layer, never the bf16 model (357 GB
 for Falcon-180B). Norms, biases and the embedding table stay in the model's dtype.
 
+A GPTQ 4-bit checkpoint (gptq.py) goes the same way, each GPTQ linear layer converted instead
+of quantized, with no weight changed (lm_head, which GPTQ leaves dense, is quantized as above).
+
 `--save-quantized DIR` writes the int4 weights (int4.save) with the config and tokenizer files,
 so `--model DIR --quantize int4` starts without the bf16 checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -23,14 +27,21 @@ from pathlib import Path
 
 import torch
 
-from . import int4
+from . import gptq, int4
 from .falcon_layout import FalconLayout, Layer, check_config, rotary_tables
 
 log = logging.getLogger(__name__)
 
-_LAYER_WEIGHT = re.compile(
-    r"transformer\.h\.(\d+)\.(self_attention\.query_key_value|self_attention\.dense|"
-    r"mlp\.dense_h_to_4h|mlp\.dense_4h_to_h)\.weight$"
+_LAYER_MODULES = (
+    "self_attention.query_key_value",
+    "self_attention.dense",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+)
+# A linear layer's tensors: (module, layer index or None for lm_head, part)
+_LINEAR = re.compile(
+    r"((?:transformer\.h\.(\d+)\.(?:" + "|".join(m.replace(".", r"\.") for m in _LAYER_MODULES) + r"))"
+    r"|lm_head)\.(weight|" + "|".join(gptq.PARTS) + r")$"
 )
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -56,7 +67,8 @@ class Int4Falcon:
 
 
 def load_int4(folder, *, device, dtype=torch.bfloat16, search: str = "hqq") -> Int4Falcon:
-    """The model in `folder` (safetensors, or a folder `save_int4` wrote) as int4 on `device`."""
+    """The model in `folder` (safetensors in bf16/fp16 or GPTQ 4-bit, or a folder `save_int4`
+    wrote) as int4 on `device`."""
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -66,53 +78,117 @@ def load_int4(folder, *, device, dtype=torch.bfloat16, search: str = "hqq") -> I
         start = time.perf_counter()
         products, dense, _ = int4.load(folder, device)
         return Int4Falcon(config, products, dense, {"load_s": time.perf_counter() - start, "source": "int4"})
-    return quantize_checkpoint(folder, config, device=device, dtype=dtype, search=search)
+    return quantize_checkpoint(
+        folder, config, device=device, dtype=dtype, search=search, gptq_config=gptq.read_config(folder)
+    )
 
 
-def quantize_checkpoint(folder: Path, config, *, device, dtype, search: str = "hqq") -> Int4Falcon:
-    """Read the shards one by one onto `device`, quantizing each layer once it is complete."""
+def quantize_checkpoint(
+    folder: Path, config, *, device, dtype, search: str = "hqq", gptq_config: gptq.GptqConfig | None = None
+) -> Int4Falcon:
+    """Read the shards one by one onto `device`; once a layer's four linear layers are complete,
+    fuse them into int4 products: a dense weight quantized, a GPTQ one converted (gptq.py)."""
     from safetensors import safe_open
 
-    index = Path(folder) / "model.safetensors.index.json"
-    if index.exists():  # the shards it names (a folder may also hold a consolidated copy)
-        files = [
-            Path(folder) / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        ]
-    else:
-        files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no .safetensors files to quantize")
+    files = _shard_files(Path(folder))
+    expected = _linear_parts(files)  # module -> the parts the checkpoint holds for it
     two_norms = _two_norms(config)
     start = time.perf_counter()
     model = Int4Falcon(config, {}, {})
-    pending: dict[int, dict[str, torch.Tensor]] = {}
-    lm_head = None
+    linears: dict[str, dict[str, torch.Tensor]] = {}
+    to_int4 = _Converter(search, gptq_config)
     for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as shard:
-            for name in shard.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensor = shard.get_tensor(name)
-                tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
-                name = name.removeprefix("model.") if name.startswith("model.transformer.") else name
-                match = _LAYER_WEIGHT.match(name)
-                if match:
-                    index = int(match.group(1))
-                    pending.setdefault(index, {})[match.group(2)] = tensor
-                    if len(pending[index]) == 4:
-                        _quantize_layer(model, index, pending.pop(index), two_norms, search)
-                elif name == "lm_head.weight":
-                    lm_head = tensor
-                else:
-                    model.dense[name] = tensor
+            for stored in shard.keys():  # noqa: SIM118 (safe_open is not iterable)
+                tensor = shard.get_tensor(stored)
+                name = _plain_name(stored)
+                match = _LINEAR.match(name)
+                if match is None:
+                    model.dense[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    continue
+                module, part = match.group(1), match.group(3)
+                linears.setdefault(module, {})[part] = tensor.to(dtype) if part == "weight" else tensor
+                index = match.group(2)
+                if index is not None:
+                    names = [f"transformer.h.{index}.{m}" for m in _LAYER_MODULES]
+                    if all(n in expected and linears.get(n, {}).keys() == expected[n] for n in names):
+                        parts = {m: linears.pop(n) for m, n in zip(_LAYER_MODULES, names, strict=True)}
+                        _fuse_layer(model, int(index), parts, two_norms, to_int4)
         if device != "cpu" and torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    if pending:
-        raise ValueError(f"{folder}: layers {sorted(pending)} lack some of their linear weights")
+    lm_head = linears.pop("lm_head", None)
+    if linears:
+        raise ValueError(f"{folder}: {sorted(linears)[:4]} lack some of their tensors")
     if lm_head is None:  # tied to the input embeddings (the embedding itself stays dense)
-        lm_head = model.dense["transformer.word_embeddings.weight"]
-    model.products["lm_head"] = int4.quantize(lm_head, search=search)
+        lm_head = {"weight": model.dense["transformer.word_embeddings.weight"]}
+    model.products["lm_head"] = to_int4(lm_head, [_in_features(lm_head)], "lm_head")
     _fuse_biases(model, config, two_norms)
-    model.stats.update(source="quantized while loading", quantize_load_s=time.perf_counter() - start)
+    source = "GPTQ checkpoint, converted without loss" if gptq_config else "quantized while loading"
+    model.stats.update(source=source, quantize_load_s=time.perf_counter() - start)
     return model
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():  # the shards it names (a folder may also hold a consolidated copy)
+        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        split = sorted(folder.glob("*.safetensors-split-*")) or sorted(folder.glob("*.safetensors.split-*"))
+        if split:
+            raise FileNotFoundError(
+                f"{folder} holds a safetensors file split in parts ({split[0].name}, ...): join them "
+                "first, e.g. cat model.safetensors-split-* > model.safetensors"
+            )
+        raise FileNotFoundError(f"{folder} has no .safetensors files to quantize")
+    return files
+
+
+def _plain_name(name: str) -> str:
+    return name.removeprefix("model.") if name.startswith("model.transformer.") else name
+
+
+def _linear_parts(files: list[Path]) -> dict[str, set[str]]:
+    """Each linear layer's parts in the checkpoint ("weight", or GPTQ's qweight, qzeros, ...), read
+    from the shards' headers: a layer is complete when all of its parts have arrived."""
+    from safetensors import safe_open
+
+    parts: dict[str, set[str]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as shard:
+            for name in shard.keys():  # noqa: SIM118
+                match = _LINEAR.match(_plain_name(name))
+                if match:
+                    parts.setdefault(match.group(1), set()).add(match.group(3))
+    return parts
+
+
+def _in_features(parts: dict[str, torch.Tensor]) -> int:
+    return parts["weight"].shape[1] if "weight" in parts else parts["qweight"].shape[0] * 8
+
+
+class _Converter:
+    """A linear layer's parts as an `Int4Weight` in the group size its fused product needs."""
+
+    def __init__(self, search: str, gptq_config: gptq.GptqConfig | None):
+        self.search, self.gptq = search, gptq_config
+
+    def group(self, in_sizes: list[int]) -> int:
+        """The largest kernel group dividing every fused part's columns (and GPTQ's groups):
+        groups must not straddle a seam between parts."""
+        size = math.gcd(*in_sizes)
+        if self.gptq is not None and self.gptq.group_size != -1:
+            size = math.gcd(size, self.gptq.group_size)
+        return int4.group_size_for(size)
+
+    def __call__(self, parts: dict, in_sizes: list[int], name: str) -> int4.Int4Weight:
+        group = self.group(in_sizes)
+        if "weight" in parts:
+            return int4.quantize(parts["weight"], group, search=self.search)
+        if self.gptq is None:
+            raise ValueError(f"{name} holds GPTQ tensors, but the checkpoint has no GPTQ config")
+        return gptq.to_int4(parts, self.gptq, group, name)
 
 
 def _two_norms(config) -> bool:
@@ -120,18 +196,23 @@ def _two_norms(config) -> bool:
     return bool(config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2)
 
 
-def _quantize_layer(model: Int4Falcon, index: int, weights: dict, two_norms: bool, search: str) -> None:
-    qkv, dense = weights["self_attention.query_key_value"], weights["self_attention.dense"]
-    h4, h4h = weights["mlp.dense_h_to_4h"], weights["mlp.dense_4h_to_h"]
+def _fuse_layer(model: Int4Falcon, index: int, parts: dict, two_norms: bool, to_int4: _Converter) -> None:
+    """The layer's products as the fast decoder lays them out (falcon_layout.py): the input-side
+    weights stacked by rows ([qkv | h_to_4h] when the norm is shared), the out-projections side by
+    side along their inputs ([dense | 4h_to_h]). Joining int4 weights changes none of them."""
+    qkv, dense = parts["self_attention.query_key_value"], parts["self_attention.dense"]
+    h4, h4h = parts["mlp.dense_h_to_4h"], parts["mlp.dense_4h_to_h"]
     prefix = f"h.{index}"
+    hidden = [_in_features(qkv)]
     if two_norms:
-        model.products[f"{prefix}.in"] = int4.quantize(qkv, search=search)
-        model.products[f"{prefix}.mlp_in"] = int4.quantize(h4, search=search)
+        model.products[f"{prefix}.in"] = to_int4(qkv, hidden, f"{prefix}.qkv")
+        model.products[f"{prefix}.mlp_in"] = to_int4(h4, hidden, f"{prefix}.mlp_in")
     else:
-        model.products[f"{prefix}.in"] = int4.quantize(torch.cat([qkv, h4]), search=search)
-    # Groups must not straddle the seam between the two out-projections.
-    group = int4.group_size_for(math.gcd(dense.shape[1], h4h.shape[1]))
-    model.products[f"{prefix}.out"] = int4.quantize(torch.cat([dense, h4h], dim=1), group, search=search)
+        inputs = [to_int4(qkv, hidden, f"{prefix}.qkv"), to_int4(h4, hidden, f"{prefix}.mlp_in")]
+        model.products[f"{prefix}.in"] = int4.concat(inputs, dim=0)
+    seams = [_in_features(dense), _in_features(h4h)]
+    outputs = [to_int4(dense, seams, f"{prefix}.dense"), to_int4(h4h, seams, f"{prefix}.4h_to_h")]
+    model.products[f"{prefix}.out"] = int4.concat(outputs, dim=1)
 
 
 def _fuse_biases(model: Int4Falcon, config, two_norms: bool) -> None:
@@ -158,7 +239,10 @@ def save_int4(model: Int4Falcon, folder, source_folder) -> None:
     """Write `model` (int4.save) with the config and tokenizer, as a folder `--model` can load."""
     folder = Path(folder)
     int4.save(model.products, model.dense, folder, {"model_type": "falcon"})
-    model.config.save_pretrained(folder)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # a GPTQ source's: the saved weights are ours
+        del config.quantization_config
+    config.save_pretrained(folder)
     for name in _TOKENIZER_FILES:
         if (Path(source_folder) / name).exists():
             shutil.copy(Path(source_folder) / name, folder / name)

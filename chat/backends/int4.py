@@ -18,6 +18,7 @@ kernels repack from this (int4_kernels.py); none of them changes the numbers it 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,24 @@ def _hqq_offset(
         best = torch.where(better, o[..., 0], best)
         best_error = torch.where(better, error, best_error)
     return best
+
+
+def concat(weights: list[Int4Weight], dim: int) -> Int4Weight:
+    """Weights side by side as one: dim 0 stacks rows (outputs), dim 1 joins columns (inputs; each
+    part's columns a whole number of groups). Changes no weight: groups stay within their part."""
+    group = weights[0].group_size
+    if any(w.group_size != group for w in weights):
+        raise ValueError(f"cannot join int4 weights of group sizes {[w.group_size for w in weights]}")
+    if len(weights) == 1:
+        return weights[0]
+    scale_dtype = functools.reduce(torch.promote_types, [w.scale.dtype for w in weights])
+    offset_dtype = functools.reduce(torch.promote_types, [w.offset.dtype for w in weights])
+    return Int4Weight(
+        torch.cat([w.packed for w in weights], dim),
+        torch.cat([w.scale.to(scale_dtype) for w in weights], dim),
+        torch.cat([w.offset.to(offset_dtype) for w in weights], dim),
+        group,
+    )
 
 
 def random_int4(rows: int, cols: int, *, device, dtype=torch.bfloat16, generator=None) -> Int4Weight:
