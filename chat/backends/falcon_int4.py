@@ -72,7 +72,7 @@ def load_int4(folder, *, device, dtype=torch.bfloat16, search: str = "hqq") -> I
     from transformers import AutoConfig
 
     folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # refuse, never ask on stdin
     check_config(config)
     if int4.is_saved(folder):
         start = time.perf_counter()
