@@ -11,13 +11,14 @@ quantize_config.json, as the earlier ones). No real GPTQ checkpoint is on this m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from chat.backends import int4
+from chat.backends import int4, int4_gemv
 from chat.backends.falcon_int4 import layout_from_int4, load_int4
 from chat.backends.fast_decode import FastDecoder
 from chat.backends.int4_products import Int4Reference
@@ -33,19 +34,23 @@ PROMPT = "User: Plan a trip to Lisbon\nFalcon:"
 
 def _round_to_nearest(weight: torch.Tensor, group: int, sym: bool):
     """GPTQ's quantizer without the Hessian updates: levels q [out, in], zeros and fp16 scales
-    [groups, out] (the weights are only the raw material here; any q, zero, scale would do)."""
-    out_features, in_features = weight.shape
-    w = weight.float().reshape(out_features, -1, group)
-    if sym:
-        scale = (w.abs().amax(-1) / 7.5).clamp_min(1e-6)
-        zero = torch.full_like(scale, 8)
-    else:
-        low, high = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)
-        scale = ((high - low) / 15).clamp_min(1e-6)
-        zero = (-low / scale).round().clamp(1, 15)  # v1 cannot store a zero of 0 (zero - 1 < 0)
-    scale = scale.half()
-    q = (w / scale.float()[..., None] + zero[..., None]).round().clamp(0, 15)
-    return q.reshape(out_features, in_features).int(), zero.int().t(), scale.t().contiguous()
+    [groups, out] (the weights are only the raw material here; any q, zero, scale would do). The
+    last group may be shorter, as GPTQ's are where the group size does not divide the row."""
+    qs, zeros, scales = [], [], []
+    for first in range(0, weight.shape[1], group):
+        w = weight[:, first : first + group].float()
+        if sym:
+            scale = (w.abs().amax(-1) / 7.5).clamp_min(1e-6)
+            zero = torch.full_like(scale, 8)
+        else:
+            low, high = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)
+            scale = ((high - low) / 15).clamp_min(1e-6)
+            zero = (-low / scale).round().clamp(1, 15)  # v1 cannot store a zero of 0 (zero - 1 < 0)
+        scale = scale.half()
+        qs.append((w / scale.float()[:, None] + zero[:, None]).round().clamp(0, 15))
+        zeros.append(zero)
+        scales.append(scale)
+    return torch.cat(qs, 1).int(), torch.stack(zeros).int(), torch.stack(scales)
 
 
 def _autogptq_pack(q: torch.Tensor, zero: torch.Tensor, checkpoint_format: str):
@@ -73,7 +78,7 @@ def _autogptq_pack(q: torch.Tensor, zero: torch.Tensor, checkpoint_format: str):
 def write_gptq(folder, tiny_model_dir, *, checkpoint_format="gptq", sym=False, group_size=32,
                desc_act=False, permute=False, bits=4, shards=2, config_file="config.json") -> dict:  # fmt: skip
     """The tiny Falcon as a GPTQ checkpoint in `folder`; returns each linear layer's raw
-    (q [out, in], zero [groups, out], scale [groups, out] fp16)."""
+    (q [out, in], zero [groups, out], scale [groups, out] fp16, group size)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -110,7 +115,7 @@ def write_gptq(folder, tiny_model_dir, *, checkpoint_format="gptq", sym=False, g
                 g_idx = g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(0))]
             tensors.update({f"{module}.qweight": qweight, f"{module}.qzeros": qzeros,
                             f"{module}.scales": scale, f"{module}.g_idx": g_idx})  # fmt: skip
-            raw[module] = (q, zero, scale)
+            raw[module] = (q, zero, scale, group)
     if shards == 1:
         save_file(tensors, str(folder / "model.safetensors"))
         return raw
@@ -130,8 +135,7 @@ def write_gptq(folder, tiny_model_dir, *, checkpoint_format="gptq", sym=False, g
 
 def gptq_weight(raw) -> torch.Tensor:
     """GPTQ's own dequantization, straight from the raw values: scale * (q - zero), float32."""
-    q, zero, scale = raw
-    group = q.shape[1] // scale.shape[0]
+    q, zero, scale, group = raw
     per_column = torch.arange(q.shape[1]) // group
     return scale.float().t()[:, per_column] * (q - zero.t()[:, per_column]).float()
 
@@ -168,6 +172,7 @@ def _split(model, index: int, raw_shapes: dict):
         ("gptq", False, 32, False),
         ("gptq", True, 64, False),
         ("gptq_v2", False, 32, False),
+        ("gptq", False, 128, False),  # 128 over 64 columns: one short group, as 7B's 4,544 has
         ("gptq", True, -1, True),  # act order over one group per row: g_idx all 0, lossless
     ],
 )
@@ -178,7 +183,7 @@ def test_every_gptq_weight_is_kept_exactly(
     raw = write_gptq(folder, tiny_model_dir, checkpoint_format=checkpoint_format, sym=sym,
                      group_size=group_size, desc_act=desc_act, shards=1)  # fmt: skip
     model = load_int4(folder, device="cpu", dtype=torch.float32)
-    shapes = {name: tuple(q.shape) for name, (q, _, _) in raw.items()}
+    shapes = {name: tuple(values[0].shape) for name, values in raw.items()}
     for index in range(model.config.num_hidden_layers):
         for name, weight in _split(model, index, shapes).items():
             assert torch.equal(weight, gptq_weight(raw[name])), name
@@ -259,3 +264,23 @@ def test_a_split_safetensors_file_asks_to_be_joined(tmp_path, tiny_model_dir):
     (folder / "model.safetensors-split-b").write_bytes(data[len(data) // 2 :])
     with pytest.raises(ConfigError, match="join them"):
         build_backend(Settings(model=str(folder), quantize="int4"))
+
+
+@pytest.mark.skipif(
+    int4_gemv.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs a CUDA GPU or Triton's interpreter",
+)
+def test_our_gemv_reads_gptqs_fp16_scales_and_float32_offsets(gptq_model):
+    """The GEMV and its dense read-back take the converted weight's dtypes as they are (Triton
+    on a GPU, or its interpreter on the CPU): the read-back is every GPTQ weight exactly."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weight = gptq_model.products["h.0.out"]  # [dense | 4h_to_h], asymmetric: float32 offsets
+    assert (weight.scale.dtype, weight.offset.dtype) == (torch.float16, torch.float32)
+    words, scale, offset = (t.to(device) for t in int4_gemv.pack(weight))
+    exact = int4.dequantize(weight)
+    assert torch.equal(int4_gemv.dense_by_triton(words, scale, offset, torch.float32).T.cpu(), exact)
+    x = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(2))
+    out = int4_gemv.gemv(x.to(device), words, scale, offset, int4_gemv.Config(64, 2, 4, 1)).cpu()
+    expected = x.double() @ exact.double().T
+    limit = 3e-3 if torch.cuda.is_available() else 1e-5  # fp16x2 products on a GPU
+    assert ((out.double() - expected).norm() / expected.norm()).item() < limit
