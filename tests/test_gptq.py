@@ -284,3 +284,8 @@ def test_our_gemv_reads_gptqs_fp16_scales_and_float32_offsets(gptq_model):
     expected = x.double() @ exact.double().T
     limit = 3e-3 if torch.cuda.is_available() else 1e-5  # fp16x2 products on a GPU
     assert ((out.double() - expected).norm() / expected.norm()).item() < limit
+
+
+def test_a_gptq_checkpoint_loads_on_one_gpu_only(gptq_dir):
+    with pytest.raises(ConfigError, match="GPTQ checkpoint on one GPU: use --tensor-parallel 1"):
+        build_backend(Settings(model=str(gptq_dir[0]), quantize="int4", tensor_parallel=2))
