@@ -5,7 +5,8 @@
    - the message box gets the focus back after each reply, without scrolling the page, and a
      refused message back to be fixed;
    - the trash button asks before it deletes the open chat from the saved chats;
-   - every button has a name for screen readers. */
+   - every button has a name for screen readers;
+   - what is copied is the model's own text, without the marks on inline math. */
 (function () {
   "use strict";
   function messageBox() { return document.querySelector("#message textarea"); }
@@ -73,6 +74,28 @@
     if (streaming && !now) waitForBox();
     streaming = now;
   }).observe(document.documentElement, { subtree: true, childList: true, attributes: true, attributeFilter: ["disabled", "class", "style"] });
+
+  // What leaves the page by copying is the model's own text: the marks the server puts inside
+  // the `$…$` it shows as math (chat/inline_math.py) are taken out. Gradio's "Copy message"
+  // copies through navigator.clipboard; its fallback and the person's own selections go through
+  // the copy event.
+  var MATH_MARKS = /\$\u2060|\u2060\$/g;
+  function written(text) { return String(text).replace(MATH_MARKS, "$"); }
+  if (navigator.clipboard && navigator.clipboard.writeText) {
+    var writeText = navigator.clipboard.writeText.bind(navigator.clipboard);
+    navigator.clipboard.writeText = function (text) { return writeText(written(text)); };
+  }
+  document.addEventListener("copy", function (event) {
+    var target = event.target, text;
+    if (target && typeof target.selectionStart === "number" && target.value !== undefined) {
+      text = target.value.slice(target.selectionStart, target.selectionEnd);
+    } else {
+      text = String(document.getSelection() || "");
+    }
+    if (text.indexOf("\u2060") === -1) return;
+    event.clipboardData.setData("text/plain", written(text));
+    event.preventDefault();
+  }, true);
 
   // Focus the box once the page is there, without the browser scrolling to it (phones).
   var tries = 0;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from .history import content_text, note_of, strip_note
+from .inline_math import written
 
 
 def conversation_messages(history) -> list[dict]:
@@ -21,7 +22,7 @@ def conversation_messages(history) -> list[dict]:
         for role, content in pairs:
             text, note = content_text(content), ""
             if role == "assistant":
-                text, note = strip_note(text).strip(), note_of(text)
+                text, note = written(strip_note(text)).strip(), note_of(text)
             if role in ("user", "assistant") and (text or note):
                 messages.append({"role": role, "content": text, **({"note": note} if note else {})})
     return messages

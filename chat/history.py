@@ -2,14 +2,17 @@
 
 Accepted: Gradio 6 messages (`{"role", "content"}`, content a string or a list of
 `{"type": "text", "text": ...}` parts, or message objects with those attributes) and legacy
-`(user, bot)` pairs. Other roles, non-text parts and our own notes (errors and the like, which the
-app appends to a reply and must not feed back to the model) are left out.
+`(user, bot)` pairs. Other roles, non-text parts, the figures' messages and our own notes (errors
+and the like, which the app appends to a reply and must not feed back to the model) are left out,
+and a reply's inline math comes back as the model wrote it (chat/inline_math.py).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from .inline_math import written
 
 # A note the app appends to a reply (an error, a cut reply): a markdown quote starting with this.
 NOTE_MARK = "> ⚠️ "
@@ -77,7 +80,7 @@ def turns_from_history(history) -> list[Turn]:
     replies: list[str] = []
 
     def finish() -> None:
-        reply = strip_note("\n".join(replies)).strip()
+        reply = written(strip_note("\n".join(replies))).strip()
         # A user message whose reply failed or is missing is not a turn the model should see.
         if pending_user is not None and reply:
             turns.append(Turn(pending_user, reply))

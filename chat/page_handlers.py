@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -25,6 +24,7 @@ from .config import Settings
 from .errors import ChatError, InvalidParameter
 from .export import conversation_json, conversation_markdown
 from .history import add_note, content_text, figures_message
+from .inline_math import shown
 from .operations import Operations
 from .params import GenerationParams
 from .reply import (
@@ -58,8 +58,7 @@ class ShownReply(list):
     `refused`, the reason when the request was turned away."""
 
     def __init__(self, text: str, stats: ReplyStats | None = None, *, refused: str | None = None):
-        shown = add_note("", refused) if refused else inline_math(text)
-        messages = [{"role": "assistant", "content": shown}]
+        messages = [{"role": "assistant", "content": add_note("", refused) if refused else shown(text)}]
         if stats is not None:
             messages.append(figures_message(stats_line(stats)))
         super().__init__(messages)
@@ -257,22 +256,6 @@ def parse_stops(raw) -> list[str]:
     if not isinstance(raw, str) or not raw:
         return []
     return [decode_escapes(stop) for stop in split_unescaped_commas(raw)]
-
-
-# Inline math as Pandoc reads it: `$` followed by a non-space, closed by a `$` after a non-space
-# and not followed by a digit, so "$5 and $10" stays text. Code spans and blocks are left alone.
-_CODE = re.compile(r"(```.*?(?:```|\Z)|`[^`\n]*`)", re.DOTALL)
-_INLINE_DOLLARS = re.compile(r"(?<![\\$\w])\$(?=[^\s$])([^$\n]*?[^\s$\\])\$(?![\d$])")
-
-
-def inline_math(text: str) -> str:
-    """`$…$` written as `\\(…\\)`, which the page renders as math (a lone `$` never is)."""
-    if "$" not in text:
-        return text
-    pieces = _CODE.split(text)
-    for index in range(0, len(pieces), 2):  # even pieces are outside code
-        pieces[index] = _INLINE_DOLLARS.sub(r"\\(\1\\)", pieces[index])
-    return "".join(pieces)
 
 
 def _role(message):

@@ -26,6 +26,7 @@ from .gradio_costs import (
     trim_gradio_costs,
     update_after_stop,
 )
+from .inline_math import LATEX_DELIMITERS
 from .operations import Operations
 from .page_handlers import PageHandlers, Refused
 from .params import (
@@ -42,14 +43,6 @@ from .security import harden_demo, harden_launch_options, private_gradio_cache
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TITLE = "Falcon Chat"
 SETTINGS_STORAGE_KEY = "falcon-chat-settings"
-# Math the page renders: `$$…$$` and `\[…\]` as blocks, `\(…\)` inline. Inline `$…$` is turned
-# into `\(…\)` on the server (page_handlers.inline_math), where "$5 and $10" can be told apart.
-LATEX_DELIMITERS = [
-    {"left": "$$", "right": "$$", "display": True},
-    {"left": "\\[", "right": "\\]", "display": True},
-    {"left": "\\(", "right": "\\)", "display": False},
-]
-
 # Prompts from the Falcon-180B announcement and its SageMaker notebook.
 EXAMPLES = [
     "Translate to French: I love the sea, the mountains and long summer evenings.",

@@ -11,8 +11,9 @@ from chat.backends.base import FINISH_CANCELLED, Backend, Token
 from chat.config import Settings
 from chat.export import conversation_json, conversation_markdown
 from chat.history import turns_from_history
+from chat.inline_math import CLOSE, OPEN, shown, written
 from chat.operations import Operations
-from chat.page_handlers import PageHandlers, Refused, ShownReply, inline_math, stats_line
+from chat.page_handlers import PageHandlers, Refused, ShownReply, stats_line
 from chat.reply import ReplyStats
 from tests.doubles import FailingBackend
 
@@ -26,7 +27,7 @@ class Words(Backend):
     model_name = "words model"
 
     def __init__(self, words=("Hello ", "there"), gauge=None):
-        self.words, self.gauge, self.seen_in_flight = words, gauge, []
+        self.words, self.gauge, self.seen_in_flight, self.prompts = words, gauge, [], []
 
     def context_length(self) -> int:
         return 100
@@ -35,6 +36,7 @@ class Words(Backend):
         return len(text.split())
 
     def stream(self, prompt, params):
+        self.prompts.append(prompt)
         for index, word in enumerate(self.words):
             if self.gauge is not None:
                 self.seen_in_flight.append(self.gauge._value.get())
@@ -151,19 +153,40 @@ def test_stats_line_says_how_the_reply_ended_and_what_was_left_out():
 
 
 @pytest.mark.parametrize(
-    "text, shown",
+    "text, math",
     [
         ("Between $5 and $10.", "Between $5 and $10."),
         ("It costs $5.", "It costs $5."),
-        ("Area $\\pi r^2$ here", "Area \\(\\pi r^2\\) here"),
-        ("So $x$ and $y$.", "So \\(x\\) and \\(y\\)."),
+        ("Area $\\pi r^2$ here", f"Area {OPEN}\\pi r^2{CLOSE} here"),
+        ("So $x$ and $y$.", f"So {OPEN}x{CLOSE} and {OPEN}y{CLOSE}."),
         ("Block $$x^2$$ stays", "Block $$x^2$$ stays"),
         ("Code `echo $HOME $PATH` and ```\n$a$\n```", "Code `echo $HOME $PATH` and ```\n$a$\n```"),
         ("\\(a+b\\) already", "\\(a+b\\) already"),
     ],
 )
-def test_inline_dollar_math_is_shown_as_math_but_prices_and_code_stay_text(text, shown):
-    assert inline_math(text) == shown
+def test_inline_dollar_math_is_marked_as_math_but_prices_and_code_stay_text(text, math):
+    assert shown(text) == math
+    assert written(shown(text)) == text
+
+
+def as_the_browser_sends(messages) -> list[dict]:
+    """Messages as the page sends them back: each content a list of text parts."""
+    return [{**message, "content": [{"type": "text", "text": message["content"]}]} for message in messages]
+
+
+def test_the_next_prompt_gets_the_reply_as_the_model_wrote_it_without_its_figures():
+    written = "Between $5 and $10. The area is $\\pi r^2$, and \\(a^2 + b^2 = c^2\\)."
+    backend = Words(words=(written,))
+    handlers = handlers_for(backend)
+    shown = collect(handlers.respond("Some math", [], "", *SETTINGS, None, {}))[-1]
+    history = as_the_browser_sends([{"role": "user", "content": "Some math"}, *shown])
+
+    collect(handlers.respond("And now?", history, "", *SETTINGS, None, {}))
+
+    assert f"User: Some math\nFalcon: {written}\nUser: And now?\nFalcon:" in backend.prompts[-1]
+    assert "tokens" not in backend.prompts[-1]  # the figures never reach the model
+    assert json.loads(conversation_json(history))["messages"][1]["content"] == written
+    assert f"**Falcon:** {written}" in conversation_markdown(history)
 
 
 def test_the_completion_stop_box_takes_the_escapes_the_stop_flag_takes():

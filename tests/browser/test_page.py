@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.chat_page import ChatPage
-from tests.browser.conftest import MAX_MESSAGE_CHARS, SIZES
+from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SIZES
 
 pytestmark = pytest.mark.browser
 
@@ -195,12 +195,20 @@ def test_the_trash_button_asks_before_it_deletes_the_chat(open_scripted):
     expect(chat.user_messages).to_have_count(0)
 
 
-def test_inline_math_renders_but_prices_stay_text(open_scripted):
+def test_inline_math_renders_prices_stay_text_and_the_model_gets_back_what_it_wrote(
+    open_scripted, scripted_backend, screenshots
+):
     chat = open_scripted("desktop")
     chat.ask("Some math please")
     message = chat.bot_messages.last
     expect(message.locator(".katex")).to_have_count(2)
     expect(message).to_contain_text("Between $5 and $10.")
+    chat.page.screenshot(path=str(screenshots / "math-desktop.png"))
+
+    chat.ask("And then?")  # the history comes back from the page
+    prompt = scripted_backend.prompts[-1]
+    assert f"User: Some math please\nFalcon: {SCRIPT['math']}\nUser: And then?" in prompt, prompt
+    assert "tokens" not in prompt  # nor do the figures
 
 
 @pytest.mark.parametrize("size", BOTH)
