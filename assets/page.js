@@ -6,7 +6,8 @@
      refused message back to be fixed;
    - the trash button asks before it deletes the open chat from the saved chats;
    - every button has a name for screen readers;
-   - what is copied is the model's own text, without the marks on inline math. */
+   - what is copied is the model's own text: without the marks on inline math, nor the figures;
+     "Copy conversation" copies the user's and the model's turns only. */
 (function () {
   "use strict";
   function messageBox() { return document.querySelector("#message textarea"); }
@@ -76,11 +77,13 @@
   }).observe(document.documentElement, { subtree: true, childList: true, attributes: true, attributeFilter: ["disabled", "class", "style"] });
 
   // What leaves the page by copying is the model's own text: the marks the server puts inside
-  // the `$…$` it shows as math (chat/inline_math.py) are taken out. Gradio's "Copy message"
-  // copies through navigator.clipboard; its fallback and the person's own selections go through
-  // the copy event.
+  // the `$…$` it shows as math (chat/inline_math.py) are taken out, and so are the figures that
+  // Gradio's "Copy message" adds after a reply (it copies a reply and its figures' message as
+  // "<reply>\n<title>\n  \n"). Gradio copies through navigator.clipboard; its fallback and the
+  // person's own selections go through the copy event.
   var MATH_MARKS = /\$\u2060|\u2060\$/g;
-  function written(text) { return String(text).replace(MATH_MARKS, "$"); }
+  var FIGURES_COPIED = /[ \n]\d+ tokens \u00b7 [^\n]*\n {2}\n$/;
+  function written(text) { return String(text).replace(FIGURES_COPIED, "").replace(MATH_MARKS, "$"); }
   if (navigator.clipboard && navigator.clipboard.writeText) {
     var writeText = navigator.clipboard.writeText.bind(navigator.clipboard);
     navigator.clipboard.writeText = function (text) { return writeText(written(text)); };
@@ -96,6 +99,28 @@
     event.clipboardData.setData("text/plain", written(text));
     event.preventDefault();
   }, true);
+
+  // "Copy conversation": the user's and the model's turns, `role: text` as Gradio copies them,
+  // without the messages that only show a reply's figures (their title is all they hold).
+  function partsText(content) {
+    if (typeof content === "string") return content;
+    return (content || []).filter(function (part) { return part && part.type === "text"; })
+      .map(function (part) { return part.text || ""; }).join("\n");
+  }
+  window.falconChat = {
+    copyConversation: function (history) {
+      var turns = (history || []).filter(function (message) {
+        return !(message.metadata && message.metadata.title);
+      }).map(function (message) { return message.role + ": " + partsText(message.content); });
+      navigator.clipboard.writeText(turns.join("\n\n"));
+      var button = document.querySelector("#conversation .custom-button[aria-label='Copy conversation']");
+      if (button) {  // a check mark for a moment, as Gradio's own copy buttons show
+        button.classList.add("copied");
+        setTimeout(function () { button.classList.remove("copied"); }, 1500);
+      }
+      return [];
+    }
+  };
 
   // Focus the box once the page is there, without the browser scrolling to it (phones).
   var tries = 0;

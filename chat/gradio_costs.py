@@ -11,7 +11,8 @@ effect through Gradio's own code.
 The chat page's workarounds for ChatInterface's behaviour (a locked page after an error, a message
 box disabled while a reply streams, a stopped reply that cannot be updated) are here too, their
 effects checked in a browser (tests/browser/test_page.py); those that must run in the browser
-(Enter on an empty box or during a reply, a button Gradio leaves unnamed) are in assets/page.js.
+(Enter on an empty box or during a reply, a button Gradio leaves unnamed, what "Copy message" and
+"Copy conversation" copy) are in assets/page.js.
 So are the two that hostile input needs (chat/security.py applies them): Gradio keeping every
 session's input values, and API calls with the wrong number of values.
 """

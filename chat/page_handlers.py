@@ -220,7 +220,8 @@ class PageHandlers:
 
 
 def stats_line(stats: ReplyStats) -> str:
-    """The figures of a reply: tokens, time to first token, speed, how it ended, seed, context."""
+    """The figures of a reply: tokens, time to first token, speed, how it ended, seed, context.
+    Its start ("N tokens · ") is how assets/page.js knows them in what Gradio copies."""
     parts = [f"{stats.generated_tokens} tokens"]
     if stats.time_to_first_token_s is not None:
         parts.append(f"first token {stats.time_to_first_token_s:.2f} s")

@@ -100,6 +100,10 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
     session = gr.State({})
     system_prompt = gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False)
     chat_settings = [system_prompt, *_settings_inputs(_max_tokens_limit(backend), render=False)]
+    # Gradio's own "Copy conversation" copies each figures' message as an empty "assistant:" and
+    # the text as shown (6.31 has no way to leave display-only messages out): the page's script
+    # (assets/page.js) copies the turns as the model wrote them.
+    copy_conversation = gr.Button("Copy conversation", size="sm", render=False)
     chat = gr.ChatInterface(
         handlers.respond,
         chatbot=gr.Chatbot(
@@ -108,7 +112,7 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
             elem_id="conversation",
             height=None,
             scale=1,
-            buttons=["copy", "copy_all"],
+            buttons=["copy", copy_conversation],
             latex_delimiters=LATEX_DELIMITERS,
             placeholder=None,
         ),
@@ -140,6 +144,9 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
     # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
     # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
     chat.textbox.preprocess = text_message
+    copy_conversation.click(
+        None, chat.chatbot, None, js="(history) => window.falconChat.copyConversation(history)"
+    )
     # A stopped reply says so, with its figures (the stopped function cannot add them).
     update_after_stop(chat, handlers.figures_after_stop, session)
     keep_message_box_editable(demo, chat)
