@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -86,6 +87,10 @@ def new_page(browser_context):
     for page in pages:
         with contextlib.suppress(Exception):
             if page.url.startswith("http"):
+                # Leave the app first: a settings write still on its way back from the server
+                # would otherwise land after the clear and be restored into the next test's page.
+                parts = urlsplit(page.url)
+                page.goto(f"{parts.scheme}://{parts.netloc}/healthz")
                 page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
         page.close()
 
