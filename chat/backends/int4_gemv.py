@@ -2,22 +2,26 @@
 
 Decoding multiplies one row by every weight, so a token costs the time to read the weights; the
 kernel's job is to read int4 as fast as the GPU copies memory while doing as little arithmetic
-per weight as it can (an H100/H200 issues ~3-4 instructions per weight at the copy rate).
+per weight as it can: at the copy rate an H100/H200 has time for only 3-4 instructions a weight.
 
-Layout (`pack`): int32 words [in / 8, out] (column-major, so a program's loads along `out` are
-contiguous), and scale and offset [groups, out]. In each group of G columns, word t of a row holds
-columns t + i * G / 8 in its nibble i, so the x values for one nibble are a contiguous run.
+Layout (`pack`): int32 words [groups, out, G / 8], so a program's tile for one group (G / 8 words
+for each of BLOCK_N outputs) is one contiguous block; scale and offset [groups, out]. In each
+group of G columns, word t holds columns t + i * G / 8 in its nibble i.
 
-Per weight: one logic op puts the nibble into the mantissa of 2**23 (0x4B000000 | q << 4i is the
-float 2**23 + q * 16**i, exact), one subtraction takes 2**23 off, and one fused multiply-add
-multiplies by x / 16**i. The group's scale multiplies the group's partial sums once, and the
-offset adds offset * sum(x) per group: sum((q * s + o) * x) = s * sum(q * x) + o * sum(x).
+Arithmetic, on a GPU (`_WORD_DOT_PTX`, fp16x2): one `lop3` makes two fp16 of two nibbles (q/16
+exactly), and each word's 8 levels times x, packed in the same pairs by `_pack_x`, are summed in
+fp16x2 and the two lanes added in float32: 17 instructions per 8 weights. Where there is no GPU
+(Triton's interpreter, the tests) the same kernel runs in float32: a nibble OR'd into the
+mantissa of 2**23 gives the float 2**23 + q * 16**i exactly, less 2**23, times x / 16**i. Either
+way the group's scale multiplies the group's partial sums once and the offset adds
+offset * sum(x): sum((q * s + o) * x) = s * sum(q * x) + o * sum(x).
 
 Parallelism: programs take BLOCK_N outputs each and, when that is too few programs to keep every
-multiprocessor reading, SPLIT slices of the groups; the slices' float32 partial sums are added by
-a second small kernel in a fixed order (deterministic, unlike atomics). Which (BLOCK_N, SPLIT,
-warps, stages) is fastest depends on the shape and the GPU: `tune` times the candidates on the
-weight at hand and remembers the winner per shape (bench/int4_gemv.py prints the whole sweep).
+multiprocessor reading, SPLIT slices of the groups (the last may be shorter); the slices' float32
+partial sums are added by a second small kernel in a fixed order (deterministic, unlike atomics).
+Which (BLOCK_N, SPLIT, warps, stages) is fastest depends on the shape and the GPU: `tune` times
+the candidates on the weight at hand and remembers the winner per shape (bench/int4_gemv.py
+prints the whole sweep; docs/performance.md has the numbers).
 """
 
 from __future__ import annotations
