@@ -181,13 +181,7 @@ def main() -> None:
             say(f"extras failed: {type(error).__name__}: {error}")
     backend.close()
 
-    for r in rows:
-        r.pop("tokens", None)
-    print_table(results)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        say(f"wrote {args.out}")
+    write_results(args, results)
 
 
 # -- across GPUs: tensor parallelism and its device_map baseline ----------------------------------
@@ -297,6 +291,11 @@ def finish(args, results: dict) -> None:
         mine = results.get("fast_greedy_tokens") or []
         results["greedy_agreement"] = {"with": str(args.agree_with), "leading": leading_agreement(other, mine),
                                        "of": min(len(other), len(mine))}  # fmt: skip
+    write_results(args, results)
+
+
+def write_results(args, results: dict) -> None:
+    """The table, and the JSON to --out; the token lists stay out of both."""
     for r in results["rows"]:
         r.pop("tokens", None)
     print_table(results)
@@ -543,26 +542,32 @@ def matmuls_alone_ms(decoder) -> float:
     return graph_ms(products)
 
 
-def graph_ms(function, replays: int = 50) -> float:
+def graph_ms(function, replays: int = 50, *, warm_ups: int = 1, repeats: int = 1) -> float:
+    """Milliseconds per call of `function` replayed from a CUDA graph: `warm_ups` calls off the
+    capture first (compiling, autotuning), then the median of `repeats` timings of `replays`."""
     import torch
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.inference_mode():
-        function()
+        for _ in range(warm_ups):
+            function()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.inference_mode():
         function()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
+    times = []
+    for _ in range(repeats):
         graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
 
 
 def profile_step(decoder, replays: int = 20, run=None) -> dict:

@@ -14,13 +14,18 @@ Layers are repeated until the weights read per replay exceed 4x the L2, so nothi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import gpu_decode  # noqa: E402
+
+# Kernels autotune and compile on their first calls: three calls off the capture, median of five.
+graph_ms = functools.partial(gpu_decode.graph_ms, replays=30, warm_ups=3, repeats=5)
 
 # hidden, heads, kv heads (0: multi-query with one), two norms
 SHAPES = {
@@ -157,32 +162,6 @@ def _torchao(w, group_size: int):
     linear.weight.data.copy_(w)
     quantize_(linear, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"))
     return linear
-
-
-def graph_ms(function, replays: int = 30) -> float:
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(3):  # autotuning and compiling happen here, off the capture
-            function()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        function()
-    times = []
-    for _ in range(5):
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return statistics.median(times)
 
 
 def copy_bandwidth() -> float:

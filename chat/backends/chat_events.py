@@ -10,15 +10,13 @@ through the `openai` package instead). Server-sent events, one JSON chunk per `d
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 
-from ..errors import GenerationFailed
 from ..params import GenerationParams
 from ..prompt import ChatMessages
 from .base import FINISH_LENGTH, FINISH_STOP, Token
 from .failover import error_for_event
-from .tgi_events import tokens_from_lines
+from .tgi_events import sse_event, tokens_from_lines
 
 CHAT_MAX_STOP_SEQUENCES = 4  # OpenAI's limit, and TGI's default; our stop filter applies them all
 
@@ -40,18 +38,9 @@ def chat_request(messages: ChatMessages, params: GenerationParams, model: str = 
 
 def parse_chat_line(line: str) -> Token | None:
     """The token in one SSE line of a chat stream; None for anything that carries none."""
-    if not line.startswith("data:"):
+    event = sse_event(line)
+    if event is None:
         return None
-    payload = line[len("data:") :].strip()
-    if not payload or payload == "[DONE]":
-        return None
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        raise GenerationFailed(
-            "The connection to the model server broke off. Please try again.",
-            detail=f"unreadable event: {payload[:200]}",
-        ) from None
     if event.get("error") is not None:
         error = event["error"]
         message = error.get("message", error) if isinstance(error, dict) else error

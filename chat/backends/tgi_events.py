@@ -97,21 +97,30 @@ class LineBuffer:
         return [rest.rstrip(b"\r").decode("utf-8", errors="replace")] if rest.strip() else []
 
 
-def parse_line(line: str) -> Token | None:
-    """The token in one SSE line, None for blank/comment/non-data lines; raises a BackendError on
-    error events and on events that are not JSON."""
+def sse_event(line: str) -> dict | None:
+    """The JSON event in one SSE line; None for blank, comment, non-data and `[DONE]` lines.
+    GenerationFailed for an event that is not JSON (cut or garbled: nothing after it can be
+    trusted). Shared by TGI's stream and the chat-completions stream (chat_events.py)."""
     if not line.startswith("data:"):
         return None
     payload = line[len("data:") :].strip()
     if not payload or payload == "[DONE]":
         return None
     try:
-        event = json.loads(payload)
-    except ValueError:  # a cut or garbled event: nothing after it can be trusted
+        return json.loads(payload)
+    except ValueError:
         raise GenerationFailed(
             "The connection to the model server broke off. Please try again.",
             detail=f"unreadable event: {payload[:200]}",
         ) from None
+
+
+def parse_line(line: str) -> Token | None:
+    """The token in one SSE line, None for blank/comment/non-data lines; raises a BackendError on
+    error events and on events that are not JSON."""
+    event = sse_event(line)
+    if event is None:
+        return None
     if event.get("error") is not None:
         raise error_for_event(event.get("error_type"), str(event["error"]))
     token = event.get("token") or {}
