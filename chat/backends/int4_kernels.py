@@ -21,23 +21,23 @@ KERNELS = ("triton", "tinygemm", "gemlite")
 
 def make_linear(weight: Int4Weight, kernel: str):
     """A callable x -> x @ W.T for `weight` (on the GPU) through `kernel`."""
+    from .int4_products import Int4TinyGemm, Int4Triton
+
     if kernel == "tinygemm":
-        return TinyGemm(weight)
+        return _Adapted(Int4TinyGemm, weight)
     if kernel == "gemlite":
         return _gemlite(weight)
-    if kernel == "triton":
-        return TritonGemv(weight)
+    if kernel == "triton":  # tuned on this weight's shape at first sight
+        return _Adapted(Int4Triton, weight)
     raise ValueError(f"unknown int4 kernel {kernel!r}; one of {KERNELS}")
 
 
-class TinyGemm:
-    """torch.ops.aten._weight_int4pack_mm with its tile layout (int4_products.Int4TinyGemm)."""
+class _Adapted:
+    """An int4_products adapter's product for one weight, as a callable x -> x @ W.T."""
 
-    def __init__(self, weight: Int4Weight):
-        from .int4_products import Int4TinyGemm
-
-        self.packed = Int4TinyGemm.from_int4(weight, None)
-        self.linear = Int4TinyGemm.linear
+    def __init__(self, adapter, weight: Int4Weight):
+        self.packed = adapter.from_int4(weight, None)
+        self.linear = adapter.linear
 
     def __call__(self, x):
         return self.linear(x, *self.packed)
@@ -61,19 +61,3 @@ def _gemlite(weight: Int4Weight):
     zero = -weight.offset.float() / weight.scale.float()
     linear.pack(unpack(weight.packed), scale, zero, None)
     return linear
-
-
-class TritonGemv:
-    """Our GEMV (int4_gemv.py), tuned on this weight's shape at first sight."""
-
-    def __init__(self, weight: Int4Weight):
-        from . import int4_gemv
-
-        self.packed = int4_gemv.pack(weight)
-        self.gemv = int4_gemv.gemv
-        x = torch.randn(1, weight.shape[1], dtype=torch.bfloat16, device=weight.packed.device)
-        if int4_gemv.chosen(x, self.packed[0]) is None:
-            int4_gemv.tune(x, *self.packed)
-
-    def __call__(self, x):
-        return self.gemv(x, *self.packed)
