@@ -85,14 +85,20 @@ def new_page(browser_context):
 
     yield make
     for page in pages:
-        with contextlib.suppress(Exception):
-            if page.url.startswith("http"):
-                # Leave the app first: a settings write still on its way back from the server
-                # would otherwise land after the clear and be restored into the next test's page.
-                parts = urlsplit(page.url)
-                page.goto(f"{parts.scheme}://{parts.netloc}/healthz")
-                page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
-        page.close()
+        close_with_storage_cleared(page)
+
+
+def close_with_storage_cleared(page) -> None:
+    """Clear the site's storage, then close: no saved chat or settings leak into the next test.
+    Leave the app first (for /healthz: same origin, no scripts): a settings write still on its
+    way back from the server would otherwise land after the clear and be restored into the next
+    test's page over what that test types."""
+    with contextlib.suppress(Exception):
+        if page.url.startswith("http"):
+            parts = urlsplit(page.url)
+            page.goto(f"{parts.scheme}://{parts.netloc}/healthz")
+            page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
+    page.close()
 
 
 @pytest.fixture
@@ -268,6 +274,4 @@ def open_scripted(sized_contexts, scripted_url):
 
     yield open_chat
     for page in pages:
-        with contextlib.suppress(Exception):
-            page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
-        page.close()
+        close_with_storage_cleared(page)
