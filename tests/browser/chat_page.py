@@ -13,6 +13,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
 from chat.history import strip_note
+from chat.ui import SETTINGS_STORAGE_KEY
 
 BOT_LABEL_PREFIX = "bot's message: "
 
@@ -128,14 +129,25 @@ class ChatPage:
         expect(self._visible_label(f"range slider for {label}")).to_have_value(str(value))
 
     def set_seed(self, text: str) -> None:
-        box = self.page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True)
-        box.fill(text)
-        box.blur()
+        self._type_setting(
+            self.page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True), text
+        )
 
     def set_system_prompt(self, text: str) -> None:
-        box = self._visible_label("System prompt")
+        self._type_setting(self._visible_label("System prompt"), text)
+
+    def _type_setting(self, box, text: str) -> None:
+        """Type a setting as a person does, and wait until the page has kept it (its settings
+        write to the browser's storage, chat.ui._keep_settings): the change event's round trip
+        is then over. A message sent the instant after typing (no person is that fast) went out
+        with the setting's old value in 1 of ~8 loaded runs (CI, session 4)."""
+        if box.input_value() == text:
+            return
+        saved = f"() => window.localStorage.getItem({SETTINGS_STORAGE_KEY!r})"
+        before = self.page.evaluate(saved)
         box.fill(text)
         box.blur()
+        self.page.wait_for_function(f"(before) => ({saved})() !== before", arg=before)
 
     def _visible_label(self, label: str):
         # Other tabs may hold inputs of the same names; only the chat's are visible.
