@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.int4_kernels import SHAPES, VOCAB, copy_bandwidth, graph_ms, products, say  # noqa: E402
+from bench.int4_kernels import SHAPES, TP_SHAPES, copy_bandwidth, graph_ms, lm_head, products, say  # noqa: E402
 
 SWEEP = dict(
     block_n=(32, 64, 128, 256), split=(1, 4, 8, 16), warps=(4, 8), stages=(1, 3), prefetch=(False, True)
@@ -34,18 +34,31 @@ FLOAT32 = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["180b", "40b", "7b"], choices=SHAPES)
+    parser.add_argument("--shapes", nargs="+", default=["180b", "40b", "7b"], choices=[*SHAPES, *TP_SHAPES])
     parser.add_argument(
         "--sweep-shapes", nargs="*", default=["180b"], help="the others: tuning candidates only"
     )
+    parser.add_argument(
+        "--variants", action="store_true", help="each candidate also with x paired in the kernel, "
+        "and with the slices added by _sum_splits (not by the last slice)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+
+    import dataclasses
 
     import torch
 
     from chat.backends import int4_gemv
 
     candidates = list(int4_gemv.CANDIDATES)
+    if args.variants:
+        candidates = [
+            dataclasses.replace(c, pack_in=pack_in, fold=fold)
+            for c in candidates
+            for pack_in in (False, True)
+            for fold in (True, False)
+        ]
     swept = list(
         dict.fromkeys(candidates + [int4_gemv.Config(*c) for c in itertools.product(*SWEEP.values())])
     )
@@ -56,7 +69,7 @@ def main() -> None:
     say(f"{results['device']}, copy {bandwidth / 1e12:.2f} TB/s, {len(swept)} configs swept")
     for shape in args.shapes:
         configs = swept if shape in args.sweep_shapes else candidates
-        parts = dict(products(shape), lm_head=(VOCAB, SHAPES[shape][0]))
+        parts = dict(products(shape), lm_head=lm_head(shape))
         for part, (n, k) in parts.items():
             row = measure_product(shape, part, n, k, configs, l2)
             results["rows"].append(row)

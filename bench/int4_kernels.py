@@ -36,14 +36,28 @@ SHAPES = {
 VOCAB = 65024
 
 
+TP_SHAPES = ("180b-tp2", "40b-tp2")  # one rank's slices under tensor parallelism
+
+
 def products(shape: str) -> dict[str, tuple[int, int]]:
-    hidden, heads, kv, two_norms = SHAPES[shape]
+    """[out, in] of each product of a layer; for "<shape>-tpN", one rank's: the input products
+    split by outputs, the out-projection by inputs (chat/backends/tensor_parallel.py)."""
+    name, _, ranks = shape.partition("-tp")
+    ranks = int(ranks or 1)
+    hidden, heads, kv, two_norms = SHAPES[name]
     head_dim = hidden // heads
-    qkv = (heads + 2 * kv) * head_dim
-    ffn = 4 * hidden
+    qkv = (heads + 2 * kv) * head_dim // ranks
+    ffn = 4 * hidden // ranks
+    out = (hidden, (hidden + 4 * hidden) // ranks)
     if two_norms:
-        return {"qkv": (qkv, hidden), "mlp_in": (ffn, hidden), "out": (hidden, hidden + ffn)}
-    return {"qkv+mlp_in": (qkv + ffn, hidden), "out": (hidden, hidden + ffn)}
+        return {"qkv": (qkv, hidden), "mlp_in": (ffn, hidden), "out": out}
+    return {"qkv+mlp_in": (qkv + ffn, hidden), "out": out}
+
+
+def lm_head(shape: str) -> tuple[int, int]:
+    """[out, in] of the LM head (one rank's vocabulary slice under tensor parallelism)."""
+    name, _, ranks = shape.partition("-tp")
+    return VOCAB // int(ranks or 1), SHAPES[name][0]
 
 
 def main() -> None:

@@ -62,6 +62,8 @@ def test_triton_adapter_multiplies_like_the_reference_on_the_cpu():
         (64, 256, 32, 1, int4_gemv.Config(64, 2, 4, 1)),
         (72, 384, 128, 1, int4_gemv.Config(64, 2, 4, 1)),  # 3 groups in slices of 2 and 1
         (64, 704, 64, 2, int4_gemv.Config(32, 4, 4, 1, prefetch=True)),  # 11 groups: 3, 3, 3, 2
+        (96, 512, 128, 2, int4_gemv.Config(64, 4, 4, 1, pack_in=True)),  # x paired in the kernel (GPU)
+        (64, 704, 64, 2, int4_gemv.Config(32, 4, 4, 1, pack_in=True, fold=True)),  # the last slice adds
     ],
 )
 def test_gemv_equals_the_float32_product(rows, cols, group_size, batch, config):
@@ -74,6 +76,18 @@ def test_gemv_equals_the_float32_product(rows, cols, group_size, batch, config):
     # float32 arithmetic in the interpreter; on a GPU fp16x2 products (2**-11 each)
     limit = 3e-3 if CUDA and config.half2 else 1e-5
     assert ((out.double() - exact).norm() / exact.norm()).item() < limit
+
+
+@needs_triton
+def test_the_last_slice_adds_the_slices_as_the_separate_sum_does_and_resets_its_counter():
+    weight = _weight(130, 704, 64, seed=5)  # 11 groups: slices of 3, 3, 3 and 2
+    packed = [t.to(DEVICE) for t in int4_gemv.pack(weight)]
+    x = torch.randn(3, 704, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    folded = int4_gemv.gemv(x, *packed, int4_gemv.Config(32, 4, 4, 1, fold=True))
+    summed = int4_gemv.gemv(x, *packed, int4_gemv.Config(32, 4, 4, 1))
+    assert torch.equal(folded, summed)  # the same additions in the same order
+    assert not int4_gemv._counters(1, x.device).any()  # every block's counter back to 0
+    assert torch.equal(int4_gemv.gemv(x, *packed, int4_gemv.Config(32, 4, 4, 1, fold=True)), folded)
 
 
 @needs_triton

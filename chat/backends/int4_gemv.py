@@ -47,9 +47,14 @@ class Config:
     stages: int
     prefetch: bool = False  # load the next group's words before working on this one's
     half2: bool = True  # fp16x2 arithmetic (inline PTX: a GPU only; Triton's interpreter runs float32)
+    # Two launches less per product, written after the last GPU measurement and so not yet
+    # among the candidates (only in bench/int4_gemv.py --variants; docs/performance.md):
+    pack_in: bool = False  # fp16x2: pair x in each program, not once by `_pack_x`
+    fold: bool = False  # split-K: the last slice to finish adds the slices, not `_sum_splits`
 
     def __str__(self) -> str:
         flags = (" pf" if self.prefetch else "") + ("" if self.half2 else " f32")
+        flags += (" in" if self.pack_in else "") + ("" if self.fold else " sum")
         return f"n{self.block_n} s{self.split} w{self.warps} st{self.stages}{flags}"
 
 
@@ -181,16 +186,15 @@ if triton is not None:
             lo = tl.load(base + p * words + t).to(tl.float32)
             hi = tl.load(base + (p + 4) * words + t).to(tl.float32)
             total += tl.sum(lo, axis=0) + tl.sum(hi, axis=0)
-            lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            hi_bits = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
-            tl.store(xp_ptr + ((row * n_groups + g) * 4 + p).to(tl.int64) * words + t, lo_bits | hi_bits)
+            tl.store(xp_ptr + ((row * n_groups + g) * 4 + p).to(tl.int64) * words + t, _pair(lo, hi))
         tl.store(xs_ptr + row * n_groups + g, total)
 
     @triton.jit
     def _gemv(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, N, K,
               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
               PREFETCH: tl.constexpr, LOAD_ONLY: tl.constexpr = False, HALF2: tl.constexpr = False,
-              RAGGED: tl.constexpr = False, xp_ptr=None, xs_ptr=None):  # fmt: skip
+              RAGGED: tl.constexpr = False, xp_ptr=None, xs_ptr=None, PACK_IN: tl.constexpr = False,
+              FOLD: tl.constexpr = False, part_ptr=None, count_ptr=None):  # fmt: skip
         # A tile is one group's words for BLOCK_N outputs: [BLOCK_N, GROUP / 8], contiguous in
         # memory. LOAD_ONLY (the bench's probe of the layout's read rate) sums the words instead.
         pid_n = tl.program_id(0)
@@ -227,6 +231,26 @@ if triton is not None:
                 w = tl.load(w_tile + g.to(tl.int64) * N * words, mask=ok[:, None], other=0)
             if LOAD_ONLY:
                 probe += w
+            elif HALF2 and PACK_IN:  # x paired here as _pack_x pairs it; the offset per word
+                s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+                o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+                x_g = x_row + g * GROUP + t
+                x0 = tl.load(x_g, mask=in_range, other=0.0).to(tl.float32)
+                x1 = tl.load(x_g + words, mask=in_range, other=0.0).to(tl.float32)
+                x2 = tl.load(x_g + 2 * words, mask=in_range, other=0.0).to(tl.float32)
+                x3 = tl.load(x_g + 3 * words, mask=in_range, other=0.0).to(tl.float32)
+                x4 = tl.load(x_g + 4 * words, mask=in_range, other=0.0).to(tl.float32)
+                x5 = tl.load(x_g + 5 * words, mask=in_range, other=0.0).to(tl.float32)
+                x6 = tl.load(x_g + 6 * words, mask=in_range, other=0.0).to(tl.float32)
+                x7 = tl.load(x_g + 7 * words, mask=in_range, other=0.0).to(tl.float32)
+                x_word = ((x0 + x4) + (x1 + x5)) + ((x2 + x6) + (x3 + x7))  # each word's 8 x
+                part = tl.inline_asm_elementwise(
+                    _WORD_DOT_ASM, "=r,r,r,r,r,r",
+                    [w, _bcast(_pair(x0, x4), BLOCK_N), _bcast(_pair(x1, x5), BLOCK_N),
+                     _bcast(_pair(x2, x6), BLOCK_N), _bcast(_pair(x3, x7), BLOCK_N)],
+                    dtype=tl.int32, is_pure=True, pack=1,
+                )  # fmt: skip
+                acc += part.to(tl.float32, bitcast=True) * (s * 16.0)[:, None] + o[:, None] * x_word[None, :]
             elif HALF2:  # x packed by _pack_x; the asm gives sum(q * x) / 16 per word
                 s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
                 o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
@@ -270,8 +294,35 @@ if triton is not None:
             total = tl.sum(acc, axis=1) + acc_offset
         if SPLIT == 1:
             tl.store(out_ptr + row * N + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-        else:  # float32 partial sums [rows, SPLIT, N], added by _sum_splits
+        elif not FOLD:  # float32 partial sums [rows, SPLIT, N], added by _sum_splits
             tl.store(out_ptr + (row * SPLIT + pid_k).to(tl.int64) * N + cols, total, mask=col_ok)
+        else:
+            # Each slice stores its partial sums; the last of a block's slices to count itself in
+            # (one counter per block and row) adds them in slice order, so the result is the same
+            # whichever finishes last, and sets the counter back to 0 for the next product. The
+            # barrier puts all of this program's stores before its count (release), and the last
+            # program's count before its loads (acquire), which bypass L1.
+            tl.store(part_ptr + (row * SPLIT + pid_k).to(tl.int64) * N + cols, total, mask=col_ok)
+            tl.debug_barrier()
+            counter = count_ptr + row * tl.num_programs(0) + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                tl.debug_barrier()
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for k in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + (row * SPLIT + k).to(tl.int64) * N + cols, mask=col_ok,
+                                     other=0.0, cache_modifier=".cg")  # fmt: skip
+                tl.store(out_ptr + row * N + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _pair(lo, hi):
+        # Two x values as the fp16 pair of one int32 (lo in the low half), as _pack_x stores them.
+        lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo_bits | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _bcast(v, BLOCK_N: tl.constexpr):
+        return tl.broadcast_to(v[None, :], (BLOCK_N, v.shape[0]))
 
     @triton.jit
     def _dequantize(w_ptr, s_ptr, o_ptr, out_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -328,23 +379,41 @@ def gemv(
     per_split = triton.cdiv(n_groups, min(config.split, n_groups))
     split = triton.cdiv(n_groups, per_split)  # no empty slice; the last may be shorter
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
-    target = (
-        out if split == 1 else torch.empty(rows, split, out_features, dtype=torch.float32, device=x.device)
+    partial = (
+        None if split == 1 else torch.empty(rows, split, out_features, dtype=torch.float32, device=x.device)
     )
+    fold = split > 1 and config.fold and not load_only
     group_size = in_features // n_groups
     half2 = config.half2 and x.is_cuda and not load_only
-    packed_x, x_sums = pack_x(x, n_groups) if half2 else (None, None)
+    pack_in = half2 and config.pack_in
+    packed_x, x_sums = pack_x(x, n_groups) if half2 and not pack_in else (None, None)
     grid = (triton.cdiv(out_features, config.block_n), split, rows)
-    _gemv[grid](x, words, scale, offset, target, out_features, in_features,
+    _gemv[grid](x, words, scale, offset, out if split == 1 or fold else partial, out_features, in_features,
                 GROUP=group_size, BLOCK_N=config.block_n, SPLIT=split,
                 PREFETCH=config.prefetch, LOAD_ONLY=load_only, HALF2=half2, RAGGED=n_groups % split != 0,
-                xp_ptr=packed_x, xs_ptr=x_sums,
+                xp_ptr=packed_x, xs_ptr=x_sums, PACK_IN=pack_in, FOLD=fold, part_ptr=partial,
+                count_ptr=_counters(grid[0] * rows, x.device) if fold else None,
                 num_warps=config.warps, num_stages=config.stages)  # fmt: skip
-    if split > 1:
+    if split > 1 and not fold:
         _sum_splits[(triton.cdiv(out_features, 1024), rows)](
-            target, out, out_features, SPLIT=split, BLOCK=1024
+            partial, out, out_features, SPLIT=split, BLOCK=1024
         )
     return out
+
+
+COUNTERS = 1 << 16  # enough for 16 rows of the narrowest blocks (32) of the LM head's 65,024 outputs
+_counter_buffers: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _counters(count: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for a folded split-K product, shared by every product on `device`:
+    each product's last slices set theirs back to 0, and products on one stream run one after
+    another (the decoder's one stream). A larger count gets a larger buffer; the smaller ones are
+    kept, since a captured CUDA graph may still use them."""
+    held = _counter_buffers.setdefault(device, [])
+    if not held or held[-1].numel() < count:
+        held.append(torch.zeros(max(count, COUNTERS), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def pack_x(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
