@@ -1,6 +1,7 @@
 /* Falcon Chat: keyboard and focus on the chat page, on top of Gradio's ChatInterface.
    - Enter on an empty message box does nothing (Gradio would send it, and refuse it), nor while
      a reply streams (the next message can be typed meanwhile: chat/gradio_costs.py);
+   - a message sent just after Stop waits until the stopped reply has its note and figures;
    - Escape stops a streaming reply (as the Stop button does);
    - the message box gets the focus back after each reply, without scrolling the page, and a
      refused message back to be fixed;
@@ -20,20 +21,48 @@
     if (box && !box.disabled && document.activeElement !== box) box.focus({ preventScroll: true });
   }
 
+  // After Stop the server finishes the stopped reply (its "Stopped." note and figures:
+  // chat/gradio_costs.py, update_after_stop), and the next message must start from that
+  // conversation: sent sooner, it started from the one without them, which then replaced it.
+  // So a message sent meanwhile is held, and sent when the server's last step says it is done
+  // (falconChat.stopSettled), or after SETTLE_MS at most.
+  var SETTLE_MS = 6000;
+  var settling = null, heldSend = false;
+  function sendButton() { return document.querySelector("#message button.submit-button"); }
+  function stopSettled() {
+    clearTimeout(settling);
+    settling = null;
+    if (!heldSend) return;
+    heldSend = false;
+    if (sendButton()) sendButton().click();
+  }
+
   document.addEventListener("keydown", function (event) {
     var box = messageBox();
     if (event.key === "Escape" && stopButton()) {
       event.preventDefault();
       stopButton().click();
-    } else if (event.key === "Enter" && !event.shiftKey && event.target === box && (!box.value.trim() || stopButton())) {
-      // Nothing to send, or a reply still streaming: the typed text waits in the box.
+    } else if (event.key === "Enter" && !event.shiftKey && event.target === box && (!box.value.trim() || stopButton() || settling)) {
+      // Nothing to send, or a reply still streaming: the typed text waits in the box; or a
+      // stopped reply still being finished: it is sent once that is done.
       event.preventDefault();
       event.stopImmediatePropagation();
+      if (settling && !stopButton() && box.value.trim()) heldSend = true;
     }
   }, true);
 
   document.addEventListener("click", function (event) {
-    var trash = event.target.closest && event.target.closest("#conversation button[aria-label='Clear']");
+    var target = event.target && event.target.closest ? event.target : null;
+    if (!target) return;
+    if (target.closest("#message button.stop-button")) {
+      clearTimeout(settling);
+      settling = setTimeout(stopSettled, SETTLE_MS);
+    } else if (settling && target.closest("#message button.submit-button")) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+      heldSend = true;
+    }
+    var trash = target.closest("#conversation button[aria-label='Clear']");
     if (trash && !window.confirm("Delete this chat? It is removed from the saved chats too.")) {
       event.preventDefault();
       event.stopImmediatePropagation();
@@ -108,6 +137,7 @@
       .map(function (part) { return part.text || ""; }).join("\n");
   }
   window.falconChat = {
+    stopSettled: stopSettled,
     copyConversation: function (history) {
       var turns = (history || []).filter(function (message) {
         return !(message.metadata && message.metadata.title);

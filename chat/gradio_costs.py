@@ -132,8 +132,9 @@ def update_after_stop(chat: gr.ChatInterface, update_history, state) -> None:
     was stopped, with its figures). `update_history(history, state)` does it after Stop; then
     the updated conversation is copied into ChatInterface's own (`chatbot_state`), which the next
     message starts from: written at once with the shown one, it raced ChatInterface's own copy
-    after the cancel and the next message lost the update. Waits for a ChatInterface whose
-    function can finish a stopped reply."""
+    after the cancel and the next message lost the update. A message sent before all this is
+    done waits on the page (assets/page.js) until the last step tells it. Waits for a
+    ChatInterface whose function can finish a stopped reply."""
     _require(chat, "chatbot_state", "keep a stopped reply's update for the next message")
     chat.textbox.stop(
         update_history,
@@ -147,7 +148,7 @@ def update_after_stop(chat: gr.ChatInterface, update_history, state) -> None:
         chat.chatbot_state,
         api_visibility="private",
         queue=False,
-    )
+    ).then(None, js="() => window.falconChat && window.falconChat.stopSettled()")
 
 
 def _take_message_keep_box(message):

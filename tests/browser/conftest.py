@@ -198,14 +198,17 @@ SCRIPT = {
     ),
     "math": "Between $5 and $10. The area is $\\pi r^2$, and \\(a^2 + b^2 = c^2\\).",
     "keep talking": "and on " * 1500,
+    "slowly": "word after word " * 100,
 }
+SLOW_WORD_S = 0.8  # the "slowly" reply's pace after its first words: it ends this long after Stop
 MAX_MESSAGE_CHARS = 200
 
 
 class ScriptedBackend(Backend):
     """Stands in for a model that writes what a page test needs (a wide code block and table,
-    math, a reply long enough to stop), word by word at `words_per_s`; closing the stream (Stop)
-    ends it. It records the prompts it was given."""
+    math, a reply long enough to stop, one slow to end after Stop), word by word at `words_per_s`;
+    closing the stream (Stop) ends it after the word in hand. It records the prompts it was
+    given."""
 
     name = "scripted test backend"
     model_name = "/models/falcon-7b-instruct"  # a local folder: the page names it by its own name
@@ -229,7 +232,7 @@ class ScriptedBackend(Backend):
             if index >= params.max_new_tokens:
                 yield Token("", finish_reason="length")
                 return
-            time.sleep(1 / self.words_per_s)
+            time.sleep(SLOW_WORD_S if reply is SCRIPT["slowly"] and index > 2 else 1 / self.words_per_s)
             yield Token(word, id=index)
         yield Token("", finish_reason="stop")
 

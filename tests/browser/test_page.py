@@ -219,8 +219,7 @@ def test_copy_conversation_gives_the_turns_as_the_model_wrote_them(open_scripted
     copied = chat.page.evaluate("() => navigator.clipboard.readText()")
     assert copied == SCRIPT["math"], repr(copied)
 
-    # The stopped reply comes last: a message sent right after a Stop can start from the
-    # conversation as it was before the stopped reply got its note (update_after_stop's race).
+    # A stopped reply is copied with its note.
     chat.send("Please keep talking")
     expect(chat.bot_messages).to_have_count(2)
     chat.stop()
@@ -235,6 +234,25 @@ def test_copy_conversation_gives_the_turns_as_the_model_wrote_them(open_scripted
         r"user: Please keep talking\n\nassistant: and[a-z ]*\n\n> ⚠️ Stopped\."  # cut anywhere
     )
     assert re.fullmatch(turns, copied), copied
+
+
+def test_a_message_sent_the_moment_after_stop_leaves_the_stopped_reply_whole(open_scripted, scripted_backend):
+    """The stopped reply gets its note and figures once its stream has ended (here up to 0.8 s
+    after Stop); the next message, typed while the reply streamed and sent at once after
+    Stop, starts from that conversation instead of replacing it."""
+    chat = open_scripted("desktop")
+    chat.send("Please answer slowly")
+    expect(chat.bot_messages.last).to_contain_text("word after")
+    chat.textbox.fill("And now, briefly?")
+    chat.stop()
+    chat.textbox.press("Enter")
+    expect(chat.bot_messages).to_have_count(2)
+    expect(chat.bot_messages.last).to_contain_text("A short reply.")
+    chat.wait_until_idle()
+    expect(chat.bot_messages.first).to_contain_text("Stopped.")
+    expect(chat.figures).to_have_count(2)
+    expect(chat.user_messages).to_have_count(2)
+    assert "User: Please answer slowly\nFalcon: word after" in scripted_backend.prompts[-1]
 
 
 @pytest.mark.parametrize("size", BOTH)
