@@ -9,7 +9,8 @@ start-up that what it touches is still there, and stops the start naming the Gra
 effect through Gradio's own code.
 
 The chat page's workarounds for ChatInterface's behaviour (a locked page after an error, a message
-box disabled while a reply streams, a stopped reply that cannot be updated) are here too, their
+box disabled while a reply streams, a stopped reply that cannot be updated, messages shown with
+their indentation taken away) are here too, their
 effects checked in a browser (tests/browser/test_page.py); those that must run in the browser
 (Enter on an empty box or during a reply, a button Gradio leaves unnamed, what "Copy message" and
 "Copy conversation" copy) are in assets/page.js.
@@ -250,6 +251,34 @@ class _InspectWithCachedSignatures(types.ModuleType):
 
     def __init__(self):
         super().__init__("inspect")
+
+    def __getattr__(self, name):
+        return getattr(inspect, name)
+
+
+def show_messages_as_written() -> None:
+    """Gradio 6.31's Chatbot passes every text message through `inspect.cleandoc`, which takes
+    away the indentation that a message's lines after the first share (and the first line's, and
+    blank lines at both ends). A message whose later lines were all indented code showed as plain
+    text, and came back so as history: the model's next prompt had the code changed. Messages
+    are shown as they were written; `gradio.components.chatbot` is given an `inspect` whose
+    `cleandoc` leaves the text alone. Waits for a Chatbot that keeps text as it is."""
+    import gradio.components.chatbot
+
+    _require(gradio.components.chatbot, "inspect", "show messages as they were written")
+    if not isinstance(gradio.components.chatbot.inspect, _InspectKeepingText):
+        gradio.components.chatbot.inspect = _InspectKeepingText()
+
+
+class _InspectKeepingText(types.ModuleType):
+    """The `inspect` module, but `cleandoc` returns its text unchanged."""
+
+    def __init__(self):
+        super().__init__("inspect")
+
+    @staticmethod
+    def cleandoc(text: str) -> str:
+        return text
 
     def __getattr__(self, name):
         return getattr(inspect, name)

@@ -22,6 +22,7 @@ from .config import Settings
 from .embedding import embedding_launch_options
 from .gradio_costs import (
     keep_message_box_editable,
+    show_messages_as_written,
     text_message,
     trim_gradio_costs,
     update_after_stop,
@@ -150,6 +151,7 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
     # A stopped reply says so, with its figures (the stopped function cannot add them).
     update_after_stop(chat, handlers.figures_after_stop, session)
     keep_message_box_editable(demo, chat)
+    show_messages_as_written()
     # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
     chat.new_chat_button.elem_id = "new-chat"
     chat.chat_history_dataset.elem_id = "saved-chats"

@@ -199,6 +199,7 @@ SCRIPT = {
     "math": "Between $5 and $10. The area is $\\pi r^2$, and \\(a^2 + b^2 = c^2\\).",
     "keep talking": "and on " * 1500,
     "slowly": "word after word " * 100,
+    "indented code": "Start the total first:\n\n    total = 0\n    for n in numbers:\n        total += n",
 }
 SLOW_WORD_S = 0.8  # the "slowly" reply's pace after its first words: it ends this long after Stop
 MAX_MESSAGE_CHARS = 200

@@ -211,6 +211,20 @@ def test_inline_math_renders_prices_stay_text_and_the_model_gets_back_what_it_wr
     assert "tokens" not in prompt  # nor do the figures
 
 
+def test_indented_code_shows_as_code_and_comes_back_as_written(open_scripted, scripted_backend):
+    """Markdown's indented code blocks, in a message and in a reply, whose lines after the first
+    are all indented (Gradio's Chatbot used to take that shared indentation away)."""
+    chat = open_scripted("desktop")
+    question = "What is wrong with this indented code?\n\n    for n in numbers:\n        total += n"
+    chat.ask(question)
+    expect(chat.user_messages.last.locator("pre")).to_contain_text("for n in numbers:")
+    expect(chat.bot_messages.last.locator("pre")).to_contain_text("total = 0")
+
+    chat.ask("And then?")  # the history comes back from the page
+    prompt = scripted_backend.prompts[-1]
+    assert f"User: {question}\nFalcon: {SCRIPT['indented code']}\nUser: And then?" in prompt, prompt
+
+
 def test_copy_conversation_gives_the_turns_as_the_model_wrote_them(open_scripted, screenshots):
     chat = open_scripted("desktop")
     chat.page.context.grant_permissions(["clipboard-read", "clipboard-write"])
