@@ -1,12 +1,13 @@
 """Memory of the app under oversize requests, and dropped sessions (issue #17).
 
     python -m bench.hostile [--attempts 20] [--megabytes 10]
-    python -m bench.hostile --drops 3 [--tokens-per-second 1]
+    python -m bench.hostile --drops 3 [--tokens-per-second 1] [--before-first-token]
     python -m bench.hostile --exports 100 [--megabytes 1]
 
 The second form drops a chat session (the client closes its event stream) after three updates,
-with the TGI double streaming at the given pace, and prints the seconds from the drop until the
-double sees its stream closed, for each of the sessions (one at a time). The third calls the
+with the TGI double streaming at the given pace (or, with --before-first-token, while the double
+holds the request without a token, under a 60 s first-token timeout), and prints the seconds from
+the drop until the double sees its stream closed, for each of the sessions (one at a time). The third calls the
 export event N times with a system prompt of the given size and prints the disk the app's files
 take afterwards (its export folders and Gradio's copies of them, under GRADIO_TEMP_DIR and /tmp).
 
@@ -36,10 +37,11 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=10.0)
     parser.add_argument("--drops", type=int, default=0, help="sessions to drop, one at a time")
     parser.add_argument("--tokens-per-second", type=float, default=1.0)
+    parser.add_argument("--before-first-token", action="store_true", help="--drops: a silent server")
     parser.add_argument("--exports", type=int, default=0, help="export calls to make")
     args = parser.parse_args()
     if args.drops:
-        return drops(args.drops, args.tokens_per_second)
+        return drops(args.drops, args.tokens_per_second, args.before_first_token)
     if args.exports:
         return exports(args.exports, args.megabytes)
 
@@ -125,25 +127,29 @@ def exports(calls: int, megabytes: float) -> None:
     print(f"| {calls} | {megabytes:g} MB | {during:.0f} MB | {after:.0f} MB | {elapsed:.1f} s |")
 
 
-def drops(sessions: int, tokens_per_second: float) -> None:
+def drops(sessions: int, tokens_per_second: float, before_first_token: bool = False) -> None:
     import httpx
 
-    from tests.reliability import ARGS, app_on_double
+    from tests.reliability import ARGS, QUICK, app_on_double, settled
     from tests.tgi_double import Reply
 
     seconds = []
-    with app_on_double(tokens_per_second=tokens_per_second) as (url, double):
-        double.reply_for = lambda body: Reply(text="word " * 400)
+    options = dataclasses.replace(QUICK, first_token_timeout_s=60.0)
+    with app_on_double(tokens_per_second=tokens_per_second, options=options) as (url, double):
+        silent = Reply(fail="silent_before")
+        double.reply_for = lambda body: silent if before_first_token else Reply(text="word " * 400)
         body = json.dumps({"data": ["Hello", ARGS[0], 0.7, 300, 0.9, 1.0, None]})
         for _ in range(sessions):
-            before = double.disconnects
+            before, asked = double.disconnects, len(double.generate_requests())
             with httpx.Client(base_url=url, timeout=60) as http:
                 posted = http.post(
                     "gradio_api/call/chat", content=body, headers={"content-type": "application/json"}
                 )
                 with http.stream("GET", f"gradio_api/call/chat/{posted.json()['event_id']}") as events:
+                    if before_first_token:  # dropped once the server holds the request
+                        settled(lambda: len(double.generate_requests()) > asked, timeout_s=10)
                     updates = 0
-                    for line in events.iter_lines():
+                    for line in () if before_first_token else events.iter_lines():
                         updates += line.startswith("data:")
                         if updates >= 3:
                             break
@@ -151,9 +157,10 @@ def drops(sessions: int, tokens_per_second: float) -> None:
             while double.disconnects == before and time.perf_counter() - dropped < 60:
                 time.sleep(0.01)
             seconds.append(time.perf_counter() - dropped)
-    print("| tokens/s | sessions dropped | seconds from drop to closed server stream |")
+    pace = "before the first token" if before_first_token else f"{tokens_per_second:g} tokens/s"
+    print("| server | sessions dropped | seconds from drop to closed server stream |")
     print("|---|---|---|")
-    print(f"| {tokens_per_second:g} | {sessions} | {', '.join(f'{s:.2f}' for s in seconds)} |")
+    print(f"| {pace} | {sessions} | {', '.join(f'{s:.2f}' for s in seconds)} |")
 
 
 if __name__ == "__main__":

@@ -87,17 +87,24 @@ def _resolve(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
+ABANDONED_CHECK_S = 0.5  # while no item comes, how often `abandoned` is asked
+
+
 async def newest_in_thread(
     make: Callable[[threading.Event], Iterator[T]],
     *,
     pacer: UpdatePacer | None = None,
     name: str = "reply",
+    abandoned: Callable[[], bool] | None = None,
 ) -> AsyncIterator[T]:
     """Yield the newest item of `make(cancelled)`, iterated in a thread of its own.
 
     `make` is called in that thread; the iterator it returns should check `cancelled.is_set()`
     whenever it can (after every token) and end soon after it is set. With a `pacer`, two items
     are at least its interval apart, except the first and the last, which are never held back.
+    While no item comes, `abandoned()` is asked every ABANDONED_CHECK_S: when it says the
+    consumer has gone (Gradio notices a closed page only when it next has an update to send,
+    which a server that has not sent its first token never gives it), this ends, cancelling.
     """
     loop = asyncio.get_running_loop()
     slot = _Newest(loop)
@@ -144,8 +151,12 @@ async def newest_in_thread(
                 if error is not None:
                     raise error
                 return
-            else:
+            elif abandoned is None:
                 await waiter
+            else:
+                await asyncio.wait({waiter}, timeout=ABANDONED_CHECK_S)
+                if not waiter.done() and abandoned():
+                    return
     finally:
         cancelled.set()
         if pacer is not None:

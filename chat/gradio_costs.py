@@ -26,6 +26,7 @@ import inspect
 import os
 import sys
 import types
+from collections.abc import Callable
 
 import gradio as gr
 
@@ -150,6 +151,25 @@ def update_after_stop(chat: gr.ChatInterface, update_history, state) -> None:
         api_visibility="private",
         queue=False,
     ).then(None, js="() => window.falconChat && window.falconChat.stopSettled()")
+
+
+def session_gone(demo: gr.Blocks) -> Callable[[str | None], bool]:
+    """Whether a session's page or API client has gone: Gradio 6.31 marks the session's events
+    dead when their event stream closes (`Queue.clean_events`), but a running event learns of it
+    only when it next yields, and a reply waiting for its first token does not yield. Asked by
+    chat.bridge while a reply waits. Waits for Gradio to end such events itself."""
+    _require(demo, "_queue", "notice a closed page before a reply's first token")
+    _require(demo._queue, "active_jobs", "notice a closed page before a reply's first token")
+
+    def gone(session_hash: str | None) -> bool:
+        return any(  # the queue of now: `demo.queue()` makes a new one
+            event.session_hash == session_hash and not event.alive
+            for job in list(demo._queue.active_jobs)
+            if job
+            for event in job
+        )
+
+    return gone
 
 
 def _take_message_keep_box(message):

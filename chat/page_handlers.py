@@ -18,6 +18,8 @@ import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
+from gradio import Request
+
 from .backends.base import Backend
 from .bridge import UpdatePacer, newest_in_thread
 from .config import Settings
@@ -74,6 +76,8 @@ class PageHandlers:
         self.settings = settings
         self.operations = operations
         self.pacer = UpdatePacer(settings.page_updates, MIN_UPDATE_INTERVAL_S)
+        # Whether a session's page or API client has gone (chat/ui.py: Gradio's view of it).
+        self.session_gone: Callable[[str | None], bool] = lambda session_hash: False
 
     async def respond(
         self,
@@ -86,8 +90,10 @@ class PageHandlers:
         repetition_penalty,
         seed=None,
         session=None,
+        request: Request = None,
     ) -> AsyncIterator[ShownReply]:
-        """The chat: the growing reply, then the reply with its figures; a refusal as a note."""
+        """The chat: the growing reply, then the reply with its figures; a refusal as a note.
+        (`request` is Gradio's, for the session's hash.)"""
         ended: list[ReplyStats] = []
         done = threading.Event()
         if isinstance(session, dict):
@@ -115,7 +121,7 @@ class PageHandlers:
 
         text = ""
         try:
-            async for text in self._stream("chat", reply, message, on_finish):
+            async for text in self._stream("chat", reply, message, on_finish, request):
                 yield ShownReply(text)
         except Refused as refusal:
             done.set()
@@ -123,7 +129,9 @@ class PageHandlers:
             return
         yield ShownReply(text, ended[-1] if ended else None)
 
-    async def complete(self, text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
+    async def complete(
+        self, text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop, request=None
+    ):
         """Raw continuation of `text`, for base models; a refusal raises `Refused`."""
 
         def reply(cancelled: threading.Event, finished: Callable) -> Iterator[str]:
@@ -138,7 +146,7 @@ class PageHandlers:
                 cancelled=cancelled,  # a Cancellation: also interrupts a blocked read
             )
 
-        async for continuation in self._stream("completion", reply, text):
+        async for continuation in self._stream("completion", reply, text, request=request):
             yield continuation
 
     async def _stream(
@@ -147,11 +155,12 @@ class PageHandlers:
         reply: Callable[[threading.Event, Callable[[ReplyStats], None]], Iterator[str]],
         message,
         on_finish: Callable[[ReplyStats], None] | None = None,
+        request=None,
     ) -> AsyncIterator[str]:
         """The path both streaming events share: `reply(cancelled, finished)` runs in a thread of
-        its own (chat.bridge), counted in flight meanwhile; its figures are recorded (metrics,
-        log) when it ends, then handed to `on_finish`; a request error is counted and becomes
-        `Refused`."""
+        its own (chat.bridge), counted in flight meanwhile, and is cancelled if the session
+        goes; its figures are recorded (metrics, log) when it ends, then handed to `on_finish`;
+        a request error is counted and becomes `Refused`."""
 
         def finished(stats: ReplyStats) -> None:
             self.operations.record_reply(mode, stats, message)
@@ -161,7 +170,9 @@ class PageHandlers:
         self.operations.in_flight.inc()
         try:
             make = functools.partial(reply, finished=finished)
-            async for text in newest_in_thread(make, pacer=self.pacer, name=f"{mode}-reply"):
+            session_hash = getattr(request, "session_hash", None)
+            gone = functools.partial(self.session_gone, session_hash) if session_hash else None
+            async for text in newest_in_thread(make, pacer=self.pacer, name=f"{mode}-reply", abandoned=gone):
                 yield text
         except ChatError as error:
             self.operations.record_rejected(mode, type(error).__name__)

@@ -22,6 +22,7 @@ from .config import Settings
 from .embedding import embedding_launch_options
 from .gradio_costs import (
     keep_message_box_editable,
+    session_gone,
     show_messages_as_written,
     text_message,
     trim_gradio_costs,
@@ -86,6 +87,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             completion_inputs = _completion_tab(handlers)
     harden_demo(demo)
     trim_gradio_costs(demo, raw_inputs=[*chat_inputs, *completion_inputs])
+    handlers.session_gone = session_gone(demo)
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
@@ -217,10 +219,12 @@ def _validation(problem: str | None):
 def _completion(handlers: PageHandlers):
     """`handlers.complete` for Gradio: a refusal is an error (a toast; the tab stays usable)."""
 
-    async def complete(text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
+    async def complete(
+        text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop, request: gr.Request = None
+    ):
         try:
             async for continuation in handlers.complete(
-                text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop
+                text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop, request
             ):
                 yield continuation
         except Refused as refusal:

@@ -66,10 +66,10 @@ class _TaggedHandler(_Handler):
 
 
 @contextlib.contextmanager
-def app_on_double(tokens_per_second: float | None = 50, **settings):
+def app_on_double(tokens_per_second: float | None = 50, options: RemoteOptions = QUICK, **settings):
     """The whole app, TGI backend, on a TaggedDouble; yields (url, double)."""
     with TaggedDouble(tokens_per_second=tokens_per_second) as double:
-        backend = TGIBackend([double.url], options=QUICK, token=settings.pop("token", None))
+        backend = TGIBackend([double.url], options=options, token=settings.pop("token", None))
         config = Settings(backend="tgi", endpoints=(double.url,), **settings)
         try:
             with serve_app(backend, config) as url:

@@ -5,6 +5,7 @@ at the backend level (error kinds, timings); these check what users of the runni
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import httpx
@@ -16,7 +17,8 @@ from chat.config import Settings
 from chat.errors import BackendBusy, BackendTimeout, GenerationFailed
 from chat.history import NOTE_MARK, strip_note
 from tests.helpers import serve_app
-from tests.reliability import ARGS, HEALTHY_TEXT, HUGE_TOKEN, app_on_double
+from tests.reliability import ARGS, HEALTHY_TEXT, HUGE_TOKEN, QUICK, app_on_double, settled
+from tests.tgi_double import Reply
 
 BROKE_OFF = "The connection to the model server broke off. Please try again."
 
@@ -104,6 +106,19 @@ def test_a_client_that_goes_away_mid_stream_closes_the_upstream_request():
         assert double.wait_for_disconnects(1, timeout=5), "the server kept generating for nobody"
         assert strip_note(healthy.result()) == HEALTHY_TEXT
         assert double.completed >= 1
+
+
+def test_a_client_that_goes_away_before_the_first_token_closes_the_upstream_request():
+    # The server is still reading the prompt (no token yet) when the tab is closed: Gradio only
+    # notices when the reply next yields, which it would not before the first token.
+    waits_long = dataclasses.replace(QUICK, first_token_timeout_s=60.0)
+    with app_on_double(options=waits_long) as (url, double):
+        double.reply_for = lambda body: Reply(fail="silent_before")
+        with httpx.Client(base_url=url, timeout=10) as http:
+            posted = http.post("gradio_api/call/chat", json={"data": ["Tell me more.", *ARGS, None]})
+            with http.stream("GET", f"gradio_api/call/chat/{posted.json()['event_id']}"):
+                assert settled(lambda: double.generate_requests(), timeout_s=10)
+        assert double.wait_for_disconnects(1, timeout=5), "the server kept the stream for nobody"
 
 
 def test_a_cancelled_api_call_closes_the_upstream_request(app):
