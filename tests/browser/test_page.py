@@ -211,7 +211,7 @@ def test_inline_math_renders_prices_stay_text_and_the_model_gets_back_what_it_wr
     assert "tokens" not in prompt  # nor do the figures
 
 
-def test_indented_code_shows_as_code_and_comes_back_as_written(open_scripted, scripted_backend):
+def test_indented_code_shows_as_code_and_comes_back_as_written(open_scripted, scripted_backend, screenshots):
     """Markdown's indented code blocks, in a message and in a reply, whose lines after the first
     are all indented (Gradio's Chatbot used to take that shared indentation away)."""
     chat = open_scripted("desktop")
@@ -219,6 +219,7 @@ def test_indented_code_shows_as_code_and_comes_back_as_written(open_scripted, sc
     chat.ask(question)
     expect(chat.user_messages.last.locator("pre")).to_contain_text("for n in numbers:")
     expect(chat.bot_messages.last.locator("pre")).to_contain_text("total = 0")
+    chat.page.screenshot(path=str(screenshots / "indented-code-desktop.png"))
 
     chat.ask("And then?")  # the history comes back from the page
     prompt = scripted_backend.prompts[-1]
