@@ -260,19 +260,18 @@ def cache_config_signatures() -> None:
     import gradio.blocks
 
     _require(gradio.blocks, "inspect", "cache component signatures")
-    if not isinstance(gradio.blocks.inspect, _InspectWithCachedSignatures):
-        gradio.blocks.inspect = _InspectWithCachedSignatures()
+    if not isinstance(gradio.blocks.inspect, _InspectWith):
+        gradio.blocks.inspect = _InspectWith(signature=functools.lru_cache(maxsize=1024)(inspect.signature))
 
 
-class _InspectWithCachedSignatures(types.ModuleType):
-    """The `inspect` module, but `signature` remembers its answers."""
+class _InspectWith(types.ModuleType):
+    """The `inspect` module for one of Gradio's modules, with some of its functions replaced."""
 
-    signature = staticmethod(functools.lru_cache(maxsize=1024)(inspect.signature))
-
-    def __init__(self):
+    def __init__(self, **replaced):
         super().__init__("inspect")
+        vars(self).update(replaced)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only asked for what is not replaced
         return getattr(inspect, name)
 
 
@@ -286,19 +285,5 @@ def show_messages_as_written() -> None:
     import gradio.components.chatbot
 
     _require(gradio.components.chatbot, "inspect", "show messages as they were written")
-    if not isinstance(gradio.components.chatbot.inspect, _InspectKeepingText):
-        gradio.components.chatbot.inspect = _InspectKeepingText()
-
-
-class _InspectKeepingText(types.ModuleType):
-    """The `inspect` module, but `cleandoc` returns its text unchanged."""
-
-    def __init__(self):
-        super().__init__("inspect")
-
-    @staticmethod
-    def cleandoc(text: str) -> str:
-        return text
-
-    def __getattr__(self, name):
-        return getattr(inspect, name)
+    if not isinstance(gradio.components.chatbot.inspect, _InspectWith):
+        gradio.components.chatbot.inspect = _InspectWith(cleandoc=lambda text: text)
