@@ -153,23 +153,34 @@ def update_after_stop(chat: gr.ChatInterface, update_history, state) -> None:
     ).then(None, js="() => window.falconChat && window.falconChat.stopSettled()")
 
 
-def session_gone(demo: gr.Blocks) -> Callable[[str | None], bool]:
-    """Whether a session's page or API client has gone: Gradio 6.31 marks the session's events
-    dead when their event stream closes (`Queue.clean_events`), but a running event learns of it
-    only when it next yields, and a reply waiting for its first token does not yield. Asked by
+def event_watch(demo: gr.Blocks) -> Callable[[], Callable[[], bool] | None]:
+    """For the event of `demo` running now (called in its context): a check of whether Gradio
+    has marked it dead, which Gradio 6.31 does when the session's event stream closes (a closed
+    page or API client: `Queue.clean_events`) but acts on only when the event next yields, and a
+    reply waiting for its first token does not yield. None outside an event. Asked by
     chat.bridge while a reply waits. Waits for Gradio to end such events itself."""
+    from gradio.context import LocalContext
+
+    _require(LocalContext, "event_id", "notice a closed page before a reply's first token")
     _require(demo, "_queue", "notice a closed page before a reply's first token")
     _require(demo._queue, "active_jobs", "notice a closed page before a reply's first token")
 
-    def gone(session_hash: str | None) -> bool:
-        return any(  # the queue of now: `demo.queue()` makes a new one
-            event.session_hash == session_hash and not event.alive
-            for job in list(demo._queue.active_jobs)
-            if job
-            for event in job
-        )
+    def watch() -> Callable[[], bool] | None:
+        event_id = LocalContext.event_id.get(None)
+        if event_id is None:
+            return None
 
-    return gone
+        def gone() -> bool:
+            return any(  # the queue of now: `demo.queue()` makes a new one
+                getattr(event, "_id", None) == event_id and not event.alive
+                for job in list(demo._queue.active_jobs)
+                if job
+                for event in job
+            )
+
+        return gone
+
+    return watch
 
 
 def _take_message_keep_box(message):

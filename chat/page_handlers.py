@@ -18,8 +18,6 @@ import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from gradio import Request
-
 from .backends.base import Backend
 from .bridge import UpdatePacer, newest_in_thread
 from .config import Settings
@@ -76,8 +74,9 @@ class PageHandlers:
         self.settings = settings
         self.operations = operations
         self.pacer = UpdatePacer(settings.page_updates, MIN_UPDATE_INTERVAL_S)
-        # Whether a session's page or API client has gone (chat/ui.py: Gradio's view of it).
-        self.session_gone: Callable[[str | None], bool] = lambda session_hash: False
+        # Called in a running event: a check of whether its page or API client has gone, or None
+        # (chat/ui.py gives Gradio's view of it).
+        self.event_gone: Callable[[], Callable[[], bool] | None] = lambda: None
 
     async def respond(
         self,
@@ -90,10 +89,8 @@ class PageHandlers:
         repetition_penalty,
         seed=None,
         session=None,
-        request: Request = None,
     ) -> AsyncIterator[ShownReply]:
-        """The chat: the growing reply, then the reply with its figures; a refusal as a note.
-        (`request` is Gradio's, for the session's hash.)"""
+        """The chat: the growing reply, then the reply with its figures; a refusal as a note."""
         ended: list[ReplyStats] = []
         done = threading.Event()
         if isinstance(session, dict):
@@ -121,7 +118,7 @@ class PageHandlers:
 
         text = ""
         try:
-            async for text in self._stream("chat", reply, message, on_finish, request):
+            async for text in self._stream("chat", reply, message, on_finish):
                 yield ShownReply(text)
         except Refused as refusal:
             done.set()
@@ -129,9 +126,7 @@ class PageHandlers:
             return
         yield ShownReply(text, ended[-1] if ended else None)
 
-    async def complete(
-        self, text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop, request=None
-    ):
+    async def complete(self, text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
         """Raw continuation of `text`, for base models; a refusal raises `Refused`."""
 
         def reply(cancelled: threading.Event, finished: Callable) -> Iterator[str]:
@@ -146,7 +141,7 @@ class PageHandlers:
                 cancelled=cancelled,  # a Cancellation: also interrupts a blocked read
             )
 
-        async for continuation in self._stream("completion", reply, text, request=request):
+        async for continuation in self._stream("completion", reply, text):
             yield continuation
 
     async def _stream(
@@ -155,7 +150,6 @@ class PageHandlers:
         reply: Callable[[threading.Event, Callable[[ReplyStats], None]], Iterator[str]],
         message,
         on_finish: Callable[[ReplyStats], None] | None = None,
-        request=None,
     ) -> AsyncIterator[str]:
         """The path both streaming events share: `reply(cancelled, finished)` runs in a thread of
         its own (chat.bridge), counted in flight meanwhile, and is cancelled if the session
@@ -170,8 +164,7 @@ class PageHandlers:
         self.operations.in_flight.inc()
         try:
             make = functools.partial(reply, finished=finished)
-            session_hash = getattr(request, "session_hash", None)
-            gone = functools.partial(self.session_gone, session_hash) if session_hash else None
+            gone = self.event_gone()
             async for text in newest_in_thread(make, pacer=self.pacer, name=f"{mode}-reply", abandoned=gone):
                 yield text
         except ChatError as error:

@@ -21,8 +21,8 @@ from .backends.base import Backend
 from .config import Settings
 from .embedding import embedding_launch_options
 from .gradio_costs import (
+    event_watch,
     keep_message_box_editable,
-    session_gone,
     show_messages_as_written,
     text_message,
     trim_gradio_costs,
@@ -87,7 +87,7 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             completion_inputs = _completion_tab(handlers)
     harden_demo(demo)
     trim_gradio_costs(demo, raw_inputs=[*chat_inputs, *completion_inputs])
-    handlers.session_gone = session_gone(demo)
+    handlers.event_gone = event_watch(demo)
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
@@ -219,12 +219,10 @@ def _validation(problem: str | None):
 def _completion(handlers: PageHandlers):
     """`handlers.complete` for Gradio: a refusal is an error (a toast; the tab stays usable)."""
 
-    async def complete(
-        text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop, request: gr.Request = None
-    ):
+    async def complete(text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
         try:
             async for continuation in handlers.complete(
-                text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop, request
+                text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop
             ):
                 yield continuation
         except Refused as refusal:
