@@ -1,7 +1,9 @@
 /* Falcon Chat: keyboard and focus on the chat page, on top of Gradio's ChatInterface.
    - Enter on an empty message box does nothing (Gradio would send it, and refuse it), nor while
      a reply streams (the next message can be typed meanwhile: chat/gradio_costs.py);
-   - a message sent just after Stop waits until the stopped reply has its note and figures;
+   - a message sent just after Stop waits until the stopped reply has its note and figures, and
+     so does any other change to the conversation (Retry, Undo, Edit, the trash, New chat,
+     another saved chat);
    - Escape stops a streaming reply (as the Stop button does);
    - the message box gets the focus back after each reply, without scrolling the page, and a
      refused message back to be fixed;
@@ -22,19 +24,42 @@
   }
 
   // After Stop the server finishes the stopped reply (its "Stopped." note and figures:
-  // chat/gradio_costs.py, update_after_stop), and the next message must start from that
-  // conversation: sent sooner, it started from the one without them, which then replaced it.
-  // So a message sent meanwhile is held, and sent when the server's last step says it is done
-  // (falconChat.stopSettled), or after SETTLE_MS at most.
+  // chat/gradio_costs.py, update_after_stop), and that finished conversation replaces the shown
+  // one. So whatever changes the conversation meanwhile must wait for it: a message sent sooner
+  // started from the conversation without them; an Undo, an Edit, a Retry, the trash, New chat or
+  // another saved chat was undone by it (another saved chat was then saved over). Such a click
+  // (or Enter) is held, and made again when the server's last step says it is done
+  // (falconChat.stopSettled), or after SETTLE_MS at most; of several, the last one counts.
   var SETTLE_MS = 6000;
-  var settling = null, heldSend = false;
-  function sendButton() { return document.querySelector("#message button.submit-button"); }
+  var SEND = "#message button.submit-button";
+  var CHANGES_CONVERSATION = [
+    SEND,
+    "#conversation button[aria-label='Retry']",
+    "#conversation button[aria-label='Undo']",
+    "#conversation button[aria-label='Edit']",
+    "#conversation button[aria-label='Clear']",
+    "#new-chat",
+    "#saved-chats [role=gridcell]"
+  ];
+  var settling = null, held = null;
+  function hold(selector, element) {
+    // Buttons are drawn anew as the conversation changes: keep which one (its place), not it.
+    held = { selector: selector, index: Array.prototype.indexOf.call(document.querySelectorAll(selector), element) };
+  }
   function stopSettled() {
     clearTimeout(settling);
     settling = null;
-    if (!heldSend) return;
-    heldSend = false;
-    if (sendButton()) sendButton().click();
+    var action = held;
+    held = null;
+    var target = action && document.querySelectorAll(action.selector)[action.index];
+    if (target && !target.disabled) target.click();
+  }
+  function conversationChange(target) {
+    for (var i = 0; i < CHANGES_CONVERSATION.length; i++) {
+      var element = target.closest(CHANGES_CONVERSATION[i]);
+      if (element) return { selector: CHANGES_CONVERSATION[i], element: element };
+    }
+    return null;
   }
 
   document.addEventListener("keydown", function (event) {
@@ -47,20 +72,22 @@
       // stopped reply still being finished: it is sent once that is done.
       event.preventDefault();
       event.stopImmediatePropagation();
-      if (settling && !stopButton() && box.value.trim()) heldSend = true;
+      if (settling && !stopButton() && box.value.trim()) hold(SEND, document.querySelector(SEND));
     }
   }, true);
 
   document.addEventListener("click", function (event) {
     var target = event.target && event.target.closest ? event.target : null;
     if (!target) return;
+    var change = settling && conversationChange(target);
     if (target.closest("#message button.stop-button")) {
       clearTimeout(settling);
       settling = setTimeout(stopSettled, SETTLE_MS);
-    } else if (settling && target.closest("#message button.submit-button")) {
+    } else if (change) {
       event.preventDefault();
       event.stopImmediatePropagation();
-      heldSend = true;
+      hold(change.selector, change.element);
+      return;
     }
     var trash = target.closest("#conversation button[aria-label='Clear']");
     if (trash && !window.confirm("Delete this chat? It is removed from the saved chats too.")) {

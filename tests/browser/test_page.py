@@ -270,6 +270,41 @@ def test_a_message_sent_the_moment_after_stop_leaves_the_stopped_reply_whole(ope
     assert "User: Please answer slowly\nFalcon: word after" in scripted_backend.prompts[-1]
 
 
+def test_undo_edit_or_another_chat_right_after_stop_waits_for_the_stopped_reply(
+    open_scripted, scripted_backend
+):
+    """Undo, Edit, Retry or a saved chat, clicked while a stopped reply is being finished (here up
+    to 0.8 s after Stop), take effect once it is: sooner, the finished reply was put back over
+    what they did (an undone message back, an edit lost, another saved chat replaced by this
+    conversation and then saved over)."""
+    chat = open_scripted("desktop")
+    page = chat.page
+    chat.ask("The first chat")
+    page.locator("#new-chat").click()
+    expect(chat.user_messages).to_have_count(0)
+    chat.send("Please answer slowly")
+    expect(chat.bot_messages.last).to_contain_text("word after")
+    chat.stop()
+    page.get_by_role("button", name="Undo").click()
+    expect(chat.textbox).to_have_value("Please answer slowly")
+    expect(chat.user_messages).to_have_count(0)
+    chat.ask("Something else")  # sent once the stopped reply is finished, and undone
+    assert scripted_backend.prompts[-1] == "User: Something else\nFalcon:"
+    expect(chat.user_messages).to_have_count(1)
+
+    chat.send("Please answer slowly")
+    expect(chat.bot_messages.last).to_contain_text("word after")
+    chat.stop()
+    page.get_by_role("gridcell", name="The first chat").click()
+    expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: The first chat")
+    chat.ask("And then?")
+    assert scripted_backend.prompts[-1].startswith(
+        "User: The first chat\nFalcon: A short reply.\nUser: And then?"
+    )
+    expect(chat.user_messages).to_have_count(2)
+    expect(chat.figures).to_have_count(2)
+
+
 @pytest.mark.parametrize("size", BOTH)
 def test_the_page_names_the_model_it_talks_to(open_scripted, size):
     chat = open_scripted(size)
