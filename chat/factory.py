@@ -144,12 +144,13 @@ def _int4_backend(settings: Settings, model_id: str, model_name: str) -> Backend
                         prompt_format=choose_prompt_format(settings.prompt_format, tokenizer))  # fmt: skip
 
 
-def _is_gptq(folder) -> bool:
-    from .backends import gptq
+def _checkpoint_quantization(folder):
+    """The GPTQ/AWQ quantization `folder`'s checkpoint carries, or None."""
+    from .backends import checkpoint_quantization
     from .backends.falcon_layout import Unsupported
 
     try:
-        return gptq.read_config(folder) is not None
+        return checkpoint_quantization.read(folder)
     except Unsupported as error:
         raise ConfigError(f"--quantize int4: {error}") from None
 
@@ -164,10 +165,13 @@ def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str)
 
     int4 = settings.quantize == "int4"
     folder = tp.model_folder(model_id, settings.token)
-    if int4 and _is_gptq(folder):
+    quantization = _checkpoint_quantization(folder) if int4 else None
+    if quantization is not None:
         if settings.tensor_parallel == "auto":
             return None
-        raise ConfigError("--quantize int4 loads a GPTQ checkpoint on one GPU: use --tensor-parallel 1")
+        raise ConfigError(
+            f"--quantize int4 loads a {quantization.method} checkpoint on one GPU: use --tensor-parallel 1"
+        )
     config = AutoConfig.from_pretrained(folder)
     ranks = tp.ranks_for(settings.tensor_parallel, config, bytes_per_weight=0.5625 if int4 else 2.0)
     if ranks == 1:

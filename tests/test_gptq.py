@@ -10,26 +10,24 @@ quantize_config.json, as the earlier ones). No real GPTQ checkpoint is on this m
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from chat.backends import int4, int4_gemv
-from chat.backends.falcon_int4 import layout_from_int4, load_int4
-from chat.backends.fast_decode import FastDecoder
-from chat.backends.int4_products import Int4Reference
+from chat.backends.falcon_int4 import load_int4
 from chat.config import Settings
 from chat.errors import ConfigError
 from chat.factory import build_backend
-from chat.params import GenerationParams
-
-LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
-PROMPT = "User: Plan a trip to Lisbon\nFalcon:"
+from tests.quantized_checkpoints import (
+    assert_greedy_equals_generate,
+    assert_serves_and_saves,
+    scaled_levels,
+    split_layer,
+    write_checkpoint,
+)
 
 
 def _round_to_nearest(weight: torch.Tensor, group: int, sym: bool):
@@ -79,65 +77,32 @@ def write_gptq(folder, tiny_model_dir, *, checkpoint_format="gptq", sym=False, g
                desc_act=False, permute=False, bits=4, shards=2, config_file="config.json") -> dict:  # fmt: skip
     """The tiny Falcon as a GPTQ checkpoint in `folder`; returns each linear layer's raw
     (q [out, in], zero [groups, out], scale [groups, out] fp16, group size)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(tiny_model_dir / name, folder / name)
-    config = json.loads((tiny_model_dir / "config.json").read_text())
     quantization = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
                     "damp_percent": 0.1, "true_sequential": True, "static_groups": False}  # fmt: skip
     if checkpoint_format != "gptq":
         quantization["checkpoint_format"] = checkpoint_format
     if config_file == "config.json":
-        config["quantization_config"] = {**quantization, "quant_method": "gptq"}
-    else:
-        (folder / config_file).write_text(json.dumps(quantization))
-    config["dtype"] = "float16"
-    (folder / "config.json").write_text(json.dumps(config))
+        quantization["quant_method"] = "gptq"
+    raw = {}
 
-    from safetensors import safe_open
+    def pack(module, weight):
+        in_features = weight.shape[1]
+        group = in_features if group_size == -1 else group_size
+        q, zero, scale = _round_to_nearest(weight, group, sym)
+        qweight, qzeros = _autogptq_pack(q, zero, checkpoint_format)
+        g_idx = torch.arange(in_features, dtype=torch.int32) // group
+        if permute:  # act order: g_idx follows the permuted order of the columns
+            g_idx = g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(0))]
+        raw[module] = (q, zero, scale, group)
+        return {"qweight": qweight, "qzeros": qzeros, "scales": scale, "g_idx": g_idx}
 
-    raw, tensors = {}, {}
-    with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as dense:
-        for name in dense.keys():  # noqa: SIM118
-            weight = dense.get_tensor(name)
-            module = name.removesuffix(".weight")
-            if not module.endswith(LINEARS):
-                tensors[name] = weight.half()
-                continue
-            out_features, in_features = weight.shape
-            group = in_features if group_size == -1 else group_size
-            q, zero, scale = _round_to_nearest(weight, group, sym)
-            qweight, qzeros = _autogptq_pack(q, zero, checkpoint_format)
-            g_idx = torch.arange(in_features, dtype=torch.int32) // group
-            if permute:  # act order: g_idx follows the permuted order of the columns
-                g_idx = g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(0))]
-            tensors.update({f"{module}.qweight": qweight, f"{module}.qzeros": qzeros,
-                            f"{module}.scales": scale, f"{module}.g_idx": g_idx})  # fmt: skip
-            raw[module] = (q, zero, scale, group)
-    if shards == 1:
-        save_file(tensors, str(folder / "model.safetensors"))
-        return raw
-    # Two shards, a layer split across them (as large checkpoints' shards split layers).
-    first = {k: v for k, v in tensors.items() if k.startswith("transformer.h.0.")}
-    first.pop("transformer.h.0.mlp.dense_4h_to_h.g_idx")
-    weight_map = {}
-    for i, part in enumerate((first, {k: v for k, v in tensors.items() if k not in first})):
-        name = f"model-{i + 1:05d}-of-00002.safetensors"
-        save_file(part, str(folder / name))
-        weight_map.update(dict.fromkeys(part, name))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    write_checkpoint(folder, tiny_model_dir, quantization, config_file, pack, shards)
     return raw
 
 
 def gptq_weight(raw) -> torch.Tensor:
     """GPTQ's own dequantization, straight from the raw values: scale * (q - zero), float32."""
-    q, zero, scale, group = raw
-    per_column = torch.arange(q.shape[1]) // group
-    return scale.float().t()[:, per_column] * (q - zero.t()[:, per_column]).float()
+    return scaled_levels(*raw)
 
 
 @pytest.fixture(scope="module")
@@ -149,21 +114,6 @@ def gptq_dir(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def gptq_model(gptq_dir):
     return load_int4(gptq_dir[0], device="cpu", dtype=torch.float32)
-
-
-def _split(model, index: int, raw_shapes: dict):
-    """The four linear weights of layer `index` cut back out of the fused int4 products."""
-    prefix = f"transformer.h.{index}."
-    fused_in = int4.dequantize(model.products[f"h.{index}.in"])
-    fused_out = int4.dequantize(model.products[f"h.{index}.out"])
-    rows = raw_shapes[prefix + LINEARS[0]][0]
-    columns = raw_shapes[prefix + LINEARS[1]][1]
-    return {
-        prefix + LINEARS[0]: fused_in[:rows],
-        prefix + LINEARS[2]: fused_in[rows:],
-        prefix + LINEARS[1]: fused_out[:, :columns],
-        prefix + LINEARS[3]: fused_out[:, columns:],
-    }
 
 
 @pytest.mark.parametrize(
@@ -185,7 +135,7 @@ def test_every_gptq_weight_is_kept_exactly(
     model = load_int4(folder, device="cpu", dtype=torch.float32)
     shapes = {name: tuple(values[0].shape) for name, values in raw.items()}
     for index in range(model.config.num_hidden_layers):
-        for name, weight in _split(model, index, shapes).items():
+        for name, weight in split_layer(model, index, shapes).items():
             assert torch.equal(weight, gptq_weight(raw[name])), name
     for name in ("h.0.in", "h.0.out"):  # symmetric: -8 * scale is exact in fp16; else float32
         assert model.products[name].scale.dtype == torch.float16
@@ -197,45 +147,13 @@ def test_gptq_fast_path_greedy_equals_generate_over_the_same_weights(
     tiny_model_dir, tiny_tokenizer, gptq_dir, gptq_model
 ):
     """transformers' Falcon holding GPTQ's weights (scale * (q - zero), straight from the raw
-    values), the checkpoint's fp16 norms and embeddings, and the int4 lm_head (GPTQ leaves it
-    dense; we quantize it as from bf16), against the fast decoder on the loaded GPTQ model."""
-    from transformers import AutoModelForCausalLM
-
-    _, raw = gptq_dir
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.copy_(parameter.half().float())  # the checkpoint's dense tensors are fp16
-        for name, values in raw.items():
-            reference.get_submodule(name).weight.copy_(gptq_weight(values))
-    lm_head = int4.dequantize(gptq_model.products["lm_head"])
-    reference.lm_head.weight = torch.nn.Parameter(lm_head, requires_grad=False)
-    ids = torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]])
-    with torch.inference_mode():
-        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY.max_new_tokens,
-                                 do_sample=False, pad_token_id=tiny_tokenizer.eos_token_id)  # fmt: skip
-    expected = out[0, ids.shape[1] :].tolist()
-    fresh = type(gptq_model)(gptq_model.config, dict(gptq_model.products), dict(gptq_model.dense))
-    layout = layout_from_int4(fresh, max_len=128, products=Int4Reference)
-    tokens = []
-    FastDecoder.from_layout(layout, tiny_tokenizer.eos_token_id).generate(
-        ids, GREEDY, 0, tokens.append, lambda: False
-    )
-    assert tokens == expected[: len(tokens)] and len(tokens) >= 8
+    values) against the fast decoder on the loaded GPTQ model."""
+    weights = {name: gptq_weight(values) for name, values in gptq_dir[1].items()}
+    assert_greedy_equals_generate(tiny_model_dir, tiny_tokenizer, gptq_model, weights)
 
 
 def test_quantize_int4_serves_a_gptq_checkpoint_end_to_end(gptq_dir, tmp_path):
-    saved = tmp_path / "saved"
-    backend = build_backend(Settings(model=str(gptq_dir[0]), quantize="int4", save_quantized=str(saved)))
-    try:
-        assert "int4" in backend.name
-        tokens = list(backend.stream(PROMPT, GenerationParams(temperature=0.0, max_new_tokens=8)))
-        assert "".join(t.text for t in tokens).strip()
-    finally:
-        backend.close()
-    assert "quantization_config" not in json.loads((saved / "config.json").read_text())
-    reloaded = load_int4(saved, device="cpu")
-    assert reloaded.stats["source"] == "int4"
+    assert_serves_and_saves(gptq_dir[0], tmp_path / "saved")
 
 
 @pytest.mark.parametrize(

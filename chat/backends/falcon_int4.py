@@ -6,8 +6,9 @@ quantized (int4.py) as soon as the last of them has arrived, then the bf16 copie
 Peak memory is the int4 model plus about one shard and one layer, never the bf16 model (357 GB
 for Falcon-180B). Norms, biases and the embedding table stay in the model's dtype.
 
-A GPTQ 4-bit checkpoint (gptq.py) goes the same way, each GPTQ linear layer converted instead
-of quantized, with no weight changed (lm_head, which GPTQ leaves dense, is quantized as above).
+A GPTQ or AWQ 4-bit checkpoint (checkpoint_quantization.py) goes the same way, each of its
+quantized linear layers converted instead of quantized, with no weight changed (lm_head, which
+both leave dense, is quantized as above).
 
 `--save-quantized DIR` writes the int4 weights (int4.save) with the config and tokenizer files,
 so `--model DIR --quantize int4` starts without the bf16 checkpoint.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import re
 import shutil
 import time
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import gptq, int4
+from . import checkpoint_quantization, int4
 from .falcon_layout import FalconLayout, Layer, check_config, rotary_tables
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ _LAYER_MODULES = (
 # A linear layer's tensors: (module, layer index or None for lm_head, part)
 _LINEAR = re.compile(
     r"((?:transformer\.h\.(\d+)\.(?:" + "|".join(m.replace(".", r"\.") for m in _LAYER_MODULES) + r"))"
-    r"|lm_head)\.(weight|" + "|".join(gptq.PARTS) + r")$"
+    r"|lm_head)\.(weight|" + "|".join(checkpoint_quantization.PARTS) + r")$"
 )
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -67,7 +67,7 @@ class Int4Falcon:
 
 
 def load_int4(folder, *, device, dtype=torch.bfloat16, search: str = "hqq") -> Int4Falcon:
-    """The model in `folder` (safetensors in bf16/fp16 or GPTQ 4-bit, or a folder `save_int4`
+    """The model in `folder` (safetensors in bf16/fp16, GPTQ or AWQ 4-bit, or a folder `save_int4`
     wrote) as int4 on `device`."""
     from transformers import AutoConfig
 
@@ -78,16 +78,23 @@ def load_int4(folder, *, device, dtype=torch.bfloat16, search: str = "hqq") -> I
         start = time.perf_counter()
         products, dense, _ = int4.load(folder, device)
         return Int4Falcon(config, products, dense, {"load_s": time.perf_counter() - start, "source": "int4"})
+    quantization = checkpoint_quantization.read(folder)
     return quantize_checkpoint(
-        folder, config, device=device, dtype=dtype, search=search, gptq_config=gptq.read_config(folder)
+        folder, config, device=device, dtype=dtype, search=search, quantization=quantization
     )
 
 
 def quantize_checkpoint(
-    folder: Path, config, *, device, dtype, search: str = "hqq", gptq_config: gptq.GptqConfig | None = None
+    folder: Path,
+    config,
+    *,
+    device,
+    dtype,
+    search: str = "hqq",
+    quantization: checkpoint_quantization.CheckpointQuantization | None = None,
 ) -> Int4Falcon:
     """Read the shards one by one onto `device`; once a layer's four linear layers are complete,
-    fuse them into int4 products: a dense weight quantized, a GPTQ one converted (gptq.py)."""
+    fuse them into int4 products: a dense weight quantized, a GPTQ or AWQ one converted."""
     from safetensors import safe_open
 
     files = _shard_files(Path(folder))
@@ -96,7 +103,7 @@ def quantize_checkpoint(
     start = time.perf_counter()
     model = Int4Falcon(config, {}, {})
     linears: dict[str, dict[str, torch.Tensor]] = {}
-    to_int4 = _Converter(search, gptq_config)
+    to_int4 = checkpoint_quantization.Converter(search, quantization)
     for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as shard:
             for stored in shard.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -104,7 +111,8 @@ def quantize_checkpoint(
                 name = _plain_name(stored)
                 match = _LINEAR.match(name)
                 if match is None:
-                    model.dense[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    if not to_int4.drops(name, tensor):
+                        model.dense[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
                     continue
                 module, part = match.group(1), match.group(3)
                 linears.setdefault(module, {})[part] = tensor.to(dtype) if part == "weight" else tensor
@@ -121,9 +129,13 @@ def quantize_checkpoint(
         raise ValueError(f"{folder}: {sorted(linears)[:4]} lack some of their tensors")
     if lm_head is None:  # tied to the input embeddings (the embedding itself stays dense)
         lm_head = {"weight": model.dense["transformer.word_embeddings.weight"]}
-    model.products["lm_head"] = to_int4(lm_head, [_in_features(lm_head)], "lm_head")
+    model.products["lm_head"] = to_int4(lm_head, [to_int4.in_features(lm_head)], "lm_head")
     _fuse_biases(model, config, two_norms)
-    source = "GPTQ checkpoint, converted without loss" if gptq_config else "quantized while loading"
+    source = (
+        f"{quantization.method} checkpoint, converted without loss"
+        if quantization
+        else "quantized while loading"
+    )
     model.stats.update(source=source, quantize_load_s=time.perf_counter() - start)
     return model
 
@@ -150,7 +162,7 @@ def _plain_name(name: str) -> str:
 
 
 def _linear_parts(files: list[Path]) -> dict[str, set[str]]:
-    """Each linear layer's parts in the checkpoint ("weight", or GPTQ's qweight, qzeros, ...), read
+    """Each linear layer's parts in the checkpoint ("weight", or GPTQ's/AWQ's qweight, ...), read
     from the shards' headers: a layer is complete when all of its parts have arrived."""
     from safetensors import safe_open
 
@@ -164,53 +176,28 @@ def _linear_parts(files: list[Path]) -> dict[str, set[str]]:
     return parts
 
 
-def _in_features(parts: dict[str, torch.Tensor]) -> int:
-    return parts["weight"].shape[1] if "weight" in parts else parts["qweight"].shape[0] * 8
-
-
-class _Converter:
-    """A linear layer's parts as an `Int4Weight` in the group size its fused product needs."""
-
-    def __init__(self, search: str, gptq_config: gptq.GptqConfig | None):
-        self.search, self.gptq = search, gptq_config
-
-    def group(self, in_sizes: list[int]) -> int:
-        """The largest kernel group dividing every fused part's columns (and GPTQ's groups):
-        groups must not straddle a seam between parts."""
-        size = math.gcd(*in_sizes)
-        if self.gptq is not None and self.gptq.group_size != -1:
-            size = math.gcd(size, self.gptq.group_size)
-        return int4.group_size_for(size)
-
-    def __call__(self, parts: dict, in_sizes: list[int], name: str) -> int4.Int4Weight:
-        group = self.group(in_sizes)
-        if "weight" in parts:
-            return int4.quantize(parts["weight"], group, search=self.search)
-        if self.gptq is None:
-            raise ValueError(f"{name} holds GPTQ tensors, but the checkpoint has no GPTQ config")
-        return gptq.to_int4(parts, self.gptq, group, name)
-
-
 def _two_norms(config) -> bool:
     # transformers' FalconDecoderLayer: a new-architecture config that names no count has two.
     return bool(config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2)
 
 
-def _fuse_layer(model: Int4Falcon, index: int, parts: dict, two_norms: bool, to_int4: _Converter) -> None:
+def _fuse_layer(
+    model: Int4Falcon, index: int, parts: dict, two_norms: bool, to_int4: checkpoint_quantization.Converter
+) -> None:
     """The layer's products as the fast decoder lays them out (falcon_layout.py): the input-side
     weights stacked by rows ([qkv | h_to_4h] when the norm is shared), the out-projections side by
     side along their inputs ([dense | 4h_to_h]). Joining int4 weights changes none of them."""
     qkv, dense = parts["self_attention.query_key_value"], parts["self_attention.dense"]
     h4, h4h = parts["mlp.dense_h_to_4h"], parts["mlp.dense_4h_to_h"]
     prefix = f"h.{index}"
-    hidden = [_in_features(qkv)]
+    hidden = [to_int4.in_features(qkv)]
     if two_norms:
         model.products[f"{prefix}.in"] = to_int4(qkv, hidden, f"{prefix}.qkv")
         model.products[f"{prefix}.mlp_in"] = to_int4(h4, hidden, f"{prefix}.mlp_in")
     else:
         inputs = [to_int4(qkv, hidden, f"{prefix}.qkv"), to_int4(h4, hidden, f"{prefix}.mlp_in")]
         model.products[f"{prefix}.in"] = int4.concat(inputs, dim=0)
-    seams = [_in_features(dense), _in_features(h4h)]
+    seams = [to_int4.in_features(dense), to_int4.in_features(h4h)]
     outputs = [to_int4(dense, seams, f"{prefix}.dense"), to_int4(h4h, seams, f"{prefix}.4h_to_h")]
     model.products[f"{prefix}.out"] = int4.concat(outputs, dim=1)
 
@@ -240,7 +227,7 @@ def save_int4(model: Int4Falcon, folder, source_folder) -> None:
     folder = Path(folder)
     int4.save(model.products, model.dense, folder, {"model_type": "falcon"})
     config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):  # a GPTQ source's: the saved weights are ours
+    if hasattr(config, "quantization_config"):  # a GPTQ/AWQ source's: the saved weights are ours
         del config.quantization_config
     config.save_pretrained(folder)
     for name in _TOKENIZER_FILES:

@@ -18,32 +18,31 @@ qlinear_cuda.py` @7c691ed and `qlinear_cuda_old.py` @179776b (`pack`, and the to
   (absent in some GPTQ-for-LLaMa files: then row i is in group i // group_size);
 - the weight is `scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])`;
 - the config: `quantize_config.json`, or `config.json`'s "quantization_config" (quant_method
-  "gptq"): bits, group_size (-1: one group per row), desc_act, sym, checkpoint_format.
+  "gptq"; found by checkpoint_quantization.py): bits, group_size (-1: one group per row),
+  desc_act, sym, checkpoint_format.
 
 Mapping onto `Int4Weight` (q * scale + offset, groups of G contiguous input columns): q stays q;
 the packed bytes are the little-endian bytes of qweight transposed (byte b of a word holds rows
 8r+2b and 8r+2b+1, low nibble first: our even column in the low nibble); scale = the fp16 scale;
-offset = -zero * scale. In float32 both q * scale and zero * scale are exact (a 5-bit integer
-times an 11-bit mantissa), and so is their sum s * (q - zero) (the exact result is a float32):
-the float32 reference reproduces every GPTQ weight bit for bit. The offset is kept in fp16 where
-that is exact too (symmetric checkpoints: -8 * scale), else in float32. G is the largest of our
-kernel's group sizes (128, 64, 32) that divides GPTQ's group size and the fused product's rows
-(`group`): a GPTQ group of 128 over G = 64 repeats its scale and offset twice, which changes no
-weight; group_size -1 is one group per row, repeated the same way.
+offset = -zero * scale (`int4.from_zero_points`, shared with AWQ, says why this is exact): the
+float32 reference reproduces every GPTQ weight bit for bit. G is the largest of our kernel's
+group sizes (128, 64, 32) that divides GPTQ's group size and the fused product's rows (`group`):
+a GPTQ group of 128 over G = 64 repeats its scale and offset twice, which changes no weight;
+group_size -1 is one group per row, repeated the same way.
 
 Not lossless, so refused: act order (desc_act) whose g_idx is not contiguous groups (each row
 then has its own group order; contiguous groups need a branch made without act order, or
 plain `--quantize int4` from the bf16 checkpoint), bits other than 4, group sizes no kernel size
-divides (16), per-module overrides ("dynamic"), and other packings (marlin, bitblas, AWQ).
+divides (16), per-module overrides ("dynamic"), and other packings (marlin, bitblas). AWQ's
+packing is awq.py's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -60,33 +59,63 @@ _NO_ACT_ORDER = (
 
 @dataclass(frozen=True)
 class GptqConfig:
+    """A GPTQ checkpoint's quantization (a `CheckpointQuantization`, checkpoint_quantization.py)."""
+
     bits: int
     group_size: int  # -1: one group per row
     desc_act: bool
     sym: bool
     checkpoint_format: str  # "gptq" (zero - 1 stored) or "gptq_v2"
     lm_head: bool  # whether lm_head is quantized too (GPTQModel's option)
+    method: ClassVar[str] = "GPTQ"
+
+    def in_features(self, parts: dict[str, torch.Tensor]) -> int:
+        return parts["qweight"].shape[0] * 8
+
+    def drops(self, name: str, tensor: torch.Tensor) -> bool:
+        return False  # GPTQ adds no tensors beside its linear layers' own
+
+    def to_int4(self, parts: dict[str, torch.Tensor], group: int, name: str = "") -> int4.Int4Weight:
+        """One GPTQ linear layer (`PARTS` tensors) as an `Int4Weight` in groups of `group` columns,
+        every weight unchanged (see the module docstring). Runs where the tensors are."""
+        if sys.byteorder != "little":  # pragma: no cover - every CUDA host and CI runner is
+            raise Unsupported("GPTQ weights are read as little-endian bytes")
+        qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+        in_features, out_features = qweight.shape[0] * 8, qweight.shape[1]
+        source = in_features if self.group_size == -1 else self.group_size
+        groups = math.ceil(in_features / source)
+        if (
+            qweight.dtype != torch.int32
+            or tuple(qzeros.shape) != (groups, out_features // 8)
+            or tuple(scales.shape) != (groups, out_features)
+            or in_features % group
+            or source % group
+        ):
+            raise Unsupported(
+                f"{name}: GPTQ tensors qweight {tuple(qweight.shape)} {qweight.dtype}, qzeros "
+                f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)} do not match 4-bit GPTQ in "
+                f"groups of {source} (int4 groups of {group})"
+            )
+        rows = torch.arange(in_features, device=qweight.device)
+        g_idx = parts.get("g_idx")
+        if g_idx is not None and not torch.equal(g_idx.to(rows.dtype), rows // source):
+            raise Unsupported(
+                f"{name}: this GPTQ checkpoint uses act order (desc_act) with groups that are not "
+                f"contiguous runs of columns, which int4's groups cannot hold without loss; {_NO_ACT_ORDER}"
+            )
+        packed = qweight.t().contiguous().view(torch.uint8)  # [out, in / 2], row 2c in the low nibble
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qzeros.device)
+        zero = ((qzeros[..., None] >> shifts) & 15).reshape(groups, out_features)
+        if self.checkpoint_format == "gptq":
+            zero = zero + 1
+        return int4.from_zero_points(packed, zero, scales, source, group)
 
 
-def read_config(folder) -> GptqConfig | None:
-    """The GPTQ config of the checkpoint in `folder`, None if it is not quantized; `Unsupported`
-    if it is quantized in a way that does not map onto our int4 without loss."""
-    folder = Path(folder)
-    raw = None
-    config_json = folder / "config.json"
-    if config_json.exists():
-        raw = json.loads(config_json.read_text()).get("quantization_config")
-    if raw is None and (folder / "quantize_config.json").exists():
-        raw = json.loads((folder / "quantize_config.json").read_text())
-    if raw is None:
-        return None
-    raw = {str(key).lower(): value for key, value in raw.items()}
-    method = str(raw.get("quant_method", "gptq")).lower()
-    if method != "gptq" or "zero_point" in raw or raw.get("is_marlin_format"):
-        raise Unsupported(
-            f"the checkpoint is quantized with {method!r}; --quantize int4 loads GPTQ 4-bit "
-            "checkpoints or quantizes bf16/fp16 ones"
-        )
+def from_config(raw: dict) -> GptqConfig:
+    """The GPTQ config from its fields (`raw`, keys lower-cased); `Unsupported` where the
+    checkpoint does not map onto our int4 without loss (its group size: checked by the caller)."""
+    if raw.get("is_marlin_format"):
+        raise Unsupported("GPTQ checkpoint format 'marlin': gptq or gptq_v2 load")
     config = GptqConfig(
         bits=int(raw.get("bits", 4)),
         group_size=int(raw.get("group_size", -1)),
@@ -99,59 +128,6 @@ def read_config(folder) -> GptqConfig | None:
         raise Unsupported(f"GPTQ with {config.bits} bits: only 4-bit GPTQ checkpoints load into int4")
     if config.checkpoint_format not in FORMATS:
         raise Unsupported(f"GPTQ checkpoint format {config.checkpoint_format!r}: gptq or gptq_v2 load")
-    if config.group_size != -1 and not any(config.group_size % g == 0 for g in int4.GROUP_SIZES):
-        raise Unsupported(
-            f"GPTQ group size {config.group_size}: the int4 kernel takes groups of "
-            f"{'/'.join(map(str, int4.GROUP_SIZES))} columns (or multiples, or -1)"
-        )
     if raw.get("dynamic"):
         raise Unsupported("GPTQ with per-module settings ('dynamic') is not supported")
     return config
-
-
-def group_size(config: GptqConfig, in_features: int) -> int:
-    """GPTQ's group size in input rows (-1: the whole row)."""
-    return in_features if config.group_size == -1 else config.group_size
-
-
-def to_int4(
-    parts: dict[str, torch.Tensor], config: GptqConfig, group: int, name: str = ""
-) -> int4.Int4Weight:
-    """One GPTQ linear layer (`PARTS` tensors) as an `Int4Weight` in groups of `group` columns,
-    every weight unchanged (see the module docstring). Runs where the tensors are."""
-    if sys.byteorder != "little":  # pragma: no cover - every CUDA host and CI runner is
-        raise Unsupported("GPTQ weights are read as little-endian bytes")
-    qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
-    in_features, out_features = qweight.shape[0] * 8, qweight.shape[1]
-    source = group_size(config, in_features)
-    groups = math.ceil(in_features / source)
-    if (
-        qweight.dtype != torch.int32
-        or tuple(qzeros.shape) != (groups, out_features // 8)
-        or tuple(scales.shape) != (groups, out_features)
-        or in_features % group
-        or source % group
-    ):
-        raise Unsupported(
-            f"{name}: GPTQ tensors qweight {tuple(qweight.shape)} {qweight.dtype}, qzeros "
-            f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)} do not match 4-bit GPTQ in "
-            f"groups of {source} (int4 groups of {group})"
-        )
-    rows = torch.arange(in_features, device=qweight.device)
-    g_idx = parts.get("g_idx")
-    if g_idx is not None and not torch.equal(g_idx.to(rows.dtype), rows // source):
-        raise Unsupported(
-            f"{name}: this GPTQ checkpoint uses act order (desc_act) with groups that are not "
-            f"contiguous runs of columns, which int4's groups cannot hold without loss; {_NO_ACT_ORDER}"
-        )
-    packed = qweight.t().contiguous().view(torch.uint8)  # [out, in / 2], row 2c in the low nibble
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qzeros.device)
-    zero = ((qzeros[..., None] >> shifts) & 15).reshape(groups, out_features)
-    if config.checkpoint_format == "gptq":
-        zero = zero + 1
-    take = torch.arange(0, in_features, group, device=qweight.device) // source  # our group -> GPTQ's
-    scale = scales.t()[:, take].contiguous()
-    offset = -(zero.t()[:, take].float() * scale.float())
-    if torch.equal(offset.to(scale.dtype).float(), offset):
-        offset = offset.to(scale.dtype)
-    return int4.Int4Weight(packed, scale, offset, group)

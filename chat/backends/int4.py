@@ -150,6 +150,27 @@ def _hqq_offset(
     return best
 
 
+def from_zero_points(
+    packed: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, source_group: int, group_size: int
+) -> Int4Weight:
+    """The weight `scale * (q - zero)`, exactly, as GPTQ and AWQ checkpoints define theirs.
+
+    `packed` holds q as `pack` does; `zero` (integers) and `scale` (fp16 or bf16) are [groups, out],
+    one row per `source_group` input columns (the last group may be short); `group_size` divides
+    `source_group`, so each of its groups repeats one source group's scale and offset. Exact: the
+    offset `-zero * scale` and `q * scale` are float32 products of a 5-bit integer and an fp16 (or
+    bf16) mantissa, and so is their sum, the exact result: float32 holds it. The offset is kept in the
+    scale's dtype where that is exact too (symmetric: -8 * scale), else in float32.
+    """
+    in_features = packed.shape[1] * 2
+    take = torch.arange(0, in_features, group_size, device=packed.device) // source_group
+    scale = scale.t()[:, take].contiguous()
+    offset = -(zero.t()[:, take].float() * scale.float())
+    if torch.equal(offset.to(scale.dtype).float(), offset):
+        offset = offset.to(scale.dtype)
+    return Int4Weight(packed, scale, offset, group_size)
+
+
 def concat(weights: list[Int4Weight], dim: int) -> Int4Weight:
     """Weights side by side as one: dim 0 stacks rows (outputs), dim 1 joins columns (inputs; each
     part's columns a whole number of groups). Changes no weight: groups stay within their part."""

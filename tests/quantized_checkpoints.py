@@ -1,0 +1,136 @@
+"""What the GPTQ and AWQ checkpoint tests share: the tiny Falcon written as a quantized checkpoint
+(each test module packs its linear layers as its quantizer does), its layers cut back out of the
+loaded int4 products, and greedy tokens of the fast path against transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+
+import torch
+
+from chat.backends import int4
+from chat.backends.falcon_int4 import layout_from_int4
+from chat.backends.fast_decode import FastDecoder
+from chat.backends.int4_products import Int4Reference
+from chat.params import GenerationParams
+
+LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
+PROMPT = "User: Plan a trip to Lisbon\nFalcon:"
+
+
+def write_checkpoint(folder, tiny_model_dir, quantization: dict, config_file: str, pack: Callable, shards=1,
+                     extra: dict | None = None):  # fmt: skip
+    """The tiny Falcon in `folder` with its linear layers replaced by `pack(module, weight)`'s
+    tensors (NAME.qweight, ...), everything else in fp16, and `extra` tensors; `quantization` in
+    config.json's "quantization_config" or in `config_file`. Two shards split layer 0 across them
+    (as large checkpoints' shards split layers). Returns the tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    if config_file == "config.json":
+        config["quantization_config"] = quantization
+    else:
+        (folder / config_file).write_text(json.dumps(quantization))
+    config["dtype"] = "float16"
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = {}
+    with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as dense:
+        for name in dense.keys():  # noqa: SIM118
+            weight = dense.get_tensor(name)
+            module = name.removesuffix(".weight")
+            if module.endswith(LINEARS):
+                tensors.update({f"{module}.{part}": t for part, t in pack(module, weight).items()})
+            else:
+                tensors[name] = weight.half()
+    tensors.update(extra or {})
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"))
+        return tensors
+    first = {k: v for k, v in tensors.items() if k.startswith("transformer.h.0.")}
+    first.pop(f"transformer.h.0.{LINEARS[3]}.scales")
+    weight_map = {}
+    for i, part in enumerate((first, {k: v for k, v in tensors.items() if k not in first})):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file(part, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return tensors
+
+
+def scaled_levels(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """scale * (q - zero) [out, in] in float32 (exact there), as GPTQ and AWQ define their weights:
+    q [out, in], zero and scale [groups, out] per `group` input columns."""
+    per_column = torch.arange(q.shape[1]) // group
+    return scale.float().t()[:, per_column] * (q - zero.t()[:, per_column]).float()
+
+
+def split_layer(model, index: int, shapes: dict) -> dict[str, torch.Tensor]:
+    """The four linear weights of layer `index` ([out, in] `shapes` by module) cut back out of
+    the fused int4 products, in float32."""
+    prefix = f"transformer.h.{index}."
+    fused_in = int4.dequantize(model.products[f"h.{index}.in"])
+    fused_out = int4.dequantize(model.products[f"h.{index}.out"])
+    rows = shapes[prefix + LINEARS[0]][0]
+    columns = shapes[prefix + LINEARS[1]][1]
+    return {
+        prefix + LINEARS[0]: fused_in[:rows],
+        prefix + LINEARS[2]: fused_in[rows:],
+        prefix + LINEARS[1]: fused_out[:, :columns],
+        prefix + LINEARS[3]: fused_out[:, columns:],
+    }
+
+
+def assert_greedy_equals_generate(tiny_model_dir, tokenizer, model, weights: dict[str, torch.Tensor]):
+    """transformers' Falcon holding `weights` (module -> float32 [out, in]), the checkpoint's fp16
+    norms and embeddings and the int4 lm_head `model` has (the checkpoints leave it dense; we
+    quantize it as from bf16), against the fast decoder over `model` in float32."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_(parameter.half().float())  # the checkpoint's dense tensors are fp16
+        for name, weight in weights.items():
+            reference.get_submodule(name).weight.copy_(weight)
+    lm_head = int4.dequantize(model.products["lm_head"])
+    reference.lm_head.weight = torch.nn.Parameter(lm_head, requires_grad=False)
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    with torch.inference_mode():
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY.max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+    expected = out[0, ids.shape[1] :].tolist()
+    fresh = type(model)(model.config, dict(model.products), dict(model.dense))
+    layout = layout_from_int4(fresh, max_len=128, products=Int4Reference)
+    tokens = []
+    FastDecoder.from_layout(layout, tokenizer.eos_token_id).generate(
+        ids, GREEDY, 0, tokens.append, lambda: False
+    )
+    assert tokens == expected[: len(tokens)] and len(tokens) >= 8
+
+
+def assert_serves_and_saves(folder, saved):
+    """`--model folder --quantize int4 --save-quantized saved` streams a reply, and what it saved
+    is our int4 (no quantization_config left) and loads as such."""
+    from chat.backends.falcon_int4 import load_int4
+    from chat.config import Settings
+    from chat.factory import build_backend
+
+    backend = build_backend(Settings(model=str(folder), quantize="int4", save_quantized=str(saved)))
+    try:
+        assert "int4" in backend.name
+        tokens = list(backend.stream(PROMPT, GenerationParams(temperature=0.0, max_new_tokens=8)))
+        assert "".join(t.text for t in tokens).strip()
+    finally:
+        backend.close()
+    assert "quantization_config" not in json.loads((saved / "config.json").read_text())
+    assert load_int4(saved, device="cpu").stats["source"] == "int4"
