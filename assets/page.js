@@ -3,7 +3,7 @@
      a reply streams (the next message can be typed meanwhile: chat/gradio_costs.py);
    - a message sent just after Stop waits until the stopped reply has its note and figures, and
      so does any other change to the conversation (Retry, Undo, Edit, the trash, New chat,
-     another saved chat);
+     another saved chat); the trash, New chat or another saved chat during a reply stop it first;
    - Escape stops a streaming reply (as the Stop button does);
    - the message box gets the focus back after each reply, without scrolling the page, and a
      refused message back to be fixed;
@@ -30,29 +30,46 @@
   // another saved chat was undone by it (another saved chat was then saved over). Such a click
   // (or Enter) is held, and made again when the server's last step says it is done
   // (falconChat.stopSettled), or after SETTLE_MS at most; of several, the last one counts.
+  // The trash, New chat or another saved chat clicked while a reply streams (the others are
+  // disabled meanwhile) stop it first, and are held likewise: the running reply would otherwise
+  // draw its conversation back over the other chat, and save it there.
   var SETTLE_MS = 6000;
   var SEND = "#message button.submit-button";
+  var TRASH = "#conversation button[aria-label='Clear']";
   var CHANGES_CONVERSATION = [
     SEND,
     "#conversation button[aria-label='Retry']",
     "#conversation button[aria-label='Undo']",
     "#conversation button[aria-label='Edit']",
-    "#conversation button[aria-label='Clear']",
+    TRASH,
     "#new-chat",
     "#saved-chats [role=gridcell]"
   ];
-  var settling = null, held = null;
+  // A reply's conversation is saved by ChatInterface's steps after it, which also follow a
+  // cancelled reply (falconChat.conversationSaved): a held click waits for that too.
+  var settling = null, held = null, replaying = false, unsaved = false, stopDone = false;
   function hold(selector, element) {
     // Buttons are drawn anew as the conversation changes: keep which one (its place), not it.
     held = { selector: selector, index: Array.prototype.indexOf.call(document.querySelectorAll(selector), element) };
   }
   function stopSettled() {
+    stopDone = true;
+    if (!unsaved) settled();
+  }
+  function conversationSaved() {
+    unsaved = false;
+    if (stopDone) settled();
+  }
+  function settled() {
     clearTimeout(settling);
+    stopDone = false;
     settling = null;
     var action = held;
     held = null;
     var target = action && document.querySelectorAll(action.selector)[action.index];
-    if (target && !target.disabled) target.click();
+    if (!target || target.disabled) return;
+    replaying = true;  // the click is made again as it was: not held, not asked again
+    try { target.click(); } finally { replaying = false; }
   }
   function conversationChange(target) {
     for (var i = 0; i < CHANGES_CONVERSATION.length; i++) {
@@ -79,20 +96,22 @@
   document.addEventListener("click", function (event) {
     var target = event.target && event.target.closest ? event.target : null;
     if (!target) return;
-    var change = settling && conversationChange(target);
     if (target.closest("#message button.stop-button")) {
       clearTimeout(settling);
-      settling = setTimeout(stopSettled, SETTLE_MS);
-    } else if (change) {
+      stopDone = false;
+      settling = setTimeout(settled, SETTLE_MS);
+      return;
+    }
+    var change = !replaying && conversationChange(target);
+    if (!change) return;
+    if (change.selector === TRASH && !window.confirm("Delete this chat? It is removed from the saved chats too.")) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+    } else if (settling || stopButton()) {
       event.preventDefault();
       event.stopImmediatePropagation();
       hold(change.selector, change.element);
-      return;
-    }
-    var trash = target.closest("#conversation button[aria-label='Clear']");
-    if (trash && !window.confirm("Delete this chat? It is removed from the saved chats too.")) {
-      event.preventDefault();
-      event.stopImmediatePropagation();
+      if (stopButton()) stopButton().click();
     }
   }, true);
 
@@ -128,6 +147,7 @@
       button.title = "Scroll to the newest message";
     });
     var now = stopButton() !== null;
+    if (now) unsaved = true;  // a reply runs: its conversation is saved once it has ended
     if (streaming && !now) waitForBox();
     streaming = now;
   }).observe(document.documentElement, { subtree: true, childList: true, attributes: true, attributeFilter: ["disabled", "class", "style"] });
@@ -165,6 +185,7 @@
   }
   window.falconChat = {
     stopSettled: stopSettled,
+    conversationSaved: conversationSaved,
     copyConversation: function (history) {
       var turns = (history || []).filter(function (message) {
         return !(message.metadata && message.metadata.title);

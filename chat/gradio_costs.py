@@ -29,6 +29,7 @@ import types
 from collections.abc import Callable
 
 import gradio as gr
+from gradio.events import Dependency
 
 from .reply import MESSAGE_NOT_TEXT
 
@@ -129,15 +130,29 @@ def keep_message_box_editable(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
         )
 
 
-def update_after_stop(chat: gr.ChatInterface, update_history, state) -> None:
+def update_after_stop(demo: gr.Blocks, chat: gr.ChatInterface, update_history, state) -> None:
     """Gradio 6.31 closes a stopped chat function, which so cannot update its reply (to say it
     was stopped, with its figures). `update_history(history, state)` does it after Stop; then
     the updated conversation is copied into ChatInterface's own (`chatbot_state`), which the next
     message starts from: written at once with the shown one, it raced ChatInterface's own copy
-    after the cancel and the next message lost the update. A message sent before all this is
-    done waits on the page (assets/page.js) until the last step tells it. Waits for a
+    after the cancel and the next message lost the update. It is saved then too: ChatInterface's
+    own save after the cancel can come before the update. A change to the conversation made
+    before all this is done waits on the page (assets/page.js) until the last step tells it, and
+    until ChatInterface's own steps after the cancelled reply have saved it (their save, landing
+    after New chat or another saved chat was opened, wrote into that one). Waits for a
     ChatInterface whose function can finish a stopped reply."""
     _require(chat, "chatbot_state", "keep a stopped reply's update for the next message")
+    _require(chat, "_save_conversation", "hold changes to a stopped chat until it is saved")
+    saves = [(index, fn) for index, fn in demo.fns.items() if fn.fn == chat._save_conversation]
+    if not saves:
+        raise RuntimeError(
+            f"Gradio {gr.__version__}: ChatInterface saves its chats in no step "
+            "chat/gradio_costs.py can find (update_after_stop); update the workaround."
+        )
+    for index, block_fn in saves:
+        Dependency(chat.chatbot, block_fn.get_config(), index, block_fn.fn).then(
+            None, js="() => window.falconChat && window.falconChat.conversationSaved()"
+        )
     chat.textbox.stop(
         update_history,
         [chat.chatbot, state],
@@ -148,6 +163,12 @@ def update_after_stop(chat: gr.ChatInterface, update_history, state) -> None:
         lambda history: history,
         chat.chatbot,
         chat.chatbot_state,
+        api_visibility="private",
+        queue=False,
+    ).then(
+        chat._save_conversation,
+        [chat.conversation_id, chat.chatbot_state, chat.saved_conversations],
+        [chat.conversation_id, chat.saved_conversations],
         api_visibility="private",
         queue=False,
     ).then(None, js="() => window.falconChat && window.falconChat.stopSettled()")

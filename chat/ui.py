@@ -151,7 +151,7 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
         None, chat.chatbot, None, js="(history) => window.falconChat.copyConversation(history)"
     )
     # A stopped reply says so, with its figures (the stopped function cannot add them).
-    update_after_stop(chat, handlers.figures_after_stop, session)
+    update_after_stop(demo, chat, handlers.figures_after_stop, session)
     keep_message_box_editable(demo, chat)
     show_messages_as_written()
     # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.

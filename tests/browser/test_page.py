@@ -305,6 +305,36 @@ def test_undo_edit_or_another_chat_right_after_stop_waits_for_the_stopped_reply(
     expect(chat.figures).to_have_count(2)
 
 
+def test_new_chat_or_another_chat_during_a_reply_stops_it_and_keeps_both_chats(
+    open_scripted, scripted_backend
+):
+    """New chat (or another saved chat) while a reply streams stops the reply, which is saved with
+    its note and figures, and opens the other chat: before, the still-streaming reply drew its
+    conversation back over the new chat, and was then saved in its place."""
+    chat = open_scripted("phone")
+    page = chat.page
+    chat.ask("The first chat")
+    chat.send("Please keep talking")
+    expect(chat.bot_messages.last).to_contain_text("and on")
+    page.locator("#new-chat").click()
+    chat.wait_until_idle()
+    expect(chat.user_messages).to_have_count(0)
+    chat.ask("A new chat")
+    assert scripted_backend.prompts[-1] == "User: A new chat\nFalcon:"
+
+    chat.send("Please keep talking")
+    expect(chat.bot_messages.last).to_contain_text("and on")
+    page.get_by_role("gridcell", name="The first chat").click()
+    chat.wait_until_idle()
+    expect(chat.user_messages).to_have_count(2)
+    expect(chat.bot_messages.last).to_contain_text("Stopped.")  # saved stopped, with its figures
+    expect(chat.figures).to_have_count(2)
+    page.get_by_role("gridcell", name="A new chat").click()
+    expect(chat.user_messages).to_have_count(2)
+    expect(chat.bot_messages.last).to_contain_text("Stopped.")
+    expect(chat.figures).to_have_count(2)
+
+
 @pytest.mark.parametrize("size", BOTH)
 def test_the_page_names_the_model_it_talks_to(open_scripted, size):
     chat = open_scripted(size)
