@@ -10,7 +10,7 @@ effect through Gradio's own code.
 
 The chat page's workarounds for ChatInterface's behaviour (a locked page after an error, a message
 box disabled while a reply streams, a stopped reply that cannot be updated, messages shown with
-their indentation taken away) are here too, their
+their indentation taken away, empty saved chats that shift the list) are here too, their
 effects checked in a browser (tests/browser/test_page.py); those that must run in the browser
 (Enter on an empty box or during a reply, a button Gradio leaves unnamed, what "Copy message" and
 "Copy conversation" copy) are in assets/page.js.
@@ -143,7 +143,7 @@ def update_after_stop(demo: gr.Blocks, chat: gr.ChatInterface, update_history, s
     ChatInterface whose function can finish a stopped reply."""
     _require(chat, "chatbot_state", "keep a stopped reply's update for the next message")
     _require(chat, "_save_conversation", "hold changes to a stopped chat until it is saved")
-    saves = [(index, fn) for index, fn in demo.fns.items() if fn.fn == chat._save_conversation]
+    saves = [(index, fn) for index, fn in demo.fns.items() if _is_save(fn.fn, chat)]
     if not saves:
         raise RuntimeError(
             f"Gradio {gr.__version__}: ChatInterface saves its chats in no step "
@@ -172,6 +172,35 @@ def update_after_stop(demo: gr.Blocks, chat: gr.ChatInterface, update_history, s
         api_visibility="private",
         queue=False,
     ).then(None, js="() => window.falconChat && window.falconChat.stopSettled()")
+
+
+def save_no_empty_chats(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
+    """Gradio 6.31's ChatInterface saves a chat emptied by Undo as an empty conversation, which
+    its list of saved chats leaves out while a click on the list opens the conversation at the
+    clicked row's place in the whole list: every chat below an empty one opened the one above it.
+    Each save here drops the empty conversations (an emptied chat leaves the list) and keeps the
+    open chat's place. Waits for a ChatInterface whose list and saves agree."""
+    _require(chat, "_save_conversation", "keep empty chats out of the saved chats")
+    for block_fn in demo.fns.values():
+        if _is_save(block_fn.fn, chat):
+            block_fn.fn = _dropping_empty_chats(chat._save_conversation)
+
+
+def _is_save(fn, chat: gr.ChatInterface) -> bool:
+    return getattr(fn, "__wrapped__", fn) == chat._save_conversation
+
+
+def _dropping_empty_chats(save):
+    @functools.wraps(save)
+    def save_conversation(index, conversation, saved_conversations):
+        index, saved = save(index, conversation, saved_conversations)
+        if not saved:
+            return index, saved
+        if index is not None:
+            index = index - sum(1 for kept in saved[:index] if not kept) if saved[index] else None
+        return index, [kept for kept in saved if kept]
+
+    return save_conversation
 
 
 def event_watch(demo: gr.Blocks) -> Callable[[], Callable[[], bool] | None]:

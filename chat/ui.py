@@ -23,6 +23,7 @@ from .embedding import embedding_launch_options
 from .gradio_costs import (
     event_watch,
     keep_message_box_editable,
+    save_no_empty_chats,
     show_messages_as_written,
     text_message,
     trim_gradio_costs,
@@ -152,6 +153,7 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
     )
     # A stopped reply says so, with its figures (the stopped function cannot add them).
     update_after_stop(demo, chat, handlers.figures_after_stop, session)
+    save_no_empty_chats(demo, chat)  # every save, update_after_stop's too
     keep_message_box_editable(demo, chat)
     show_messages_as_written()
     # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.

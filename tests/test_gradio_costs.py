@@ -89,3 +89,14 @@ def test_a_missing_gradio_internal_stops_the_start_naming_the_version(monkeypatc
     monkeypatch.delattr(gradio.blocks, "inspect")
     with pytest.raises(RuntimeError, match=f"Gradio {gr.__version__} .*inspect"):
         gradio_costs.cache_config_signatures()
+
+
+def test_every_save_of_the_chats_drops_empty_ones_and_keeps_the_open_chats_place():
+    demo = build_demo(Quiet(), Settings())
+    saves = [fn.fn for fn in demo.fns.values() if fn.name == "_save_conversation"]
+    assert len(saves) >= 5  # after a reply, a retry, an undo, an edit, and a stopped reply
+    save = saves[0]
+    a, b = [{"role": "user", "content": "A"}], [{"role": "user", "content": "B"}]
+    assert save(0, [], [b, a]) == (None, [a])  # B emptied by Undo leaves the list
+    assert save(2, a, [[], b, a]) == (1, [b, a])  # an empty one saved earlier goes too
+    assert save(None, b, [a]) == (0, [b, a])

@@ -335,6 +335,22 @@ def test_new_chat_or_another_chat_during_a_reply_stops_it_and_keeps_both_chats(
     expect(chat.figures).to_have_count(2)
 
 
+def test_a_chat_emptied_by_undo_leaves_the_saved_chats_and_the_others_still_open(open_scripted):
+    """Undo of a chat's only message emptied it in the saved chats; the list hides empty chats, so
+    every chat below it opened the one above it (here: the empty one)."""
+    chat = open_scripted("desktop")
+    page = chat.page
+    chat.ask("Chat A")
+    page.locator("#new-chat").click()
+    expect(chat.user_messages).to_have_count(0)
+    chat.ask("Chat B")
+    page.get_by_role("button", name="Undo").click()
+    expect(page.get_by_role("gridcell", name="Chat B")).to_have_count(0)
+    page.get_by_role("gridcell", name="Chat A").click()
+    expect(chat.user_messages).to_have_count(1)
+    expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: Chat A")
+
+
 @pytest.mark.parametrize("size", BOTH)
 def test_the_page_names_the_model_it_talks_to(open_scripted, size):
     chat = open_scripted(size)
