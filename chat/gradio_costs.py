@@ -174,6 +174,65 @@ def update_after_stop(demo: gr.Blocks, chat: gr.ChatInterface, update_history, s
     ).then(None, js="() => window.falconChat && window.falconChat.stopSettled()")
 
 
+def stop_edited_replies(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
+    """Gradio 6.31's ChatInterface shows Stop for a message's reply and a retried one, and Stop
+    cancels them, but not the reply to an edited message: it had no Stop (nor Escape), and ran to
+    its end with the message box disabled. The edit gets what Retry has (ChatInterface's
+    `_setup_stop_events`): Stop shown when it is sent, its reply among those Stop cancels, Send
+    back when the reply ends, and the steps after it (ChatInterface's copy of the conversation,
+    its save) taken after a stopped reply too; the box stays editable meanwhile, as for any
+    reply. Waits for a
+    ChatInterface that can stop an edited message's reply."""
+    textbox, chatbot = chat.textbox, chat.chatbot
+    edit = _event_chain(demo, chatbot._id, "edit")
+    reply = next((index for index in edit if demo.fns[index].name == "_submit_fn"), None)
+    stop = next(
+        (fn for fn in demo.fns.values() if fn.is_cancel_function and (textbox._id, "stop") in fn.targets),
+        None,
+    )
+    _require(chat, "original_stop_btn", "show Stop for an edited message's reply")
+    if reply is None or stop is None:
+        raise RuntimeError(
+            f"Gradio {gr.__version__}: ChatInterface's edit and Stop events are not where "
+            "chat/gradio_costs.py expects them (stop_edited_replies); update the workaround."
+        )
+    for index in edit[: edit.index(reply)]:
+        block_fn = demo.fns[index]
+        if _outputs_only(block_fn, textbox) and _call_if_plain(block_fn.fn) == gr.update(interactive=False):
+            block_fn.fn = _keep_box
+    stop.cancels.append(reply)
+    for index in edit[edit.index(reply) + 1 :]:
+        demo.fns[index].trigger_only_on_success = False  # a stopped reply is saved too, as Retry's
+    shows_stop = dict(submit_btn=False, stop_btn=chat.original_stop_btn)
+    chatbot.edit(lambda: gr.update(**shows_stop), None, textbox, api_visibility="private", queue=False)
+    shows_send = dict(submit_btn=textbox.submit_btn, stop_btn=False)
+    Dependency(chatbot, demo.fns[reply].get_config(), reply, demo.fns[reply].fn).then(
+        lambda: gr.update(**shows_send), None, textbox, api_visibility="private", queue=False
+    )
+
+
+def _event_chain(demo: gr.Blocks, block_id: int, event: str) -> list[int]:
+    """The indices of `demo`'s functions that `block_id`'s `event` runs, one after the other."""
+    chain = [index for index, fn in demo.fns.items() if (block_id, event) in fn.targets][:1]
+    while chain:
+        following = [index for index, fn in demo.fns.items() if fn.trigger_after == chain[-1]]
+        if not following:
+            break
+        chain.append(following[0])
+    return chain
+
+
+def _keep_box():
+    return gr.update()
+
+
+def _call_if_plain(fn):
+    """What `fn` returns if it takes no arguments and is not a coroutine function, else None."""
+    if fn is None or inspect.iscoroutinefunction(fn) or inspect.signature(fn).parameters:
+        return None
+    return fn()
+
+
 def save_no_empty_chats(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
     """Gradio 6.31's ChatInterface saves a chat emptied by Undo as an empty conversation, which
     its list of saved chats leaves out while a click on the list opens the conversation at the

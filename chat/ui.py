@@ -25,6 +25,7 @@ from .gradio_costs import (
     keep_message_box_editable,
     save_no_empty_chats,
     show_messages_as_written,
+    stop_edited_replies,
     text_message,
     trim_gradio_costs,
     update_after_stop,
@@ -155,6 +156,7 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
     update_after_stop(demo, chat, handlers.figures_after_stop, session)
     save_no_empty_chats(demo, chat)  # every save, update_after_stop's too
     keep_message_box_editable(demo, chat)
+    stop_edited_replies(demo, chat)
     show_messages_as_written()
     # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
     chat.new_chat_button.elem_id = "new-chat"

@@ -351,6 +351,30 @@ def test_a_chat_emptied_by_undo_leaves_the_saved_chats_and_the_others_still_open
     expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: Chat A")
 
 
+def test_the_reply_to_an_edited_message_can_be_stopped_and_the_chat_goes_on(open_scripted, scripted_backend):
+    """An edited message's reply streams with Stop shown (and Escape stops it) as any reply
+    does: it had no Stop, so a long reply ran to its end with the message box disabled."""
+    chat = open_scripted("desktop")
+    page = chat.page
+    chat.ask("Hi")
+    chat.user_messages.last.hover()
+    page.get_by_role("button", name="Edit").click()
+    page.locator(".message textarea").last.fill("Please answer slowly")
+    page.get_by_role("button", name="Submit").click()
+    expect(chat.bot_messages.last).to_contain_text("word after")
+    expect(chat.stop_button).to_be_visible()
+    expect(chat.textbox).to_be_editable()  # the next message can be typed meanwhile
+    page.keyboard.press("Escape")
+    expect(chat.bot_messages.last).to_contain_text("Stopped.")
+    expect(chat.figures).to_have_count(1)
+    chat.wait_until_idle()
+    expect(chat.textbox).to_be_focused()
+    chat.ask("And then?")
+    assert "User: Please answer slowly\nFalcon: word after" in scripted_backend.prompts[-1]
+    assert "Stopped" not in scripted_backend.prompts[-1]
+    expect(chat.figures).to_have_count(2)
+
+
 @pytest.mark.parametrize("size", BOTH)
 def test_the_page_names_the_model_it_talks_to(open_scripted, size):
     chat = open_scripted(size)
