@@ -6,7 +6,7 @@
      another saved chat); the trash, New chat or another saved chat during a reply stop it first;
    - Escape stops a streaming reply (as the Stop button does);
    - the message box gets the focus back after each reply, without scrolling the page, and a
-     refused message back to be fixed;
+     refused message (or one the server could not answer) back to be fixed;
    - the trash button asks before it deletes the open chat from the saved chats;
    - every button has a name for screen readers;
    - what is copied is the model's own text: without the marks on inline math, nor the figures;
@@ -120,8 +120,11 @@
   // message back in the box, to be fixed or sent again.
   var NOTE_ONLY = "bot's message: > \u26a0\ufe0f ";
   var USER = "user's message: ";
+  // The replies, without the messages after them that only hold their figures (a title, no
+  // text): a server that could not answer leaves figures too.
+  var REPLIES = "#conversation [data-testid=bot]:not([aria-label=\"bot's message: \"])";
   function restoreRefusedMessage(box) {
-    var bots = document.querySelectorAll("#conversation [data-testid=bot]");
+    var bots = document.querySelectorAll(REPLIES);
     var users = document.querySelectorAll("#conversation [data-testid=user]");
     if (!bots.length || !users.length || box.value) return;
     var reply = bots[bots.length - 1].getAttribute("aria-label") || "";

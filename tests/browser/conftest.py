@@ -23,6 +23,7 @@ import pytest
 
 from chat.backends.base import Backend, Token
 from chat.config import Settings
+from chat.errors import BackendUnavailable
 from tests.browser.chat_page import ChatPage
 from tests.doubles import FailingBackend, RecordingDecoder
 from tests.helpers import free_port, serve_app
@@ -205,10 +206,14 @@ SLOW_WORD_S = 0.8  # the "slowly" reply's pace after its first words: it ends th
 MAX_MESSAGE_CHARS = 200
 
 
+SERVER_DOWN = "server down"  # a newest message with this is answered as by a server that is down
+
+
 class ScriptedBackend(Backend):
     """Stands in for a model that writes what a page test needs (a wide code block and table,
     math, a reply long enough to stop, one slow to end after Stop), word by word at `words_per_s`;
-    closing the stream (Stop) ends it after the word in hand. It records the prompts it was
+    closing the stream (Stop) ends it after the word in hand; and for a server that cannot be
+    reached (SERVER_DOWN), failing as a remote backend does. It records the prompts it was
     given."""
 
     name = "scripted test backend"
@@ -228,6 +233,8 @@ class ScriptedBackend(Backend):
     def stream(self, prompt, params):
         self.prompts.append(prompt)
         message = prompt.rsplit("User:", 1)[-1]
+        if SERVER_DOWN in message:
+            raise BackendUnavailable(detail="scripted: connection refused")
         reply = next((text for key, text in SCRIPT.items() if key in message), "A short reply.")
         for index, word in enumerate(re.findall(r"\S+\s*|\s+", reply)):
             if index >= params.max_new_tokens:

@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.chat_page import ChatPage
-from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SIZES
+from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SERVER_DOWN, SIZES
 
 pytestmark = pytest.mark.browser
 
@@ -54,6 +54,20 @@ def test_refused_messages_leave_the_chat_usable_and_the_next_one_gets_a_reply(op
     expect(chat.figures).to_have_count(1)
     assert chat.reply_text() == "A short reply."
     expect(chat.page.get_by_text("Error", exact=True)).to_have_count(0)
+
+
+def test_a_message_the_model_could_not_answer_comes_back_to_the_box(open_scripted):
+    """A server that cannot be reached gives a note and the request's figures; the message goes
+    back in the box to be sent again, as for a refused one (the figures hid the note from
+    assets/page.js)."""
+    chat = open_scripted("phone")
+    message = f"Hello, is the {SERVER_DOWN}?"
+    chat.send(message)
+    expect(chat.bot_messages.last).to_contain_text("could not be reached")
+    expect(chat.figures).to_have_count(1)
+    chat.wait_until_idle()
+    expect(chat.textbox).to_have_value(message)
+    expect(chat.page.get_by_text("connection refused")).to_have_count(0)
 
 
 @pytest.mark.parametrize("size, theme", [("phone", "light"), ("phone", "dark"), ("desktop", "dark")])
