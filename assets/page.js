@@ -5,8 +5,9 @@
      so does any other change to the conversation (Retry, Undo, Edit, the trash, New chat,
      another saved chat); the trash, New chat or another saved chat during a reply stop it first;
    - Escape stops a streaming reply (as the Stop button does);
-   - the message box gets the focus back after each reply, without scrolling the page, and a
-     refused message (or one the server could not answer) back to be fixed;
+   - the message box gets the focus back after each reply, an example or New chat, without
+     scrolling the page, and a refused message (or one the server could not answer) back to be
+     fixed;
    - the trash button asks before it deletes the open chat from the saved chats;
    - every button has a name for screen readers;
    - what is copied is the model's own text: without the marks on inline math, nor the figures;
@@ -102,6 +103,9 @@
       settling = setTimeout(settled, SETTLE_MS);
       return;
     }
+    // An example fills the box, New chat empties it: the next message is typed (and sent with
+    // Enter) there, not on the button clicked.
+    if (target.closest("#conversation button.example, #new-chat")) setTimeout(focusMessageBox, 0);
     var change = !replaying && conversationChange(target);
     if (!change) return;
     if (change.selector === TRASH && !window.confirm("Delete this chat? It is removed from the saved chats too.")) {

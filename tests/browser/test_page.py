@@ -8,6 +8,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
+from chat.ui import EXAMPLES
 from tests.browser.chat_page import ChatPage
 from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SERVER_DOWN, SIZES
 
@@ -387,6 +388,25 @@ def test_the_reply_to_an_edited_message_can_be_stopped_and_the_chat_goes_on(open
     assert "User: Please answer slowly\nFalcon: word after" in scripted_backend.prompts[-1]
     assert "Stopped" not in scripted_backend.prompts[-1]
     expect(chat.figures).to_have_count(2)
+
+
+@pytest.mark.parametrize("size", BOTH)
+def test_an_example_or_new_chat_leaves_the_focus_in_the_box_so_enter_sends(
+    open_scripted, scripted_backend, size
+):
+    """An example fills the box to be edited and sent: the focus goes there (it stayed on the
+    example, so Enter chose it again instead of sending), as it does after New chat."""
+    chat = open_scripted(size)
+    chat.page.get_by_role("button", name="Select example 3").click()
+    expect(chat.textbox).to_have_value(EXAMPLES[2])
+    expect(chat.textbox).to_be_focused()
+    chat.page.keyboard.press("Enter")
+    expect(chat.figures).to_have_count(1)
+    assert scripted_backend.prompts[-1] == f"User: {EXAMPLES[2]}\nFalcon:"
+    chat.wait_until_idle()
+    chat.page.locator("#new-chat").click()
+    expect(chat.user_messages).to_have_count(0)
+    expect(chat.textbox).to_be_focused()
 
 
 @pytest.mark.parametrize("size", BOTH)
