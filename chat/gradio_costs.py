@@ -109,13 +109,14 @@ def _text_message_first(chat_fn):
 
 
 def keep_message_box_editable(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
-    """Gradio 6.31's ChatInterface disables its message box while a reply streams and empties it
-    when the reply ends: the next message cannot be typed meanwhile, and what was typed would be
-    lost. Here the box only loses the message it sent, and stays editable; the page's script
+    """Gradio 6.31's ChatInterface disables its message box while a reply streams (a retried or
+    edited one too) and empties it when the reply ends: the next message cannot be typed
+    meanwhile, and what was typed would be lost. Here the box only loses the message it sent,
+    and stays editable; the page's script
     (assets/page.js) keeps Enter from sending while a reply streams, so one reply runs at a time.
     Waits for a ChatInterface that lets the next message be typed during a reply."""
     _require(chat, "_clear_and_save_textbox", "keep the message box editable while a reply streams")
-    sent, ended = [], []
+    sent, ended, disabled = [], [], []
     for block_fn in demo.fns.values():
         if block_fn.fn == chat._clear_and_save_textbox:
             block_fn.fn = _take_message_keep_box
@@ -123,7 +124,10 @@ def keep_message_box_editable(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
         elif _outputs_only(block_fn, chat.textbox) and _empties_and_enables(block_fn.fn):
             block_fn.fn = _enable_box
             ended.append(block_fn)
-    if not (sent and ended):
+        elif _outputs_only(block_fn, chat.textbox) and _disables(block_fn.fn):
+            block_fn.fn = _keep_box  # before a retried or edited message's reply
+            disabled.append(block_fn)
+    if not (sent and ended and disabled):
         raise RuntimeError(
             f"Gradio {gr.__version__}: ChatInterface's message box events are not where "
             "chat/gradio_costs.py expects them (keep_message_box_editable); update the workaround."
@@ -180,8 +184,7 @@ def stop_edited_replies(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
     its end with the message box disabled. The edit gets what Retry has (ChatInterface's
     `_setup_stop_events`): Stop shown when it is sent, its reply among those Stop cancels, Send
     back when the reply ends, and the steps after it (ChatInterface's copy of the conversation,
-    its save) taken after a stopped reply too; the box stays editable meanwhile, as for any
-    reply. Waits for a
+    its save) taken after a stopped reply too. Waits for a
     ChatInterface that can stop an edited message's reply."""
     textbox, chatbot = chat.textbox, chat.chatbot
     edit = _event_chain(demo, chatbot._id, "edit")
@@ -196,10 +199,6 @@ def stop_edited_replies(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
             f"Gradio {gr.__version__}: ChatInterface's edit and Stop events are not where "
             "chat/gradio_costs.py expects them (stop_edited_replies); update the workaround."
         )
-    for index in edit[: edit.index(reply)]:
-        block_fn = demo.fns[index]
-        if _outputs_only(block_fn, textbox) and _call_if_plain(block_fn.fn) == gr.update(interactive=False):
-            block_fn.fn = _keep_box
     stop.cancels.append(reply)
     for index in edit[edit.index(reply) + 1 :]:
         demo.fns[index].trigger_only_on_success = False  # a stopped reply is saved too, as Retry's
@@ -306,9 +305,15 @@ def _outputs_only(block_fn, component) -> bool:
 
 def _empties_and_enables(fn) -> bool:
     """Whether `fn` is ChatInterface's `lambda: update(value=None, interactive=True)`."""
-    if fn is None or inspect.iscoroutinefunction(fn) or inspect.signature(fn).parameters:
-        return False
-    return fn() == {"__type__": "update", "value": None, "interactive": True}
+    return _call_if_plain(fn) == {"__type__": "update", "value": None, "interactive": True}
+
+
+def _disables(fn) -> bool:
+    """Whether `fn` is one of ChatInterface's `lambda: update(interactive=False, ...)`."""
+    update = _call_if_plain(fn)
+    return (
+        isinstance(update, dict) and update.get("__type__") == "update" and update.get("interactive") is False
+    )
 
 
 def check_value_counts(demo: gr.Blocks) -> None:

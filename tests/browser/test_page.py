@@ -409,6 +409,26 @@ def test_an_example_or_new_chat_leaves_the_focus_in_the_box_so_enter_sends(
     expect(chat.textbox).to_be_focused()
 
 
+def test_the_next_message_can_be_typed_while_a_retried_reply_streams(open_scripted, scripted_backend):
+    """As during any reply, the box stays editable while a retried reply streams (it was
+    disabled), and what was typed there is sent after it."""
+    chat = open_scripted("desktop")
+    chat.send("Please answer slowly")
+    expect(chat.bot_messages.last).to_contain_text("word after")
+    chat.stop()
+    expect(chat.bot_messages.last).to_contain_text("Stopped.")
+    chat.wait_until_idle()
+    chat.page.get_by_role("button", name="Retry").click()
+    expect(chat.stop_button).to_be_visible()
+    expect(chat.textbox).to_be_editable()
+    chat.textbox.fill("Then briefly")
+    chat.stop()
+    chat.textbox.press("Enter")
+    expect(chat.figures).to_have_count(2)
+    expect(chat.bot_messages.last).to_contain_text("A short reply.")
+    assert scripted_backend.prompts[-1].endswith("User: Then briefly\nFalcon:")
+
+
 @pytest.mark.parametrize("size", BOTH)
 def test_the_page_names_the_model_it_talks_to(open_scripted, size):
     chat = open_scripted(size)
