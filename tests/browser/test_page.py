@@ -266,16 +266,24 @@ def test_copy_conversation_gives_the_turns_as_the_model_wrote_them(open_scripted
     assert re.fullmatch(turns, copied), copied
 
 
-def test_a_message_sent_the_moment_after_stop_leaves_the_stopped_reply_whole(open_scripted, scripted_backend):
+@pytest.mark.parametrize("send", ["Enter", "Send clicked twice"])
+def test_a_message_sent_the_moment_after_stop_leaves_the_stopped_reply_whole(
+    open_scripted, scripted_backend, send
+):
     """The stopped reply gets its note and figures once its stream has ended (here up to 0.8 s
     after Stop); the next message, typed while the reply streamed and sent at once after
-    Stop, starts from that conversation instead of replacing it."""
+    Stop, starts from that conversation instead of replacing it, and is sent once."""
     chat = open_scripted("desktop")
     chat.send("Please answer slowly")
     expect(chat.bot_messages.last).to_contain_text("word after")
     chat.textbox.fill("And now, briefly?")
     chat.stop()
-    chat.textbox.press("Enter")
+    prompts = len(scripted_backend.prompts)
+    if send == "Enter":
+        chat.textbox.press("Enter")
+    else:
+        chat.submit_button.click()
+        chat.submit_button.click()
     expect(chat.bot_messages).to_have_count(2)
     expect(chat.bot_messages.last).to_contain_text("A short reply.")
     chat.wait_until_idle()
@@ -283,6 +291,7 @@ def test_a_message_sent_the_moment_after_stop_leaves_the_stopped_reply_whole(ope
     expect(chat.figures).to_have_count(2)
     expect(chat.user_messages).to_have_count(2)
     assert "User: Please answer slowly\nFalcon: word after" in scripted_backend.prompts[-1]
+    assert len(scripted_backend.prompts) == prompts + 1
 
 
 def test_undo_edit_or_another_chat_right_after_stop_waits_for_the_stopped_reply(
