@@ -194,17 +194,22 @@ class PageHandlers:
         )
 
     async def figures_after_stop(self, history, session) -> list:
-        """After Stop: the stopped reply marked as stopped, with its figures under it."""
+        """After Stop: the stopped reply marked as stopped, with its figures under it; stopped
+        before its first word, the message gets a reply that is only the note (else it hung
+        there unanswered)."""
         done = session.get("reply_done") if isinstance(session, dict) else None
         if done is None:
             return history
         await asyncio.to_thread(done.wait, STOPPED_FIGURES_WAIT_S)
         stats = session.get("last_stats")
         history = list(history or [])
-        if stats is None or not history or _role(history[-1]) != "assistant" or _is_figures(history[-1]):
+        if stats is None or not history or _is_figures(history[-1]):
             return history
-        text = content_text(_content(history[-1]))
-        history[-1] = {"role": "assistant", "content": add_note(text, STOPPED_NOTE)}
+        if _role(history[-1]) == "assistant":
+            text = content_text(_content(history[-1]))
+            history[-1] = {"role": "assistant", "content": add_note(text, STOPPED_NOTE)}
+        else:
+            history.append({"role": "assistant", "content": add_note("", STOPPED_NOTE)})
         history.append(figures_message(stats_line(stats)))
         return history
 

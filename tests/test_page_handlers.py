@@ -146,6 +146,19 @@ def test_after_stop_the_reply_is_marked_stopped_and_gets_its_figures():
     }
 
 
+def test_a_reply_stopped_before_its_first_word_is_the_note_alone_with_its_figures():
+    handlers = handlers_for(Words())
+    session = {}
+    collect(handlers.respond("Hi", [], "", *SETTINGS, None, session))
+    session["last_stats"] = ReplyStats(generated_tokens=0, finish_reason=FINISH_CANCELLED)
+
+    shown = asyncio.run(handlers.figures_after_stop([{"role": "user", "content": "Hi"}], session))
+
+    assert [message["role"] for message in shown] == ["user", "assistant", "assistant"]
+    assert "Stopped." in shown[1]["content"] and "stopped by user" in shown[2]["metadata"]["title"]
+    assert turns_from_history(shown) == []  # nothing the model said, so nothing for its prompt
+
+
 def test_stats_line_says_how_the_reply_ended_and_what_was_left_out():
     stats = ReplyStats(prompt_tokens=90, context_length=100, generated_tokens=5, dropped_turns=2)
     line = stats_line(stats)

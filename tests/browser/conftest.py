@@ -201,8 +201,10 @@ SCRIPT = {
     "keep talking": "and on " * 1500,
     "slowly": "word after word " * 100,
     "indented code": "Start the total first:\n\n    total = 0\n    for n in numbers:\n        total += n",
+    "think first": "Thought it through.",
 }
 SLOW_WORD_S = 0.8  # the "slowly" reply's pace after its first words: it ends this long after Stop
+THINK_S = 2.0  # how long the "think first" reply waits for its first word (a slow server's start)
 MAX_MESSAGE_CHARS = 200
 
 
@@ -211,7 +213,8 @@ SERVER_DOWN = "server down"  # a newest message with this is answered as by a se
 
 class ScriptedBackend(Backend):
     """Stands in for a model that writes what a page test needs (a wide code block and table,
-    math, a reply long enough to stop, one slow to end after Stop), word by word at `words_per_s`;
+    math, a reply long enough to stop, one slow to end after Stop, one slow to start), word by
+    word at `words_per_s`;
     closing the stream (Stop) ends it after the word in hand; and for a server that cannot be
     reached (SERVER_DOWN), failing as a remote backend does. It records the prompts it was
     given."""
@@ -240,6 +243,8 @@ class ScriptedBackend(Backend):
             if index >= params.max_new_tokens:
                 yield Token("", finish_reason="length")
                 return
+            if reply is SCRIPT["think first"] and index == 0:
+                time.sleep(THINK_S)
             time.sleep(SLOW_WORD_S if reply is SCRIPT["slowly"] and index > 2 else 1 / self.words_per_s)
             yield Token(word, id=index)
         yield Token("", finish_reason="stop")

@@ -266,6 +266,22 @@ def test_copy_conversation_gives_the_turns_as_the_model_wrote_them(open_scripted
     assert re.fullmatch(turns, copied), copied
 
 
+def test_a_reply_stopped_before_its_first_word_says_so(open_scripted, scripted_backend):
+    """Stopped while the server had not yet answered (THINK_S here): the message gets a reply
+    that is only the note, with its figures, instead of hanging unanswered; and it stays out of
+    the next prompt."""
+    chat = open_scripted("desktop")
+    chat.ask("Hi")
+    chat.send("Please think first")
+    expect(chat.stop_button).to_be_visible()
+    chat.stop()
+    expect(chat.bot_messages).to_have_count(2)
+    expect(chat.bot_messages.last).to_contain_text("Stopped.")
+    expect(chat.figures.last).to_contain_text("stopped by user")
+    chat.ask("Next")
+    assert scripted_backend.prompts[-1] == "User: Hi\nFalcon: A short reply.\nUser: Next\nFalcon:"
+
+
 @pytest.mark.parametrize("send", ["Enter", "Send clicked twice"])
 def test_a_message_sent_the_moment_after_stop_leaves_the_stopped_reply_whole(
     open_scripted, scripted_backend, send
