@@ -5,7 +5,7 @@
      so does any other change to the conversation (Retry, Undo, Edit, the trash, New chat,
      another saved chat); the trash, New chat or another saved chat during a reply stop it first;
    - Escape stops a streaming reply (as the Stop button does);
-   - the message box gets the focus back after each reply, an example or New chat, without
+   - the message box gets the focus back after each reply, an example, Undo or New chat, without
      scrolling the page, and a refused message (or one the server could not answer) back to be
      fixed;
    - the trash button asks before it deletes the open chat from the saved chats;
@@ -37,6 +37,7 @@
   var SETTLE_MS = 6000;
   var SEND = "#message button.submit-button";
   var TRASH = "#conversation button[aria-label='Clear']";
+  var FOCUS_AFTER = "#conversation button.example, #conversation button[aria-label='Undo'], #new-chat";
   var CHANGES_CONVERSATION = [
     SEND,
     "#conversation button[aria-label='Retry']",
@@ -103,9 +104,9 @@
       settling = setTimeout(settled, SETTLE_MS);
       return;
     }
-    // An example fills the box, New chat empties it: the next message is typed (and sent with
-    // Enter) there, not on the button clicked.
-    if (target.closest("#conversation button.example, #new-chat")) setTimeout(focusMessageBox, 0);
+    // An example or Undo fills the box, New chat empties it: the next message is typed (and sent
+    // with Enter) there, not on the button clicked.
+    if (target.closest(FOCUS_AFTER)) setTimeout(focusMessageBox, 0);
     var change = !replaying && conversationChange(target);
     if (!change) return;
     if (change.selector === TRASH && !window.confirm("Delete this chat? It is removed from the saved chats too.")) {

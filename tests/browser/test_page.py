@@ -416,11 +416,11 @@ def test_the_reply_to_an_edited_message_can_be_stopped_and_the_chat_goes_on(open
 
 
 @pytest.mark.parametrize("size", BOTH)
-def test_an_example_or_new_chat_leaves_the_focus_in_the_box_so_enter_sends(
+def test_an_example_undo_or_new_chat_leaves_the_focus_in_the_box_so_enter_sends(
     open_scripted, scripted_backend, size
 ):
-    """An example fills the box to be edited and sent: the focus goes there (it stayed on the
-    example, so Enter chose it again instead of sending), as it does after New chat."""
+    """An example (or Undo) fills the box to be edited and sent: the focus goes there (it stayed
+    on the button, so Enter chose the example again, or did nothing), as it does after New chat."""
     chat = open_scripted(size)
     chat.page.get_by_role("button", name="Select example 3").click()
     expect(chat.textbox).to_have_value(EXAMPLES[2])
@@ -428,6 +428,12 @@ def test_an_example_or_new_chat_leaves_the_focus_in_the_box_so_enter_sends(
     chat.page.keyboard.press("Enter")
     expect(chat.figures).to_have_count(1)
     assert scripted_backend.prompts[-1] == f"User: {EXAMPLES[2]}\nFalcon:"
+    chat.wait_until_idle()
+    chat.page.get_by_role("button", name="Undo").click()  # the message back in the box, to edit
+    expect(chat.textbox).to_have_value(EXAMPLES[2])
+    expect(chat.textbox).to_be_focused()
+    chat.page.keyboard.press("Enter")
+    expect(chat.figures).to_have_count(1)
     chat.wait_until_idle()
     chat.page.locator("#new-chat").click()
     expect(chat.user_messages).to_have_count(0)
