@@ -237,7 +237,9 @@ def save_no_empty_chats(demo: gr.Blocks, chat: gr.ChatInterface) -> None:
     its list of saved chats leaves out while a click on the list opens the conversation at the
     clicked row's place in the whole list: every chat below an empty one opened the one above it.
     Each save here drops the empty conversations (an emptied chat leaves the list) and keeps the
-    open chat's place. Waits for a ChatInterface whose list and saves agree."""
+    open chat's place, and one whose place is not in the list it was sent saves the chat afresh
+    (Gradio's save failed with an IndexError). Waits for a ChatInterface whose list and saves
+    agree."""
     _require(chat, "_save_conversation", "keep empty chats out of the saved chats")
     for block_fn in demo.fns.values():
         if _is_save(block_fn.fn, chat):
@@ -251,6 +253,11 @@ def _is_save(fn, chat: gr.ChatInterface) -> bool:
 def _dropping_empty_chats(save):
     @functools.wraps(save)
     def save_conversation(index, conversation, saved_conversations):
+        if index is not None and not 0 <= index < len(saved_conversations or []):
+            # The open chat's place is kept on the server, the list in the browser: a save that
+            # left before the one that listed this chat came back brings the list without it
+            # (two saves end a stopped reply). Gradio's save fails on it; saved afresh instead.
+            index = None
         index, saved = save(index, conversation, saved_conversations)
         if not saved:
             return index, saved

@@ -100,3 +100,5 @@ def test_every_save_of_the_chats_drops_empty_ones_and_keeps_the_open_chats_place
     assert save(0, [], [b, a]) == (None, [a])  # B emptied by Undo leaves the list
     assert save(2, a, [[], b, a]) == (1, [b, a])  # an empty one saved earlier goes too
     assert save(None, b, [a]) == (0, [b, a])
+    # Two saves end a stopped reply; the second can bring the list from before the first.
+    assert save(0, a, []) == (0, [a])
