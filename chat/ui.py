@@ -18,18 +18,16 @@ from pathlib import Path
 import gradio as gr
 
 from .backends.base import Backend
-from .config import Settings
-from .embedding import embedding_launch_options
-from .gradio_costs import (
-    event_watch,
+from .chat_interface_fixes import (
     keep_message_box_editable,
     save_no_empty_chats,
     show_messages_as_written,
     stop_edited_replies,
-    text_message,
-    trim_gradio_costs,
     update_after_stop,
 )
+from .config import Settings
+from .embedding import embedding_launch_options
+from .gradio_costs import event_watch, text_message, trim_gradio_costs
 from .inline_math import LATEX_DELIMITERS
 from .operations import Operations
 from .page_handlers import PageHandlers, Refused
