@@ -56,6 +56,11 @@ class ChatPage:
         self.textbox.fill(message)
         self.textbox.press("Enter")
 
+    def new_chat(self) -> None:
+        """Open a new, empty chat (the one open stays among the saved chats)."""
+        self.page.locator("#new-chat").click()
+        expect(self.user_messages).to_have_count(0)
+
     def wait_until_idle(self) -> None:
         """The reply has finished (or was stopped): the send button is back, the box editable."""
         expect(self.stop_button).to_be_hidden()

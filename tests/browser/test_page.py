@@ -320,8 +320,7 @@ def test_undo_edit_or_another_chat_right_after_stop_waits_for_the_stopped_reply(
     chat = open_scripted("desktop")
     page = chat.page
     chat.ask("The first chat")
-    page.locator("#new-chat").click()
-    expect(chat.user_messages).to_have_count(0)
+    chat.new_chat()
     chat.send("Please answer slowly")
     expect(chat.bot_messages.last).to_contain_text("word after")
     chat.stop()
@@ -381,8 +380,7 @@ def test_a_chat_emptied_by_undo_leaves_the_saved_chats_and_the_others_still_open
     chat = open_scripted("desktop")
     page = chat.page
     chat.ask("Chat A")
-    page.locator("#new-chat").click()
-    expect(chat.user_messages).to_have_count(0)
+    chat.new_chat()
     chat.ask("Chat B")
     page.get_by_role("button", name="Undo").click()
     expect(page.get_by_role("gridcell", name="Chat B")).to_have_count(0)
@@ -435,8 +433,7 @@ def test_an_example_undo_or_new_chat_leaves_the_focus_in_the_box_so_enter_sends(
     chat.page.keyboard.press("Enter")
     expect(chat.figures).to_have_count(1)
     chat.wait_until_idle()
-    chat.page.locator("#new-chat").click()
-    expect(chat.user_messages).to_have_count(0)
+    chat.new_chat()
     expect(chat.textbox).to_be_focused()
 
 
