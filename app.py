@@ -8,7 +8,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     from chat.config import load_settings
-    from chat.errors import ConfigError
+    from chat.conversation.errors import ConfigError
     from chat.factory import build_backend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         sys.exit(f"app.py: error: {error.user_message}")
 
-    from chat.operations import Operations
-    from chat.ui import build_demo, launch_options
+    from chat.web.operations import Operations
+    from chat.web.page import build_demo, launch_options
 
     operations = Operations(backend, log_messages=settings.log_messages)
     demo = build_demo(backend, settings, operations)

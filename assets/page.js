@@ -1,6 +1,6 @@
 /* Falcon Chat: keyboard and focus on the chat page, on top of Gradio's ChatInterface.
    - Enter on an empty message box does nothing (Gradio would send it, and refuse it), nor while
-     a reply streams (the next message can be typed meanwhile: chat/chat_interface_fixes.py);
+     a reply streams (the next message can be typed meanwhile: chat/web/gradio_patches/chat_interface.py);
    - a message sent just after Stop waits until the stopped reply has its note and figures, and
      so does any other change to the conversation (Retry, Undo, Edit, the trash, New chat,
      another saved chat); the trash, New chat or another saved chat during a reply stop it first;
@@ -25,7 +25,7 @@
   }
 
   // After Stop the server finishes the stopped reply (its "Stopped." note and figures:
-  // chat/chat_interface_fixes.py, update_after_stop), and that finished conversation replaces the shown
+  // chat/web/gradio_patches/chat_interface.py, update_after_stop), and that finished conversation replaces the shown
   // one. So whatever changes the conversation meanwhile must wait for it: a message sent sooner
   // started from the conversation without them; an Undo, an Edit, a Retry, the trash, New chat or
   // another saved chat was undone by it (another saved chat was then saved over). Such a click
@@ -161,7 +161,7 @@
   }).observe(document.documentElement, { subtree: true, childList: true, attributes: true, attributeFilter: ["disabled", "class", "style"] });
 
   // What leaves the page by copying is the model's own text: the marks the server puts inside
-  // the `$…$` it shows as math (chat/inline_math.py) are taken out, and so are the figures that
+  // the `$…$` it shows as math (chat/conversation/inline_math.py) are taken out, and so are the figures that
   // Gradio's "Copy message" adds after a reply (it copies a reply and its figures' message as
   // "<reply>\n<title>\n  \n"). Gradio copies through navigator.clipboard; its fallback and the
   // person's own selections go through the copy event.

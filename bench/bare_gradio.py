@@ -23,8 +23,9 @@ import httpx
 def build(endpoint: str, every_token: bool = True) -> gr.Blocks:
     http = httpx.AsyncClient(base_url=endpoint, timeout=60, limits=httpx.Limits(max_connections=None))
 
-    async def respond(message, history, system_prompt, temperature, max_new_tokens, top_p,
-                      repetition_penalty, seed):  # fmt: skip
+    async def respond(
+        message, history, system_prompt, temperature, max_new_tokens, top_p, repetition_penalty, seed
+    ):
         request = {
             "inputs": f"User: {message}\nFalcon:",
             "parameters": {"max_new_tokens": int(max_new_tokens), "details": True},

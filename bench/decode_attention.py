@@ -1,6 +1,6 @@
 """Times ways of writing one-token attention over a static cache, as the fast decoder's step
 runs them (compiled, replayed from a CUDA graph, once per layer), for the Falcon-7B and -40B
-head layouts, and the flash-decoding kernels (chat/backends/decode_attention.py) in a few block
+head layouts, and the flash-decoding kernels (chat/engine/attention.py) in a few block
 shapes at several positions. Prints microseconds per layer for each variant.
 
     PYTHONUNBUFFERED=1 python bench/decode_attention.py            # --flash-only: the kernels alone
@@ -17,8 +17,8 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.gpu_decode import graph_ms  # noqa: E402
-from chat.backends.decode_attention import FlashDecode  # noqa: E402
+from bench.gpu_decode import graph_ms
+from chat.engine.attention import FlashDecode
 
 LAYOUTS = {"7b": (1, 71, 64), "40b": (8, 16, 64)}  # kv heads, queries per kv head, head dim
 MAX_LEN, POS, LAYERS = 2048, 700, 32
@@ -73,10 +73,24 @@ def sdpa_efficient(q, k, v, visible):
 def bench_flash(name, kv, group, d) -> None:
     """The Triton kernels: error against float64 and us per layer, per block shape and position."""
     for block_n, block_g, max_splits, warps in FLASH_CONFIGS:
-        flash = FlashDecode(kv, group, d, MAX_LEN, "cuda", block_n=block_n, block_g=block_g,
-                            max_splits=max_splits, num_warps=warps)  # fmt: skip
-        caches = [(torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda"),
-                   torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda")) for _ in range(LAYERS)]  # fmt: skip
+        flash = FlashDecode(
+            kv,
+            group,
+            d,
+            MAX_LEN,
+            "cuda",
+            block_n=block_n,
+            block_g=block_g,
+            max_splits=max_splits,
+            num_warps=warps,
+        )
+        caches = [
+            (
+                torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda"),
+                torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda"),
+            )
+            for _ in range(LAYERS)
+        ]
         q = torch.randn(kv, group, d, dtype=torch.bfloat16, device="cuda")
         out = torch.empty(1, kv * group * d, dtype=torch.bfloat16, device="cuda")
         pos = torch.tensor([0], device="cuda")
@@ -92,8 +106,11 @@ def bench_flash(name, kv, group, d) -> None:
             # One graph over 32 layers' caches, as the step runs it (no cache reuse between layers).
             ms = graph_ms(lambda: [flash(q, k, v, pos, out) for k, v in caches])
             timings.append(f"{position + 1}: {ms / LAYERS * 1e3:.1f}")
-        print(f"{name} flash block_n {block_n} block_g {flash.block_g} splits {flash.splits} warps {warps}: "
-              f"us/layer by length {', '.join(timings)} (max relative error {max(errors):.1e})", flush=True)  # fmt: skip
+        print(
+            f"{name} flash block_n {block_n} block_g {flash.block_g} splits {flash.splits} warps {warps}: "
+            f"us/layer by length {', '.join(timings)} (max relative error {max(errors):.1e})",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -106,8 +123,14 @@ def main() -> None:
         k = torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda")
         v = torch.randn(kv, MAX_LEN, d, dtype=torch.bfloat16, device="cuda")
         visible = (torch.arange(MAX_LEN, device="cuda") <= POS)[None]
-        reference = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d) +
-                                  torch.where(visible, 0.0, -math.inf).double(), -1) @ v.double()  # fmt: skip
+        reference = (
+            torch.softmax(
+                (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d)
+                + torch.where(visible, 0.0, -math.inf).double(),
+                -1,
+            )
+            @ v.double()
+        )
         compiled = {}
         with inductor_config.patch(coordinate_descent_tuning=True):
             for fn in (scores_sum, scores_bmm, pv_sum, pv_chunked, pv_bmm):

@@ -4,7 +4,7 @@
     python bench/forged_history.py --code /tmp/before       # the same, with another tree's chat/
 
 Any API client can send a history of any length, so the prompt fitter must bound what it counts:
-each count is a POST /tokenize to the server. This runs one reply (`chat.reply.stream_reply`, the
+each count is a POST /tokenize to the server. This runs one reply (`chat.conversation.reply.stream_reply`, the
 path the page and the API take) on a `TGIBackend` against the double (tests/tgi_double.py) served
 by a separate process (its tokenizer's CPU time is then not the app's), and prints, per history
 length, the /tokenize requests the reply made, the time to its first token, and what was dropped.
@@ -51,9 +51,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="replies per length; the median is shown")
     args = parser.parse_args()
     sys.path.insert(0, args.code)
-    from chat.backends.tgi import TGIBackend
-    from chat.params import GenerationParams
-    from chat.reply import stream_reply
+    from chat.backends.remote.tgi import TGIBackend
+    from chat.conversation.params import GenerationParams
+    from chat.conversation.reply import stream_reply
 
     server = subprocess.Popen(
         [sys.executable, "-c", SERVE_DOUBLE.format(root=str(ROOT))], stdout=subprocess.PIPE, text=True

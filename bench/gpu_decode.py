@@ -42,15 +42,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {
-    "7b": dict(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71, multi_query=True,
-               new_decoder_architecture=False),
-    "40b": dict(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128, num_kv_heads=8,
-                new_decoder_architecture=True),
-    "180b": dict(hidden_size=14848, num_hidden_layers=80, num_attention_heads=232, num_kv_heads=8,
-                 new_decoder_architecture=True),
-    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
-                 new_decoder_architecture=False),
-}  # fmt: skip
+    "7b": dict(
+        hidden_size=4544,
+        num_hidden_layers=32,
+        num_attention_heads=71,
+        multi_query=True,
+        new_decoder_architecture=False,
+    ),
+    "40b": dict(
+        hidden_size=8192,
+        num_hidden_layers=60,
+        num_attention_heads=128,
+        num_kv_heads=8,
+        new_decoder_architecture=True,
+    ),
+    "180b": dict(
+        hidden_size=14848,
+        num_hidden_layers=80,
+        num_attention_heads=232,
+        num_kv_heads=8,
+        new_decoder_architecture=True,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        multi_query=True,
+        new_decoder_architecture=False,
+    ),
+}
 
 
 def main() -> None:
@@ -72,8 +92,12 @@ def main() -> None:
     parser.add_argument(
         "--quantize", choices=["int4"], default=None, help="int4 slices (--tensor-parallel N)"
     )
-    parser.add_argument("--int4-weights", choices=["hqq", "clip", "none", "random"], default="hqq",
-                        help="quantize the seeded bf16 slices with this search, or draw random int4")  # fmt: skip
+    parser.add_argument(
+        "--int4-weights",
+        choices=["hqq", "clip", "none", "random"],
+        default="hqq",
+        help="quantize the seeded bf16 slices with this search, or draw random int4",
+    )
     args = parser.parse_args()
     if args.quantize and not args.tensor_parallel:
         parser.error("--quantize int4 runs through the ranks' loader: give --tensor-parallel N (1 or more)")
@@ -119,14 +143,15 @@ def main() -> None:
     if not args.skip_plain:
         plain_tokens = bench_plain(model, tokenizer, prompt, long_prompt, args, rows, floor_ms)
 
-    from chat.backends.decoders import PlainDecoder
-    from chat.backends.fast_decode import FastDecoder
-    from chat.backends.local import LocalBackend
-    from chat.params import GenerationParams
+    from chat.backends.local.backend import LocalBackend
+    from chat.backends.local.decoders import PlainDecoder
+    from chat.conversation.params import GenerationParams
+    from chat.engine.decode_loop import FastDecoder
 
     if not args.skip_plain:
-        backend = LocalBackend(model, tokenizer, model_name="bench", context_length=2048,
-                               decoder=PlainDecoder(model, tokenizer))  # fmt: skip
+        backend = LocalBackend(
+            model, tokenizer, model_name="bench", context_length=2048, decoder=PlainDecoder(model, tokenizer)
+        )
         rows.append(
             bench_stream(
                 backend, "LocalBackend.stream, plain decoder", prompt, long_prompt, args, floor_ms, runs=1
@@ -143,8 +168,14 @@ def main() -> None:
     say(f"fast decoder '{decoder.name}' ready in {results['fast_warm_up_s']:.1f} s")
 
     greedy = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_sequences=("\x00",))
-    sampled = GenerationParams(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1,
-                               max_new_tokens=args.new_tokens, stop_sequences=("\x00",))  # fmt: skip
+    sampled = GenerationParams(
+        temperature=0.7,
+        top_p=0.9,
+        top_k=50,
+        repetition_penalty=1.1,
+        max_new_tokens=args.new_tokens,
+        stop_sequences=("\x00",),
+    )
     rows.append(
         bench_stream(
             backend, "LocalBackend.stream, fast decoder", prompt, long_prompt, args, floor_ms, runs=3
@@ -165,8 +196,11 @@ def main() -> None:
     results["seeded_sampling_reproducible"] = first["tokens"] == bare_sampled["tokens"]
     if plain_tokens is not None:
         agree = leading_agreement(plain_tokens, bare_greedy["tokens"])
-        results["greedy_agreement"] = {"leading": agree, "of": len(plain_tokens),
-                                       "same_position": sum(a == b for a, b in zip(plain_tokens, bare_greedy["tokens"], strict=False))}  # fmt: skip
+        results["greedy_agreement"] = {
+            "leading": agree,
+            "of": len(plain_tokens),
+            "same_position": sum(a == b for a, b in zip(plain_tokens, bare_greedy["tokens"], strict=False)),
+        }
     if decoder.flash is not None:
         results["attention_check"] = backend.call_on_worker(lambda: check_attention(decoder))
         say(f"flash-decoding kernels against float64 attention: {results['attention_check']}")
@@ -191,10 +225,10 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
     """The seeded model of `--shape` from N ranks (`--tensor-parallel N`) or spread by accelerate."""
     import torch
 
-    from chat.backends.fast_decode import FastDecoder
-    from chat.backends.local import LocalBackend
-    from chat.backends.tensor_parallel import RankSpec, free_port, gpu_memory, rank_layout, start_ranks
-    from chat.params import GenerationParams
+    from chat.backends.local.backend import LocalBackend
+    from chat.conversation.params import GenerationParams
+    from chat.engine.decode_loop import FastDecoder
+    from chat.engine.parallel.ranks import RankSpec, free_port, gpu_memory, rank_layout, start_ranks
 
     config = falcon_config(args.shape)
     tokenizer = word_tokenizer(config.vocab_size)
@@ -202,8 +236,12 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
     world = args.tensor_parallel or gpus
     bandwidth = copy_bandwidth(device)
     weight_bytes = model_bytes(config)
-    results.update(copy_bandwidth_GBps=bandwidth / 1e9, weight_GB=weight_bytes / 1e9,
-                   gpus=gpus, tensor_parallel=0 if args.device_map else world)  # fmt: skip
+    results.update(
+        copy_bandwidth_GBps=bandwidth / 1e9,
+        weight_GB=weight_bytes / 1e9,
+        gpus=gpus,
+        tensor_parallel=0 if args.device_map else world,
+    )
     rows = results["rows"]
     prompt, long_prompt = (
         prompt_text(args.prompt_tokens, seed=1),
@@ -226,9 +264,16 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
 
     start = time.perf_counter()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    spec = RankSpec(world=world, port=free_port(), max_len=2048, eos_token_id=None, random_config=config.to_dict(),
-                    compile_mode=args.compile, products="int4" if args.quantize else "dense",
-                    int4=args.int4_weights)  # fmt: skip
+    spec = RankSpec(
+        world=world,
+        port=free_port(),
+        max_len=2048,
+        eos_token_id=None,
+        random_config=config.to_dict(),
+        compile_mode=args.compile,
+        products="int4" if args.quantize else "dense",
+        int4=args.int4_weights,
+    )
     if world == 1:
         layout = rank_layout(spec, 0, device, dtype)
         results["load"] = {0: {"load_s": round(time.perf_counter() - start, 2), **gpu_memory(device)}}
@@ -240,14 +285,20 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
     # The floor: what rank 0 (the largest share) reads per token, at one GPU's copy bandwidth.
     read = step_bytes(decoder.layout)
     floor_ms = read / bandwidth * 1e3
-    results.update(rank_read_GB=read / 1e9, floor_ms=floor_ms,
-                   floor_basis="bytes rank 0 reads per token (its slices of the products as packed: int4 "
-                               "levels + scales and offsets, or bf16; norms; one embedding row) / copy bandwidth")  # fmt: skip
-    say(f"copy {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB in bf16; rank 0 reads "
-        f"{read / 1e9:.2f} GB a token ({decoder.layout.products.name}); floor {floor_ms:.2f} ms/token")  # fmt: skip
+    results.update(
+        rank_read_GB=read / 1e9,
+        floor_ms=floor_ms,
+        floor_basis="bytes rank 0 reads per token (its slices of the products as packed: int4 "
+        "levels + scales and offsets, or bf16; norms; one embedding row) / copy bandwidth",
+    )
+    say(
+        f"copy {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB in bf16; rank 0 reads "
+        f"{read / 1e9:.2f} GB a token ({decoder.layout.products.name}); floor {floor_ms:.2f} ms/token"
+    )
     rows.append(row(f"floor (rank 0's {read / 1e9:.1f} GB a token / copy bandwidth)", floor_ms, floor_ms))
-    backend = LocalBackend(None, tokenizer, model_name="bench", context_length=2048, decoder=decoder,
-                           name=f"{world} ranks")  # fmt: skip
+    backend = LocalBackend(
+        None, tokenizer, model_name="bench", context_length=2048, decoder=decoder, name=f"{world} ranks"
+    )
     results["fast_warm_up_s"] = time.perf_counter() - start
     results["fast_decoder"] = backend.decoder.name
     results["gpu_memory_ready"] = {"rank 0": gpu_memory(device), "every GPU (nvidia-smi)": gpu_memory_used()}
@@ -260,8 +311,9 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
     )
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     greedy = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens)
-    sampled = GenerationParams(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1,
-                               max_new_tokens=args.new_tokens)  # fmt: skip
+    sampled = GenerationParams(
+        temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=args.new_tokens
+    )
     bare = bench_bare(backend, decoder, ids, greedy, f"{label}, bare (greedy)", floor_ms)
     rows.append(bare)
     results["fast_greedy_tokens"] = bare["tokens"]
@@ -289,8 +341,11 @@ def finish(args, results: dict) -> None:
     if args.agree_with and args.agree_with.exists():
         other = json.loads(args.agree_with.read_text()).get("fast_greedy_tokens") or []
         mine = results.get("fast_greedy_tokens") or []
-        results["greedy_agreement"] = {"with": str(args.agree_with), "leading": leading_agreement(other, mine),
-                                       "of": min(len(other), len(mine))}  # fmt: skip
+        results["greedy_agreement"] = {
+            "with": str(args.agree_with),
+            "leading": leading_agreement(other, mine),
+            "of": min(len(other), len(mine)),
+        }
     write_results(args, results)
 
 
@@ -308,8 +363,14 @@ def write_results(args, results: dict) -> None:
 def falcon_config(shape: str):
     from transformers import FalconConfig
 
-    return FalconConfig(vocab_size=65024, parallel_attn=True, bias=False, alibi=False,
-                        max_position_embeddings=2048, **SHAPES[shape])  # fmt: skip
+    return FalconConfig(
+        vocab_size=65024,
+        parallel_attn=True,
+        bias=False,
+        alibi=False,
+        max_position_embeddings=2048,
+        **SHAPES[shape],
+    )
 
 
 def model_bytes(config) -> int:
@@ -340,8 +401,13 @@ def gpu_memory_used() -> dict:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     return {
@@ -357,7 +423,7 @@ def build_model_across_gpus(config, device: str):
     from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
     from transformers import FalconForCausalLM
 
-    from chat.backends.shards import RandomSource
+    from chat.engine.parallel.shards import RandomSource
 
     # Untied: accelerate places the head on the last GPU and the embedding on the first (the same
     # values, from the same source; a token reads the head whole and one row of the embedding).
@@ -413,8 +479,15 @@ def bench_plain(model, tokenizer, prompt, long_prompt, args, rows, floor_ms):
 
     def generate(input_ids, n, **kwargs):
         with torch.inference_mode():
-            return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
-                                  min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)  # fmt: skip
+            return model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                **kwargs,
+            )
 
     generate(ids, 8)
     ttft = median_time(lambda: generate(ids, 1), device)
@@ -445,7 +518,7 @@ def bench_plain(model, tokenizer, prompt, long_prompt, args, rows, floor_ms):
 
 def bench_stream(backend, label, prompt, long_prompt, args, floor_ms, runs):
     """Through LocalBackend.stream: queueing, detokenizing and our streaming included."""
-    from chat.params import GenerationParams
+    from chat.conversation.params import GenerationParams
 
     params = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_sequences=("\x00",))
     per_token, ttfts = [], []
@@ -500,7 +573,7 @@ def check_attention(decoder) -> dict:
     queries, against float64 attention; the torch path's bf16 error beside it."""
     import torch
 
-    from chat.backends.decode_attention import attend_reference
+    from chat.engine.attention import attend_reference
 
     layer = decoder.layers[0]
     k, v = layer.k_cache, layer.v_cache
@@ -648,8 +721,10 @@ def build_model(shape: str, device: str):
             model = FalconForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default)
-    say(f"built {shape} Falcon ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) "
-        f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    say(
+        f"built {shape} Falcon ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     return model, word_tokenizer(config.vocab_size)
 
 
@@ -718,16 +793,20 @@ def row(label, ms, floor_ms, ttft_s=None, ttft_long_s=None) -> dict:
 
 def print_table(results: dict) -> None:
     say("")
-    say(f"{results['device']}, Falcon-{results['shape']} shape, {results.get('weights', 'random bf16')}, batch 1, "
+    say(
+        f"{results['device']}, Falcon-{results['shape']} shape, {results.get('weights', 'random bf16')}, batch 1, "
         f"{results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens "
-        f"(copy {results['copy_bandwidth_GBps'] / 1e3:.2f} TB/s, weights {results['weight_GB']:.2f} GB)")  # fmt: skip
+        f"(copy {results['copy_bandwidth_GBps'] / 1e3:.2f} TB/s, weights {results['weight_GB']:.2f} GB)"
+    )
     say("| path | ms/token | tokens/s | x floor | TTFT 128 (ms) | TTFT 1024 (ms) |")
     say("| --- | ---: | ---: | ---: | ---: | ---: |")
     fmt = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
     plain = next((r for r in results["rows"] if r["label"] == "plain generate"), None)
     for r in results["rows"]:
-        say(f"| {r['label']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.0f} | {r['ratio_to_floor']:.2f} | "
-            f"{fmt(r['ttft_ms'])} | {fmt(r['ttft_long_ms'])} |")  # fmt: skip
+        say(
+            f"| {r['label']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.0f} | {r['ratio_to_floor']:.2f} | "
+            f"{fmt(r['ttft_ms'])} | {fmt(r['ttft_long_ms'])} |"
+        )
     fast = next((r for r in results["rows"] if r["label"] == "LocalBackend.stream, fast decoder"), None)
     if plain and fast:
         say(

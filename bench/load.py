@@ -46,7 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chat.history import strip_note  # noqa: E402
+from chat.conversation.turns import strip_note  # noqa: E402
 from tests.tgi_double import Reply, TGIDouble, tokenize  # noqa: E402
 
 WORDS = (

@@ -5,7 +5,7 @@ and the time per parameter of each way of making the slices.
     python bench/rank_load.py --layers 2 4       # on a GPU: the same, in bf16
 
 A rank reads each product's slice (`RandomSource` draws the whole tensor and keeps the slice) and
-packs it at once (shards.py), so its peak should be what it keeps plus about one layer's tensors
+packs it at once (parallel/shards.py), so its peak should be what it keeps plus about one layer's tensors
 in flight, the same whatever the number of layers; a loader that held its bf16 share first would
 grow by that share (printed beside). Each load runs in a fresh process. Memory: the GPU's
 allocator statistics, or on the CPU the process's resident high-water mark (/proc/self/status
@@ -26,11 +26,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_decode import model_bytes, say  # noqa: E402
+from bench.gpu_decode import model_bytes, say
 
 # Falcon-180B's proportions (new decoder architecture, 8 KV heads, MLP 4x), narrower.
-SHAPE = dict(hidden_size=2048, num_attention_heads=32, num_kv_heads=8, new_decoder_architecture=True,
-             vocab_size=8192, parallel_attn=True, bias=False, alibi=False, max_position_embeddings=2048)  # fmt: skip
+SHAPE = dict(
+    hidden_size=2048,
+    num_attention_heads=32,
+    num_kv_heads=8,
+    new_decoder_architecture=True,
+    vocab_size=8192,
+    parallel_attn=True,
+    bias=False,
+    alibi=False,
+    max_position_embeddings=2048,
+)
 PARAMS_180B_RANK = 89.3e9  # one rank's products of Falcon-180B under TP=2 (80 layers + half the head)
 
 
@@ -71,11 +80,18 @@ def load_rank(layers: int, int4: str, device, dtype, memory: Memory) -> dict:
     import torch
     from transformers import FalconConfig
 
-    from chat.backends.tensor_parallel import RankSpec, rank_layout
+    from chat.engine.parallel.ranks import RankSpec, rank_layout
 
     config = FalconConfig(**SHAPE, num_hidden_layers=layers)
-    spec = RankSpec(world=2, port=0, max_len=256, eos_token_id=None, random_config=config.to_dict(),
-                    products="int4", int4=int4)  # fmt: skip
+    spec = RankSpec(
+        world=2,
+        port=0,
+        max_len=256,
+        eos_token_id=None,
+        random_config=config.to_dict(),
+        products="int4",
+        int4=int4,
+    )
     torch.zeros(1, device=device)  # the GPU's context, before the count starts
     gc.collect()
     base = memory.now()
@@ -86,8 +102,15 @@ def load_rank(layers: int, int4: str, device, dtype, memory: Memory) -> dict:
     held, peak = memory.now() - base, memory.peak() - base
     share = model_bytes(config) / 2  # the rank's half in bf16
     del layout
-    return {"layers": layers, "int4": int4, "s": round(seconds, 2), "held_GB": held / 1e9, "peak_GB": peak / 1e9,
-            "peak_minus_held_GB": (peak - held) / 1e9, "share_bf16_GB": share / 1e9}  # fmt: skip
+    return {
+        "layers": layers,
+        "int4": int4,
+        "s": round(seconds, 2),
+        "held_GB": held / 1e9,
+        "peak_GB": peak / 1e9,
+        "peak_minus_held_GB": (peak - held) / 1e9,
+        "share_bf16_GB": share / 1e9,
+    }
 
 
 def quantize_cost(device, dtype) -> dict:
@@ -95,13 +118,16 @@ def quantize_cost(device, dtype) -> dict:
     [8192, 2048] weight (the scaled shape's MLP product)."""
     import torch
 
-    from chat.backends.int4 import quantize, random_int4
+    from chat.engine.int4.weight import quantize, random_int4
 
     weight = torch.randn(8192, 2048, device=device, dtype=dtype) * 0.02
     costs = {}
     for search in ("none", "clip", "hqq", "random"):
-        make = (lambda: random_int4(8192, 2048, device=device, dtype=dtype)) if search == "random" else (
-            lambda: quantize(weight, search=search))  # fmt: skip
+        make = (
+            (lambda: random_int4(8192, 2048, device=device, dtype=dtype))
+            if search == "random"
+            else (lambda: quantize(weight, search=search))
+        )
         make()  # warm
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -129,13 +155,23 @@ def main() -> None:
     if args.one:  # a child: one load, its JSON on the last line
         print(json.dumps(load_rank(int(args.one[0]), args.one[1], device, torch.bfloat16, Memory(device))))
         return
-    results = {"command": " ".join(sys.argv), "device": str(device), "torch": torch.__version__, "shape": SHAPE,
-               "loads": []}  # fmt: skip
+    results = {
+        "command": " ".join(sys.argv),
+        "device": str(device),
+        "torch": torch.__version__,
+        "shape": SHAPE,
+        "loads": [],
+    }
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     for int4 in args.int4:
         for layers in args.layers:
-            child = subprocess.run([sys.executable, __file__, "--one", str(layers), int4], env=env,
-                                   capture_output=True, text=True, check=True)  # fmt: skip
+            child = subprocess.run(
+                [sys.executable, __file__, "--one", str(layers), int4],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results["loads"].append(load := json.loads(child.stdout.strip().splitlines()[-1]))
             say(json.dumps(load))
     costs = quantize_cost(device, torch.bfloat16)
@@ -147,8 +183,10 @@ def main() -> None:
     )
     say("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results["loads"]:
-        say(f"| {r['int4']} | {r['layers']} | {r['s']:.1f} | {r['held_GB']:.3f} | {r['peak_GB']:.3f} | "
-            f"{r['peak_minus_held_GB']:.3f} | {r['share_bf16_GB']:.3f} |")  # fmt: skip
+        say(
+            f"| {r['int4']} | {r['layers']} | {r['s']:.1f} | {r['held_GB']:.3f} | {r['peak_GB']:.3f} | "
+            f"{r['peak_minus_held_GB']:.3f} | {r['share_bf16_GB']:.3f} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

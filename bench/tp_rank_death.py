@@ -22,11 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> None:
     from bench.gpu_decode import falcon_config
-    from chat.backends.tensor_parallel import RankSpec, free_port, start_ranks
+    from chat.engine.parallel.ranks import RankSpec, free_port, start_ranks
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    spec = RankSpec(world=2, port=free_port(), max_len=256, eos_token_id=None,
-                    random_config=falcon_config("tiny").to_dict(), compile_mode="off")  # fmt: skip
+    spec = RankSpec(
+        world=2,
+        port=free_port(),
+        max_len=256,
+        eos_token_id=None,
+        random_config=falcon_config("tiny").to_dict(),
+        compile_mode="off",
+    )
     decoder = start_ranks(spec)
     print("ranks loaded; killing rank 1", flush=True)
     decoder.peers.processes[0].kill()

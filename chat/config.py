@@ -12,10 +12,10 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
-from .params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
-from .prompt import PROMPT_FORMATS
-from .stops import decode_escapes, split_unescaped_commas
+from chat.conversation.errors import ConfigError
+from chat.conversation.params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
+from chat.conversation.prompt import PROMPT_FORMATS
+from chat.conversation.stops import decode_escapes, split_unescaped_commas
 
 BACKENDS = ("local", "tgi", "openai", "sagemaker")
 QUANTIZATIONS = ("8bit", "4bit", "int4")  # 8bit/4bit: bitsandbytes; int4: our fast path
@@ -24,7 +24,7 @@ DEFAULT_PORT = 7860
 DEFAULT_MAX_MESSAGE_CHARS = 20_000
 DEFAULT_REMOTE_CONCURRENCY = 64
 DEFAULT_QUEUE_SIZE = 100  # requests waiting for a free slot; more get "busy, try again"
-# Page updates per second, all streaming replies together (chat.bridge.UpdatePacer): one reply
+# Page updates per second, all streaming replies together (chat.web.bridge.UpdatePacer): one reply
 # alone updates at every token (up to 50 a second); 64 at once, every 0.32 s each.
 DEFAULT_PAGE_UPDATES = 200
 DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a long conversation's history, with room to spare
@@ -82,7 +82,7 @@ class Settings:
     token: str | None = field(default=None, repr=False)
     log_messages: bool = False  # put message text in the request log (off: privacy)
     api_key: str | None = field(default=None, repr=False)  # for OpenAI-compatible servers
-    # Remote backends (None: the defaults in chat/backends/failover.py).
+    # Remote backends (None: the defaults in chat/backends/remote/failover.py).
     connect_timeout_s: float | None = None
     first_token_timeout_s: float | None = None
     token_timeout_s: float | None = None  # longest silence between two tokens
@@ -90,7 +90,7 @@ class Settings:
     endpoint_cooldown_s: float | None = None
     decoder: str = "auto"  # local backend's decode loop: auto | plain | fast
     tensor_parallel: int | str = 1  # GPUs that share each layer: a number, or "auto" (all, if needed)
-    prompt_format: str = "auto"  # falcon | template | auto (chat.prompt)
+    prompt_format: str = "auto"  # falcon | template | auto (chat.conversation.prompt)
     allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get HTTP 413
 

@@ -7,10 +7,10 @@ deployment never imports torch.
 
 from __future__ import annotations
 
-from .backends.base import Backend
-from .backends.failover import RemoteOptions
-from .config import DEFAULT_REMOTE_CONCURRENCY, Settings
-from .errors import ConfigError
+from chat.backends.remote.failover import RemoteOptions
+from chat.config import DEFAULT_REMOTE_CONCURRENCY, Settings
+from chat.conversation.backend import Backend
+from chat.conversation.errors import ConfigError
 
 TINY_MODEL_NAME = "tiny demo Falcon (random weights)"
 
@@ -20,7 +20,7 @@ def build_backend(settings: Settings) -> Backend:
     if settings.backend == "local":
         return _local_backend(settings)
     if settings.backend == "tgi":
-        from .backends.tgi import TGIBackend
+        from chat.backends.remote.tgi import TGIBackend
 
         endpoints = [endpoint.rstrip("/") for endpoint in settings.endpoints]
         return TGIBackend(
@@ -31,7 +31,7 @@ def build_backend(settings: Settings) -> Backend:
             **_remote(settings),
         )
     if settings.backend == "openai":
-        from .backends.openai_compat import OpenAIBackend, openai_base_url
+        from chat.backends.remote.openai_compat import OpenAIBackend, openai_base_url
 
         endpoints = [openai_base_url(endpoint) for endpoint in settings.endpoints]
         return OpenAIBackend(
@@ -42,7 +42,7 @@ def build_backend(settings: Settings) -> Backend:
             **_remote(settings),
         )
     if settings.backend == "sagemaker":
-        from .backends.sagemaker import SageMakerBackend
+        from chat.backends.remote.sagemaker import SageMakerBackend
 
         return SageMakerBackend(
             settings.endpoints,
@@ -57,7 +57,7 @@ def server_prompt_format(settings: Settings):
     """`template`: messages to the server's chat route, which applies the model's template.
     `falcon` and `auto`: the Falcon format as text (a server does not tell whether its model has a
     template; the README says when to choose `template`)."""
-    from .prompt import FalconFormat, ServerTemplateFormat
+    from chat.conversation.prompt import FalconFormat, ServerTemplateFormat
 
     return ServerTemplateFormat() if settings.prompt_format == "template" else FalconFormat()
 
@@ -84,10 +84,10 @@ def _remote(settings: Settings) -> dict:
 
 
 def _local_backend(settings: Settings) -> Backend:
-    from .backends.decoders import choose_decoder
-    from .backends.local import LocalBackend, load_model, model_context_length
-    from .prompt import choose_prompt_format
-    from .tiny_model import ensure_tiny_model
+    from chat.backends.local.backend import LocalBackend, load_model, model_context_length
+    from chat.backends.local.decoders import choose_decoder
+    from chat.backends.local.tiny_model import ensure_tiny_model
+    from chat.conversation.prompt import choose_prompt_format
 
     model_id = settings.model or str(ensure_tiny_model())
     model_name = TINY_MODEL_NAME if settings.model is None else model_id
@@ -110,17 +110,17 @@ def _local_backend(settings: Settings) -> Backend:
 
 
 def _int4_backend(settings: Settings, model_id: str, model_name: str) -> Backend:
-    """The fast decoder over int4 weights on one device (falcon_int4.py), quantized while loading."""
+    """The fast decoder over int4 weights on one device (int4/loading.py), quantized while loading."""
     import torch
     from transformers import AutoTokenizer
 
-    from .backends.falcon_int4 import layout_from_int4, load_int4, save_int4
-    from .backends.falcon_layout import Unsupported
-    from .backends.fast_decode import FastDecoder
-    from .backends.int4_products import int4_products
-    from .backends.local import LocalBackend, model_context_length
-    from .backends.tensor_parallel import model_folder
-    from .prompt import choose_prompt_format
+    from chat.backends.local.backend import LocalBackend, model_context_length
+    from chat.conversation.prompt import choose_prompt_format
+    from chat.engine.decode_loop import FastDecoder
+    from chat.engine.falcon_layout import Unsupported
+    from chat.engine.int4.loading import layout_from_int4, load_int4, save_int4
+    from chat.engine.int4.products import int4_products
+    from chat.engine.parallel.ranks import model_folder
 
     if settings.decoder == "plain":
         raise ConfigError("--quantize int4 runs the fast decoder; it cannot be used with --decoder plain")
@@ -139,15 +139,21 @@ def _int4_backend(settings: Settings, model_id: str, model_name: str) -> Backend
     context_length = settings.max_total_tokens or model_context_length(model.config, tokenizer)
     layout = layout_from_int4(model, max_len=context_length, products=int4_products(device))
     decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id)
-    return LocalBackend(None, tokenizer, model_name=model_name, context_length=context_length, decoder=decoder,
-                        name=f"local int4 ({device}, {layout.products.name})",
-                        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer))  # fmt: skip
+    return LocalBackend(
+        None,
+        tokenizer,
+        model_name=model_name,
+        context_length=context_length,
+        decoder=decoder,
+        name=f"local int4 ({device}, {layout.products.name})",
+        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer),
+    )
 
 
 def _checkpoint_quantization(folder):
     """The GPTQ/AWQ quantization `folder`'s checkpoint carries, or None."""
-    from .backends import checkpoint_quantization
-    from .backends.falcon_layout import Unsupported
+    from chat.engine.falcon_layout import Unsupported
+    from chat.engine.int4 import checkpoints as checkpoint_quantization
 
     try:
         return checkpoint_quantization.read(folder)
@@ -159,9 +165,9 @@ def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str)
     """The local backend over N ranks, or None where `auto` finds one GPU enough."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .backends import tensor_parallel as tp
-    from .backends.local import LocalBackend, model_context_length
-    from .prompt import choose_prompt_format
+    from chat.backends.local.backend import LocalBackend, model_context_length
+    from chat.conversation.prompt import choose_prompt_format
+    from chat.engine.parallel import ranks as tp
 
     int4 = settings.quantize == "int4"
     folder = tp.model_folder(model_id, settings.token)
@@ -184,11 +190,22 @@ def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str)
         raise ConfigError("--save-quantized runs on one GPU; it cannot be used with --tensor-parallel")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     context_length = settings.max_total_tokens or model_context_length(config, tokenizer)
-    spec = tp.RankSpec(world=ranks, port=tp.free_port(), max_len=context_length,
-                       eos_token_id=tokenizer.eos_token_id, folder=folder,
-                       products="int4" if int4 else "dense")  # fmt: skip
+    spec = tp.RankSpec(
+        world=ranks,
+        port=tp.free_port(),
+        max_len=context_length,
+        eos_token_id=tokenizer.eos_token_id,
+        folder=folder,
+        products="int4" if int4 else "dense",
+    )
     decoder = tp.start_ranks(spec)
     kind = "int4" if int4 else "transformers"
-    return LocalBackend(None, tokenizer, model_name=model_name, context_length=context_length, decoder=decoder,
-                        name=f"local {kind} ({ranks} ranks, tensor parallel)",
-                        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer))  # fmt: skip
+    return LocalBackend(
+        None,
+        tokenizer,
+        model_name=model_name,
+        context_length=context_length,
+        decoder=decoder,
+        name=f"local {kind} ({ranks} ranks, tensor parallel)",
+        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer),
+    )

@@ -15,12 +15,12 @@ if not torch.cuda.is_available():
     # where Triton is installed (requirements-test.txt): set before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.helpers import free_port, serve_app  # noqa: E402
+from tests.helpers import free_port, serve_app
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from chat.tiny_model import ensure_tiny_model
+    from chat.backends.local.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-falcon")
 
@@ -79,7 +79,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     """(model, tokenizer), loaded once; the backends below share them."""
-    from chat.backends.local import load_model
+    from chat.backends.local.backend import load_model
 
     return load_model(str(smollm2_dir))
 

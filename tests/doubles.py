@@ -18,9 +18,9 @@ import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
-from chat.backends.base import Backend, Token
-from chat.errors import GenerationFailed
-from chat.params import GenerationParams
+from chat.conversation.backend import Backend, Token
+from chat.conversation.errors import GenerationFailed
+from chat.conversation.params import GenerationParams
 
 
 @dataclass

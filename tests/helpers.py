@@ -12,7 +12,7 @@ import json
 import socket
 from collections.abc import Iterable, Iterator
 
-from chat.stops import StopFilter
+from chat.conversation.stops import StopFilter
 
 
 def free_port() -> int:
@@ -25,8 +25,8 @@ def free_port() -> int:
 def serve_app(backend, settings=None):
     """Build the real app for `backend` and serve it on a free loopback port; yields its URL."""
     from chat.config import Settings
-    from chat.operations import Operations
-    from chat.ui import build_demo, launch_options
+    from chat.web.operations import Operations
+    from chat.web.page import build_demo, launch_options
 
     settings = settings or Settings()
     settings = type(settings)(**{**settings.__dict__, "port": free_port()})
@@ -55,9 +55,9 @@ def filter_stream(pieces: Iterable[str], stop_sequences: Iterable[str]) -> Itera
 def reply_with_stats(
     backend, message="Hi", history=(), system_prompt="", params=None, **options
 ) -> tuple[list[str], object]:
-    """Every text `chat.reply.stream_reply` shows for one message, and the reply's stats."""
-    from chat.params import GenerationParams
-    from chat.reply import stream_reply
+    """Every text `chat.conversation.reply.stream_reply` shows for one message, and the reply's stats."""
+    from chat.conversation.params import GenerationParams
+    from chat.conversation.reply import stream_reply
 
     finished = []
     texts = list(

@@ -11,19 +11,26 @@ from collections.abc import Callable
 
 import torch
 
-from chat.backends import int4
-from chat.backends.falcon_int4 import layout_from_int4
-from chat.backends.fast_decode import FastDecoder
-from chat.backends.int4_products import Int4Reference
-from chat.params import GenerationParams
+from chat.conversation.params import GenerationParams
+from chat.engine.decode_loop import FastDecoder
+from chat.engine.int4 import weight as int4
+from chat.engine.int4.loading import layout_from_int4
+from chat.engine.int4.products import Int4Reference
 
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
 PROMPT = "User: Plan a trip to Lisbon\nFalcon:"
 
 
-def write_checkpoint(folder, tiny_model_dir, quantization: dict, config_file: str, pack: Callable, shards=1,
-                     extra: dict | None = None):  # fmt: skip
+def write_checkpoint(
+    folder,
+    tiny_model_dir,
+    quantization: dict,
+    config_file: str,
+    pack: Callable,
+    shards=1,
+    extra: dict | None = None,
+):
     """The tiny Falcon in `folder` with its linear layers replaced by `pack(module, weight)`'s
     tensors (NAME.qweight, ...), everything else in fp16, and `extra` tensors; `quantization` in
     config.json's "quantization_config" or in `config_file`. Two shards split layer 0 across them
@@ -106,8 +113,13 @@ def assert_greedy_equals_generate(tiny_model_dir, tokenizer, model, weights: dic
     reference.lm_head.weight = torch.nn.Parameter(lm_head, requires_grad=False)
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
     with torch.inference_mode():
-        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY.max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        out = reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=GREEDY.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
     expected = out[0, ids.shape[1] :].tolist()
     fresh = type(model)(model.config, dict(model.products), dict(model.dense))
     layout = layout_from_int4(fresh, max_len=128, products=Int4Reference)
@@ -121,8 +133,8 @@ def assert_greedy_equals_generate(tiny_model_dir, tokenizer, model, weights: dic
 def assert_serves_and_saves(folder, saved):
     """`--model folder --quantize int4 --save-quantized saved` streams a reply, and what it saved
     is our int4 (no quantization_config left) and loads as such."""
-    from chat.backends.falcon_int4 import load_int4
     from chat.config import Settings
+    from chat.engine.int4.loading import load_int4
     from chat.factory import build_backend
 
     backend = build_backend(Settings(model=str(folder), quantize="int4", save_quantized=str(saved)))

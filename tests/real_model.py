@@ -82,9 +82,9 @@ class ServedModel:
 @contextlib.contextmanager
 def serve_smollm2(model, tokenizer, prompt_format: str):
     """The real app on SmolLM2 in `prompt_format` (falcon | template), for one test session."""
-    from chat.backends.decoders import PlainDecoder
-    from chat.backends.local import LocalBackend
-    from chat.prompt import choose_prompt_format
+    from chat.backends.local.backend import LocalBackend
+    from chat.backends.local.decoders import PlainDecoder
+    from chat.conversation.prompt import choose_prompt_format
     from tests.doubles import RecordingDecoder
     from tests.helpers import serve_app
 

@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from chat.backends.failover import RemoteOptions
-from chat.backends.tgi import TGIBackend
+from chat.backends.remote.failover import RemoteOptions
+from chat.backends.remote.tgi import TGIBackend
 from chat.config import Settings
 from tests.helpers import serve_app
 from tests.tgi_double import Reply, TGIDouble, _Handler

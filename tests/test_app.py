@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
-from chat.backends.base import FINISH_CANCELLED
-from chat.backends.local import LocalBackend, PlainDecoder, load_model
+from chat.backends.local.backend import LocalBackend, PlainDecoder, load_model
 from chat.config import Settings
-from chat.history import strip_note
+from chat.conversation.backend import FINISH_CANCELLED
+from chat.conversation.turns import strip_note
 from tests.doubles import RecordingDecoder
 from tests.helpers import serve_app
 
@@ -131,7 +131,7 @@ def test_context_meter_tells_when_older_turns_were_left_out(tiny_model_dir):
 
 
 def test_completion_mode_continues_raw_text(app_url, local_backend):
-    from chat.ui import COMPLETION_PRESETS
+    from chat.web.page import COMPLETION_PRESETS
 
     text, stop = COMPLETION_PRESETS["English to French"]
     client = Client(app_url, verbose=False)

@@ -1,4 +1,4 @@
-"""AutoAWQ "GEMM" 4-bit checkpoints into int4 (chat/backends/awq.py): every weight kept, the fast
+"""AutoAWQ "GEMM" 4-bit checkpoints into int4 (chat/engine/int4/awq.py): every weight kept, the fast
 path's tokens equal to transformers' over the same weights, and what cannot map refused clearly.
 
 The checkpoints are the tiny offline Falcon quantized here as AutoAWQ's `pseudo_quantize_tensor`
@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from chat.backends import awq, int4
-from chat.backends.awq import AwqConfig
-from chat.backends.falcon_int4 import load_int4
 from chat.config import Settings
-from chat.errors import ConfigError
+from chat.conversation.errors import ConfigError
+from chat.engine.int4 import awq
+from chat.engine.int4 import weight as int4
+from chat.engine.int4.awq import AwqConfig
+from chat.engine.int4.loading import load_int4
 from chat.factory import build_backend
 from tests.quantized_checkpoints import (
     assert_greedy_equals_generate,
@@ -78,8 +79,13 @@ def _autoawq_dequantize(qweight, qzeros, scales, group: int) -> torch.Tensor:
 def _quantization(style: str, group_size: int, **overrides) -> tuple[dict, str]:
     """The config as `style` writes it, and the file it goes in."""
     if style == "autoawq":  # AutoAWQ's quant_config.json (AwqConfig.to_dict)
-        fields = {"zero_point": True, "q_group_size": group_size, "w_bit": 4, "version": "GEMM",
-                  "modules_to_not_convert": None}  # fmt: skip
+        fields = {
+            "zero_point": True,
+            "q_group_size": group_size,
+            "w_bit": 4,
+            "version": "GEMM",
+            "modules_to_not_convert": None,
+        }
         return {**fields, **overrides}, "quant_config.json"
     if style == "transformers":  # transformers 5.23's AwqConfig, as save_pretrained writes it
         from transformers import AwqConfig as TransformersAwqConfig
@@ -92,12 +98,13 @@ def _quantization(style: str, group_size: int, **overrides) -> tuple[dict, str]:
         "bits": 4,
         "version": "gemm",
         "modules_to_not_convert": None,
-    }  # AutoAWQ's to_transformers_dict; fmt: skip
+    }  # AutoAWQ's to_transformers_dict
     return {**fields, **overrides}, "config.json"
 
 
-def write_awq(folder, tiny_model_dir, *, style="config.json", group_size=32, shards=2, act_scales=1.0,
-              **overrides) -> dict:  # fmt: skip
+def write_awq(
+    folder, tiny_model_dir, *, style="config.json", group_size=32, shards=2, act_scales=1.0, **overrides
+) -> dict:
     """The tiny Falcon as an AutoAWQ GEMM checkpoint in `folder`, with Falcon's activation scales
     (`act_scales` everywhere; None: none written); returns each linear layer's (qweight, qzeros,
     scales, group size, q [out, in], zeros [groups, out])."""
@@ -142,8 +149,11 @@ def test_a_literal_awq_word_reads_its_outputs_in_order():
     """One word per input row whose nibbles hold, in AutoAWQ's order, levels 0..7 for outputs
     0..7: 0x75316420 (bits 4k hold output ORDER[k] = 0, 2, 4, 6, 1, 3, 5, 7)."""
     qweight = torch.full((32, 1), 0x75316420, dtype=torch.int32)
-    parts = {"qweight": qweight, "qzeros": torch.zeros(1, 1, dtype=torch.int32),
-             "scales": torch.ones(1, 8, dtype=torch.float16)}  # fmt: skip
+    parts = {
+        "qweight": qweight,
+        "qzeros": torch.zeros(1, 1, dtype=torch.int32),
+        "scales": torch.ones(1, 8, dtype=torch.float16),
+    }
     weight = int4.dequantize(AwqConfig(bits=4, group_size=32, version="gemm").to_int4(parts, 32))
     assert torch.equal(weight, torch.arange(8.0)[:, None].expand(8, 32))
 

@@ -14,7 +14,7 @@ from gradio_client import Client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat.history import strip_note
+from chat.conversation.turns import strip_note
 from tests.helpers import rest_call
 from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double
 from tests.tgi_double import Reply

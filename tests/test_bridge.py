@@ -1,4 +1,4 @@
-"""chat.bridge: a blocking iterator in its own thread, read from asyncio as its newest item."""
+"""chat.web.bridge: a blocking iterator in its own thread, read from asyncio as its newest item."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from chat.bridge import UpdatePacer, newest_in_thread
+from chat.web.bridge import UpdatePacer, newest_in_thread
 
 
 async def collect(make, **kwargs) -> list:

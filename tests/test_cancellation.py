@@ -1,8 +1,8 @@
-"""chat.cancellation: a cancellation that also runs the interrupts registered with it."""
+"""chat.conversation.cancellation: a cancellation that also runs the interrupts registered with it."""
 
 from __future__ import annotations
 
-from chat.cancellation import Cancellation
+from chat.conversation.cancellation import Cancellation
 
 
 def test_setting_runs_each_interrupt_once_and_late_ones_at_once():

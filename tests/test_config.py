@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from chat.config import load_settings
-from chat.errors import ConfigError
-from chat.params import DEFAULT_STOP_SEQUENCES
+from chat.conversation.errors import ConfigError
+from chat.conversation.params import DEFAULT_STOP_SEQUENCES
 
 ROOT = Path(__file__).resolve().parent.parent
 

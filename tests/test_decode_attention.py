@@ -1,4 +1,4 @@
-"""The flash-decoding kernels against the torch reference (decode_attention.py).
+"""The flash-decoding kernels against the torch reference (attention.py).
 
 They run on a CUDA GPU (bfloat16, as the fast decoder uses them) and skip elsewhere. Without a GPU,
 with Triton installed, `TRITON_INTERPRET=1 python -m pytest tests/test_decode_attention.py` runs
@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 
-from chat.backends import decode_attention
-from chat.backends.decode_attention import FlashDecode, attend_reference
+from chat.engine import attention as decode_attention
+from chat.engine.attention import FlashDecode, attend_reference
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1" and decode_attention.triton is not None
@@ -91,7 +91,7 @@ def test_one_captured_graph_follows_the_position_tensor():
 def test_rotary_cache_write_and_gelu_are_those_of_the_torch_step(layout):
     import torch.nn.functional as F
 
-    from chat.backends.falcon_layout import split_rotate
+    from chat.engine.falcon_layout import split_rotate
 
     kv, group, d, max_len = LAYOUTS[layout]
     flash = FlashDecode(kv, group, d, max_len, DEVICE, DTYPE)

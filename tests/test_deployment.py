@@ -78,7 +78,7 @@ def test_examples_are_not_cached_so_a_space_never_calls_the_model_at_start_up(lo
     import gradio as gr
 
     from chat.config import Settings
-    from chat.ui import build_demo
+    from chat.web.page import build_demo
 
     # Left unset (None), Gradio caches examples on Spaces: it runs the model on each one as the
     # Space starts. The ChatInterface is found through the handlers it registered.

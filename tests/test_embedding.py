@@ -8,8 +8,8 @@ import urllib.request
 import pytest
 
 from chat.config import load_settings, parse_origins
-from chat.embedding import STORAGE_FALLBACK_HEAD, embedding_launch_options, frame_ancestors
-from chat.errors import ConfigError
+from chat.conversation.errors import ConfigError
+from chat.web.embedding import STORAGE_FALLBACK_HEAD, embedding_launch_options, frame_ancestors
 from tests.helpers import serve_app
 
 
@@ -62,7 +62,7 @@ def test_the_storage_fallback_only_replaces_storage_that_throws():
 
 def test_the_page_is_rendered_by_python_where_the_header_is_added():
     from chat.config import Settings
-    from chat.ui import launch_options
+    from chat.web.page import launch_options
 
     settings = Settings(allow_embed_from=("https://a.example",))
     assert launch_options(settings)["ssr_mode"] is False

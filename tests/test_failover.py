@@ -7,8 +7,7 @@ import threading
 
 import pytest
 
-from chat.backends.base import Token
-from chat.backends.failover import (
+from chat.backends.remote.failover import (
     EndpointPool,
     RemoteOptions,
     Watchdog,
@@ -16,7 +15,8 @@ from chat.backends.failover import (
     error_for_status,
     failover_stream,
 )
-from chat.errors import (
+from chat.conversation.backend import Token
+from chat.conversation.errors import (
     BackendBusy,
     BackendTimeout,
     BackendUnavailable,
@@ -214,7 +214,7 @@ def test_options_come_from_the_configuration():
 
 def test_bad_timeouts_stop_the_start_with_one_line():
     from chat.config import load_settings
-    from chat.errors import ConfigError
+    from chat.conversation.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--token-timeout"):
         load_settings(["--token-timeout", "soon"], environ={})
@@ -223,8 +223,8 @@ def test_bad_timeouts_stop_the_start_with_one_line():
 
 
 def test_connect_and_read_timeouts_reach_the_http_clients(monkeypatch):
-    from chat.backends.remote_backend import http_timeout
-    from chat.backends.sagemaker import sagemaker_client
+    from chat.backends.remote.base import http_timeout
+    from chat.backends.remote.sagemaker import sagemaker_client
 
     options = RemoteOptions(connect_timeout_s=2, first_token_timeout_s=40, token_timeout_s=7)
     timeout = http_timeout(options)
@@ -237,8 +237,8 @@ def test_connect_and_read_timeouts_reach_the_http_clients(monkeypatch):
 
 
 def test_sagemaker_without_a_region_stops_the_start_with_one_line(monkeypatch, tmp_path):
-    from chat.backends.sagemaker import sagemaker_client
-    from chat.errors import ConfigError
+    from chat.backends.remote.sagemaker import sagemaker_client
+    from chat.conversation.errors import ConfigError
 
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)

@@ -9,15 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chat.backends.base import FINISH_CANCELLED, FINISH_LENGTH
-from chat.backends.decoders import PlainDecoder, choose_decoder
-from chat.backends.falcon_layout import Unsupported
-from chat.backends.fast_decode import FastDecoder
-from chat.backends.local import LocalBackend
-from chat.backends.sampling import penalize, sampling_probs
+from chat.backends.local.backend import LocalBackend
+from chat.backends.local.decoders import PlainDecoder, choose_decoder
 from chat.config import Settings
+from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH
+from chat.conversation.params import GenerationParams
+from chat.engine.decode_loop import FastDecoder
+from chat.engine.falcon_layout import Unsupported
+from chat.engine.sampling import penalize, sampling_probs
 from chat.factory import build_backend
-from chat.params import GenerationParams
 
 CACHE = 128  # tokens; small, so eager attention over the whole cache stays quick
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
@@ -88,8 +88,15 @@ def test_greedy_with_repetition_penalty_is_that_of_plain_generate(plain, fast, t
 def test_every_rotary_falcon_layout_decodes_as_plain_generate(tiny_tokenizer, config):
     from transformers import FalconConfig, FalconForCausalLM
 
-    settings = dict(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2,
-                    parallel_attn=True, alibi=False, bias=False, initializer_range=0.5)  # fmt: skip
+    settings = dict(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+        initializer_range=0.5,
+    )
     torch.manual_seed(1)
     reference = FalconForCausalLM(FalconConfig(**{**settings, **config})).eval()
     copy = FalconForCausalLM(reference.config).eval()
@@ -156,8 +163,13 @@ def test_sampling_distribution_is_that_of_transformers_processors(params):
     vocab = 1000
     logits = torch.randn(vocab)  # flat enough that top-p cuts between many near-equal tokens
     history = torch.randint(0, vocab, (1, 30))
-    config = GenerationConfig(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                              top_k=params.top_k, repetition_penalty=params.repetition_penalty)  # fmt: skip
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty,
+    )
     processors = _processors(GenerationMixin, config)
     expected = processors(history, logits[None].clone())[0].softmax(-1)
 
@@ -182,8 +194,10 @@ def _processors(mixin, config):
     """transformers' own processor list for `config`, built the way generate builds it."""
     from types import SimpleNamespace
 
-    owner = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False), _merge_criteria_processor_list=(
-        lambda default, custom: default))  # fmt: skip
+    owner = SimpleNamespace(
+        config=SimpleNamespace(is_encoder_decoder=False),
+        _merge_criteria_processor_list=(lambda default, custom: default),
+    )
     config._eos_token_tensor = None
     return mixin._get_logits_processor(owner, config, input_ids_seq_length=30, device="cpu")
 
@@ -231,10 +245,11 @@ def test_a_fast_decoder_that_cannot_start_falls_back_to_plain_generate(tiny_mode
 def test_alibi_falcon_is_left_to_plain_generate(tiny_tokenizer):
     from transformers import FalconConfig, FalconForCausalLM
 
-    from chat.errors import ConfigError
+    from chat.conversation.errors import ConfigError
 
-    model = FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                           num_attention_heads=4, alibi=True))  # fmt: skip
+    model = FalconForCausalLM(
+        FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, alibi=True)
+    )
     with pytest.raises(Unsupported, match="ALiBi"):
         FastDecoder(model, tiny_tokenizer, max_len=CACHE)
     assert isinstance(choose_decoder("auto", model, tiny_tokenizer, CACHE), PlainDecoder)
@@ -244,7 +259,7 @@ def test_alibi_falcon_is_left_to_plain_generate(tiny_tokenizer):
 
 def test_decoder_is_chosen_by_flag_or_environment():
     from chat.config import load_settings
-    from chat.errors import ConfigError
+    from chat.conversation.errors import ConfigError
 
     assert load_settings([], environ={}).decoder == "auto"
     assert load_settings([], environ={"DECODER": "plain"}).decoder == "plain"

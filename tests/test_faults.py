@@ -12,10 +12,10 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from chat.backends.local import LocalBackend, PlainDecoder, load_model
+from chat.backends.local.backend import LocalBackend, PlainDecoder, load_model
 from chat.config import Settings
-from chat.errors import BackendBusy, BackendTimeout, GenerationFailed
-from chat.history import NOTE_MARK, strip_note
+from chat.conversation.errors import BackendBusy, BackendTimeout, GenerationFailed
+from chat.conversation.turns import NOTE_MARK, strip_note
 from tests.helpers import serve_app
 from tests.reliability import ARGS, HEALTHY_TEXT, HUGE_TOKEN, QUICK, app_on_double, settled
 from tests.tgi_double import Reply

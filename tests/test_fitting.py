@@ -8,12 +8,12 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from chat.errors import InvalidMessage, PromptTooLong
-from chat.fitting import MAX_HISTORY_TURNS, fit_prompt
-from chat.history import Turn
-from chat.params import GenerationParams
-from chat.prompt import ChatMessages, Conversation, ServerTemplateFormat, format_prompt
-from chat.reply import stream_reply
+from chat.conversation.errors import InvalidMessage, PromptTooLong
+from chat.conversation.fitting import MAX_HISTORY_TURNS, fit_prompt
+from chat.conversation.params import GenerationParams
+from chat.conversation.prompt import ChatMessages, Conversation, ServerTemplateFormat, format_prompt
+from chat.conversation.reply import stream_reply
+from chat.conversation.turns import Turn
 from tests.doubles import ScriptedBackend
 from tests.helpers import serve_app
 

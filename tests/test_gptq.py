@@ -1,4 +1,4 @@
-"""GPTQ 4-bit checkpoints into int4 (chat/backends/gptq.py): every weight kept, the fast path's
+"""GPTQ 4-bit checkpoints into int4 (chat/engine/int4/gptq.py): every weight kept, the fast path's
 tokens equal to transformers' over the same weights, and what cannot map refused clearly.
 
 The checkpoints are the tiny offline Falcon quantized here (round to nearest, per group) and
@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from chat.backends import int4, int4_gemv
-from chat.backends.falcon_int4 import load_int4
 from chat.config import Settings
-from chat.errors import ConfigError
+from chat.conversation.errors import ConfigError
+from chat.engine.int4 import gemv as int4_gemv
+from chat.engine.int4 import weight as int4
+from chat.engine.int4.loading import load_int4
 from chat.factory import build_backend
 from tests.quantized_checkpoints import (
     assert_greedy_equals_generate,
@@ -73,12 +74,30 @@ def _autogptq_pack(q: torch.Tensor, zero: torch.Tensor, checkpoint_format: str):
     return torch.from_numpy(qweight.astype(np.int32)), torch.from_numpy(qzeros.astype(np.int32))
 
 
-def write_gptq(folder, tiny_model_dir, *, checkpoint_format="gptq", sym=False, group_size=32,
-               desc_act=False, permute=False, bits=4, shards=2, config_file="config.json") -> dict:  # fmt: skip
+def write_gptq(
+    folder,
+    tiny_model_dir,
+    *,
+    checkpoint_format="gptq",
+    sym=False,
+    group_size=32,
+    desc_act=False,
+    permute=False,
+    bits=4,
+    shards=2,
+    config_file="config.json",
+) -> dict:
     """The tiny Falcon as a GPTQ checkpoint in `folder`; returns each linear layer's raw
     (q [out, in], zero [groups, out], scale [groups, out] fp16, group size)."""
-    quantization = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-                    "damp_percent": 0.1, "true_sequential": True, "static_groups": False}  # fmt: skip
+    quantization = {
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "damp_percent": 0.1,
+        "true_sequential": True,
+        "static_groups": False,
+    }
     if checkpoint_format != "gptq":
         quantization["checkpoint_format"] = checkpoint_format
     if config_file == "config.json":
@@ -130,8 +149,15 @@ def test_every_gptq_weight_is_kept_exactly(
     tmp_path, tiny_model_dir, checkpoint_format, sym, group_size, desc_act
 ):
     folder = tmp_path / "gptq"
-    raw = write_gptq(folder, tiny_model_dir, checkpoint_format=checkpoint_format, sym=sym,
-                     group_size=group_size, desc_act=desc_act, shards=1)  # fmt: skip
+    raw = write_gptq(
+        folder,
+        tiny_model_dir,
+        checkpoint_format=checkpoint_format,
+        sym=sym,
+        group_size=group_size,
+        desc_act=desc_act,
+        shards=1,
+    )
     model = load_int4(folder, device="cpu", dtype=torch.float32)
     shapes = {name: tuple(values[0].shape) for name, values in raw.items()}
     for index in range(model.config.num_hidden_layers):

@@ -1,4 +1,4 @@
-"""chat.gradio_costs: the workarounds are in place on a built page, and change nothing else."""
+"""chat.web.gradio_patches.costs: the workarounds are in place on a built page, and change nothing else."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import inspect
 import gradio as gr
 import gradio.blocks
 
-from chat.backends.base import Backend, Token
 from chat.config import Settings
-from chat.ui import build_demo
+from chat.conversation.backend import Backend, Token
+from chat.web.page import build_demo
 
 
 class Quiet(Backend):
@@ -84,7 +84,7 @@ def test_the_queue_summarises_every_500_events_unless_the_operator_says_otherwis
 def test_a_missing_gradio_internal_stops_the_start_naming_the_version(monkeypatch):
     import pytest
 
-    from chat import gradio_costs
+    from chat.web.gradio_patches import costs as gradio_costs
 
     monkeypatch.delattr(gradio.blocks, "inspect")
     with pytest.raises(RuntimeError, match=f"Gradio {gr.__version__} .*inspect"):

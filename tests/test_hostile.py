@@ -16,7 +16,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from chat.history import strip_note
+from chat.conversation.turns import strip_note
 from tests.helpers import rest_call
 from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double, settled
 from tests.tgi_double import Reply, TGIDouble
@@ -137,9 +137,9 @@ def test_the_page_has_a_policy_against_forms_styles_and_resources_from_elsewhere
 def test_files_the_app_hands_out_are_private_and_deleted_as_they_age(app):
     import gradio as gr
 
-    from chat.backends.tgi import TGIBackend
+    from chat.backends.remote.tgi import TGIBackend
     from chat.config import Settings
-    from chat.ui import build_demo
+    from chat.web.page import build_demo
 
     url, double = app
     demo = build_demo(TGIBackend([double.url]), Settings(backend="tgi", endpoints=(double.url,)))
@@ -200,7 +200,7 @@ def test_with_log_messages_the_text_is_logged_escaped_and_scrubbed(caplog):
 
 
 def test_credentials_in_an_endpoint_address_are_not_logged(caplog):
-    from chat.backends.tgi import TGIBackend
+    from chat.backends.remote.tgi import TGIBackend
     from chat.config import Settings
     from tests.helpers import free_port, serve_app
     from tests.reliability import QUICK
@@ -289,8 +289,8 @@ def test_a_reply_stopped_while_the_server_is_silent_closes_its_stream_at_once(fa
     """A slow or busy server (the wait for the first token, or for the next): the reply's thread
     sits in a blocking read, and before, the server kept generating until its next token came or
     the timeout passed (here a minute)."""
-    from chat.backends.failover import RemoteOptions
-    from chat.backends.tgi import TGIBackend
+    from chat.backends.remote.failover import RemoteOptions
+    from chat.backends.remote.tgi import TGIBackend
     from chat.config import Settings
     from tests.helpers import serve_app
 
@@ -315,8 +315,8 @@ def test_a_reply_stopped_while_the_server_is_silent_closes_its_stream_at_once(fa
 
 
 def test_exports_called_in_a_loop_keep_a_bounded_amount_of_private_files(app, monkeypatch):
-    from chat import security
-    from chat.security import private_gradio_cache
+    from chat.web import security
+    from chat.web.security import private_gradio_cache
 
     monkeypatch.setattr(security, "EXPORTS_DISK_BUDGET", 1_000_000)
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chat.backends import int4
-from chat.backends.falcon_int4 import layout_from_int4, load_int4, save_int4
-from chat.backends.fast_decode import FastDecoder
-from chat.backends.int4_products import Int4Reference
 from chat.config import Settings, load_settings
-from chat.errors import ConfigError
+from chat.conversation.errors import ConfigError
+from chat.conversation.params import GenerationParams
+from chat.engine.decode_loop import FastDecoder
+from chat.engine.int4 import weight as int4
+from chat.engine.int4.loading import layout_from_int4, load_int4, save_int4
+from chat.engine.int4.products import Int4Reference
 from chat.factory import build_backend
-from chat.params import GenerationParams
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
 PROMPT = "User: Plan a trip to Lisbon\nFalcon:"
@@ -115,8 +115,13 @@ def test_int4_fast_path_greedy_equals_the_int4_reference_in_float32(
     reference.lm_head.weight = torch.nn.Parameter(int4.dequantize(products["lm_head"]), requires_grad=False)
     ids = _ids(tiny_tokenizer)
     with torch.inference_mode():
-        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY.max_new_tokens,
-                                 do_sample=False, pad_token_id=tiny_tokenizer.eos_token_id)  # fmt: skip
+        out = reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=GREEDY.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tiny_tokenizer.eos_token_id,
+        )
     expected = out[0, ids.shape[1] :].tolist()
     tokens = _generate(_fast(quantized_tiny, tiny_tokenizer), ids)
     assert tokens == expected[: len(tokens)] and len(tokens) >= 8
@@ -124,8 +129,9 @@ def test_int4_fast_path_greedy_equals_the_int4_reference_in_float32(
 
 def test_quantize_while_loading_keeps_norms_and_embeddings_dense(quantized_tiny):
     config = quantized_tiny.config
-    assert set(quantized_tiny.products) == {f"h.{i}.{p}" for i in range(config.num_hidden_layers)
-                                            for p in ("in", "out")} | {"lm_head"}  # fmt: skip
+    assert set(quantized_tiny.products) == {
+        f"h.{i}.{p}" for i in range(config.num_hidden_layers) for p in ("in", "out")
+    } | {"lm_head"}
     embed = quantized_tiny.dense["transformer.word_embeddings.weight"]
     assert embed.dtype == torch.float32 and embed.shape == (config.vocab_size, config.hidden_size)
     assert quantized_tiny.products["lm_head"].shape == (config.vocab_size, config.hidden_size)
@@ -179,7 +185,7 @@ def test_int4_of_a_model_the_fast_decoder_cannot_run_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("tiles", [2, 4, 8])
 def test_tile_order_found_by_probes_reads_back_every_level(tiles):
-    from chat.backends.tinygemm_tiles import TileOrder, dense_weight, swap_nibbles
+    from chat.engine.int4.tinygemm_tiles import TileOrder, dense_weight, swap_nibbles
     from tests.helpers import fake_tinygemm_pack
 
     weight = int4.quantize(_weights(rows=32, cols=512), 64)

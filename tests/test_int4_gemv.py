@@ -1,4 +1,4 @@
-"""Our int4 GEMV (chat/backends/int4_gemv.py) and the Triton read-back of tinygemm's tiles.
+"""Our int4 GEMV (chat/engine/int4/gemv.py) and the Triton read-back of tinygemm's tiles.
 
 The layout and the CPU path are checked everywhere; the Triton kernels run on a GPU, or in
 Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1 there; Triton comes from
@@ -12,8 +12,9 @@ import os
 import pytest
 import torch
 
-from chat.backends import int4, int4_gemv
-from chat.backends.int4_products import Int4Reference, Int4Triton
+from chat.engine.int4 import gemv as int4_gemv
+from chat.engine.int4 import weight as int4
+from chat.engine.int4.products import Int4Reference, Int4Triton
 
 CUDA = torch.cuda.is_available()
 RUNS_TRITON = int4_gemv.triton is not None and (CUDA or os.environ.get("TRITON_INTERPRET") == "1")
@@ -46,9 +47,10 @@ def test_triton_adapter_multiplies_like_the_reference_on_the_cpu():
     assert torch.allclose(Int4Triton.linear(x, *packed), expected, atol=1e-5)
     prompt = torch.randn(int4_gemv.PROMPT_ROWS + 3, 256)  # the dense path
     assert torch.allclose(
-        Int4Triton.linear(prompt, *packed), Int4Reference.linear(prompt, *Int4Reference.from_int4(weight, bias)),
+        Int4Triton.linear(prompt, *packed),
+        Int4Reference.linear(prompt, *Int4Reference.from_int4(weight, bias)),
         atol=1e-5,
-    )  # fmt: skip
+    )
 
 
 @needs_triton
@@ -114,7 +116,7 @@ def test_dense_read_back_equals_the_dequantized_weight():
 @needs_triton
 @pytest.mark.parametrize("tiles", [2, 8])
 def test_tinygemm_tiles_read_back_by_triton_equal_the_torch_read_back(tiles):
-    from chat.backends.tinygemm_tiles import TileOrder, dense_weight, swap_nibbles
+    from chat.engine.int4.tinygemm_tiles import TileOrder, dense_weight, swap_nibbles
     from tests.helpers import fake_tinygemm_pack
 
     weight = _weight(32, 512, 64)

@@ -10,7 +10,7 @@ from gradio_client import Client
 from gradio_client.utils import QueueError
 
 from bench.load import TimedDouble, run_phase
-from chat.backends.tgi import TGIBackend
+from chat.backends.remote.tgi import TGIBackend
 from chat.config import Settings
 from tests.helpers import serve_app
 from tests.reliability import ARGS, QUICK, app_on_double, settled
@@ -51,7 +51,7 @@ def test_a_full_queue_tells_new_users_the_app_is_busy():
 
 def test_the_queue_size_is_configured_by_flag_or_environment_with_a_one_line_error():
     from chat.config import DEFAULT_QUEUE_SIZE, load_settings
-    from chat.errors import ConfigError
+    from chat.conversation.errors import ConfigError
 
     assert load_settings([], environ={}).queue_size == DEFAULT_QUEUE_SIZE
     assert load_settings(["--queue-size", "5"], environ={"QUEUE_SIZE": "7"}).queue_size == 5

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chat.backends.base import FINISH_CANCELLED, FINISH_LENGTH
-from chat.backends.decoders import PlainDecoder
-from chat.backends.local import LocalBackend, load_model
-from chat.errors import GenerationFailed
-from chat.params import GenerationParams
+from chat.backends.local.backend import LocalBackend, load_model
+from chat.backends.local.decoders import PlainDecoder
+from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH
+from chat.conversation.errors import GenerationFailed
+from chat.conversation.params import GenerationParams
 from tests.doubles import RecordingDecoder
 
 GREEDY = GenerationParams(temperature=0, max_new_tokens=24)

@@ -1,4 +1,4 @@
-"""Server text made fit for one log line (chat.log_safety), on literal strings."""
+"""Server text made fit for one log line (chat.conversation.log_safety), on literal strings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chat.log_safety import json_line, log_text, scrub_secrets
+from chat.conversation.log_safety import json_line, log_text, scrub_secrets
 
 
 @pytest.mark.parametrize(

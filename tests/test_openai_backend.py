@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from chat.backends.base import FINISH_LENGTH, FINISH_STOP
-from chat.backends.failover import RemoteOptions
-from chat.backends.openai_compat import OpenAIBackend
-from chat.backends.remote_backend import estimate_tokens
-from chat.errors import BackendError, BackendUnavailable, ConfigError
-from chat.params import GenerationParams
-from chat.reply import stream_reply
+from chat.backends.remote.base import estimate_tokens
+from chat.backends.remote.failover import RemoteOptions
+from chat.backends.remote.openai_compat import OpenAIBackend
+from chat.conversation.backend import FINISH_LENGTH, FINISH_STOP
+from chat.conversation.errors import BackendError, BackendUnavailable, ConfigError
+from chat.conversation.params import GenerationParams
+from chat.conversation.reply import stream_reply
 from tests.helpers import free_port
 from tests.tgi_double import TGIDouble
 
@@ -155,6 +155,6 @@ def all_subclasses(cls):
     ],
 )
 def test_an_endpoint_without_a_path_means_its_v1(given, used):
-    from chat.backends.openai_compat import openai_base_url
+    from chat.backends.remote.openai_compat import openai_base_url
 
     assert openai_base_url(given) == used

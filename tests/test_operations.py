@@ -9,9 +9,9 @@ import urllib.request
 from gradio_client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from chat.backends.local import LocalBackend, load_model
+from chat.backends.local.backend import LocalBackend, load_model
 from chat.config import Settings
-from chat.export import conversation_json, conversation_markdown
+from chat.web.export import conversation_json, conversation_markdown
 from tests.helpers import serve_app
 
 
@@ -87,7 +87,7 @@ def test_conversation_exports_keep_the_words_without_the_apps_notes():
 
 
 def test_healthz_follows_a_remote_server(tmp_path):
-    from chat.backends.tgi import TGIBackend
+    from chat.backends.remote.tgi import TGIBackend
     from tests.tgi_double import TGIDouble
 
     tgi = TGIDouble().start()

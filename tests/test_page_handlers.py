@@ -1,4 +1,4 @@
-"""chat.page_handlers without a server: what each event of the page does, called directly."""
+"""chat.web.handlers without a server: what each event of the page does, called directly."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from chat.backends.base import FINISH_CANCELLED, Backend, Token
 from chat.config import Settings
-from chat.export import conversation_json, conversation_markdown
-from chat.history import turns_from_history
-from chat.inline_math import CLOSE, OPEN, shown, written
-from chat.operations import Operations
-from chat.page_handlers import PageHandlers, Refused, ShownReply, stats_line
-from chat.reply import ReplyStats
+from chat.conversation.backend import FINISH_CANCELLED, Backend, Token
+from chat.conversation.inline_math import CLOSE, OPEN, shown, written
+from chat.conversation.reply import ReplyStats
+from chat.conversation.turns import turns_from_history
+from chat.web.export import conversation_json, conversation_markdown
+from chat.web.handlers import PageHandlers, Refused, ShownReply, stats_line
+from chat.web.operations import Operations
 from tests.doubles import FailingBackend
 
 SETTINGS = (0.0, 20, 0.9, 1.0)  # temperature, max new tokens, top-p, repetition penalty
@@ -203,7 +203,7 @@ def test_the_next_prompt_gets_the_reply_as_the_model_wrote_it_without_its_figure
 
 
 def test_the_completion_stop_box_takes_the_escapes_the_stop_flag_takes():
-    from chat.page_handlers import parse_stops
+    from chat.web.handlers import parse_stops
 
     assert parse_stops("\\n,###") == ["\n", "###"]
     assert parse_stops("a\\,b,\\tUtilisateur é:,用户:") == ["a,b", "\tUtilisateur é:", "用户:"]

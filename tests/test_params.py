@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from chat.errors import InvalidParameter
-from chat.params import DEFAULT_STOP_SEQUENCES, GenerationParams
+from chat.conversation.errors import InvalidParameter
+from chat.conversation.params import DEFAULT_STOP_SEQUENCES, GenerationParams
 
 
 def test_defaults_are_the_seed_documents_values():

@@ -6,16 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chat.errors import ConfigError, PromptTooLong
-from chat.fitting import fit_prompt
-from chat.history import Turn, add_note, turns_from_history
-from chat.prompt import (
+from chat.conversation.errors import ConfigError, PromptTooLong
+from chat.conversation.fitting import fit_prompt
+from chat.conversation.prompt import (
     ROLE_MARKERS,
     Conversation,
     ServerTemplateFormat,
     choose_prompt_format,
     format_prompt,
 )
+from chat.conversation.turns import Turn, add_note, turns_from_history
 
 
 def falcon_prompt(message: str, history, system_prompt: str = "") -> str:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from gradio_client import Client
 
-from chat.backends.base import FINISH_CANCELLED
-from chat.history import strip_note
-from chat.params import DEFAULT_STOP_SEQUENCES
-from chat.prompt import ChatTemplateFormat, Conversation
+from chat.conversation.backend import FINISH_CANCELLED
+from chat.conversation.params import DEFAULT_STOP_SEQUENCES
+from chat.conversation.prompt import ChatTemplateFormat, Conversation
+from chat.conversation.turns import strip_note
 from tests.helpers import filter_stream
 
 # system prompt, temperature, max new tokens, top-p, repetition penalty, seed

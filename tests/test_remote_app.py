@@ -9,9 +9,9 @@ import pytest
 from gradio_client import Client
 
 from chat.config import Settings
-from chat.errors import BackendBusy, GenerationFailed
+from chat.conversation.errors import BackendBusy, GenerationFailed
+from chat.conversation.turns import strip_note
 from chat.factory import build_backend
-from chat.history import strip_note
 from tests.helpers import serve_app
 from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble
 

@@ -1,10 +1,10 @@
-"""One reply through `chat.reply` with a scripted backend: what the stats and the text say."""
+"""One reply through `chat.conversation.reply` with a scripted backend: what the stats and the text say."""
 
 from __future__ import annotations
 
-from chat.errors import ContextOverflow
-from chat.params import GenerationParams
-from chat.reply import LINEAR_RETRIES, stream_completion
+from chat.conversation.errors import ContextOverflow
+from chat.conversation.params import GenerationParams
+from chat.conversation.reply import LINEAR_RETRIES, stream_completion
 from tests.doubles import ScriptedBackend
 from tests.helpers import reply_with_stats
 

@@ -15,13 +15,13 @@ from botocore.eventstream import EventStream
 from botocore.parsers import EventStreamJSONParser
 from botocore.stub import Stubber
 
-from chat.backends.base import FINISH_STOP
-from chat.backends.failover import RemoteOptions
-from chat.backends.sagemaker import SageMakerBackend
-from chat.errors import BackendBusy, BackendUnavailable, ContextOverflow, GenerationFailed
-from chat.params import GenerationParams
-from chat.prompt import ServerTemplateFormat
-from chat.reply import stream_reply
+from chat.backends.remote.failover import RemoteOptions
+from chat.backends.remote.sagemaker import SageMakerBackend
+from chat.conversation.backend import FINISH_STOP
+from chat.conversation.errors import BackendBusy, BackendUnavailable, ContextOverflow, GenerationFailed
+from chat.conversation.params import GenerationParams
+from chat.conversation.prompt import ServerTemplateFormat
+from chat.conversation.reply import stream_reply
 
 OPERATION = "invoke_endpoint_with_response_stream"
 OPTIONS = RemoteOptions(first_token_timeout_s=5, token_timeout_s=5, busy_retries=1, backoff_s=0.01)
@@ -186,8 +186,10 @@ def test_a_stream_cut_before_tgis_final_event_is_a_failure_not_a_finished_reply(
 
 def test_with_the_template_format_the_container_gets_a_chat_request(client):
     # A TGI container with MESSAGES_API_ENABLED=true takes chat on /invocations, streams chat chunks.
-    chunks = [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": f}]} for w, f in
-              [(" Paris", None), (" it", None), (" is.", "stop")]]  # fmt: skip
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": f}]}
+        for w, f in [(" Paris", None), (" it", None), (" is.", "stop")]
+    ]
     sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
     sent = []
     client.meta.events.register(

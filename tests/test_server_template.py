@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from chat.backends.chat_events import parse_chat_line, tokens_from_chat_lines
-from chat.backends.failover import RemoteOptions
-from chat.backends.openai_compat import OpenAIBackend
-from chat.backends.tgi import TGIBackend
+from chat.backends.remote.chat_events import parse_chat_line, tokens_from_chat_lines
+from chat.backends.remote.failover import RemoteOptions
+from chat.backends.remote.openai_compat import OpenAIBackend
+from chat.backends.remote.tgi import TGIBackend
 from chat.config import load_settings
-from chat.errors import GenerationFailed, RequestRejected
+from chat.conversation.errors import GenerationFailed, RequestRejected
+from chat.conversation.params import GenerationParams
+from chat.conversation.prompt import ServerTemplateFormat
 from chat.factory import build_backend
-from chat.params import GenerationParams
-from chat.prompt import ServerTemplateFormat
 from tests.helpers import free_port, reply_with_stats
 from tests.tgi_double import Reply, TGIDouble
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chat.params import DEFAULT_STOP_SEQUENCES
-from chat.stops import StopFilter
+from chat.conversation.params import DEFAULT_STOP_SEQUENCES
+from chat.conversation.stops import StopFilter
 from tests.helpers import filter_stream
 
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import FalconConfig
 
-from chat.backends.decoders import PlainDecoder
-from chat.backends.fast_decode import FastDecoder
-from chat.backends.products import Dense
-from chat.backends.shards import RankPlan, SafetensorsSource, layout_from_source, share
+from chat.backends.local.decoders import PlainDecoder
 from chat.config import Settings
-from chat.errors import ConfigError, GenerationFailed
-from chat.params import GenerationParams
+from chat.conversation.errors import ConfigError, GenerationFailed
+from chat.conversation.params import GenerationParams
+from chat.engine.decode_loop import FastDecoder
+from chat.engine.parallel.shards import RankPlan, SafetensorsSource, layout_from_source, share
+from chat.engine.products import Dense
 
 CACHE = 128
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
@@ -74,9 +74,11 @@ def _threaded_greedy(layouts, ids, new_tokens: int, vocab: int, eos_token_id=Non
     world = len(layouts)
     ranks = ThreadRanks(world, vocab)
     decoders = [
-        FastDecoder.from_layout(layout, eos_token_id, reduce=ranks.reduce_for(rank), gather=ranks.gather_for(rank))
+        FastDecoder.from_layout(
+            layout, eos_token_id, reduce=ranks.reduce_for(rank), gather=ranks.gather_for(rank)
+        )
         for rank, layout in enumerate(layouts)
-    ]  # fmt: skip
+    ]
 
     def follow(decoder):
         steps = iter(range(new_tokens - 1))
@@ -113,8 +115,15 @@ def test_every_rank_generates_what_one_device_does_with_one_sum_per_layer(
 ):
     from transformers import FalconConfig, FalconForCausalLM
 
-    settings = dict(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, parallel_attn=True,
-                    alibi=False, bias=False, initializer_range=0.5)  # fmt: skip
+    settings = dict(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+        initializer_range=0.5,
+    )
     torch.manual_seed(1)
     model = FalconForCausalLM(FalconConfig(**{**settings, **LAYOUTS[layout]})).eval()
     model.save_pretrained(tmp_path)
@@ -133,12 +142,21 @@ def test_int4_slices_generate_what_the_one_device_int4_path_does(tmp_path, tiny_
     on one device (widths of 128), the ranks hold exactly the one-device int4 model."""
     from transformers import FalconConfig, FalconForCausalLM
 
-    from chat.backends.falcon_int4 import layout_from_int4, load_int4
-    from chat.backends.int4_products import Int4Reference
+    from chat.engine.int4.loading import layout_from_int4, load_int4
+    from chat.engine.int4.products import Int4Reference
 
     torch.manual_seed(2)
-    config = FalconConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-                          multi_query=True, parallel_attn=True, alibi=False, bias=False, initializer_range=0.3)  # fmt: skip
+    config = FalconConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        multi_query=True,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+        initializer_range=0.3,
+    )
     FalconForCausalLM(config).eval().save_pretrained(tmp_path)
     ids = _ids(tiny_tokenizer, PROMPTS[0])
     one = load_int4(tmp_path, device="cpu", dtype=torch.float32)
@@ -152,20 +170,36 @@ def test_int4_slices_generate_what_the_one_device_int4_path_does(tmp_path, tiny_
 
 def _int4_spec(int4: str, world: int = 2):
 
-    from chat.backends.tensor_parallel import RankSpec, free_port
+    from chat.engine.parallel.ranks import RankSpec, free_port
 
-    config = FalconConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_kv_heads=2,
-                          new_decoder_architecture=True, parallel_attn=True, alibi=False, bias=False,
-                          initializer_range=0.3)  # fmt: skip
-    return RankSpec(world=world, port=free_port(), max_len=CACHE, eos_token_id=None, random_config=config.to_dict(),
-                    products="int4", int4=int4)  # fmt: skip
+    config = FalconConfig(
+        vocab_size=512,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+        initializer_range=0.3,
+    )
+    return RankSpec(
+        world=world,
+        port=free_port(),
+        max_len=CACHE,
+        eos_token_id=None,
+        random_config=config.to_dict(),
+        products="int4",
+        int4=int4,
+    )
 
 
 def test_int4_drawn_directly_never_makes_the_products_in_bf16():
     """`--int4-weights random` (bench/gpu_decode.py, for 180B): the source gives the products'
     weights as shapes only and each rank draws its slices in int4; the ranks still meet per layer."""
-    from chat.backends.shards import RandomSource
-    from chat.backends.tensor_parallel import rank_layout
+    from chat.engine.parallel.ranks import rank_layout
+    from chat.engine.parallel.shards import RandomSource
 
     spec = _int4_spec("random")
     source = RandomSource(FalconConfig(**spec.random_config), "cpu", torch.float32, shapes_only=True)
@@ -180,7 +214,7 @@ def test_int4_drawn_directly_never_makes_the_products_in_bf16():
 
 
 def test_slices_cover_every_row_and_column_once():
-    from chat.backends.shards import FalconShape
+    from chat.engine.parallel.shards import FalconShape
 
     seven_b = FalconShape(hidden=4544, heads=71, kv_heads=1, head_dim=64, vocab=65024, layers=32, eps=1e-5)
     plans = [RankPlan.make(seven_b, rank, 2) for rank in range(2)]
@@ -201,7 +235,7 @@ def test_two_rank_processes_quantizing_their_slices_give_the_greedy_tokens_of_on
     model and quantizes (HQQ) the slices it keeps; 2 ranks over gloo give 1 rank's greedy tokens."""
     from dataclasses import replace
 
-    from chat.backends.tensor_parallel import rank_layout, start_ranks
+    from chat.engine.parallel.ranks import rank_layout, start_ranks
 
     spec = _int4_spec("hqq")
     ids = torch.tensor([[5, 17, 300, 42, 9]])

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from chat.backends.failover import RemoteOptions
-from chat.backends.tgi import TGIBackend
-from chat.errors import (
+from chat.backends.remote.failover import RemoteOptions
+from chat.backends.remote.tgi import TGIBackend
+from chat.conversation.errors import (
     BackendBusy,
     BackendTimeout,
     BackendUnavailable,
@@ -19,8 +19,8 @@ from chat.errors import (
     GenerationFailed,
     RequestRejected,
 )
-from chat.params import GenerationParams
-from chat.reply import stream_reply
+from chat.conversation.params import GenerationParams
+from chat.conversation.reply import stream_reply
 from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble, tokenize
 
 QUICK = RemoteOptions(

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from chat.backends.base import FINISH_LENGTH, FINISH_STOP
-from chat.backends.tgi_events import LineBuffer, parse_line
-from chat.errors import BackendBusy, ContextOverflow, GenerationFailed, RequestRejected
+from chat.backends.remote.tgi_events import LineBuffer, parse_line
+from chat.conversation.backend import FINISH_LENGTH, FINISH_STOP
+from chat.conversation.errors import BackendBusy, ContextOverflow, GenerationFailed, RequestRejected
 
 TOKEN = '{"index":1,"token":{"id":415,"text":" Hello","logprob":-0.3,"special":false},"generated_text":null,"details":null}'
 LAST = (

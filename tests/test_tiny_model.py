@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig
 
-from chat.tiny_model import ensure_tiny_model
+from chat.backends.local.tiny_model import ensure_tiny_model
 
 
 def test_every_token_of_the_vocabulary_decodes_to_valid_text(tiny_tokenizer):

@@ -310,9 +310,18 @@ class _Handler(BaseHTTPRequestHandler):
             for index, piece in enumerate(pieces):
                 last = index == len(pieces) - 1
                 finish = ("length" if len(pieces) == max_tokens else "stop") if last else None
-                chunk = {"object": "chat.completion.chunk", "model": self.double.model_id,
-                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
-                                      "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+                chunk = {
+                    "object": "chat.completion.chunk",
+                    "model": self.double.model_id,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": piece},
+                            "logprobs": None,
+                            "finish_reason": finish,
+                        }
+                    ],
+                }
                 self._event(chunk)
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")

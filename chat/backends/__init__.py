@@ -1,11 +1,6 @@
-"""Backends: where tokens come from. One protocol (`base.Backend`), one module per backend.
+"""Backends: where tokens come from, each implementing `chat.conversation.backend.Backend`.
 
-Backends take plain constructor arguments and read no configuration: `chat.factory` turns the
-app's `Settings` into a backend, so a backend can be built in a test from a few values.
+`remote/` talks to an inference server over HTTP (and never imports torch); `local/` runs a model in
+this process (transformers' `generate`, or the fast decoder in `chat.engine`). Backends take plain
+constructor arguments and read no configuration: `chat.factory` turns the app's `Settings` into one.
 """
-
-from __future__ import annotations
-
-from .base import Backend, Token
-
-__all__ = ["Backend", "Token"]

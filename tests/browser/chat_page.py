@@ -12,8 +12,8 @@ import re
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
-from chat.history import strip_note
-from chat.ui import SETTINGS_STORAGE_KEY
+from chat.conversation.turns import strip_note
+from chat.web.page import SETTINGS_STORAGE_KEY
 
 BOT_LABEL_PREFIX = "bot's message: "
 
@@ -143,7 +143,7 @@ class ChatPage:
 
     def _type_setting(self, box, text: str) -> None:
         """Type a setting as a person does, and wait until the page has kept it (its settings
-        write to the browser's storage, chat.ui._keep_settings): the change event's round trip
+        write to the browser's storage, chat.web.page._keep_settings): the change event's round trip
         is then over. A message sent the instant after typing (no person is that fast) went out
         with the setting's old value in 1 of ~8 loaded runs (CI, session 4)."""
         if box.input_value() == text:

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from chat.backends.base import Backend, Token
 from chat.config import Settings
-from chat.errors import BackendUnavailable
+from chat.conversation.backend import Backend, Token
+from chat.conversation.errors import BackendUnavailable
 from tests.browser.chat_page import ChatPage
 from tests.doubles import FailingBackend, RecordingDecoder
 from tests.helpers import free_port, serve_app
@@ -116,7 +116,7 @@ def screenshots() -> Path:
 @pytest.fixture(scope="session")
 def recording_backend(local_backend):
     """A second LocalBackend on the tiny model, its decode loop recorded."""
-    from chat.backends.local import LocalBackend
+    from chat.backends.local.backend import LocalBackend
 
     recorder = RecordingDecoder(local_backend.decoder, local_backend.tokenizer)
     backend = LocalBackend(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from chat.backends.base import FINISH_CANCELLED
-from chat.params import GenerationParams
-from chat.reply import stream_reply
+from chat.conversation.backend import FINISH_CANCELLED
+from chat.conversation.params import GenerationParams
+from chat.conversation.reply import stream_reply
 from tests.browser.chat_page import ChatPage
 
 pytestmark = pytest.mark.browser

@@ -70,7 +70,7 @@ def test_a_message_sent_in_a_cross_site_frame_streams_a_reply(
     assert "frame-ancestors" not in headers.get("content-security-policy", "")
     # ...and the browser denied the frame its storage, so the in-memory fallback carried the chat.
     assert frame.evaluate("() => window.falconChatMemoryStorage === true")
-    # The settings are kept there too (chat.ui.SETTINGS_STORAGE_KEY), as on a page with storage.
+    # The settings are kept there too (chat.web.page.SETTINGS_STORAGE_KEY), as on a page with storage.
     keys = frame.evaluate("() => Array.from({length: localStorage.length}, (_, i) => localStorage.key(i))")
     assert any("falcon-chat-settings" in key for key in keys), keys
 

@@ -11,7 +11,7 @@ import threading
 import pytest
 from playwright.sync_api import expect
 
-from chat.backends.tgi import TGIBackend
+from chat.backends.remote.tgi import TGIBackend
 from chat.config import Settings
 from tests.browser.chat_page import ChatPage
 from tests.helpers import free_port, serve_app
@@ -113,7 +113,7 @@ def applied_styles(message) -> list[str]:
 
 def page_runs_under_its_policy(page) -> bool:
     """Nothing was blocked but inline style attributes (Gradio's page sets its flex layout in
-    some, which chat.security.CHAT_CSS restates), and that layout holds."""
+    some, which chat.web.security.CHAT_CSS restates), and that layout holds."""
     violations = page.evaluate("window.cspViolations")
     assert all(v.startswith("style-src-attr") for v in violations), violations
     return page.evaluate("() => getComputedStyle(document.body).display") == "flex"

@@ -8,7 +8,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from chat.ui import EXAMPLES
+from chat.web.page import EXAMPLES
 from tests.browser.chat_page import ChatPage
 from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SERVER_DOWN, SIZES
 

@@ -1,0 +1,364 @@
+"""A lean Falcon decode loop: static KV cache, one CUDA graph per token, sampling on the GPU.
+
+At batch 1 a token costs one read of every weight; `generate` spends several times that on
+Python and kernel launches. Here the one-token step is a few plain torch functions (gpt-fast's
+shape: `_prefill`, `_step`, `_stream`), compiled (two pieces per layer, one for the head) around
+a flash-decoding attention kernel (attention.py), and captured once in a CUDA graph that
+reads the token and its position from GPU tensors, so replaying it is the whole step.
+docs/performance.md has the measurements.
+
+The pieces live apart: this module is the loop; falcon_layout.py the weights (fused products,
+KV cache, rotary) and the layer step as functions; sampling.py the choice of the next token;
+products.py how a product is computed from kept weights (dense, or an adapter such as int4 or
+a tensor-parallel slice). One-row products compiled with coordinate-descent tuning become Triton
+reductions that read the weights at the copy bandwidth, faster than cuBLAS's GEMV (docs/performance.md).
+
+On the CPU (float32) the same functions run eagerly, without graphs: CI checks the logic there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from chat.conversation.params import GenerationParams
+from chat.engine.attention import FlashDecode, attend_reference
+from chat.engine.falcon_layout import (
+    FalconLayout,
+    decode_in,
+    layout_from_model,
+    logits,
+    prefill_layer,
+    project_in,
+    project_out,
+)
+from chat.engine.products import Dense, Products, whole
+from chat.engine.sampling import Knobs, choose
+
+log = logging.getLogger(__name__)
+
+# "default" (Inductor, no autotuning), "max-autotune-no-cudagraphs", or "off" (eager kernels).
+COMPILE_MODE = os.environ.get("FAST_DECODE_COMPILE", "default")
+# One-token step on a GPU: "flash" (decode_attention's Triton kernels) or "torch" (the torch
+# code the CPU runs, compiled by Inductor; its attention reads the whole cache; kept to compare).
+ATTENTION = os.environ.get("FAST_DECODE_ATTENTION", "flash")
+
+
+class FastDecoder:
+    """Static-cache Falcon decoder; CUDA-graph replay on a GPU, eager on the CPU."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_len: int,
+        products: type[Products] = Dense,
+        use_graphs: bool | None = None,
+        compile_mode: str | None = None,
+    ):
+        """Lay `model`'s weights out for the step (`falcon_layout.Unsupported` if it cannot)."""
+        layout = layout_from_model(model, max_len=max_len, products=products)
+        self._setup(layout, tokenizer.eos_token_id, use_graphs=use_graphs, compile_mode=compile_mode)
+
+    @classmethod
+    def from_layout(
+        cls,
+        layout: FalconLayout,
+        eos_token_id,
+        *,
+        reduce=whole,
+        gather=whole,
+        peers=None,
+        use_graphs: bool | None = None,
+        compile_mode: str | None = None,
+    ) -> FastDecoder:
+        """A decoder over weights already laid out: one rank's slice under tensor parallelism,
+        where `reduce` and `gather` complete its products (products.py) and, on rank 0, `peers`
+        (tensor_parallel.Peers) has the other ranks follow each reply step by step."""
+        decoder = cls.__new__(cls)
+        decoder._setup(
+            layout,
+            eos_token_id,
+            reduce=reduce,
+            gather=gather,
+            peers=peers,
+            use_graphs=use_graphs,
+            compile_mode=compile_mode,
+        )
+        return decoder
+
+    def _setup(
+        self, layout, eos_token_id, *, reduce=whole, gather=whole, peers=None, use_graphs, compile_mode
+    ):
+        self.layout = layout
+        self.eos_token_id = eos_token_id
+        self.reduce, self.gather, self.linear = reduce, gather, layout.products.linear
+        self.peers = peers
+        self.device, self.dtype, self.max_len = layout.device, layout.dtype, layout.max_len
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.compile_mode = compile_mode or COMPILE_MODE
+        self.name = "fast (CUDA graphs)" if self.use_graphs else "fast (eager)"
+        if peers is not None:
+            self.name = f"{self.name[:-1]}, tensor parallel x{peers.world})"
+        self.kv_heads, self.group, self.head_dim = layout.kv_heads, layout.group, layout.head_dim
+        self.layers = layout.layers
+        self.ready = not self.use_graphs
+        # Capturing refuses unsafe CUDA calls from every thread ("global", as on one GPU), or only
+        # from this one: under tensor parallelism NCCL's watchdog thread polls its events meanwhile.
+        self._capture_errors = "global" if reduce is whole else "thread_local"
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        # The step's pieces; compiled in warm_up on a GPU.
+        self._project_in, self._decode_in, self._attend_torch, self._project_out, self._head = (
+            project_in,
+            decode_in,
+            attend_reference,
+            project_out,
+            _head,
+        )
+        dev, dt = self.device, self.dtype
+        # The out-projection's input [attention | GELU(h)], rewritten by every layer of the step.
+        self.joined = torch.empty(1, layout.attention_size + layout.ffn, dtype=dt, device=dev)
+        self.flash = None
+        if dev.type == "cuda" and ATTENTION == "flash":
+            self.flash = FlashDecode(self.kv_heads, self.group, self.head_dim, self.max_len, dev, dt)
+        # Per-generation state the captured step reads and writes in place.
+        self.history = torch.zeros(self.max_len + 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.seen = torch.zeros(layout.vocab, dtype=torch.bool, device=dev)
+        self.positions = torch.arange(self.max_len, device=dev)
+        self.knobs = Knobs(dev)
+        self._not_last = torch.ones(layout.vocab, dtype=torch.bool, device=dev)
+        self._not_last[-1] = False  # top-p always keeps the most likely token
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compile and capture the one-token step; call on the thread that will generate.
+
+        Raises if that fails: `decoders.warm_up` then serves with plain `generate` instead.
+        """
+        if not self.use_graphs or self.ready:
+            return
+        try:
+            self._capture()
+        except Exception:
+            self._graphs.clear()
+            if self.peers is not None:  # a rank that died mid-capture is the reason to report
+                self.peers.raise_if_dead()
+            raise
+        self.ready = True
+
+    def _capture(self) -> None:
+        start = time.monotonic()
+        if self.compile_mode != "off":
+            log.info("fast decoder: compiling the layer step (torch.compile, mode %s)", self.compile_mode)
+            compile_kwargs = {"fullgraph": True, "dynamic": False}
+            if self.compile_mode != "default":
+                compile_kwargs["mode"] = self.compile_mode
+            self._project_in = torch.compile(project_in, **compile_kwargs)
+            self._decode_in = torch.compile(decode_in, **compile_kwargs)
+            self._attend_torch = torch.compile(attend_reference, **compile_kwargs)
+            self._project_out = torch.compile(project_out, **compile_kwargs)
+            self._head = torch.compile(_head, **compile_kwargs)
+        # Coordinate-descent tuning makes Inductor write one-row products as tuned Triton
+        # reductions (gpt-fast's setting); it applies while the first calls below compile.
+        import torch._inductor.config as inductor_config
+
+        with torch.inference_mode(), inductor_config.patch(coordinate_descent_tuning=True):
+            self._reset(torch.tensor([[0, 1, 2]]))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up launches (and compiles) off the capture stream
+                for greedy in (True, False):
+                    for _ in range(3):
+                        self._step(greedy)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            log.info("fast decoder: compiled in %.1f s; capturing CUDA graphs", time.monotonic() - start)
+            pool = None
+            for greedy in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=self._capture_errors):
+                    self._step(greedy)
+                pool = graph.pool()
+                self._graphs[greedy] = graph
+            torch.cuda.synchronize()
+        log.info("fast decoder: ready in %.1f s", time.monotonic() - start)
+
+    # -- the decode loop ---------------------------------------------------------------------
+
+    def generate(self, input_ids, params: GenerationParams, seed: int, emit, cancelled) -> str:
+        """Stream one reply: prefill, then one graph replay per token (see `decoders.Decoder`)."""
+        prompt_len = input_ids.shape[-1]
+        if prompt_len >= self.max_len:
+            raise ValueError(f"prompt of {prompt_len} tokens does not fit the {self.max_len}-token cache")
+        if self.use_graphs and not self.ready:
+            self.warm_up()
+        if self.peers is not None:  # the other ranks run the same prefill, then follow step by step
+            self.peers.start(input_ids, params, seed)
+        try:
+            torch.manual_seed(seed)  # seeds the CPU and every CUDA generator, as the plain path does
+            with torch.inference_mode():
+                self.knobs.set(params, self.layout.vocab)
+                self._reset(input_ids)
+                self._prefill(prompt_len, params.greedy)
+                return self._stream(prompt_len, params, emit, cancelled)
+        finally:
+            if self.peers is not None:
+                self.peers.end()
+
+    def follow(self, input_ids, params: GenerationParams, seed: int, next_step) -> None:
+        """Another rank's side of rank 0's `generate`: the same prefill and sampling (so the same
+        tokens), then one step each time `next_step()` says rank 0 took one (False: reply over)."""
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            self.knobs.set(params, self.layout.vocab)
+            self._reset(input_ids)
+            self._prefill(input_ids.shape[-1], params.greedy)
+            while next_step():
+                self._replay(params.greedy)
+
+    def healthy(self) -> bool:
+        """False once another rank has died (the sums it takes part in can never finish)."""
+        return self.peers is None or self.peers.healthy()
+
+    def close(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
+
+    def _stream(self, prompt_len: int, params, emit, cancelled) -> str:
+        # The step for token n+1 is queued before token n is read back, so Python's per-token
+        # work (emit, the stop checks) overlaps the GPU's. After a stop, one queued step is
+        # wasted; nothing it wrote is read.
+        position, count = prompt_len, 0
+        pending = self._read(position)
+        while True:
+            room = count + 1 < params.max_new_tokens and position + 1 < self.max_len
+            if room:
+                self._replay(params.greedy)
+            token = pending()
+            if room:
+                pending = self._read(position + 1)
+            emit(token)
+            count += 1
+            if token == self.eos_token_id:
+                return FINISH_STOP
+            if cancelled():
+                return FINISH_CANCELLED
+            if not room:
+                return FINISH_LENGTH
+            position += 1
+
+    def _replay(self, greedy: bool) -> None:
+        if self.peers is not None:  # first: an eager step waits in its sums for the other ranks
+            self.peers.step()
+        if self.use_graphs:
+            self._graphs[greedy].replay()
+        else:
+            self._step(greedy)
+
+    def _read(self, position: int):
+        """Start reading history[position] to the host; returns a function that waits for it."""
+        if not self.use_graphs:
+            return lambda: int(self.history[position])
+        buffer = torch.empty(1, dtype=torch.long, pin_memory=True)
+        buffer.copy_(self.history[position : position + 1], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> int:
+            if self.peers is None:
+                done.synchronize()
+            else:  # a dead rank would leave the step's sum waiting forever: watch the ranks
+                self.peers.wait_for(done)
+            return int(buffer[0])
+
+        return wait
+
+    def _reset(self, input_ids) -> None:
+        ids = input_ids.reshape(-1).to(self.device)
+        self.history[: ids.numel()].copy_(ids)
+        self.pos.fill_(ids.numel())
+        self.seen.zero_()
+        self.seen[ids] = True
+
+    # -- one pass through the model ----------------------------------------------------------
+
+    def _prefill(self, prompt_len: int, greedy: bool) -> None:
+        """Run the prompt through the model, fill the cache, choose the first new token."""
+        layout = self.layout
+        x = F.embedding(self.history[:prompt_len], layout.embed)
+        cos, sin = layout.cos[:prompt_len], layout.sin[:prompt_len]
+        for layer in self.layers:
+            x = prefill_layer(x, layer, layout, cos, sin, self.reduce)
+        self.pos.fill_(prompt_len - 1)  # the last prompt token's position, as after a step
+        scores = logits(x[-1:], layout.ln_f, layout.lm_head, self.linear, self.gather)
+        choose(scores, self.seen, self.knobs.tensors(), self._not_last, greedy, self.history, self.pos)
+
+    def _step(self, greedy: bool) -> None:
+        """One token: read history[pos + 1] at pos + 1, write its successor after it."""
+        layout = self.layout
+        self.pos.add_(1)
+        token = self.history.index_select(0, self.pos)
+        x = F.embedding(token, layout.embed)
+        if self.flash is not None:
+            for layer in self.layers:
+                x = self._flash_layer(x, layer)
+        else:
+            cos, sin = layout.cos.index_select(0, self.pos), layout.sin.index_select(0, self.pos)
+            shape = (self.kv_heads, self.group, self.head_dim)
+            attn = self.joined[0, : layout.attention_size]
+            for layer in self.layers:
+                q = self._decode_in(
+                    x,
+                    *layer.norms(),
+                    layer.w_in,
+                    layer.w_mlp_in,
+                    self.linear,
+                    layer.k_cache,
+                    layer.v_cache,
+                    cos,
+                    sin,
+                    self.pos,
+                    self.joined,
+                    *shape,
+                )
+                self._attend_torch(q, layer.k_cache, layer.v_cache, self.pos, self.positions, attn)
+                x = self._project_out(x, self.joined, layer.w_out, self.linear, self.reduce)
+        self._head(
+            x,
+            layout.ln_f,
+            layout.lm_head,
+            self.linear,
+            self.gather,
+            self.seen,
+            self.knobs.tensors(),
+            self._not_last,
+            greedy,
+            self.history,
+            self.pos,
+        )
+
+    def _flash_layer(self, x, layer):
+        """One layer on a GPU: compiled input product, three Triton kernels, compiled out-product."""
+        # Measured slower on the H100 (docs/performance.md): splitting the out-projection in two,
+        # running the MLP's half on a second stream beside attention, attention values by cuBLAS.
+        layout = self.layout
+        qkv, h = self._project_in(x, *layer.norms(), layer.w_in, layer.w_mlp_in, layout.qkv_size, self.linear)
+        k_cache, v_cache = layer.k_cache, layer.v_cache
+        q = self.flash.rotate_and_store(
+            qkv, h, layout.cos, layout.sin, self.pos, k_cache, v_cache, self.joined
+        )
+        self.flash(q, k_cache, v_cache, self.pos, self.joined)
+        return self._project_out(x, self.joined, layer.w_out, self.linear, self.reduce)
+
+
+def _head(x, ln_f, lm_head, linear, gather, seen, knobs, not_last, greedy: bool, history, pos):
+    """The last norm, the logits and the choice of the next token (compiled as one piece)."""
+    choose(logits(x, ln_f, lm_head, linear, gather), seen, knobs, not_last, greedy, history, pos)

@@ -1,0 +1,365 @@
+"""The page: a chat tab (`gr.ChatInterface` over `PageHandlers.respond`), a completion tab, and
+launching. What each event does lives in `chat/web/handlers.py`; this module only lays it out.
+
+The UI never knows which backend it talks to. API endpoints:
+- `/chat`: `client.predict(message, system_prompt, temperature, max_new_tokens, top_p,
+  repetition_penalty, seed, api_name="/chat")` returns the reply's text; a Client keeps its
+  conversation across calls;
+- `/reply_stats`: the figures of this session's last reply, as JSON;
+- `/complete`: `client.predict(text, temperature, max_new_tokens, top_p, repetition_penalty, seed,
+  stop, api_name="/complete")`, raw continuation for base models.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+
+from chat.config import Settings
+from chat.conversation.backend import Backend
+from chat.conversation.inline_math import LATEX_DELIMITERS
+from chat.conversation.params import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+)
+from chat.web.embedding import embedding_launch_options
+from chat.web.gradio_patches.chat_interface import (
+    keep_message_box_editable,
+    save_no_empty_chats,
+    show_messages_as_written,
+    stop_edited_replies,
+    update_after_stop,
+)
+from chat.web.gradio_patches.costs import event_watch, text_message, trim_gradio_costs
+from chat.web.handlers import PageHandlers, Refused
+from chat.web.operations import Operations
+from chat.web.security import harden_demo, harden_launch_options, private_gradio_cache
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+TITLE = "Falcon Chat"
+SETTINGS_STORAGE_KEY = "falcon-chat-settings"
+# Prompts from the Falcon-180B announcement and its SageMaker notebook.
+EXAMPLES = [
+    "Translate to French: I love the sea, the mountains and long summer evenings.",
+    'Is the sentiment of this tweet positive or negative? "The new update is fantastic, finally!"',
+    "Write a haiku about a falcon over the city at dawn.",
+    "Turn this email into a table with the columns name, date and amount: "
+    '"Hi, Alice paid 120 EUR on 1 September and Bob paid 80 EUR on 3 September."',
+    "Plan a three-day trip to Lisbon for two people who love food, museums and walking.",
+    "Give me a recipe for a simple tomato soup, with the steps numbered.",
+]
+
+# Few-shot prompts for base models (no chat format), from the same documents; (text, stop at).
+COMPLETION_PRESETS = {
+    "Tweet sentiment": (
+        'Tweet: "I hate it when my phone battery dies."\nSentiment: Negative\n###\n'
+        'Tweet: "My day has been 👍"\nSentiment: Positive\n###\n'
+        'Tweet: "This is the link to the article"\nSentiment: Neutral\n###\n'
+        'Tweet: "This new music video was incredible"\nSentiment:',
+        "\\n",
+    ),
+    "English to French": (
+        "Translate English to French:\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
+        "plush giraffe => girafe en peluche\ncheese =>",
+        "\\n",
+    ),
+}
+
+
+def build_demo(backend: Backend, settings: Settings, operations: Operations | None = None) -> gr.Blocks:
+    """The page for `backend`; its replies are counted and logged in `operations` (whose routes
+    `launch_options` serves), a fresh one if none is given."""
+    private_gradio_cache()  # before any component is made: each notes the folder
+    operations = operations or Operations(backend, log_messages=settings.log_messages)
+    handlers = PageHandlers(backend, settings, operations)
+    with gr.Blocks(title=TITLE, fill_height=True) as demo:
+        gr.HTML(banner(backend), elem_id="banner")
+        with gr.Tab("Chat", elem_id="chat-tab"):
+            chat_inputs = _chat_tab(demo, handlers)
+        with gr.Tab("Completion", elem_id="completion-tab"):
+            completion_inputs = _completion_tab(handlers)
+    harden_demo(demo)
+    trim_gradio_costs(demo, raw_inputs=[*chat_inputs, *completion_inputs])
+    handlers.event_gone = event_watch(demo)
+    # A full queue turns new requests away at once instead of letting them wait for minutes: the
+    # page says "This application is currently busy. Please try again.", gradio_client raises
+    # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
+    demo.queue(max_size=settings.queue_size)
+    operations.watch_queue(demo)
+    return demo
+
+
+def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
+    """The chat, its settings (kept in the browser), export and `/reply_stats`; returns the
+    settings' inputs."""
+    backend, settings = handlers.backend, handlers.settings
+    session = gr.State({})
+    system_prompt = gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False)
+    chat_settings = [system_prompt, *_settings_inputs(_max_tokens_limit(backend), render=False)]
+    # Gradio's own "Copy conversation" copies each figures' message as an empty "assistant:" and
+    # the text as shown (6.31 has no way to leave display-only messages out): the page's script
+    # (assets/page.js) copies the turns as the model wrote them.
+    copy_conversation = gr.Button("Copy conversation", size="sm", render=False)
+    chat = gr.ChatInterface(
+        handlers.respond,
+        chatbot=gr.Chatbot(
+            label="Conversation",
+            show_label=False,
+            elem_id="conversation",
+            height=None,
+            scale=1,
+            buttons=["copy", copy_conversation],
+            latex_delimiters=LATEX_DELIMITERS,
+            placeholder=None,
+        ),
+        textbox=gr.Textbox(
+            label="Message",
+            show_label=False,
+            placeholder="Type a message…",
+            elem_id="message",
+            lines=1,
+            max_lines=8,
+            scale=7,
+            autofocus=False,  # the page script focuses it without scrolling the page away
+            submit_btn="Send",
+            stop_btn="Stop",
+        ),
+        additional_inputs=[*chat_settings, session],
+        additional_inputs_accordion=gr.Accordion("System prompt and settings", open=False, render=False),
+        description=description(backend),
+        examples=[[example] for example in EXAMPLES],
+        run_examples_on_click=False,  # an example fills the box, to be edited and sent
+        cache_examples=False,  # Spaces would otherwise call the model at start-up
+        editable=True,
+        save_history=True,
+        concurrency_limit=_concurrency(handlers),
+        fill_height=True,
+        api_name="chat",
+        validator=lambda message: _validation(handlers.message_problem(message)),
+    )
+    # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
+    # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
+    chat.textbox.preprocess = text_message
+    copy_conversation.click(
+        None, chat.chatbot, None, js="(history) => window.falconChat.copyConversation(history)"
+    )
+    # A stopped reply says so, with its figures (the stopped function cannot add them).
+    update_after_stop(demo, chat, handlers.figures_after_stop, session)
+    save_no_empty_chats(demo, chat)  # every save, update_after_stop's too
+    keep_message_box_editable(demo, chat)
+    stop_edited_replies(demo, chat)
+    show_messages_as_written()
+    # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
+    chat.new_chat_button.elem_id = "new-chat"
+    chat.chat_history_dataset.elem_id = "saved-chats"
+    _keep_settings(demo, chat_settings)
+    with gr.Row(elem_id="chat-tools"):
+        export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
+    files = gr.File(label="Conversation files", file_count="multiple", visible=False)
+    export_button.click(
+        lambda history, prompt: gr.update(value=handlers.export(history, prompt), visible=True),
+        [chat.chatbot, system_prompt],
+        files,
+        api_name="export",
+        api_visibility="private",
+    )
+    stats_button = gr.Button(visible=False)
+    stats_button.click(
+        handlers.reply_stats, session, gr.JSON(visible=False), api_name="reply_stats", queue=False
+    )
+    return chat_settings
+
+
+def _completion_tab(handlers: PageHandlers) -> list:
+    """Raw continuation (`/complete`) with few-shot presets; returns its inputs."""
+    gr.Markdown("Raw text continuation, for base models (no chat format).")
+    text = gr.Textbox(label="Text to continue", lines=8)
+    preset = gr.Dropdown(list(COMPLETION_PRESETS), label="Few-shot presets", value=None)
+    output = gr.Textbox(label="Continuation", lines=6, interactive=False)
+    with gr.Row():
+        generate_button = gr.Button("Generate", variant="primary")
+        stop_button = gr.Button("Stop", variant="stop")
+    with gr.Accordion("Settings", open=False):
+        stop = gr.Textbox("", label="Stop at", info="comma-separated; \\n for a newline")
+        completion_settings = _settings_inputs(_max_tokens_limit(handlers.backend), render=True)
+    preset.change(
+        lambda name: COMPLETION_PRESETS.get(name, ("", ""))[:2],
+        preset,
+        [text, stop],
+        api_visibility="private",
+    )
+    generation = generate_button.click(
+        _completion(handlers),
+        [text, *completion_settings, stop],
+        output,
+        api_name="complete",
+        concurrency_limit=_concurrency(handlers),
+    )
+    stop_button.click(None, cancels=[generation])
+    return [text, *completion_settings, stop]
+
+
+def _max_tokens_limit(backend: Backend) -> int:
+    return min(backend.context_length(), 4096)
+
+
+def _concurrency(handlers: PageHandlers) -> int:
+    return handlers.settings.concurrency_limit or handlers.backend.concurrency_limit
+
+
+def _validation(problem: str | None):
+    return gr.validate(problem is None, problem or "")
+
+
+def _completion(handlers: PageHandlers):
+    """`handlers.complete` for Gradio: a refusal is an error (a toast; the tab stays usable)."""
+
+    async def complete(text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
+        try:
+            async for continuation in handlers.complete(
+                text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop
+            ):
+                yield continuation
+        except Refused as refusal:
+            raise gr.Error(refusal.reason, print_exception=False) from None
+
+    return complete
+
+
+def _keep_settings(demo: gr.Blocks, inputs: list) -> None:
+    """The system prompt and settings are kept in the browser (localStorage, or the in-memory
+    stand-in inside frames denied storage: chat/web/embedding.py) and restored on load, so a reopened
+    chat goes on under the system prompt it had."""
+    saved = gr.BrowserState(None, storage_key=SETTINGS_STORAGE_KEY)
+    gr.on(
+        [component.change for component in inputs],
+        lambda *values: list(values),
+        inputs,
+        saved,
+        api_visibility="private",
+        queue=False,
+        show_progress="hidden",
+    )
+    demo.load(
+        lambda values: restored_settings(values, inputs),
+        saved,
+        inputs,
+        api_visibility="private",
+        queue=False,
+        show_progress="hidden",
+    )
+
+
+def restored_settings(values, inputs: list) -> list:
+    """The saved values (from the browser: untrusted) for `inputs`; a value of the wrong kind or
+    out of its slider's range leaves that input as it is."""
+    if not isinstance(values, list) or len(values) != len(inputs):
+        return [gr.skip() for _ in inputs]
+    restored = []
+    for value, component in zip(values, inputs, strict=True):
+        if isinstance(component, gr.Slider):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and component.minimum <= value <= component.maximum
+        else:
+            ok = isinstance(value, str) and len(value) <= 20_000
+        restored.append(value if ok else gr.skip())
+    return restored
+
+
+def launch_options(settings: Settings, operations: Operations | None = None) -> dict:
+    """Keyword arguments for `demo.launch` (Gradio 6 takes theme and CSS here); with `operations`,
+    its /healthz and /metrics are served by Gradio's own FastAPI app."""
+    embedding = embedding_launch_options(settings.allow_embed_from)
+    options = dict(
+        server_name=settings.host,
+        server_port=settings.port,
+        theme=gr.themes.Soft(primary_hue="amber"),
+        footer_links=["api", "gradio"],
+        **embedding,
+    )
+    # The storage fallback for frames first; then the page's style sheet and script.
+    options["head"] = embedding["head"] + page_head()
+    if operations is not None:
+        app_kwargs = dict(options.get("app_kwargs") or {})
+        app_kwargs["routes"] = [*app_kwargs.get("routes", []), *operations.routes()]
+        options["app_kwargs"] = app_kwargs
+        # Each running reply holds one of Gradio's worker threads while it waits for its next
+        # token; with Gradio's default of 40, the 41st concurrent reply waits for a thread.
+        concurrency = settings.concurrency_limit or operations.backend.concurrency_limit
+        options["max_threads"] = max(40, 2 * concurrency + 8)  # chat and completion, plus the rest
+    return harden_launch_options(
+        options, max_request_bytes=settings.max_request_bytes, frame_origins=settings.allow_embed_from
+    )
+
+
+def page_head() -> str:
+    """The page's style sheet (assets/style.css) and script (assets/page.js: keyboard, focus,
+    confirmations). The style sheet goes in the head rather than through `launch(css=...)`:
+    Gradio scopes that to the app's content, and inside media queries keeps only the scoped rules,
+    so a phone layout could not reach the page's padding or footer."""
+    style = (ASSETS / "style.css").read_text(encoding="utf-8")
+    script = (ASSETS / "page.js").read_text(encoding="utf-8")
+    return f"<style>\n{style}</style>\n<script>\n{script}</script>"
+
+
+def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
+    return [
+        _slider(0.0, MAX_TEMPERATURE, 0.05, DEFAULT_TEMPERATURE, "Temperature", "0 = greedy", render),
+        _slider(1, max_tokens_limit, 1, DEFAULT_MAX_NEW_TOKENS, "Max new tokens", "", render),
+        _slider(0.01, 1.0, 0.01, DEFAULT_TOP_P, "Top-p", "1.0 = off", render),
+        _slider(
+            MIN_REPETITION_PENALTY,
+            MAX_REPETITION_PENALTY,
+            0.05,
+            DEFAULT_REPETITION_PENALTY,
+            "Repetition penalty",
+            "1.0 = off",
+            render,
+        ),
+        gr.Textbox(
+            "",
+            label="Seed",
+            placeholder="random",
+            info="a whole number repeats a reply exactly; empty = random",
+            render=render,
+        ),
+    ]
+
+
+def _slider(low, high, step, value, label, info, render) -> gr.Slider:
+    return gr.Slider(low, high, value=value, step=step, label=label, info=info or None, render=render)
+
+
+def model_label(backend: Backend) -> str:
+    """The model's name as the page shows it: a local folder by its own name, not its whole path."""
+    name = backend.model_name
+    if "/" in name and (name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().is_dir()):
+        return Path(name).name or name
+    return name
+
+
+def banner(backend: Backend) -> str:
+    """The banner, naming the model the page talks to."""
+    svg = (ASSETS / "banner.svg").read_text(encoding="utf-8")
+    return svg.replace("{model}", html.escape(model_label(backend)))
+
+
+def description(backend: Backend) -> str:
+    """The line under the banner: which model, through which backend, in which prompt format (and
+    a warning for the tiny demo model)."""
+    text = f"Chatting with **{model_label(backend)}** through {backend.name}, in {backend.prompt_format.description}."
+    if "tiny demo" in backend.model_name:
+        text += (
+            "<br>⚠️ This is a tiny demo model with random weights, built offline so the app works "
+            "anywhere: its replies are gibberish. Point the app at a real Falcon with "
+            "`python app.py --model tiiuae/falcon-7b-instruct` or at a server with "
+            "`--backend tgi --endpoint URL` (see the README)."
+        )
+    return text

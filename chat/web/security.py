@@ -1,0 +1,335 @@
+"""What a hostile client or a hostile model output must not reach: the page, memory, the disk.
+
+- The chat shows user and model text as text: Gradio's chat sanitizer keeps forms, inputs, inline
+  styles and remote images, so `harden_demo` has the Chatbot show such tags as the text they are
+  (Gradio's own `allow_tags` option, applied before its sanitizer), `CHAT_CSS` keeps a message's
+  content inside its bubble, and `content_security_policy` stops what is left at the browser:
+  forms post only to the app, images come only from the app or `data:`, no inline `style`
+  attribute applies, no script from another site runs.
+- `BodyLimitMiddleware` refuses request bodies over `--max-request-bytes` with HTTP 413 before
+  Gradio reads them, and `forget_input_values` stops Gradio keeping each session's last input
+  values (it keeps them only for deep links, which this app does not offer); that patch and
+  `check_value_counts` live with the other Gradio workarounds in chat/web/gradio_patches/costs.py.
+- `ClosedRoutesMiddleware` answers 404 on Gradio routes that write client data to disk and that
+  the app never uses (file upload, deep links); Gradio's cache of files the app hands out lives in
+  a private folder and is cleaned while the app runs and at exit (`private_gradio_cache`,
+  `harden_demo`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import gradio as gr
+from starlette.middleware import Middleware
+
+from chat.web.embedding import frame_ancestors
+from chat.web.gradio_patches.costs import check_value_counts, forget_input_values
+
+# Tags the chat shows as text instead of rendering them. Gradio escapes these in the HTML that its
+# markdown renderer makes (so a markdown image shows as its <img ...> text) before it sanitizes;
+# KaTeX's math, added afterwards, is not affected. Forms and their fields, everything that loads
+# or embeds another resource, and everything that styles or redirects the page. Not `button` nor
+# `svg`: Gradio's renderer itself puts a copy button with an SVG icon on every code block (a button
+# outside a form does nothing, and the sanitizer leaves no script or handler on it).
+UNTRUSTED_TAGS = (
+    *("form", "input", "textarea", "select", "option", "optgroup", "datalist", "label", "fieldset"),
+    *("legend", "output", "meter", "progress", "dialog", "menu"),
+    *("img", "picture", "source", "srcset", "video", "audio", "track", "map", "area", "canvas"),
+    *("iframe", "frame", "frameset", "object", "embed", "applet", "portal", "fencedframe"),
+    *("math", "image", "use", "feimage", "foreignobject"),
+    *("style", "link", "meta", "base", "noscript", "template", "slot", "marquee", "font", "center"),
+)
+
+# Whatever a message's own markup does, it stays inside its bubble: a `position: fixed` element
+# is placed and clipped within the content box (CSS containment), not over the page. The
+# `style-src-attr 'none'` policy below already drops inline styles; this also holds where the
+# app runs without its own headers (the <gradio-app> web component inside another site's page).
+# The page-level flex layout that Gradio's index.html sets in style attributes is restated here,
+# since the policy drops those attributes too.
+CHAT_CSS = """<style>
+[data-testid="user"] .message-content, [data-testid="bot"] .message-content,
+[data-testid="user"] .prose, [data-testid="bot"] .prose { contain: paint; isolation: isolate; }
+html { margin: 0; padding: 0; min-height: 100%; display: flex; flex-direction: column; }
+body { width: 100%; margin: 0; padding: 0; display: flex; flex-direction: column; flex-grow: 1; }
+gradio-app { display: flex; flex-direction: column; flex-grow: 1; }
+</style>"""
+
+# Routes of Gradio's that store what a client sends on disk, which this app never uses.
+CLOSED_ROUTES = ("/gradio_api/upload", "/gradio_api/deep_link", "/upload", "/deep_link")
+
+
+def content_security_policy(frame_origins: Iterable[str] = ()) -> str:
+    """The page's policy. Gradio's page needs inline scripts (its configuration) and `eval` (its
+    HTML component compiles templates), inline <style> elements (the theme) and `blob:`/`data:`
+    for fonts and downloads; nothing from another site."""
+    directives = [
+        "default-src 'self'",
+        "script-src 'self' 'unsafe-inline' 'unsafe-eval'",
+        "style-src 'self' 'unsafe-inline'",
+        "style-src-attr 'none'",
+        "img-src 'self' data: blob:",
+        "media-src 'self' data: blob:",
+        "font-src 'self' data:",
+        "connect-src 'self'",
+        "form-action 'self'",
+        "object-src 'none'",
+        "base-uri 'self'",
+    ]
+    frame_origins = tuple(frame_origins)
+    if frame_origins:
+        directives.append(frame_ancestors(frame_origins))
+    return "; ".join(directives)
+
+
+class SecurityHeadersMiddleware:
+    """ASGI middleware: the Content-Security-Policy on HTML responses, `nosniff` on all."""
+
+    def __init__(self, app, frame_origins: Iterable[str] = ()):
+        self.app = app
+        self.policy = (b"content-security-policy", content_security_policy(frame_origins).encode("latin-1"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v) for k, v in message.get("headers") or [] if k.lower() != b"x-content-type-options"
+                ]
+                headers.append((b"x-content-type-options", b"nosniff"))
+                content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                if content_type.startswith(b"text/html"):
+                    headers = [(k, v) for k, v in headers if k.lower() != self.policy[0]] + [self.policy]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: request bodies over `max_bytes` get HTTP 413 before the app stores them.
+
+    A declared Content-Length over the limit is refused before a byte of the body is read; a body
+    without one (chunked) is counted as it arrives and cut off where it passes the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            return await self._refuse(send, declared)
+        received = 0
+        exceeded = False
+        started = False
+
+        async def counting_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if exceeded:
+                return  # whatever the app answers to a cut-off body, the client gets the 413
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            pass
+        if exceeded and not started:
+            await self._refuse(send, None)
+
+    async def _refuse(self, send, declared: int | None) -> None:
+        size = f"{declared:,} bytes" if declared is not None else f"over {self.max_bytes:,} bytes"
+        body = json.dumps(
+            {"error": f"The request is {size}; this server accepts at most {self.max_bytes:,} bytes."}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class ClosedRoutesMiddleware:
+    """ASGI middleware: 404 for `CLOSED_ROUTES` (and anything under them), whatever the method."""
+
+    def __init__(self, app, routes: Iterable[str] = CLOSED_ROUTES):
+        self.app = app
+        self.routes = tuple(route.rstrip("/") for route in routes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope.get("path", "").rstrip("/")
+            root = scope.get("root_path", "").rstrip("/")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            if any(path == route or path.startswith(route + "/") for route in self.routes):
+                body = b'{"error": "Not Found"}'
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 404,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"22")],
+                    }
+                )
+                return await send({"type": "http.response.body", "body": body})
+        return await self.app(scope, receive, send)
+
+
+class ApiCallErrorsMiddleware:
+    """ASGI middleware: Gradio's keyword route (`/gradio_api/call/v2/NAME`) raises on a parameter
+    the endpoint does not have (TypeError) or an endpoint that does not exist (KeyError), which
+    the server answers with a bare HTTP 500. Answer 422 or 404 with what was wrong instead."""
+
+    PREFIX = "/gradio_api/call/v2/"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith(self.PREFIX):
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, tracking_send)
+        except (TypeError, KeyError, ValueError) as error:
+            if started:
+                raise
+            name = scope["path"][len(self.PREFIX) :].strip("/")
+            if isinstance(error, KeyError):
+                status, text = 404, f"There is no API endpoint named /{name}."
+            else:  # Gradio's own words name the parameter; no traceback
+                status, text = 422, str(error).split(". Please click")[0][:300] + "."
+            await _json_response(send, status, {"error": text})
+
+
+async def _json_response(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def security_middleware(*, max_request_bytes: int, frame_origins: Iterable[str] = ()) -> list[Middleware]:
+    """The middleware above, outermost first (Starlette runs the list in this order)."""
+    return [
+        Middleware(BodyLimitMiddleware, max_bytes=max_request_bytes),
+        Middleware(ClosedRoutesMiddleware),
+        Middleware(ApiCallErrorsMiddleware),
+        Middleware(SecurityHeadersMiddleware, frame_origins=tuple(frame_origins)),
+    ]
+
+
+def harden_launch_options(
+    options: dict, *, max_request_bytes: int, frame_origins: Iterable[str] = ()
+) -> dict:
+    """`demo.launch` options with the middleware, the chat's CSS and the page kept in Python (a
+    Node server rendering the page in front, Gradio's SSR mode, would not send the headers)."""
+    app_kwargs = dict(options.get("app_kwargs") or {})
+    app_kwargs["middleware"] = [
+        *security_middleware(max_request_bytes=max_request_bytes, frame_origins=frame_origins),
+        *app_kwargs.get("middleware", []),
+    ]
+    return {
+        **options,
+        "app_kwargs": app_kwargs,
+        "head": (options.get("head") or "") + CHAT_CSS,
+        "ssr_mode": False,
+    }
+
+
+def harden_demo(demo: gr.Blocks, *, cache_cleanup_s: int = 600) -> gr.Blocks:
+    """Show every chat's messages as text where they hold markup, and have Gradio delete the files
+    it hands out (exports) once they are `cache_cleanup_s` old, and all of them at exit."""
+    for block in demo.blocks.values():
+        if isinstance(block, gr.Chatbot):
+            block.sanitize_html = True
+            block.allow_tags = list(UNTRUSTED_TAGS)
+    demo.delete_cache = (cache_cleanup_s, cache_cleanup_s)
+    forget_input_values()
+    check_value_counts(demo)
+    return demo
+
+
+EXPORTS_DISK_BUDGET = 64 * 1024 * 1024  # bytes of export files kept; a conversation's take KBs
+
+
+def export_folder() -> Path:
+    """A new private folder for one export's files. Gradio serves files from its cache folder as
+    they are, so exports written there are never copied; the newest are kept up to
+    `EXPORTS_DISK_BUDGET` bytes (thousands of ordinary conversations; an export loop only pushes
+    out its own older files), and all go at exit with the private cache."""
+    root = Path(private_gradio_cache()) / "exports"
+    root.mkdir(mode=0o700, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=root))
+    kept = 0
+    for old in sorted(root.iterdir(), key=_modified, reverse=True):
+        kept += sum(f.stat().st_size for f in old.iterdir() if f.is_file()) if old.is_dir() else 0
+        if kept > EXPORTS_DISK_BUDGET and old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def private_gradio_cache() -> str:
+    """A folder only this user can read, for the files Gradio hands out (exports), removed at exit.
+    Gradio's default, /tmp/gradio, is shared and its files are world-readable. Call before the
+    page is built; an operator's GRADIO_TEMP_DIR is kept."""
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="falcon-chat-files-")  # mode 0700
+        os.environ["GRADIO_TEMP_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return os.environ["GRADIO_TEMP_DIR"]
