@@ -144,14 +144,14 @@ def main() -> None:
         plain_tokens = bench_plain(model, tokenizer, prompt, long_prompt, args, rows, floor_ms)
 
     from chat.backends.local.backend import LocalBackend
-    from chat.backends.local.decoders import PlainDecoder
     from chat.conversation.params import GenerationParams
+    from chat.engine.build import Engine
     from chat.engine.decode_loop import FastDecoder
+    from chat.engine.decoders import PlainDecoder
 
     if not args.skip_plain:
-        backend = LocalBackend(
-            model, tokenizer, model_name="bench", context_length=2048, decoder=PlainDecoder(model, tokenizer)
-        )
+        plain = Engine.of_model(model, tokenizer, context_length=2048, decoder=PlainDecoder(model, tokenizer))
+        backend = LocalBackend(plain, model_name="bench")
         rows.append(
             bench_stream(
                 backend, "LocalBackend.stream, plain decoder", prompt, long_prompt, args, floor_ms, runs=1
@@ -161,7 +161,9 @@ def main() -> None:
 
     start = time.perf_counter()
     decoder = FastDecoder(model, tokenizer, max_len=2048, compile_mode=args.compile)
-    backend = LocalBackend(model, tokenizer, model_name="bench", context_length=2048, decoder=decoder)
+    backend = LocalBackend(
+        Engine.of_model(model, tokenizer, context_length=2048, decoder=decoder), model_name="bench"
+    )
     results["fast_warm_up_s"] = time.perf_counter() - start
     results["fast_decoder"] = backend.decoder.name  # "plain generate" if the capture failed
     results["compile_mode"] = decoder.compile_mode
@@ -227,6 +229,7 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
 
     from chat.backends.local.backend import LocalBackend
     from chat.conversation.params import GenerationParams
+    from chat.engine.build import Engine
     from chat.engine.decode_loop import FastDecoder
     from chat.engine.parallel.ranks import RankSpec, free_port, gpu_memory, rank_layout, start_ranks
 
@@ -296,9 +299,7 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
         f"{read / 1e9:.2f} GB a token ({decoder.layout.products.name}); floor {floor_ms:.2f} ms/token"
     )
     rows.append(row(f"floor (rank 0's {read / 1e9:.1f} GB a token / copy bandwidth)", floor_ms, floor_ms))
-    backend = LocalBackend(
-        None, tokenizer, model_name="bench", context_length=2048, decoder=decoder, name=f"{world} ranks"
-    )
+    backend = LocalBackend(Engine(tokenizer, decoder, 2048, f"{world} ranks"), model_name="bench")
     results["fast_warm_up_s"] = time.perf_counter() - start
     results["fast_decoder"] = backend.decoder.name
     results["gpu_memory_ready"] = {"rank 0": gpu_memory(device), "every GPU (nvidia-smi)": gpu_memory_used()}

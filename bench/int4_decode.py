@@ -135,6 +135,7 @@ def bench_180b_with(args, bandwidth, results, kernel) -> None:
     from transformers import FalconConfig
 
     from chat.backends.local.backend import LocalBackend
+    from chat.engine.build import Engine
     from chat.engine.decode_loop import FastDecoder
     from chat.engine.int4.loading import Int4Falcon, layout_from_int4
     from chat.engine.int4.weight import random_int4
@@ -191,7 +192,7 @@ def bench_180b_with(args, bandwidth, results, kernel) -> None:
     tokenizer = word_tokenizer()
     start = time.perf_counter()
     decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id)
-    backend = LocalBackend(None, tokenizer, model_name="bench", context_length=2048, decoder=decoder)
+    backend = LocalBackend(Engine(tokenizer, decoder, 2048, "bench"), model_name="bench")
     results["warm_up_s"] = time.perf_counter() - start
     say(f"warm-up (compile + capture) {results['warm_up_s']:.0f} s; decoder {backend.decoder.name}")
     prompt, long_prompt = prompt_text(args.prompt_tokens, 1), prompt_text(args.long_prompt_tokens, 2)
@@ -230,6 +231,7 @@ def bench_against_bf16(shape, args, bandwidth, results, device=DEVICE) -> None:
     import torch
 
     from chat.backends.local.backend import LocalBackend
+    from chat.engine.build import Engine
     from chat.engine.decode_loop import FastDecoder
     from chat.engine.falcon_layout import layout_from_model
 
@@ -252,7 +254,8 @@ def bench_against_bf16(shape, args, bandwidth, results, device=DEVICE) -> None:
         read = step_bytes(decoder.layout)
         floor_ms = read / bandwidth * 1e3
         results[f"{label}_weights_read_GB"], results[f"{label}_floor_ms"] = read / 1e9, floor_ms
-        backend = LocalBackend(model, tokenizer, model_name="bench", context_length=2048, decoder=decoder)
+        engine = Engine.of_model(model, tokenizer, context_length=2048, decoder=decoder)
+        backend = LocalBackend(engine, model_name="bench")
         results[f"{label}_warm_up_s"] = time.perf_counter() - start
         say(
             f"{shape} {label}: {read / 1e9:.2f} GB read per token, floor {floor_ms:.2f} ms; ready in "

@@ -84,128 +84,26 @@ def _remote(settings: Settings) -> dict:
 
 
 def _local_backend(settings: Settings) -> Backend:
-    from chat.backends.local.backend import LocalBackend, load_model, model_context_length
-    from chat.backends.local.decoders import choose_decoder
+    """A model in this process: the engine is assembled by chat/engine/build.py."""
+    from chat.backends.local.backend import LocalBackend
     from chat.backends.local.tiny_model import ensure_tiny_model
     from chat.conversation.prompt import choose_prompt_format
+    from chat.engine.build import EngineOptions, build_engine
 
     model_id = settings.model or str(ensure_tiny_model())
-    model_name = TINY_MODEL_NAME if settings.model is None else model_id
-    if settings.tensor_parallel != 1:
-        backend = _tensor_parallel_backend(settings, model_id, model_name)
-        if backend is not None:
-            return backend
-    if settings.quantize == "int4":
-        return _int4_backend(settings, model_id, model_name)
-    model, tokenizer = load_model(model_id, quantize=settings.quantize, token=settings.token)
-    context_length = settings.max_total_tokens or model_context_length(model.config, tokenizer)
-    return LocalBackend(
-        model,
-        tokenizer,
-        model_name=model_name,
-        context_length=context_length,
-        decoder=choose_decoder(settings.decoder, model, tokenizer, context_length),
-        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer),
-    )
-
-
-def _int4_backend(settings: Settings, model_id: str, model_name: str) -> Backend:
-    """The fast decoder over int4 weights on one device (int4/loading.py), quantized while loading."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from chat.backends.local.backend import LocalBackend, model_context_length
-    from chat.conversation.prompt import choose_prompt_format
-    from chat.engine.decode_loop import FastDecoder
-    from chat.engine.falcon_layout import Unsupported
-    from chat.engine.int4.loading import layout_from_int4, load_int4, save_int4
-    from chat.engine.int4.products import int4_products
-    from chat.engine.parallel.ranks import model_folder
-
-    if settings.decoder == "plain":
-        raise ConfigError("--quantize int4 runs the fast decoder; it cannot be used with --decoder plain")
-    folder = model_folder(model_id, settings.token)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    try:
-        model = load_int4(folder, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    except Unsupported as error:
-        raise ConfigError(f"--quantize int4: {error}") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--quantize int4: cannot load {model_id!r} ({str(error)[:200]})") from None
-    if settings.save_quantized:
-        save_int4(model, settings.save_quantized, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    context_length = settings.max_total_tokens or model_context_length(model.config, tokenizer)
-    layout = layout_from_int4(model, max_len=context_length, products=int4_products(device))
-    decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id)
-    return LocalBackend(
-        None,
-        tokenizer,
-        model_name=model_name,
-        context_length=context_length,
-        decoder=decoder,
-        name=f"local int4 ({device}, {layout.products.name})",
-        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer),
-    )
-
-
-def _checkpoint_quantization(folder):
-    """The GPTQ/AWQ quantization `folder`'s checkpoint carries, or None."""
-    from chat.engine.falcon_layout import Unsupported
-    from chat.engine.int4 import checkpoints as checkpoint_quantization
-
-    try:
-        return checkpoint_quantization.read(folder)
-    except Unsupported as error:
-        raise ConfigError(f"--quantize int4: {error}") from None
-
-
-def _tensor_parallel_backend(settings: Settings, model_id: str, model_name: str) -> Backend | None:
-    """The local backend over N ranks, or None where `auto` finds one GPU enough."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from chat.backends.local.backend import LocalBackend, model_context_length
-    from chat.conversation.prompt import choose_prompt_format
-    from chat.engine.parallel import ranks as tp
-
-    int4 = settings.quantize == "int4"
-    folder = tp.model_folder(model_id, settings.token)
-    quantization = _checkpoint_quantization(folder) if int4 else None
-    if quantization is not None:
-        if settings.tensor_parallel == "auto":
-            return None
-        raise ConfigError(
-            f"--quantize int4 loads a {quantization.method} checkpoint on one GPU: use --tensor-parallel 1"
+    engine = build_engine(
+        EngineOptions(
+            model=model_id,
+            token=settings.token,
+            quantize=settings.quantize,
+            save_quantized=settings.save_quantized,
+            decoder=settings.decoder,
+            tensor_parallel=settings.tensor_parallel,
+            max_total_tokens=settings.max_total_tokens,
         )
-    config = AutoConfig.from_pretrained(folder)
-    ranks = tp.ranks_for(settings.tensor_parallel, config, bytes_per_weight=0.5625 if int4 else 2.0)
-    if ranks == 1:
-        return None
-    if settings.decoder == "plain":
-        raise ConfigError("--tensor-parallel runs the fast decoder; it cannot be used with --decoder plain")
-    if settings.quantize and not int4:
-        raise ConfigError("--tensor-parallel does not take --quantize (bitsandbytes) weights; int4 it does")
-    if settings.save_quantized:
-        raise ConfigError("--save-quantized runs on one GPU; it cannot be used with --tensor-parallel")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    context_length = settings.max_total_tokens or model_context_length(config, tokenizer)
-    spec = tp.RankSpec(
-        world=ranks,
-        port=tp.free_port(),
-        max_len=context_length,
-        eos_token_id=tokenizer.eos_token_id,
-        folder=folder,
-        products="int4" if int4 else "dense",
     )
-    decoder = tp.start_ranks(spec)
-    kind = "int4" if int4 else "transformers"
     return LocalBackend(
-        None,
-        tokenizer,
-        model_name=model_name,
-        context_length=context_length,
-        decoder=decoder,
-        name=f"local {kind} ({ranks} ranks, tensor parallel)",
-        prompt_format=choose_prompt_format(settings.prompt_format, tokenizer),
+        engine,
+        model_name=TINY_MODEL_NAME if settings.model is None else model_id,
+        prompt_format=choose_prompt_format(settings.prompt_format, engine.tokenizer),
     )

@@ -79,7 +79,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     """(model, tokenizer), loaded once; the backends below share them."""
-    from chat.backends.local.backend import load_model
+    from chat.engine.build import load_model
 
     return load_model(str(smollm2_dir))
 

@@ -83,18 +83,16 @@ class ServedModel:
 def serve_smollm2(model, tokenizer, prompt_format: str):
     """The real app on SmolLM2 in `prompt_format` (falcon | template), for one test session."""
     from chat.backends.local.backend import LocalBackend
-    from chat.backends.local.decoders import PlainDecoder
     from chat.conversation.prompt import choose_prompt_format
+    from chat.engine.build import Engine
+    from chat.engine.decoders import PlainDecoder
     from tests.doubles import RecordingDecoder
     from tests.helpers import serve_app
 
     decoder = RecordingDecoder(PlainDecoder(model, tokenizer), tokenizer)
     backend = LocalBackend(
-        model,
-        tokenizer,
+        Engine.of_model(model, tokenizer, context_length=2048, decoder=decoder),
         model_name="SmolLM2-135M-Instruct",
-        context_length=2048,
-        decoder=decoder,
         prompt_format=choose_prompt_format(prompt_format, tokenizer),
     )
     try:

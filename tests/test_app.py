@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
-from chat.backends.local.backend import LocalBackend, PlainDecoder, load_model
+from chat.backends.local.backend import LocalBackend
 from chat.config import Settings
 from chat.conversation.backend import FINISH_CANCELLED
 from chat.conversation.turns import strip_note
+from chat.engine.build import Engine, load_model
+from chat.engine.decoders import PlainDecoder
 from tests.doubles import RecordingDecoder
 from tests.helpers import serve_app
 
@@ -84,7 +86,9 @@ def test_api_cancel_stops_the_models_generation(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     decoder = RecordingDecoder(PlainDecoder(model, tokenizer), tokenizer)
     decoder.tokens_per_s = 50  # a real model's pace, so the reply is still running when cancelled
-    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048, decoder=decoder)
+    backend = LocalBackend(
+        Engine.of_model(model, tokenizer, context_length=2048, decoder=decoder), model_name="tiny"
+    )
     with serve_app(backend, Settings()) as url:
         client = Client(url, verbose=False)
         job = client.submit("Please keep talking.", "", 0.0, 2000, 0.9, 1.0, api_name="/chat")
@@ -119,7 +123,7 @@ def test_the_same_seed_regenerates_the_same_reply(app_url):
 
 def test_context_meter_tells_when_older_turns_were_left_out(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
-    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=160)
+    backend = LocalBackend(Engine.of_model(model, tokenizer, context_length=160), model_name="tiny")
     with serve_app(backend, Settings()) as url:
         client = Client(url, verbose=False)
         dropped = []

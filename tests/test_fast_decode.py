@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from chat.backends.local.backend import LocalBackend
-from chat.backends.local.decoders import PlainDecoder, choose_decoder
 from chat.config import Settings
 from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH
 from chat.conversation.params import GenerationParams
+from chat.engine.build import Engine, choose_decoder
 from chat.engine.decode_loop import FastDecoder
+from chat.engine.decoders import PlainDecoder
 from chat.engine.falcon_layout import Unsupported
 from chat.engine.sampling import penalize, sampling_probs
 from chat.factory import build_backend
@@ -203,7 +204,9 @@ def _processors(mixin, config):
 
 
 def test_local_backend_streams_and_cancels_through_the_fast_decoder(tiny_tokenizer, fast, fast_model):
-    backend = LocalBackend(fast_model, tiny_tokenizer, model_name="tiny", context_length=CACHE, decoder=fast)
+    backend = LocalBackend(
+        Engine.of_model(fast_model, tiny_tokenizer, context_length=CACHE, decoder=fast), model_name="tiny"
+    )
     try:
         params = GenerationParams(temperature=0.0, max_new_tokens=30, stop_sequences=("\nUser:",))
         tokens = list(backend.stream(PROMPTS[0], params))
@@ -233,7 +236,9 @@ def test_a_fast_decoder_that_cannot_start_falls_back_to_plain_generate(tiny_mode
     model = _load(tiny_model_dir)
     # Capturing CUDA graphs on a machine without CUDA fails as a failed compile or capture would.
     doomed = FastDecoder(model, tiny_tokenizer, max_len=CACHE, use_graphs=True, compile_mode="off")
-    backend = LocalBackend(model, tiny_tokenizer, model_name="tiny", context_length=CACHE, decoder=doomed)
+    backend = LocalBackend(
+        Engine.of_model(model, tiny_tokenizer, context_length=CACHE, decoder=doomed), model_name="tiny"
+    )
     try:
         assert isinstance(backend.decoder, PlainDecoder)
         tokens = [t.id for t in backend.stream(PROMPTS[0], GREEDY) if t.id is not None]

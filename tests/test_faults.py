@@ -12,10 +12,12 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from chat.backends.local.backend import LocalBackend, PlainDecoder, load_model
+from chat.backends.local.backend import LocalBackend
 from chat.config import Settings
 from chat.conversation.errors import BackendBusy, BackendTimeout, GenerationFailed
 from chat.conversation.turns import NOTE_MARK, strip_note
+from chat.engine.build import Engine, load_model
+from chat.engine.decoders import PlainDecoder
 from tests.helpers import serve_app
 from tests.reliability import ARGS, HEALTHY_TEXT, HUGE_TOKEN, QUICK, app_on_double, settled
 from tests.tgi_double import Reply
@@ -154,7 +156,9 @@ class RaisingDecoder:
 def test_the_local_model_raising_mid_generation_is_a_message_and_the_next_user_is_served(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     decoder = RaisingDecoder(PlainDecoder(model, tokenizer), after=5)
-    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048, decoder=decoder)
+    backend = LocalBackend(
+        Engine.of_model(model, tokenizer, context_length=2048, decoder=decoder), model_name="tiny"
+    )
     try:
         with serve_app(backend, Settings()) as url:
             failing = Client(url, verbose=False).submit("Hi", "", 0.0, 77, 0.9, 1.0, api_name="/chat")

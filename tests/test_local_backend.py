@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chat.backends.local.backend import LocalBackend, load_model
-from chat.backends.local.decoders import PlainDecoder
+from chat.backends.local.backend import LocalBackend
 from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH
 from chat.conversation.errors import GenerationFailed
 from chat.conversation.params import GenerationParams
+from chat.engine.build import Engine, load_model
+from chat.engine.decoders import PlainDecoder
 from tests.doubles import RecordingDecoder
 
 GREEDY = GenerationParams(temperature=0, max_new_tokens=24)
@@ -24,7 +25,9 @@ def model_and_tokenizer(tiny_model_dir):
 def recording_backend(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     decoder = RecordingDecoder(PlainDecoder(model, tokenizer), tokenizer)
-    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048, decoder=decoder)
+    backend = LocalBackend(
+        Engine.of_model(model, tokenizer, context_length=2048, decoder=decoder), model_name="tiny"
+    )
     yield backend, decoder
     backend.close()
 
@@ -87,7 +90,7 @@ def test_model_is_free_for_the_next_request_after_a_stop(recording_backend):
 
 def test_an_exception_inside_the_model_reaches_the_reader_as_a_clear_error(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048)
+    backend = LocalBackend(Engine.of_model(model, tokenizer, context_length=2048), model_name="tiny")
     calls = {"n": 0}
 
     def explode_on_fifth_step(module, args, output):

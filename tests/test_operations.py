@@ -9,8 +9,9 @@ import urllib.request
 from gradio_client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from chat.backends.local.backend import LocalBackend, load_model
+from chat.backends.local.backend import LocalBackend
 from chat.config import Settings
+from chat.engine.build import Engine, load_model
 from chat.web.export import conversation_json, conversation_markdown
 from tests.helpers import serve_app
 
@@ -48,7 +49,7 @@ def test_metrics_parse_and_count_a_request(app_url):
 
 def test_healthz_flips_when_the_backend_is_down(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
-    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048)
+    backend = LocalBackend(Engine.of_model(model, tokenizer, context_length=2048), model_name="tiny")
     with serve_app(backend, Settings()) as url:
         status, body = get(url + "healthz")
         assert status == 200 and '"ok"' in body
@@ -60,7 +61,7 @@ def test_healthz_flips_when_the_backend_is_down(tiny_model_dir):
 
 def test_request_logs_have_figures_but_no_message_text_or_secrets(tiny_model_dir, caplog):
     model, tokenizer = load_model(str(tiny_model_dir))
-    backend = LocalBackend(model, tokenizer, model_name="tiny", context_length=2048)
+    backend = LocalBackend(Engine.of_model(model, tokenizer, context_length=2048), model_name="tiny")
     secret = "hf_SENTINEL_do_not_log_0123456789"
     with (
         caplog.at_level(logging.INFO, logger="falcon_chat.requests"),

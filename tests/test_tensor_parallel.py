@@ -17,11 +17,11 @@ import pytest
 import torch
 from transformers import FalconConfig
 
-from chat.backends.local.decoders import PlainDecoder
 from chat.config import Settings
 from chat.conversation.errors import ConfigError, GenerationFailed
 from chat.conversation.params import GenerationParams
 from chat.engine.decode_loop import FastDecoder
+from chat.engine.decoders import PlainDecoder
 from chat.engine.parallel.shards import RankPlan, SafetensorsSource, layout_from_source, share
 from chat.engine.products import Dense
 

@@ -117,15 +117,18 @@ def screenshots() -> Path:
 def recording_backend(local_backend):
     """A second LocalBackend on the tiny model, its decode loop recorded."""
     from chat.backends.local.backend import LocalBackend
+    from chat.engine.build import Engine
 
     recorder = RecordingDecoder(local_backend.decoder, local_backend.tokenizer)
-    backend = LocalBackend(
-        local_backend.model,
+    engine = Engine.of_model(
+        local_backend.engine.model,
         local_backend.tokenizer,
-        model_name="tiny demo Falcon (random weights)",  # what `python app.py` names it
         context_length=local_backend.context_length(),
         decoder=recorder,
     )
+    backend = LocalBackend(
+        engine, model_name="tiny demo Falcon (random weights)"
+    )  # as `python app.py` names it
     backend.recorder = recorder
     yield backend
     backend.close()

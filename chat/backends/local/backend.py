@@ -1,10 +1,11 @@
-"""Local backend: a transformers model in this process, on the CPU or across the visible GPUs.
+"""Local backend: a model in this process (an `Engine`, assembled by chat/engine/build.py).
 
 One long-lived worker thread owns the model and runs one generation at a time from a job queue.
 Owning the model from one thread is what a CUDA-graph decode path needs (graphs and their memory
 pools are per thread), and it makes "one generation at a time per model" a property of the
-design rather than of a lock. The decode loop itself sits behind `decoders.Decoder`, so a faster
-one can replace `PlainDecoder` without touching the streaming, cancelling and error handling here.
+design rather than of a lock. The decode loop itself sits behind the engine's `Decoder`
+(engine/decoders.py), so plain `generate`, the fast decoder, int4 and tensor parallelism all
+stream, cancel and fail through the code here.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
-from chat.backends.local.decoders import Decoder, PlainDecoder, warm_up
 from chat.conversation.backend import Backend, Token
-from chat.conversation.errors import BackendTimeout, ConfigError, GenerationFailed
+from chat.conversation.errors import BackendTimeout, GenerationFailed
 from chat.conversation.params import GenerationParams
+from chat.engine.build import Engine
 
 log = logging.getLogger(__name__)
 
@@ -50,41 +51,31 @@ _END = object()
 
 
 class LocalBackend(Backend):
-    """Streams from a model loaded with transformers; see the module docstring."""
+    """Streams from an `Engine`; see the module docstring."""
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        model_name: str,
-        context_length: int,
-        decoder=None,
-        name=None,
-        prompt_format=None,
-    ):
-        """`model` may be None where `decoder` holds the weights (tensor parallelism)."""
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, engine: Engine, *, model_name: str, prompt_format=None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self.model_name = model_name
-        self._context_length = context_length
+        self.name = engine.description
         if prompt_format is not None:
             self.prompt_format = prompt_format
-        self.decoder: Decoder = decoder or PlainDecoder(model, tokenizer)
-        device = getattr(model, "device", "cpu")
-        self.name = name or f"local transformers ({getattr(device, 'type', device)})"
         self.concurrency_limit = 1
         self._jobs: queue.Queue[_Job | _Task | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="local-decoder", daemon=True)
         self._worker.start()
         # CUDA graphs belong to the thread that captures them: the worker, which replays them.
         # Start-up waits for it, so no user's request pays for compiling.
-        self.decoder = self.call_on_worker(lambda: warm_up(self.decoder, model, tokenizer))
+        self.call_on_worker(engine.warm_up)
+
+    @property
+    def decoder(self):
+        return self.engine.decoder
 
     # -- the protocol --------------------------------------------------------------------------
 
     def context_length(self) -> int:
-        return self._context_length
+        return self.engine.context_length
 
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text))
@@ -167,54 +158,3 @@ class LocalBackend(Backend):
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
-
-
-def load_model(model_id: str, *, quantize: str | None = None, token: str | None = None):
-    """Model and tokenizer: bf16 across all GPUs where there are GPUs, float32 on the CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    kwargs: dict = {"token": token}
-    if torch.cuda.is_available():
-        kwargs.update(dtype=torch.bfloat16, device_map="auto")
-    else:
-        kwargs.update(dtype=torch.float32)
-    if quantize:
-        kwargs["quantization_config"] = _quantization_config(quantize)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, token=token)
-        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
-    except OSError as error:
-        raise ConfigError(
-            f"cannot load model {model_id!r}: not a model folder, or not reachable on the hub "
-            f"({str(error).splitlines()[0][:200]})"
-        ) from None
-    model.eval()
-    return model, tokenizer
-
-
-def _quantization_config(quantize: str):
-    import importlib.util
-
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--quantize {quantize} needs a CUDA GPU; none is visible")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes")
-    if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
-    )
-
-
-def model_context_length(config, tokenizer) -> int:
-    """The model's context: its config, else the tokenizer's, else Falcon's 2,048."""
-    length = getattr(config, "max_position_embeddings", None)
-    if not length:
-        length = getattr(tokenizer, "model_max_length", None)
-    return int(length) if length and length < 10**7 else 2048

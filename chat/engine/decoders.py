@@ -1,22 +1,18 @@
-"""Decoders: the loop that turns a prompt's token ids into new token ids, and choosing one.
+"""Decoders: what turns a prompt's token ids into new token ids, one at a time.
 
 A `Decoder` runs one generation on the local backend's worker thread, calling `emit(token_id)`
 per new token and checking `cancelled()` between tokens. `PlainDecoder` is transformers' own
-`generate`; `fast_decode.FastDecoder` is the static-cache, CUDA-graph loop. Which one serves, and
-the fall-back to plain `generate` when the fast one cannot start, are decided here and only here.
+`generate`; `decode_loop.FastDecoder` is the static-cache, CUDA-graph loop. Which one serves, and
+the fall-back to plain `generate` when the fast one cannot start, are build.py's.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Protocol
 
 from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
-from chat.conversation.errors import ConfigError
 from chat.conversation.params import GenerationParams
-
-log = logging.getLogger(__name__)
 
 
 class Decoder(Protocol):
@@ -90,52 +86,6 @@ class PlainDecoder:
                 **sampling,
             )
         return finish_reason(state["last"], state["count"], params, self.eos_token_id, cancelled())
-
-
-def choose_decoder(kind: str, model, tokenizer, max_len: int) -> Decoder:
-    """`plain`, `fast`, or `auto`: the fast decoder where a CUDA GPU and the model allow it."""
-    if kind == "plain":
-        return PlainDecoder(model, tokenizer)
-    from chat.engine.decode_loop import FastDecoder
-    from chat.engine.falcon_layout import Unsupported
-
-    on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
-    if kind == "auto" and not on_gpu:
-        log.info("decoder: plain generate (the fast decoder needs a CUDA GPU)")
-        return PlainDecoder(model, tokenizer)
-    try:
-        decoder = FastDecoder(model, tokenizer, max_len=max_len)
-    except Unsupported as error:
-        if kind == "fast":
-            raise ConfigError(f"--decoder fast: {error}") from None
-        log.info("decoder: plain generate (fast decoder: %s)", error)
-        return PlainDecoder(model, tokenizer)
-    log.info("decoder: %s, cache of %d tokens", decoder.name, max_len)
-    return decoder
-
-
-def warm_up(decoder: Decoder, model, tokenizer) -> Decoder:
-    """Compile and capture `decoder` (on the calling thread); plain generate if that fails.
-
-    Call it on the thread that will generate: CUDA graphs belong to the thread that captured them.
-    """
-    start = getattr(decoder, "warm_up", None)
-    if start is None:
-        return decoder
-    try:
-        start()
-    except Exception as error:
-        if model is None:  # nothing to fall back to (tensor parallelism keeps only slices)
-            raise
-        log.warning(
-            "decoder: %s failed to start, using plain generate (%s: %s)",
-            decoder.name,
-            type(error).__name__,
-            error,
-            exc_info=True,
-        )
-        return PlainDecoder(model, tokenizer)
-    return decoder
 
 
 def finish_reason(last_token, count: int, params: GenerationParams, eos_token_id, cancelled) -> str:

@@ -1,0 +1,251 @@
+"""Assembling a local engine: from plain options (which model, int4, tensor parallel, which decoder)
+to an `Engine`, the one thing the local backend (backends/local/backend.py) serves.
+
+Three ways a model is served, each decided here and only here:
+- a transformers model in this process (`from_pretrained`: bf16 across the GPUs, float32 on the
+  CPU, or bitsandbytes), decoded by plain `generate` or the fast decoder (`choose_decoder`);
+- `--quantize int4`: the fast decoder over int4 weights read from the checkpoint (int4/loading.py);
+- `--tensor-parallel N`: the fast decoder over N ranks, each holding its slice (parallel/ranks.py).
+
+The app's factory maps its settings onto `EngineOptions` and wraps the engine in a LocalBackend.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from chat.conversation.errors import ConfigError
+from chat.engine.decoders import Decoder, PlainDecoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What to load and how; plain values (the factory fills them from the app's settings)."""
+
+    model: str  # a hub id or a model folder
+    token: str | None = None
+    quantize: str | None = None  # "8bit" / "4bit" (bitsandbytes) or "int4" (ours)
+    save_quantized: str | None = None  # with int4: write the int4 model to this folder
+    decoder: str = "auto"  # "auto", "fast" or "plain"
+    tensor_parallel: int | str = 1  # ranks, or "auto"
+    max_total_tokens: int | None = None  # the context; None: from the model
+
+
+@dataclass
+class Engine:
+    """A loaded model as the local backend serves it: the tokenizer, what decodes, the context,
+    and a description for the page and logs. `model` is the transformers model where one is in
+    memory (plain `generate` can then take over if the fast decoder fails to start); None where
+    the decoder holds the only copy of the weights (int4, tensor parallelism)."""
+
+    tokenizer: object
+    decoder: Decoder
+    context_length: int
+    description: str
+    model: object = None
+
+    @classmethod
+    def of_model(cls, model, tokenizer, *, context_length: int, decoder: Decoder | None = None) -> Engine:
+        """A transformers model already loaded, with `decoder` (default: plain `generate`)."""
+        device = getattr(getattr(model, "device", None), "type", "cpu")
+        return cls(
+            tokenizer,
+            decoder or PlainDecoder(model, tokenizer),
+            context_length,
+            f"local transformers ({device})",
+            model,
+        )
+
+    def warm_up(self) -> Engine:
+        """Compile and capture the decoder; plain `generate` instead if that fails and a model is
+        in memory. Call it on the thread that will generate: CUDA graphs belong to the thread
+        that captured them."""
+        start = getattr(self.decoder, "warm_up", None)
+        if start is None:
+            return self
+        try:
+            start()
+        except Exception as error:
+            if self.model is None:  # nothing to fall back to
+                raise
+            log.warning(
+                "decoder: %s failed to start, using plain generate (%s: %s)",
+                self.decoder.name,
+                type(error).__name__,
+                error,
+                exc_info=True,
+            )
+            self.decoder = PlainDecoder(self.model, self.tokenizer)
+        return self
+
+
+def build_engine(options: EngineOptions) -> Engine:
+    """The engine `options` ask for; ConfigError (one sentence) if it cannot be built."""
+    if options.tensor_parallel != 1:
+        engine = _tensor_parallel_engine(options)
+        if engine is not None:
+            return engine
+    if options.quantize == "int4":
+        return _int4_engine(options)
+    model, tokenizer = load_model(options.model, quantize=options.quantize, token=options.token)
+    context_length = options.max_total_tokens or model_context_length(model.config, tokenizer)
+    decoder = choose_decoder(options.decoder, model, tokenizer, context_length)
+    return Engine.of_model(model, tokenizer, context_length=context_length, decoder=decoder)
+
+
+def choose_decoder(kind: str, model, tokenizer, max_len: int) -> Decoder:
+    """`plain`, `fast`, or `auto`: the fast decoder where a CUDA GPU and the model allow it."""
+    if kind == "plain":
+        return PlainDecoder(model, tokenizer)
+    from chat.engine.decode_loop import FastDecoder
+    from chat.engine.falcon_layout import Unsupported
+
+    on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
+    if kind == "auto" and not on_gpu:
+        log.info("decoder: plain generate (the fast decoder needs a CUDA GPU)")
+        return PlainDecoder(model, tokenizer)
+    try:
+        decoder = FastDecoder(model, tokenizer, max_len=max_len)
+    except Unsupported as error:
+        if kind == "fast":
+            raise ConfigError(f"--decoder fast: {error}") from None
+        log.info("decoder: plain generate (fast decoder: %s)", error)
+        return PlainDecoder(model, tokenizer)
+    log.info("decoder: %s, cache of %d tokens", decoder.name, max_len)
+    return decoder
+
+
+def load_model(model_id: str, *, quantize: str | None = None, token: str | None = None):
+    """Model and tokenizer: bf16 across all GPUs where there are GPUs, float32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    kwargs: dict = {"token": token}
+    if torch.cuda.is_available():
+        kwargs.update(dtype=torch.bfloat16, device_map="auto")
+    else:
+        kwargs.update(dtype=torch.float32)
+    if quantize:
+        kwargs["quantization_config"] = _quantization_config(quantize)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, token=token)
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load model {model_id!r}: not a model folder, or not reachable on the hub "
+            f"({str(error).splitlines()[0][:200]})"
+        ) from None
+    model.eval()
+    return model, tokenizer
+
+
+def _quantization_config(quantize: str):
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--quantize {quantize} needs a CUDA GPU; none is visible")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes")
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
+    )
+
+
+def model_context_length(config, tokenizer) -> int:
+    """The model's context: its config, else the tokenizer's, else Falcon's 2,048."""
+    length = getattr(config, "max_position_embeddings", None)
+    if not length:
+        length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if length and length < 10**7 else 2048
+
+
+def _int4_engine(options: EngineOptions) -> Engine:
+    """The fast decoder over int4 weights on one device (int4/loading.py), quantized while loading."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from chat.engine.decode_loop import FastDecoder
+    from chat.engine.falcon_layout import Unsupported
+    from chat.engine.int4.loading import layout_from_int4, load_int4, save_int4
+    from chat.engine.int4.products import int4_products
+    from chat.engine.parallel.ranks import model_folder
+
+    if options.decoder == "plain":
+        raise ConfigError("--quantize int4 runs the fast decoder; it cannot be used with --decoder plain")
+    folder = model_folder(options.model, options.token)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    try:
+        model = load_int4(folder, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    except Unsupported as error:
+        raise ConfigError(f"--quantize int4: {error}") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--quantize int4: cannot load {options.model!r} ({str(error)[:200]})") from None
+    if options.save_quantized:
+        save_int4(model, options.save_quantized, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    context_length = options.max_total_tokens or model_context_length(model.config, tokenizer)
+    layout = layout_from_int4(model, max_len=context_length, products=int4_products(device))
+    decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id)
+    return Engine(tokenizer, decoder, context_length, f"local int4 ({device}, {layout.products.name})")
+
+
+def _checkpoint_quantization(folder):
+    """The GPTQ/AWQ quantization `folder`'s checkpoint carries, or None."""
+    from chat.engine.falcon_layout import Unsupported
+    from chat.engine.int4 import checkpoints as checkpoint_quantization
+
+    try:
+        return checkpoint_quantization.read(folder)
+    except Unsupported as error:
+        raise ConfigError(f"--quantize int4: {error}") from None
+
+
+def _tensor_parallel_engine(options: EngineOptions) -> Engine | None:
+    """The fast decoder over N ranks, or None where `auto` finds one GPU enough."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from chat.engine.parallel import ranks as tp
+
+    int4 = options.quantize == "int4"
+    folder = tp.model_folder(options.model, options.token)
+    quantization = _checkpoint_quantization(folder) if int4 else None
+    if quantization is not None:
+        if options.tensor_parallel == "auto":
+            return None
+        raise ConfigError(
+            f"--quantize int4 loads a {quantization.method} checkpoint on one GPU: use --tensor-parallel 1"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    ranks = tp.ranks_for(options.tensor_parallel, config, bytes_per_weight=0.5625 if int4 else 2.0)
+    if ranks == 1:
+        return None
+    if options.decoder == "plain":
+        raise ConfigError("--tensor-parallel runs the fast decoder; it cannot be used with --decoder plain")
+    if options.quantize and not int4:
+        raise ConfigError("--tensor-parallel does not take --quantize (bitsandbytes) weights; int4 it does")
+    if options.save_quantized:
+        raise ConfigError("--save-quantized runs on one GPU; it cannot be used with --tensor-parallel")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    context_length = options.max_total_tokens or model_context_length(config, tokenizer)
+    spec = tp.RankSpec(
+        world=ranks,
+        port=tp.free_port(),
+        max_len=context_length,
+        eos_token_id=tokenizer.eos_token_id,
+        folder=folder,
+        products="int4" if int4 else "dense",
+    )
+    decoder = tp.start_ranks(spec)
+    kind = "int4" if int4 else "transformers"
+    return Engine(tokenizer, decoder, context_length, f"local {kind} ({ranks} ranks, tensor parallel)")
