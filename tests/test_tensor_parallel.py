@@ -137,6 +137,31 @@ def test_every_rank_generates_what_one_device_does_with_one_sum_per_layer(
     assert sums == model.config.num_hidden_layers * len(expected)
 
 
+def test_unindexed_shards_with_prefixed_names_load_for_every_path(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Two safetensors files with no index, names under `model.` (as some exports write them): the
+    ranks read them as the int4 loader does (one reader, checkpoint.py)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from chat.engine.int4.loading import load_int4
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.config.save_pretrained(tmp_path)
+    tensors = {
+        f"model.{name}": t.contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"
+    }
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[::2]}, str(tmp_path / "part-a.safetensors"))
+    save_file({n: tensors[n] for n in names[1::2]}, str(tmp_path / "part-b.safetensors"))
+    ids = _ids(tiny_tokenizer, PROMPTS[0])
+    expected = []
+    PlainDecoder(model, tiny_tokenizer).generate(ids, GREEDY, 0, expected.append, lambda: False)
+
+    per_rank, _ = _sharded_greedy(tmp_path, tiny_tokenizer, ids, 2, len(expected))
+    assert per_rank == [expected] * 2
+    assert set(load_int4(tmp_path, device="cpu", dtype=torch.float32).products) >= {"h.0.in", "lm_head"}
+
+
 def test_int4_slices_generate_what_the_one_device_int4_path_does(tmp_path, tiny_tokenizer):
     """Each rank quantizes the slices it reads; with int4 groups that fall on the same columns as
     on one device (widths of 128), the ranks hold exactly the one-device int4 model."""

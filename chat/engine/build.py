@@ -215,6 +215,7 @@ def _tensor_parallel_engine(options: EngineOptions) -> Engine | None:
     """The fast decoder over N ranks, or None where `auto` finds one GPU enough."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from chat.engine.falcon_layout import Unsupported
     from chat.engine.parallel import ranks as tp
 
     int4 = options.quantize == "int4"
@@ -246,6 +247,9 @@ def _tensor_parallel_engine(options: EngineOptions) -> Engine | None:
         folder=folder,
         products="int4" if int4 else "dense",
     )
-    decoder = tp.start_ranks(spec)
+    try:
+        decoder = tp.start_ranks(spec)
+    except (Unsupported, OSError) as error:
+        raise ConfigError(f"--tensor-parallel: {error}") from None
     kind = "int4" if int4 else "transformers"
     return Engine(tokenizer, decoder, context_length, f"local {kind} ({ranks} ranks, tensor parallel)")

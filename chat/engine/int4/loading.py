@@ -17,7 +17,6 @@ so `--model DIR --quantize int4` starts without the bf16 checkpoint.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from chat.engine.checkpoint import Checkpoint
 from chat.engine.falcon_layout import FalconLayout, Layer, check_config, rotary_tables
 from chat.engine.int4 import checkpoints as checkpoint_quantization
 from chat.engine.int4 import weight as int4
@@ -96,33 +96,29 @@ def quantize_checkpoint(
 ) -> Int4Falcon:
     """Read the shards one by one onto `device`; once a layer's four linear layers are complete,
     fuse them into int4 products: a dense weight quantized, a GPTQ or AWQ one converted."""
-    from safetensors import safe_open
-
-    files = _shard_files(Path(folder))
-    expected = _linear_parts(files)  # module -> the parts the checkpoint holds for it
+    checkpoint = Checkpoint(folder)
+    expected = _linear_parts(checkpoint)  # module -> the parts the checkpoint holds for it
     two_norms = _two_norms(config)
     start = time.perf_counter()
     model = Int4Falcon(config, {}, {})
     linears: dict[str, dict[str, torch.Tensor]] = {}
     to_int4 = checkpoint_quantization.Converter(search, quantization)
-    for path in files:
-        with safe_open(str(path), framework="pt", device=str(device)) as shard:
-            for stored in shard.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensor = shard.get_tensor(stored)
-                name = _plain_name(stored)
-                match = _LINEAR.match(name)
-                if match is None:
-                    if not to_int4.drops(name, tensor):
-                        model.dense[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-                    continue
-                module, part = match.group(1), match.group(3)
-                linears.setdefault(module, {})[part] = tensor.to(dtype) if part == "weight" else tensor
-                index = match.group(2)
-                if index is not None:
-                    names = [f"transformer.h.{index}.{m}" for m in _LAYER_MODULES]
-                    if all(n in expected and linears.get(n, {}).keys() == expected[n] for n in names):
-                        parts = {m: linears.pop(n) for m, n in zip(_LAYER_MODULES, names, strict=True)}
-                        _fuse_layer(model, int(index), parts, two_norms, to_int4)
+    for path in checkpoint.files:
+        for name in checkpoint.names_in(path):
+            tensor = checkpoint.read(name, device=device)
+            match = _LINEAR.match(name)
+            if match is None:
+                if not to_int4.drops(name, tensor):
+                    model.dense[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                continue
+            module, part = match.group(1), match.group(3)
+            linears.setdefault(module, {})[part] = tensor.to(dtype) if part == "weight" else tensor
+            index = match.group(2)
+            if index is not None:
+                names = [f"transformer.h.{index}.{m}" for m in _LAYER_MODULES]
+                if all(n in expected and linears.get(n, {}).keys() == expected[n] for n in names):
+                    parts = {m: linears.pop(n) for m, n in zip(_LAYER_MODULES, names, strict=True)}
+                    _fuse_layer(model, int(index), parts, two_norms, to_int4)
         if device != "cpu" and torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     lm_head = linears.pop("lm_head", None)
@@ -141,39 +137,14 @@ def quantize_checkpoint(
     return model
 
 
-def _shard_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():  # the shards it names (a folder may also hold a consolidated copy)
-        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        split = sorted(folder.glob("*.safetensors-split-*")) or sorted(folder.glob("*.safetensors.split-*"))
-        if split:
-            raise FileNotFoundError(
-                f"{folder} holds a safetensors file split in parts ({split[0].name}, ...): join them "
-                "first, e.g. cat model.safetensors-split-* > model.safetensors"
-            )
-        raise FileNotFoundError(f"{folder} has no .safetensors files to quantize")
-    return files
-
-
-def _plain_name(name: str) -> str:
-    return name.removeprefix("model.") if name.startswith("model.transformer.") else name
-
-
-def _linear_parts(files: list[Path]) -> dict[str, set[str]]:
-    """Each linear layer's parts in the checkpoint ("weight", or GPTQ's/AWQ's qweight, ...), read
-    from the shards' headers: a layer is complete when all of its parts have arrived."""
-    from safetensors import safe_open
-
+def _linear_parts(checkpoint: Checkpoint) -> dict[str, set[str]]:
+    """Each linear layer's parts in the checkpoint ("weight", or GPTQ's/AWQ's qweight, ...), from
+    the shards' headers: a layer is complete when all of its parts have arrived."""
     parts: dict[str, set[str]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as shard:
-            for name in shard.keys():  # noqa: SIM118
-                match = _LINEAR.match(_plain_name(name))
-                if match:
-                    parts.setdefault(match.group(1), set()).add(match.group(3))
+    for name in checkpoint.names():
+        match = _LINEAR.match(name)
+        if match:
+            parts.setdefault(match.group(1), set()).add(match.group(3))
     return parts
 
 

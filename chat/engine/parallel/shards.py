@@ -19,7 +19,6 @@ packed slices plus about one tensor being read, never its share of the model in 
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import dataclass
@@ -129,54 +128,25 @@ def _merge(ranges: Ranges) -> Ranges:
 
 
 class SafetensorsSource:
-    """A model folder's `*.safetensors`; `read` takes only the asked rows or columns from disk."""
+    """A model folder's weights (the engine's one reader, checkpoint.py) read onto `device`."""
 
     def __init__(self, folder, device, dtype):
         from transformers import AutoConfig
 
+        from chat.engine.checkpoint import Checkpoint
+
         self.folder, self.device, self.dtype = Path(folder), torch.device(device), dtype
         self.config = AutoConfig.from_pretrained(self.folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.exists():
-            self._files = {
-                name: self.folder / file for name, file in json.loads(index.read_text())["weight_map"].items()
-            }
-        else:
-            from safetensors import safe_open
-
-            single = self.folder / "model.safetensors"
-            if not single.exists():
-                raise Unsupported(
-                    f"no safetensors weights in {self.folder} (tensor parallelism reads only those)"
-                )
-            with safe_open(single, "pt") as f:
-                self._files = dict.fromkeys(f.keys(), single)
-        self._open: dict = {}
+        self.checkpoint = Checkpoint(self.folder)
 
     def names(self) -> set[str]:
-        return set(self._files)
+        return self.checkpoint.names()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self.checkpoint.shape(name)
 
     def read(self, name: str, rows: Ranges | None = None, columns: Ranges | None = None) -> torch.Tensor:
-        tensor = self._slice(name)
-        if rows is not None:
-            parts = [tensor[r.start : r.stop] for r in rows]
-        elif columns is not None:
-            parts = [tensor[:, c.start : c.stop] for c in columns]
-        else:
-            parts = [tensor[:]]
-        whole = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1 if columns is not None else 0)
-        return whole.to(self.device, self.dtype)
-
-    def _slice(self, name: str):
-        from safetensors import safe_open
-
-        file = self._files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(file, "pt", device="cpu")
-        return self._open[file].get_slice(name)
+        return self.checkpoint.read(name, rows, columns, device=self.device, dtype=self.dtype)
 
 
 class RandomSource:
