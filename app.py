@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 
 def main(argv: list[str] | None = None) -> None:
     from chat.config import load_settings
     from chat.conversation.errors import ConfigError
+    from chat.conversation.log_safety import configure_logging
     from chat.factory import build_backend
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings(argv)
+        configure_logging(log_messages=settings.log_messages)
         backend = build_backend(settings)
     except ConfigError as error:
         sys.exit(f"app.py: error: {error.user_message}")

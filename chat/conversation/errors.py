@@ -20,7 +20,7 @@ class ChatError(Exception):
         # `detail` is for the log, never shown to the user: often a server's own words, so its
         # secrets are scrubbed and its line breaks escaped here, once for every error.
         self.detail = log_text(detail)
-        super().__init__(self.user_message if not detail else f"{self.user_message} ({detail})")
+        super().__init__(self.user_message if not detail else f"{self.user_message} ({self.detail})")
 
 
 class InvalidParameter(ChatError):

@@ -23,6 +23,7 @@ from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH, FINISH_ST
 from chat.conversation.cancellation import Cancellation
 from chat.conversation.errors import BackendError, ContextOverflow, InvalidMessage, PromptTooLong
 from chat.conversation.fitting import FittedPrompt, fit_prompt
+from chat.conversation.log_safety import private_texts
 from chat.conversation.params import GenerationParams
 from chat.conversation.stops import StopFilter
 from chat.conversation.turns import Turn, add_note, turns_from_history
@@ -144,9 +145,13 @@ def stream_reply(
         )
         return dataclasses.replace(fitted, dropped_turns=fitted.dropped_turns + drop)
 
-    yield from stream_fitted(
-        backend, fit, params, droppable_turns=len(turns), on_finish=on_finish, cancelled=cancelled
-    )
+    # Whatever is logged while this reply is produced (a server's error echoing its input, by us
+    # or an HTTP library) withholds what repeats the conversation (chat.conversation.log_safety).
+    conversation = [message, system_prompt, *(text for turn in turns for text in (turn.user, turn.assistant))]
+    with private_texts(conversation):
+        yield from stream_fitted(
+            backend, fit, params, droppable_turns=len(turns), on_finish=on_finish, cancelled=cancelled
+        )
 
 
 def stream_completion(
@@ -170,9 +175,10 @@ def stream_completion(
             )
         return FittedPrompt(text, tokens, min(params.max_new_tokens, context - tokens), 0, context)
 
-    yield from stream_fitted(
-        backend, fit, params, on_finish=on_finish, cancelled=cancelled, keep_leading_space=True
-    )
+    with private_texts([text]):
+        yield from stream_fitted(
+            backend, fit, params, on_finish=on_finish, cancelled=cancelled, keep_leading_space=True
+        )
 
 
 def stream_fitted(

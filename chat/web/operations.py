@@ -2,7 +2,8 @@
 
 The routes are served by the same process as the page (passed to Gradio's FastAPI app when it is
 created). Logs never contain message text unless `--log-messages` asks for it, and never secrets:
-server text is scrubbed and escaped (chat.conversation.log_safety), each record is one line.
+an `Operations` puts chat.conversation.log_safety in front of every log record of the process
+(ours and every library's): scrubbed, escaped, each record one line.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from chat.conversation.backend import Backend
-from chat.conversation.log_safety import json_line, log_text
+from chat.conversation.log_safety import REQUEST_LOG, install, json_line, log_text
 
-request_log = logging.getLogger("falcon_chat.requests")
+request_log = logging.getLogger(REQUEST_LOG)
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -29,6 +30,7 @@ class Operations:
     def __init__(self, backend: Backend, *, log_messages: bool = False):
         self.backend = backend
         self.log_messages = log_messages
+        install(log_messages=log_messages)  # every record of the process, whoever makes it
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "falcon_chat_requests", "Replies by outcome.", ["mode", "outcome"], registry=self.registry
