@@ -4,8 +4,11 @@ app served on it.
 `TaggedDouble` stands in for a TGI server whose failures hit one user and not another: a message
 containing `[fault:NAME]` gets that failure (every attempt, so retries cannot hide it), any other
 message the healthy `HEALTHY_TEXT`. Besides the double's own failures it can send a malformed event
-(`malformed`), end the stream cleanly without TGI's final event (`truncated`) or stream a token of
-1 MB (`huge_token`).
+(`malformed`), end the stream cleanly without TGI's final event (`truncated`), stream a token of
+1 MB (`huge_token`), and, after two good tokens, act as a hostile or broken server would: ignore
+`max_new_tokens` (`endless`: up to `ENDLESS_TOKENS`), send one line without end (`long_line`: up to
+`LONG_LINE_BYTES`), or a token whose text is a number (`number_text`) or an object
+(`object_text`). `bytes_sent` counts what it wrote of the last two kinds.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from tests.tgi_double import Reply, TGIDouble, _Handler
 
 HEALTHY_TEXT = " ".join(f"word{i}" for i in range(40)) + "."
 HUGE_TOKEN = "x" * 1_000_000
+ENDLESS_TOKENS = 20_000  # what `endless` sends whatever max_new_tokens asked (then it ends)
+LONG_LINE_BYTES = 64 * 1024 * 1024  # the line `long_line` sends (in pieces of 1 MB) without a newline
 # Short timeouts so faults show within seconds; one retry while busy. Not shorter: the app, the
 # double and the clients share this test process, and late in the whole suite a pause of half a
 # second (a full garbage collection, a burst of new clients) once cut a healthy stream as "silent".
@@ -36,6 +41,8 @@ _FAULT = re.compile(r"\[fault:(\w+)\]")
 
 
 class TaggedDouble(TGIDouble):
+    bytes_sent = 0
+
     def reply_for(self, body: dict) -> Reply:
         faults = _FAULT.findall(body.get("inputs", "").rsplit("User:", 1)[-1])
         if not faults:
@@ -56,13 +63,29 @@ class TaggedDouble(TGIDouble):
 
 class _TaggedHandler(_Handler):
     def _events(self, body: dict, reply: Reply):
-        if reply.fail not in ("malformed", "truncated"):
+        if reply.fail not in ("malformed", "truncated", "endless", "long_line", "number_text", "object_text"):
             return super()._events(body, reply)
         for index, piece in enumerate(["The", " falcon"]):
             self._token(index, piece, False, None, None, 2)
         if reply.fail == "malformed":
             self._chunk(b'data:{"index": 3, "token": {"id": 7, "te\n\n')
+        elif reply.fail == "endless":
+            for index in range(2, ENDLESS_TOKENS):
+                self._token(index, f" w{index}", False, None, None, index)
+                self._sent(40)
+        elif reply.fail == "long_line":
+            self._chunk(b'data:{"index": 3, "token": {"id": 7, "text": "')
+            piece = b"y" * (1024 * 1024)
+            for _ in range(LONG_LINE_BYTES // len(piece)):
+                self._chunk(piece)
+                self._sent(len(piece))
+        elif reply.fail in ("number_text", "object_text"):
+            text = 5 if reply.fail == "number_text" else {"text": "hidden"}
+            self._event({"index": 3, "token": {"id": 7, "text": text, "logprob": 0.0, "special": False}})
         return None  # the stream ends without TGI's final event
+
+    def _sent(self, count: int) -> None:
+        self.double.bytes_sent += count
 
 
 @contextlib.contextmanager

@@ -19,10 +19,20 @@ from chat.conversation.turns import NOTE_MARK, strip_note
 from chat.engine.build import Engine, load_model
 from chat.engine.decoders import PlainDecoder
 from tests.helpers import serve_app
-from tests.reliability import ARGS, HEALTHY_TEXT, HUGE_TOKEN, QUICK, app_on_double, settled
-from tests.tgi_double import Reply
+from tests.reliability import (
+    ARGS,
+    ENDLESS_TOKENS,
+    HEALTHY_TEXT,
+    HUGE_TOKEN,
+    LONG_LINE_BYTES,
+    QUICK,
+    app_on_double,
+    settled,
+)
+from tests.tgi_double import Reply, tokenize
 
 BROKE_OFF = "The connection to the model server broke off. Please try again."
+UNREADABLE = "The model server sent a reply this app could not read. Please try again."
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +70,9 @@ def note_of(reply: str) -> str:
         ("malformed", "The falcon", BROKE_OFF),  # an event that is not JSON
         ("truncated", "The falcon", BROKE_OFF),  # the stream ends without TGI's final event
         ("error_mid", "The falcon", GenerationFailed.user_message),  # CUDA OOM mid-reply
+        ("number_text", "The falcon", UNREADABLE),  # a token whose text is a number
+        ("object_text", "The falcon", UNREADABLE),  # ... or an object
+        ("long_line", "The falcon", UNREADABLE),  # one line that never ends
     ],
 )
 def test_a_failing_reply_tells_its_user_keeps_the_partial_and_spares_others(
@@ -93,6 +106,27 @@ def test_a_one_megabyte_token_arrives_whole(app):
     reply = Client(url, verbose=False).predict("[fault:huge_token] Hi", *ARGS, api_name="/chat")
     assert strip_note(reply) == f"Here: {HUGE_TOKEN} done"
     assert strip_note(healthy.result()) == HEALTHY_TEXT
+
+
+def test_a_server_that_ignores_max_new_tokens_is_cut_at_the_limit(app):
+    """Before, 420,799 tokens in 30 s reached the page from such a server; now the reply ends at
+    the tokens asked for, as a length-limited reply, and the server's stream is closed."""
+    url, double = app
+    client = Client(url, verbose=False)
+    disconnects = double.disconnects
+    reply = client.predict("[fault:endless] Hi", *ARGS, api_name="/chat")
+    assert len(tokenize(strip_note(reply))) == ARGS[2] < ENDLESS_TOKENS  # max new tokens
+    assert client.predict(api_name="/reply_stats")["finish_reason"] == "length"
+    assert double.wait_for_disconnects(disconnects + 1)  # it was still sending: the app hung up
+
+
+def test_a_line_without_end_is_refused_before_it_is_held_whole(app):
+    url, double = app
+    double.bytes_sent = 0
+    reply = Client(url, verbose=False).predict("[fault:long_line] Hi", *ARGS, api_name="/chat")
+    assert note_of(reply) == NOTE_MARK + f"Reply cut short: {UNREADABLE}"
+    assert settled(lambda: double.active == 0)
+    assert double.bytes_sent < LONG_LINE_BYTES / 2  # the app hung up after a few megabytes
 
 
 def test_a_client_that_goes_away_mid_stream_closes_the_upstream_request():

@@ -242,3 +242,63 @@ def test_a_side_route_dropped_without_an_answer_is_asked_once_more():
     finally:
         backend.close()
         listener.close()
+
+
+# -- a hung endpoint, and the turns each reply takes (real sockets) ------------------------------
+
+PATIENT = RemoteOptions(
+    connect_timeout_s=1.0, first_token_timeout_s=5.0, token_timeout_s=5.0, busy_retries=0, cooldown_s=60
+)
+
+
+def chat(backend, message="Hello there") -> str:
+    return list(stream_reply(backend, message, [], "", GenerationParams(), max_message_chars=1000))[-1]
+
+
+def test_each_reply_advances_the_round_robin_once():
+    """Counting the prompt's tokens (a question on the side, /tokenize) and the stream used to
+    advance the turn once each: with two endpoints, every stream went to the same one."""
+    with TGIDouble() as first, TGIDouble() as second:
+        backend = backend_for(first, second)
+        for number in range(10):
+            assert chat(backend, f"Message number {number}") == DEFAULT_TEXT
+        assert len(first.generate_requests()) == len(second.generate_requests()) == 5
+
+
+def test_a_hung_endpoint_costs_one_connect_timeout_once_and_start_up_does_not_wait_for_it():
+    """A server that accepts connections and never answers: start-up (the context, asked of
+    every endpoint at once) takes the healthy one's answer; the first request to reach the hung
+    one waits the connect timeout for its first byte, after which it is tried last, and only a
+    health check in the background goes back to it."""
+    from tests.hung_server import HungServer
+
+    with HungServer() as hung, TGIDouble() as alive:
+        started = time.monotonic()
+        backend = TGIBackend([hung.url, alive.url], options=PATIENT)
+        try:
+            assert backend.context_length() == alive.max_total_tokens
+            assert time.monotonic() - started < PATIENT.connect_timeout_s  # nobody waited for it
+            started = time.monotonic()
+            replies = [chat(backend, f"Message number {number}") for number in range(6)]
+            elapsed = time.monotonic() - started
+        finally:
+            backend.close()
+        assert replies == [DEFAULT_TEXT] * 6
+        assert len(alive.generate_requests()) == 6
+        # One wait of the connect timeout at most (the start-up question may already have put it
+        # last), never the first-token timeout, never once per message.
+        assert elapsed < PATIENT.connect_timeout_s + 2.0, elapsed
+        assert hung.connections <= 2  # the start-up question, and at most one request after it
+
+
+def test_a_stream_may_pause_longer_than_the_connect_timeout_once_it_has_answered():
+    """The connect timeout covers the answer's first byte (its headers); past them, a stream's
+    events may be as far apart as the token timeouts allow (a long prompt's prefill, a slow
+    model): here 1.5 s between tokens, with no keep-alive between them, under a 1 s connect timeout."""
+    with TGIDouble(tokens_per_second=1 / 1.5, keepalive_s=10) as slow:
+        backend = backend_for(slow, options=PATIENT)
+        try:
+            tokens = [t.text for t in backend.stream("User: Hi\nFalcon:", GenerationParams(max_new_tokens=2))]
+        finally:
+            backend.close()
+        assert "".join(tokens) == "".join(tokenize(DEFAULT_TEXT)[:2])

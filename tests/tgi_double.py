@@ -269,7 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(
                 status,
                 {
-                    "error": "Model is overloaded" if status == 429 else "Internal error",
+                    "error": reply.error or ("Model is overloaded" if status == 429 else "Internal error"),
                     "error_type": error_type,
                 },
             )

@@ -1,11 +1,14 @@
-"""What every remote backend shares: endpoint failover, retries, timeouts and error mapping.
+"""What every remote backend shares: endpoint failover, retries, timeouts, limits and error mapping.
 
 A remote backend only knows how to open one stream on one endpoint (`open_stream(endpoint,
 watchdog)`, a generator of `Token`s) and which library error means what. Everything else lives
 here, once:
 
-- `EndpointPool` spreads requests round-robin and skips, for `cooldown_s`, an endpoint that
-  refused or failed before its first token.
+- `EndpointPool` spreads requests round-robin (each reply advances the turn once; questions on
+  the side, such as token counts, do not) and puts an endpoint that refused, failed or hung
+  before its first token last for `cooldown_s`. When the cooldown ends, a background check
+  (`probe`, the server's health route) brings it back only if it answers, so no user's request
+  waits on an endpoint that is still down.
 - `failover_stream` tries the endpoints until one produces a first token; "busy" answers (429,
   TGI's `overloaded`) are retried with exponential backoff before giving up with `BackendBusy`.
   Once a token has been shown, nothing is retried: the user would see the reply restart.
@@ -14,13 +17,14 @@ here, once:
   those reset any socket timeout. When a deadline passes, the watchdog shuts the socket down
   (`shutdown`, not `close`: only shutdown wakes a read blocked in another thread), the blocked
   read fails, and the failure is reported as `BackendTimeout`.
+- `within_limits` ends a reply where the server goes past what it was asked for: more tokens
+  than `max_new_tokens`, or more than `MAX_REPLY_CHARS` of text.
 - `error_for_status`, `error_for_event` and `error_for_exception` turn HTTP statuses, TGI-style
   error events and library exceptions into the kinds in `chat.conversation.errors`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 import socket
@@ -30,7 +34,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from chat.conversation import cancellation
-from chat.conversation.backend import Token
+from chat.conversation.backend import FINISH_LENGTH, Token
 from chat.conversation.errors import (
     BackendBusy,
     BackendError,
@@ -40,7 +44,6 @@ from chat.conversation.errors import (
     GenerationFailed,
     RequestRejected,
 )
-from chat.conversation.log_safety import log_text
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,12 @@ DEFAULT_TOKEN_TIMEOUT_S = 30.0
 DEFAULT_BUSY_RETRIES = 3
 DEFAULT_BACKOFF_S = 0.5
 DEFAULT_COOLDOWN_S = 30.0
+# A reply's text is cut here whatever the server sends: the page sends a conversation back with
+# each message, under a 2 MiB request limit, so a longer reply could not even be answered.
+MAX_REPLY_CHARS = 1024 * 1024
+# Events without text a stream may carry beyond its tokens (a role chunk, the end-of-text token,
+# usage): more than this past `max_new_tokens` is a server that does not stop.
+EXTRA_EVENTS = 64
 
 # How servers word "prompt + reply is longer than my context" (TGI, vLLM, SGLang, OpenAI).
 _LENGTH_ERROR = re.compile(
@@ -77,26 +86,46 @@ class RemoteOptions:
 
 
 class EndpointPool:
-    """Round-robin over endpoints; one that failed is tried last until its cooldown is over."""
+    """Round-robin over endpoints; one that failed is tried last until it answers again (see the
+    module docstring). `probe(endpoint) -> bool`, run in a thread of its own once a cooldown ends,
+    says whether it does; without one, an endpoint is back in turn when its cooldown ends."""
 
-    def __init__(self, endpoints, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        endpoints,
+        cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        probe: Callable[[str], bool] | None = None,
+    ):
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
         self.endpoints = tuple(endpoints)
         self.cooldown_s = cooldown_s
+        self.probe = probe
         self._clock = clock
-        self._turn = itertools.count()
+        self._turn = 0
         self._failed_until: dict[str, float] = {}
+        self._probing: set[str] = set()
         self._lock = threading.Lock()
 
-    def order(self) -> list[str]:
-        """Endpoints to try for one request: the next in turn first, cooling-down ones last."""
-        start = next(self._turn) % len(self.endpoints)
-        rotated = self.endpoints[start:] + self.endpoints[:start]
+    def order(self, *, advance: bool = True) -> list[str]:
+        """Endpoints to try for one request: the one in turn first, failed ones last. A reply's
+        stream advances the turn (`advance`), a question on the side does not."""
         now = self._clock()
         with self._lock:
-            cooling = {e for e, until in self._failed_until.items() if until > now}
-        return [e for e in rotated if e not in cooling] + [e for e in rotated if e in cooling]
+            start = self._turn % len(self.endpoints)
+            self._turn += advance
+            due = [e for e, until in self._failed_until.items() if until <= now and e not in self._probing]
+            if self.probe is None:
+                for endpoint in due:
+                    del self._failed_until[endpoint]
+                due = []
+            self._probing.update(due)
+            failed = set(self._failed_until)
+        for endpoint in due:
+            threading.Thread(target=self._check, args=(endpoint,), name="endpoint-probe", daemon=True).start()
+        rotated = self.endpoints[start:] + self.endpoints[:start]
+        return [e for e in rotated if e not in failed] + [e for e in rotated if e in failed]
 
     def failed(self, endpoint: str) -> None:
         with self._lock:
@@ -105,6 +134,20 @@ class EndpointPool:
     def succeeded(self, endpoint: str) -> None:
         with self._lock:
             self._failed_until.pop(endpoint, None)
+
+    def cooling(self) -> set[str]:
+        """The endpoints tried last now."""
+        with self._lock:
+            return set(self._failed_until)
+
+    def _check(self, endpoint: str) -> None:
+        try:
+            answers = self.probe(endpoint)
+        except Exception:
+            answers = False
+        with self._lock:
+            self._probing.discard(endpoint)
+        (self.succeeded if answers else self.failed)(endpoint)
 
 
 class Watchdog:
@@ -200,21 +243,17 @@ def failover_stream(
         if attempt:
             sleep(options.backoff_s * 2 ** (attempt - 1))
         busy: BackendBusy | None = None
-        for endpoint in pool.order():
+        for endpoint in pool.order(advance=attempt == 0):
             if cancelled is not None and cancelled.is_set():
                 return
-            watchdog = Watchdog(options.first_token_timeout_s)
-            tokens = open_stream(endpoint, watchdog)
-            forget = cancelled.on_set(watchdog.expire_now) if cancelled is not None else _nothing
+            stream = _EndpointStream(endpoint, open_stream, options.first_token_timeout_s, cancelled)
             try:
-                first = _next_token(tokens, watchdog, cancelled)
+                first = stream.next_token()
             except BackendError as failure:
-                forget()
-                watchdog.stop()
-                tokens.close()
+                stream.close()
                 if not failure.retryable:
                     raise
-                log.warning("endpoint %s failed before its first token: %s", log_text(endpoint), failure)
+                log.warning("endpoint %s failed before its first token: %s", endpoint, failure)
                 if isinstance(failure, BackendBusy):
                     busy = failure  # up, but full: no cooldown, and "busy" is what the user hears
                 else:
@@ -222,51 +261,80 @@ def failover_stream(
                     pool.failed(endpoint)
                 continue
             except BaseException:
-                forget()
-                watchdog.stop()
-                tokens.close()
+                stream.close()
                 raise
-            if first is None and cancelled is not None and cancelled.is_set():
-                forget()
-                watchdog.stop()
-                tokens.close()
-                return
-            pool.succeeded(endpoint)
             try:
-                yield from _rest(first, tokens, watchdog, options.token_timeout_s, cancelled)
+                if first is None and cancelled is not None and cancelled.is_set():
+                    return
+                pool.succeeded(endpoint)
+                token = first
+                while token is not None:
+                    stream.watchdog.pause()
+                    yield token
+                    stream.watchdog.arm(options.token_timeout_s)
+                    token = stream.next_token()
             finally:
-                forget()
+                stream.close()  # closes the HTTP response: the server stops generating
             return
         if busy is None:
             break  # every endpoint is down: waiting here would only delay the message
     raise busy or error or BackendUnavailable(detail="no endpoint answered")
 
 
-def _rest(first, tokens, watchdog: Watchdog, token_timeout_s: float, cancelled=None):
+class _EndpointStream:
+    """One endpoint's token stream with its watchdog, and the cancellation hooked to it; `close`
+    undoes all three, on every way out."""
+
+    def __init__(self, endpoint: str, open_stream, first_token_timeout_s: float, cancelled):
+        self.watchdog = Watchdog(first_token_timeout_s)
+        self.tokens = open_stream(endpoint, self.watchdog)
+        self.cancelled = cancelled
+        self._forget = cancelled.on_set(self.watchdog.expire_now) if cancelled is not None else _nothing
+
+    def next_token(self) -> Token | None:
+        """The next token; None at the end, or when the read was interrupted by a cancellation."""
+        try:
+            return next(self.tokens, None)
+        except Exception as error:
+            if self.cancelled is not None and self.cancelled.is_set():
+                return None  # interrupted on purpose: the stream simply ends
+            if self.watchdog.expired:
+                raise BackendTimeout(detail="no token within the timeout") from error
+            if isinstance(error, BackendError):
+                raise
+            raise error_for_exception(error) from error
+
+    def close(self) -> None:
+        self._forget()
+        self.watchdog.stop()
+        self.tokens.close()
+
+
+def within_limits(tokens: Iterator[Token], max_new_tokens: int) -> Generator[Token, None, None]:
+    """`tokens`, ended (and closed: the server stops) where a server goes past what it was asked
+    for: after `max_new_tokens` tokens of text, `EXTRA_EVENTS` more events, or `MAX_REPLY_CHARS`
+    of text. The reply then ends as a length-limited one."""
+    texts = events = chars = 0
     try:
-        token = first
-        while token is not None:
-            watchdog.pause()
+        for token in tokens:
+            events += 1
+            texts += bool(token.text)
+            chars += len(token.text)
+            if chars > MAX_REPLY_CHARS:
+                yield Token(
+                    token.text[: len(token.text) - (chars - MAX_REPLY_CHARS)], finish_reason=FINISH_LENGTH
+                )
+                return
             yield token
-            watchdog.arm(token_timeout_s)
-            token = _next_token(tokens, watchdog, cancelled)
+            if token.finish_reason:
+                return
+            if texts >= max_new_tokens or events >= max_new_tokens + EXTRA_EVENTS:
+                yield Token("", finish_reason=FINISH_LENGTH)
+                return
     finally:
-        watchdog.stop()
-        tokens.close()  # closes the HTTP response: the server stops generating
-
-
-def _next_token(tokens: Iterator[Token], watchdog: Watchdog, cancelled=None) -> Token | None:
-    """The next token; None at the end, or when the read was interrupted by a cancellation."""
-    try:
-        return next(tokens, None)
-    except Exception as error:
-        if cancelled is not None and cancelled.is_set():
-            return None  # interrupted on purpose: the stream simply ends
-        if watchdog.expired:
-            raise BackendTimeout(detail="no token within the timeout") from error
-        if isinstance(error, BackendError):
-            raise
-        raise error_for_exception(error) from error
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
 
 
 def error_for_status(status: int, message: str = "") -> BackendError:

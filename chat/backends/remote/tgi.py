@@ -5,29 +5,21 @@ answer is server-sent events, read by `tgi_events.tokens_from_lines`, as the Sag
 backend uses (huggingface_hub's `InferenceClient` speaks the same protocol, but builds and
 deep-copies dataclasses for every token: about 0.3 ms of CPU per token, a third of this app's
 CPU time with 64 streams; docs/reliability.md). Requests go through the backend's one
-`httpx2.Client` (so not through huggingface_hub's session, whose offline switch would refuse
-even a TGI on loopback), carry `Authorization` only when a token is configured, and are closed
-when the stream is: closing the connection is how TGI learns to stop generating. HTTP errors and
-error events become our error kinds. Prompt budgets come from the server: GET /info for the
-context, POST /tokenize for counts.
+`httpx2.Client` (`RemoteBackend.post_stream`; so not through huggingface_hub's session, whose
+offline switch would refuse even a TGI on loopback), carry `Authorization` only when a token is
+configured, and are closed when the stream is: closing the connection is how TGI learns to stop
+generating. HTTP errors and error events become our error kinds. Prompt budgets come from the
+server: GET /info for the context, POST /tokenize for counts.
 """
 
 from __future__ import annotations
 
 import logging
 
-import httpx2
-
-from chat.backends.remote.base import RemoteBackend, error_text
+from chat.backends.remote.base import RemoteBackend, positive_int
 from chat.backends.remote.chat_events import chat_request, tokens_from_chat_lines
-from chat.backends.remote.failover import (
-    RemoteOptions,
-    error_for_exception,
-    error_for_status,
-    shutdown_response,
-)
+from chat.backends.remote.failover import RemoteOptions
 from chat.backends.remote.tgi_events import generate_request, tokens_from_lines
-from chat.conversation.errors import BackendError
 from chat.conversation.prompt import ChatMessages
 
 log = logging.getLogger(__name__)
@@ -59,35 +51,22 @@ class TGIBackend(RemoteBackend):
         self.name = "Text Generation Inference"
 
     def open_stream(self, endpoint, prompt, params, watchdog):
-        # A connection of its own, closed with the stream (which is how TGI hears of a Stop), and
-        # never a kept-alive one that the server may be closing at that moment (a request sent
-        # into it fails before the first token).
         if isinstance(prompt, ChatMessages):  # the Messages API: TGI applies the model's template
             route, body, read = "/v1/chat/completions", chat_request(prompt, params), tokens_from_chat_lines
         else:
             route, body, read = "/generate_stream", generate_request(prompt, params), tokens_from_lines
-        request = self._http.stream("POST", endpoint + route, json=body, headers={"Connection": "close"})
-        try:
-            with request as response:
-                watchdog.on_expiry(lambda: shutdown_response(response))
-                if response.status_code >= 400:
-                    response.read()
-                    raise error_for_status(response.status_code, error_text(response))
-                yield from read(response.iter_lines())
-        except BackendError:
-            raise
-        except (httpx2.HTTPError, OSError) as error:
-            raise error_for_exception(error) from None
+        return read(self.post_stream(endpoint + route, body, watchdog))
 
     def health_url(self, endpoint):
         return f"{endpoint}/health"
 
     def server_context_length(self, endpoint):
-        server = self.get_json("GET", f"{endpoint}/info") or {}
-        if self.model_name == "Falcon" and server.get("model_id"):
-            self.model_name = server["model_id"]
-        total = server.get("max_total_tokens")
-        return int(total) if total else None
+        server = self.get_json("GET", f"{endpoint}/info")
+        server = server if isinstance(server, dict) else {}
+        model_id = server.get("model_id")
+        if self.model_name == "Falcon" and isinstance(model_id, str) and model_id.strip():
+            self.model_name = model_id.strip()[:200]  # shown on the page, as text
+        return positive_int(server.get("max_total_tokens"))
 
     def server_token_count(self, endpoint, text):
         tokens = self.get_json("POST", f"{endpoint}/tokenize", json={"inputs": text})

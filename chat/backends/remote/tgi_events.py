@@ -7,9 +7,12 @@ token; the last one also carries `generated_text` and `details.finish_reason`. A
 an event `{"error": "...", "error_type": "validation" | "overloaded" | "generation" | ...}` inside a
 stream that started with HTTP 200.
 
-The TGI backend gets whole lines from httpx; SageMaker's event stream hands us raw bytes split
-anywhere, so `LineBuffer` rebuilds the lines first. Both send `generate_request` and read the
-answer with `tokens_from_lines`, so neither can drift from the other.
+Every stream arrives as bytes split anywhere (HTTP chunks, SageMaker's event-stream parts), so
+`LineBuffer` rebuilds the lines first, and refuses a line longer than `MAX_LINE_BYTES` (a server
+sending one endless line would otherwise fill memory). TGI and SageMaker send `generate_request`
+and read the answer with `tokens_from_lines`, so neither can drift from the other. What a server
+sends is untrusted: an event that is not an object, a token whose text is not text, a finish
+reason that is not a word, are `GenerationFailed` with one sentence, never a library exception.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ FINISH_REASONS = {"length": FINISH_LENGTH, "eos_token": FINISH_STOP, "stop_seque
 
 
 TGI_MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences; our stop filter applies them all
+# The longest line of a stream read: a 1 MB token, JSON-escaped, with room to spare.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+UNREADABLE = "The model server sent a reply this app could not read. Please try again."
+BROKE_OFF = "The connection to the model server broke off. Please try again."
+
+
+def unreadable(detail: str) -> GenerationFailed:
+    """The error for something a server sent that is not what its protocol says."""
+    return GenerationFailed(UNREADABLE, detail=detail)
 
 
 def tgi_parameters(params: GenerationParams) -> dict:
@@ -68,27 +80,34 @@ def tokens_from_lines(
     finished reply."""
     parse = parse or parse_line
     finished = False
-    for line in lines:
-        token = parse(line)
-        if token is not None:
-            finished = finished or token.finish_reason is not None
-            yield token
+    try:
+        for line in lines:
+            token = parse(line)
+            if token is not None:
+                finished = finished or token.finish_reason is not None
+                yield token
+    finally:
+        close = getattr(lines, "close", None)
+        if close is not None:
+            close()  # the HTTP response under the lines: closing is cancelling
     if not finished:
-        raise GenerationFailed(
-            "The connection to the model server broke off. Please try again.",
-            detail=f"the stream ended without {final_event}",
-        )
+        raise GenerationFailed(BROKE_OFF, detail=f"the stream ended without {final_event}")
 
 
 class LineBuffer:
-    """Bytes in arbitrary pieces -> complete text lines (a UTF-8 character may span pieces)."""
+    """Bytes in arbitrary pieces -> complete text lines (a UTF-8 character may span pieces); a line
+    longer than `max_line_bytes` is `GenerationFailed`, found before it is held whole."""
 
-    def __init__(self):
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES):
+        self.max_line_bytes = max_line_bytes
         self._pending = b""
 
     def feed(self, chunk: bytes) -> list[str]:
         self._pending += chunk
         *lines, self._pending = self._pending.split(b"\n")
+        if len(self._pending) > self.max_line_bytes or any(len(line) > self.max_line_bytes for line in lines):
+            self._pending = b""
+            raise unreadable(f"a line longer than {self.max_line_bytes:,} bytes")
         # b"\n" never occurs inside a multi-byte UTF-8 character, so whole lines decode cleanly.
         return [line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines]
 
@@ -97,40 +116,84 @@ class LineBuffer:
         return [rest.rstrip(b"\r").decode("utf-8", errors="replace")] if rest.strip() else []
 
 
+def stream_lines(chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[str]:
+    """The text lines of a byte stream, each at most `max_line_bytes` long."""
+    lines = LineBuffer(max_line_bytes)
+    for chunk in chunks:
+        yield from lines.feed(chunk)
+    yield from lines.finish()
+
+
 def sse_event(line: str) -> dict | None:
     """The JSON event in one SSE line; None for blank, comment, non-data and `[DONE]` lines.
-    GenerationFailed for an event that is not JSON (cut or garbled: nothing after it can be
-    trusted). Shared by TGI's stream and the chat-completions stream (chat_events.py)."""
+    GenerationFailed for an event that is not a JSON object (cut or garbled: nothing after it can
+    be trusted). Shared by TGI's stream and the OpenAI-style streams (chat_events.py)."""
     if not line.startswith("data:"):
         return None
     payload = line[len("data:") :].strip()
     if not payload or payload == "[DONE]":
         return None
     try:
-        return json.loads(payload)
-    except ValueError:
-        raise GenerationFailed(
-            "The connection to the model server broke off. Please try again.",
-            detail=f"unreadable event: {payload[:200]}",
-        ) from None
+        event = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise GenerationFailed(BROKE_OFF, detail=f"unreadable event: {payload[:200]}") from None
+    if not isinstance(event, dict):
+        raise unreadable(f"an event that is not an object: {payload[:200]}")
+    return event
+
+
+def text_field(value, what: str) -> str:
+    """A text a server sent (None: none), or `unreadable` naming `what`."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise unreadable(f"{what} is {type(value).__name__}, not text: {str(value)[:100]}")
+    return value
+
+
+def object_field(value, what: str) -> dict:
+    """An object a server sent (None: an empty one), or `unreadable` naming `what`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise unreadable(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def whole_number(value) -> int | None:
+    """A token id or seed a server sent; anything but a whole number counts as not sent."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def raise_error_event(event: dict) -> None:
+    """Raise the BackendError an error event stands for (TGI's `{"error", "error_type"}`, the
+    OpenAI shape `{"error": {"message", ...}}` or `{"object": "error", "message"}`); None if
+    `event` is no error."""
+    error = event.get("error")
+    if error is None and event.get("object") == "error":
+        error = event.get("message") or "error"
+    if error is None:
+        return
+    message = error.get("message", error) if isinstance(error, dict) else error
+    error_type = event.get("error_type")
+    raise error_for_event(error_type if isinstance(error_type, str) else None, str(message))
 
 
 def parse_line(line: str) -> Token | None:
     """The token in one SSE line, None for blank/comment/non-data lines; raises a BackendError on
-    error events and on events that are not JSON."""
+    error events and on events that are not what TGI sends."""
     event = sse_event(line)
     if event is None:
         return None
-    if event.get("error") is not None:
-        raise error_for_event(event.get("error_type"), str(event["error"]))
-    token = event.get("token") or {}
-    details = event.get("details") or {}
+    raise_error_event(event)
+    token = object_field(event.get("token"), "a token")
+    details = object_field(event.get("details"), "the details")
     return make_token(
-        token.get("text", ""),
-        token.get("id"),
-        token.get("special", False),
-        details.get("finish_reason"),
-        details.get("seed"),
+        text_field(token.get("text"), "a token's text"),
+        whole_number(token.get("id")),
+        token.get("special") is True,
+        text_field(details.get("finish_reason"), "the finish reason") or None,
+        whole_number(details.get("seed")),
     )
 
 
