@@ -40,7 +40,7 @@ from chat.web.gradio_patches.chat_interface import (
 from chat.web.gradio_patches.costs import event_watch, text_message, trim_gradio_costs
 from chat.web.handlers import PageHandlers, Refused
 from chat.web.operations import Operations
-from chat.web.security import harden_demo, harden_launch_options, private_gradio_cache
+from chat.web.security import harden_demo, harden_launch_options, markdown_text, private_gradio_cache
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TITLE = "Falcon Chat"
@@ -354,7 +354,9 @@ def banner(backend: Backend) -> str:
 def description(backend: Backend) -> str:
     """The line under the banner: which model, through which backend, in which prompt format (and
     a warning for the tiny demo model)."""
-    text = f"Chatting with **{model_label(backend)}** through {backend.name}, in {backend.prompt_format.description}."
+    # The model's name can come from a server (TGI's /info, a /v1/models list): shown as text.
+    model = markdown_text(model_label(backend))
+    text = f"Chatting with **{model}** through {backend.name}, in {backend.prompt_format.description}."
     if "tiny demo" in backend.model_name:
         text += (
             "<br>⚠️ This is a tiny demo model with random weights, built offline so the app works "

@@ -6,6 +6,13 @@
   content inside its bubble, and `content_security_policy` stops what is left at the browser:
   forms post only to the app, images come only from the app or `data:`, no inline `style`
   attribute applies, no script from another site runs.
+- Links: Gradio's sanitizer checks the scheme of HTML links only, so `<svg><a
+  href="javascript:...">` survived it and ran on a click. `URL_GUARD_HEAD` removes, from every
+  element of rendered markdown (messages, the description; SVG and MathML included), any URL
+  attribute whose scheme, as the browser reads it (case, entities, spaces and tabs resolved), is
+  not http, https or mailto. Behind it, the page's policy allows no inline script but Gradio's
+  own (`SecurityHeadersMiddleware` gives the page's scripts a nonce per response) and ours (by
+  hash), so a `javascript:` URL would not run either.
 - `BodyLimitMiddleware` refuses request bodies over `--max-request-bytes` with HTTP 413 before
   Gradio reads them, and `forget_input_values` stops Gradio keeping each session's last input
   values (it keeps them only for deep links, which this app does not offer); that patch and
@@ -19,8 +26,12 @@
 from __future__ import annotations
 
 import atexit
+import base64
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -61,17 +72,68 @@ body { width: 100%; margin: 0; padding: 0; display: flex; flex-direction: column
 gradio-app { display: flex; flex-direction: column; flex-grow: 1; }
 </style>"""
 
+URL_GUARD_HEAD = """<script>
+/* Falcon Chat: rendered markdown (chat messages, the description) keeps only http, https and
+   mailto URLs. Gradio's sanitizer checks the scheme of HTML links only (an SVG <a
+   href="javascript:..."> passed it): every URL attribute of every element added there is read
+   as the browser reads it (entities decoded, case, spaces and tabs ignored) and removed if it
+   has another scheme, before anything can be clicked. chat/web/security.py */
+(function () {
+  var SAFE = { "http:": true, "https:": true, "mailto:": true };
+  var URL_NAMES = /^(?:href|xlink:href|src|srcset|action|formaction|poster|background|cite|data|codebase|longdesc|lowsrc|ping|manifest|usemap|itemtype|xml:base|to|from|values|by)$|(?:href|src|action)$/i;
+  var RENDERED = ".md, .prose, .message-content, [data-testid=bot], [data-testid=user]";
+  function safe(value) {
+    try { return SAFE[new URL(value, document.baseURI).protocol] === true; } catch (e) { return false; }
+  }
+  function clean(element) {
+    if (!element.closest || !element.closest(RENDERED)) return;
+    Array.prototype.slice.call(element.attributes).forEach(function (attribute) {
+      if (URL_NAMES.test(attribute.name) && !safe(attribute.value)) element.removeAttribute(attribute.name);
+    });
+  }
+  function cleanTree(node) {
+    if (node.nodeType !== 1) return;
+    clean(node);
+    Array.prototype.forEach.call(node.querySelectorAll("*"), clean);
+  }
+  new MutationObserver(function (records) {
+    records.forEach(function (record) {
+      if (record.type === "attributes") clean(record.target);
+      else Array.prototype.forEach.call(record.addedNodes, cleanTree);
+    });
+  }).observe(document.documentElement, { subtree: true, childList: true, attributes: true });
+  cleanTree(document.documentElement);
+})();
+</script>"""
+
 # Routes of Gradio's that store what a client sends on disk, which this app never uses.
 CLOSED_ROUTES = ("/gradio_api/upload", "/gradio_api/deep_link", "/upload", "/deep_link")
 
 
-def content_security_policy(frame_origins: Iterable[str] = ()) -> str:
-    """The page's policy. Gradio's page needs inline scripts (its configuration) and `eval` (its
-    HTML component compiles templates), inline <style> elements (the theme) and `blob:`/`data:`
-    for fonts and downloads; nothing from another site."""
+_MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def markdown_text(text: str) -> str:
+    """`text` (a server's model id, anything from outside) for a Markdown component, to show as
+    the text it is: every ASCII punctuation character backslash-escaped (CommonMark's escapes: no
+    tag, link, emphasis, autolink or entity can start), line breaks made spaces."""
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", text))
+
+
+def content_security_policy(
+    frame_origins: Iterable[str] = (), *, nonce: str | None = None, script_hashes: Iterable[str] = ()
+) -> str:
+    """The page's policy. Scripts: the app's own files, the page's inline scripts by `nonce` (one
+    per response), the head's scripts (`launch(head=...)`, which Gradio's page adds itself) by
+    hash, and `eval` (Gradio's HTML component compiles templates, its events' `js` is a function
+    made from text); no other inline script, so no `javascript:` URL and no event handler
+    attribute runs. Inline <style> elements (the theme) and `blob:`/`data:` for fonts and
+    downloads; nothing from another site."""
+    scripts = ["'self'", *([f"'nonce-{nonce}'"] if nonce else []), *script_hashes, "'unsafe-eval'"]
     directives = [
         "default-src 'self'",
-        "script-src 'self' 'unsafe-inline' 'unsafe-eval'",
+        "script-src " + " ".join(scripts),
         "style-src 'self' 'unsafe-inline'",
         "style-src-attr 'none'",
         "img-src 'self' data: blob:",
@@ -88,30 +150,75 @@ def content_security_policy(frame_origins: Iterable[str] = ()) -> str:
     return "; ".join(directives)
 
 
-class SecurityHeadersMiddleware:
-    """ASGI middleware: the Content-Security-Policy on HTML responses, `nosniff` on all."""
+def script_hashes(head: str) -> tuple[str, ...]:
+    """CSP hash sources for the inline scripts in `head`."""
+    return tuple(
+        "'sha256-" + base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode() + "'"
+        for body in re.findall(r"<script>(.*?)</script>", head, flags=re.DOTALL)
+    )
 
-    def __init__(self, app, frame_origins: Iterable[str] = ()):
+
+_SCRIPT_TAG = re.compile(rb"<script(?=[\s>])")
+
+
+class SecurityHeadersMiddleware:
+    """ASGI middleware: the Content-Security-Policy on HTML responses, whose `<script>` tags get a
+    nonce of the response's own; `nosniff` on all. (Gradio's page is a template with inline
+    scripts; text from a config in it is JSON with `<` escaped, so every `<script` in it is
+    Gradio's.)"""
+
+    def __init__(self, app, frame_origins: Iterable[str] = (), script_hashes: Iterable[str] = ()):
         self.app = app
-        self.policy = (b"content-security-policy", content_security_policy(frame_origins).encode("latin-1"))
+        self.frame_origins = tuple(frame_origins)
+        self.script_hashes = tuple(script_hashes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start: dict | None = None
+        body = bytearray()
 
         async def send_with_headers(message):
+            nonlocal start
             if message["type"] == "http.response.start":
                 headers = [
                     (k, v) for k, v in message.get("headers") or [] if k.lower() != b"x-content-type-options"
                 ]
                 headers.append((b"x-content-type-options", b"nosniff"))
-                content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-                if content_type.startswith(b"text/html"):
-                    headers = [(k, v) for k, v in headers if k.lower() != self.policy[0]] + [self.policy]
                 message = {**message, "headers": headers}
-            await send(message)
+                if _header(headers, b"content-type").startswith(b"text/html") and not _header(
+                    headers, b"content-encoding"
+                ):
+                    start = message  # held until the whole page is here
+                    return
+                return await send(message)
+            if start is None or message["type"] != "http.response.body":
+                return await send(message)
+            body.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self._send_page(send, start, bytes(body))
 
         return await self.app(scope, receive, send_with_headers)
+
+    async def _send_page(self, send, start: dict, page: bytes) -> None:
+        nonce = secrets.token_urlsafe(18)
+        page = _SCRIPT_TAG.sub(b'<script nonce="' + nonce.encode() + b'"', page)
+        policy = content_security_policy(self.frame_origins, nonce=nonce, script_hashes=self.script_hashes)
+        headers = [
+            (k, v)
+            for k, v in start["headers"]
+            if k.lower() not in (b"content-security-policy", b"content-length")
+        ]
+        headers += [
+            (b"content-security-policy", policy.encode("latin-1")),
+            (b"content-length", b"%d" % len(page)),
+        ]
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": page})
+
+
+def _header(headers, name: bytes) -> bytes:
+    return next((v for k, v in headers if k.lower() == name), b"")
 
 
 class _BodyTooLarge(Exception):
@@ -257,32 +364,34 @@ async def _json_response(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def security_middleware(*, max_request_bytes: int, frame_origins: Iterable[str] = ()) -> list[Middleware]:
-    """The middleware above, outermost first (Starlette runs the list in this order)."""
+def security_middleware(
+    *, max_request_bytes: int, frame_origins: Iterable[str] = (), head: str = ""
+) -> list[Middleware]:
+    """The middleware above, outermost first (Starlette runs the list in this order); `head` is
+    what the page's head gets (its scripts are allowed by hash)."""
     return [
         Middleware(BodyLimitMiddleware, max_bytes=max_request_bytes),
         Middleware(ClosedRoutesMiddleware),
         Middleware(ApiCallErrorsMiddleware),
-        Middleware(SecurityHeadersMiddleware, frame_origins=tuple(frame_origins)),
+        Middleware(
+            SecurityHeadersMiddleware, frame_origins=tuple(frame_origins), script_hashes=script_hashes(head)
+        ),
     ]
 
 
 def harden_launch_options(
     options: dict, *, max_request_bytes: int, frame_origins: Iterable[str] = ()
 ) -> dict:
-    """`demo.launch` options with the middleware, the chat's CSS and the page kept in Python (a
-    Node server rendering the page in front, Gradio's SSR mode, would not send the headers)."""
+    """`demo.launch` options with the middleware, the chat's CSS and link guard, and the page kept
+    in Python (a Node server rendering the page in front, Gradio's SSR mode, would not send the
+    headers)."""
+    head = (options.get("head") or "") + CHAT_CSS + URL_GUARD_HEAD
     app_kwargs = dict(options.get("app_kwargs") or {})
     app_kwargs["middleware"] = [
-        *security_middleware(max_request_bytes=max_request_bytes, frame_origins=frame_origins),
+        *security_middleware(max_request_bytes=max_request_bytes, frame_origins=frame_origins, head=head),
         *app_kwargs.get("middleware", []),
     ]
-    return {
-        **options,
-        "app_kwargs": app_kwargs,
-        "head": (options.get("head") or "") + CHAT_CSS,
-        "ssr_mode": False,
-    }
+    return {**options, "app_kwargs": app_kwargs, "head": head, "ssr_mode": False}
 
 
 def harden_demo(demo: gr.Blocks, *, cache_cleanup_s: int = 600) -> gr.Blocks:
