@@ -72,6 +72,54 @@ def test_an_oversize_body_without_a_length_is_cut_off_with_413(app):
     assert chat_works(url)
 
 
+def test_a_body_of_many_small_json_values_is_refused_before_it_is_parsed(app):
+    """Under the size limit, `{},` repeated builds an object per three bytes: 32 such requests
+    took the app from 149 MB to 4.9 GB before."""
+    url, double = app
+    sent = len(double.generate_requests())
+    many = ('{"data": [' + "{}," * 80_000 + '"Hello", "", 0.7, 20, 0.9, 1.0, null]}').encode()
+    deep = ('{"data": [' + "[" * 5_000 + "]" * 5_000 + ', "", 0.7, 20, 0.9, 1.0, null]}').encode()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for body in (many, deep):
+            assert len(body) < LIMIT
+            for route in ("gradio_api/call/chat", "gradio_api/queue/join"):
+                refused = http.post(route, content=body, headers={"content-type": "application/json"})
+                assert refused.status_code == 413, refused.text[:200]
+                assert "this server accepts at most" in refused.json()["error"]
+    assert len(double.generate_requests()) == sent
+    assert chat_works(url)
+
+
+def test_a_long_conversation_is_still_accepted(app):
+    url, _ = app
+    history = [
+        {"role": role, "content": [{"type": "text", "text": f"{role} turn {number}"}]}
+        for number in range(1000)
+        for role in ("user", "assistant")
+    ]
+    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, ""]}))
+    assert (status, event) == (200, "complete"), payload
+
+
+def test_the_file_route_does_not_look_up_hosts_a_client_names(app, monkeypatch):
+    """`/gradio_api/file=http://host/...` had the server resolve `host` (Gradio checks whether an
+    address is public before fetching it); the app hands out no such URL."""
+    import socket
+
+    url, _ = app
+    looked_up = []
+    resolve = socket.getaddrinfo
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, *args, **kwargs: (looked_up.append(host), resolve(host, *args, **kwargs))[1],
+    )
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for path in ["gradio_api/file=http://falcon-probe.invalid/x", "file=https://falcon-probe.invalid/x"]:
+            assert http.get(path).status_code == 404
+    assert "falcon-probe.invalid" not in looked_up
+
+
 def big_values_held() -> int:
     """Strings of 100,000 characters or more held in this process's dicts and lists."""
     gc.collect()

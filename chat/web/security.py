@@ -14,11 +14,14 @@
   own (`SecurityHeadersMiddleware` gives the page's scripts a nonce per response) and ours (by
   hash), so a `javascript:` URL would not run either.
 - `BodyLimitMiddleware` refuses request bodies over `--max-request-bytes` with HTTP 413 before
-  Gradio reads them, and `forget_input_values` stops Gradio keeping each session's last input
+  Gradio reads them, and JSON bodies that hold more than `MAX_JSON_VALUES` values or nest
+  deeper than `MAX_JSON_DEPTH` before anything parses them (2 MiB of `{},` is 700,000 objects);
+  `forget_input_values` stops Gradio keeping each session's last input
   values (it keeps them only for deep links, which this app does not offer); that patch and
   `check_value_counts` live with the other Gradio workarounds in chat/web/gradio_patches/costs.py.
 - `ClosedRoutesMiddleware` answers 404 on Gradio routes that write client data to disk and that
-  the app never uses (file upload, deep links); Gradio's cache of files the app hands out lives in
+  the app never uses (file upload, deep links), and on its file route asked for a URL (Gradio
+  resolved any host a client named there); Gradio's cache of files the app hands out lives in
   a private folder and is cleaned while the app runs and at exit (`private_gradio_cache`,
   `harden_demo`).
 """
@@ -38,6 +41,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 from starlette.middleware import Middleware
 
 from chat.web.embedding import frame_ancestors
@@ -225,11 +229,37 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# What a JSON body may hold, checked before it is parsed: a 2 MiB body of `{},` builds ~700,000
+# objects (~150 MB in Gradio's hands). A 1,000-turn conversation is ~20,000 values, 7 deep.
+MAX_JSON_VALUES = 100_000
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPENS, _CLOSES = np.zeros(256, np.int8), np.zeros(256, np.int8)
+_OPENS[[ord("["), ord("{")]] = 1
+_CLOSES[[ord("]"), ord("}")]] = 1
+
+
+def json_shape_problem(body: bytes) -> str | None:
+    """Why a JSON body holds too much to be parsed (too many values, nested too deep), or None;
+    counted on its bytes with its strings left out, without building anything."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b'""', body), np.uint8)
+    opens, closes = _OPENS[skeleton], _CLOSES[skeleton]
+    values = int(opens.sum()) + int(np.count_nonzero(skeleton == ord(",")))
+    if values > MAX_JSON_VALUES:
+        return f"The request holds {values:,} JSON values; this server accepts at most {MAX_JSON_VALUES:,}."
+    depth = int(np.cumsum(opens - closes, dtype=np.int32).max(initial=0))
+    if depth > MAX_JSON_DEPTH:
+        return f"The request nests JSON {depth:,} levels deep; this server accepts at most {MAX_JSON_DEPTH}."
+    return None
+
+
 class BodyLimitMiddleware:
-    """ASGI middleware: request bodies over `max_bytes` get HTTP 413 before the app stores them.
+    """ASGI middleware: request bodies over `max_bytes` get HTTP 413 before the app stores them,
+    and so do JSON bodies that hold too much (`json_shape_problem`) before anything parses them.
 
     A declared Content-Length over the limit is refused before a byte of the body is read; a body
-    without one (chunked) is counted as it arrives and cut off where it passes the limit."""
+    without one (chunked) is counted as it arrives and cut off where it passes the limit. A JSON
+    body (Gradio's API takes nothing else) is read whole first, then handed on as it came."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -241,6 +271,8 @@ class BodyLimitMiddleware:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             return await self._refuse(send, declared)
+        if scope.get("method") in ("POST", "PUT", "PATCH") and _is_json(scope):
+            return await self._checked_json(scope, receive, send)
         received = 0
         exceeded = False
         started = False
@@ -269,23 +301,41 @@ class BodyLimitMiddleware:
         if exceeded and not started:
             await self._refuse(send, None)
 
+    async def _checked_json(self, scope, receive, send):
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body was whole
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._refuse(send, None)
+            if not message.get("more_body", False):
+                break
+        problem = json_shape_problem(bytes(body))
+        if problem is not None:
+            return await _json_response(send, 413, {"error": problem}, close=True)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: a disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
     async def _refuse(self, send, declared: int | None) -> None:
         size = f"{declared:,} bytes" if declared is not None else f"over {self.max_bytes:,} bytes"
-        body = json.dumps(
-            {"error": f"The request is {size}; this server accepts at most {self.max_bytes:,} bytes."}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        error = f"The request is {size}; this server accepts at most {self.max_bytes:,} bytes."
+        await _json_response(send, 413, {"error": error}, close=True)
+
+
+def _is_json(scope) -> bool:
+    """A body FastAPI would parse as JSON: declared as JSON, or declared as nothing."""
+    content_type = _header(scope.get("headers") or [], b"content-type").split(b";")[0].strip().lower()
+    return content_type in (b"", b"application/json") or content_type.endswith(b"+json")
 
 
 def _content_length(scope) -> int | None:
@@ -299,7 +349,10 @@ def _content_length(scope) -> int | None:
 
 
 class ClosedRoutesMiddleware:
-    """ASGI middleware: 404 for `CLOSED_ROUTES` (and anything under them), whatever the method."""
+    """ASGI middleware: 404 for `CLOSED_ROUTES` (and anything under them), whatever the method,
+    and for Gradio's file route asked for a URL (`/gradio_api/file=http://host/...`): Gradio
+    resolves the host the client names to decide whether to fetch it, and this app hands out no
+    such URL."""
 
     def __init__(self, app, routes: Iterable[str] = CLOSED_ROUTES):
         self.app = app
@@ -311,17 +364,14 @@ class ClosedRoutesMiddleware:
             root = scope.get("root_path", "").rstrip("/")
             if root and path.startswith(root):
                 path = path[len(root) :]
-            if any(path == route or path.startswith(route + "/") for route in self.routes):
-                body = b'{"error": "Not Found"}'
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 404,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"22")],
-                    }
-                )
-                return await send({"type": "http.response.body", "body": body})
+            closed = any(path == route or path.startswith(route + "/") for route in self.routes)
+            if closed or _FILE_URL.match(path):
+                return await _json_response(send, 404, {"error": "Not Found"})
         return await self.app(scope, receive, send)
+
+
+# Gradio's file route (`/file=...`, also under /gradio_api) with a URL in place of a path.
+_FILE_URL = re.compile(r"(?:/gradio_api)?/file=\s*[a-z][a-z0-9+.-]*:", re.IGNORECASE)
 
 
 class ApiCallErrorsMiddleware:
@@ -357,9 +407,12 @@ class ApiCallErrorsMiddleware:
             await _json_response(send, status, {"error": text})
 
 
-async def _json_response(send, status: int, payload: dict) -> None:
+async def _json_response(send, status: int, payload: dict, *, close: bool = False) -> None:
+    """The one way these middlewares answer: a JSON body, its length counted by us."""
     body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if close:  # the rest of a refused body is not read: the connection cannot be reused
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
