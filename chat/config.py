@@ -28,6 +28,9 @@ DEFAULT_QUEUE_SIZE = 100  # requests waiting for a free slot; more get "busy, tr
 # alone updates at every token (up to 50 a second); 64 at once, every 0.32 s each.
 DEFAULT_PAGE_UPDATES = 200
 DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a long conversation's history, with room to spare
+DEFAULT_REQUEST_TIMEOUT_S = 30.0  # a client sends a request's headers and body within this
+DEFAULT_CONNECTIONS_PER_CLIENT = 32  # a browser opens at most 6; chat/web/connections.py
+DEFAULT_REQUESTS_PER_SECOND = 20  # per client, with bursts of 10 seconds' worth
 
 # flag -> environment variable; the README's configuration table lists the same pairs.
 ENVIRONMENT = {
@@ -58,6 +61,9 @@ ENVIRONMENT = {
     "prompt_format": "PROMPT_FORMAT",
     "allow_embed_from": "ALLOW_EMBED_FROM",
     "max_request_bytes": "MAX_REQUEST_BYTES",
+    "request_timeout": "REQUEST_TIMEOUT",
+    "connections_per_client": "CONNECTIONS_PER_CLIENT",
+    "requests_per_second": "REQUESTS_PER_SECOND",
 }
 
 
@@ -93,6 +99,9 @@ class Settings:
     prompt_format: str = "auto"  # falcon | template | auto (chat.conversation.prompt)
     allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get HTTP 413
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # slower clients are disconnected
+    connections_per_client: int = DEFAULT_CONNECTIONS_PER_CLIENT  # 0: no limit
+    requests_per_second: int = DEFAULT_REQUESTS_PER_SECOND  # per client; 0: no limit
 
     @property
     def default_params(self) -> GenerationParams:
@@ -173,6 +182,18 @@ def _parser() -> _Parser:
         help="origins that may frame the page, comma-separated; default any" + env("allow_embed_from"),
     )
     p.add_argument("--max-request-bytes", help="largest request body accepted" + env("max_request_bytes"))
+    p.add_argument(
+        "--request-timeout",
+        help="seconds a client has to send a request's headers and body" + env("request_timeout"),
+    )
+    p.add_argument(
+        "--connections-per-client",
+        help="connections one address may hold open; 0: any" + env("connections_per_client"),
+    )
+    p.add_argument(
+        "--requests-per-second",
+        help="requests per second one address may make; 0: any" + env("requests_per_second"),
+    )
     return p
 
 
@@ -225,6 +246,18 @@ def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
         allow_embed_from=parse_origins(value("allow_embed_from")),
         max_request_bytes=_int(
             "--max-request-bytes", value("max_request_bytes"), DEFAULT_MAX_REQUEST_BYTES, 1024, 2**31
+        ),
+        request_timeout_s=_seconds("--request-timeout", value("request_timeout"))
+        or DEFAULT_REQUEST_TIMEOUT_S,
+        connections_per_client=_int(
+            "--connections-per-client",
+            value("connections_per_client"),
+            DEFAULT_CONNECTIONS_PER_CLIENT,
+            0,
+            100_000,
+        ),
+        requests_per_second=_int(
+            "--requests-per-second", value("requests_per_second"), DEFAULT_REQUESTS_PER_SECOND, 0, 100_000
         ),
     )
     _check(settings)

@@ -52,6 +52,17 @@ def test_stop_escapes_for_tab_unicode_comma_and_backslash():
     assert load_settings([], environ=environ).stop_sequences == ("a\tb", "é,x", "back\\slash", "C:\\dir")
 
 
+def test_the_limits_per_client_come_from_flags_or_the_environment():
+    settings = load_settings(
+        ["--request-timeout", "12.5", "--connections-per-client", "0"], environ={"REQUESTS_PER_SECOND": "7"}
+    )
+    assert (settings.request_timeout_s, settings.connections_per_client, settings.requests_per_second) == (
+        12.5,
+        0,
+        7,
+    )
+
+
 def test_secrets_stay_out_of_the_settings_repr():
     settings = load_settings(["--token", "hf_sentinel_secret"], environ={})
     assert settings.token == "hf_sentinel_secret" and "hf_sentinel_secret" not in repr(settings)
@@ -65,6 +76,8 @@ def test_secrets_stay_out_of_the_settings_repr():
         (["--backend", "tgi"], "needs --endpoint"),
         (["--max-total-tokens", "-5"], "--max-total-tokens must be between"),
         (["--prompt-format", "chatml"], "--prompt-format must be one of falcon, template, auto"),
+        (["--request-timeout", "0"], "--request-timeout must be more than 0"),
+        (["--requests-per-second", "many"], "--requests-per-second must be a whole number"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(argv, message):

@@ -29,6 +29,7 @@ from chat.conversation.params import (
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
 )
+from chat.web.connections import ClientLimits
 from chat.web.embedding import embedding_launch_options
 from chat.web.gradio_patches.chat_interface import (
     keep_message_box_editable,
@@ -294,8 +295,14 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
         # token; with Gradio's default of 40, the 41st concurrent reply waits for a thread.
         concurrency = settings.concurrency_limit or operations.backend.concurrency_limit
         options["max_threads"] = max(40, 2 * concurrency + 8)  # chat and completion, plus the rest
+    limits = ClientLimits(
+        settings.request_timeout_s, settings.connections_per_client, settings.requests_per_second
+    )
     return harden_launch_options(
-        options, max_request_bytes=settings.max_request_bytes, frame_origins=settings.allow_embed_from
+        options,
+        max_request_bytes=settings.max_request_bytes,
+        frame_origins=settings.allow_embed_from,
+        limits=limits,
     )
 
 

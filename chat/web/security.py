@@ -19,6 +19,8 @@
   `forget_input_values` stops Gradio keeping each session's last input
   values (it keeps them only for deep links, which this app does not offer); that patch and
   `check_value_counts` live with the other Gradio workarounds in chat/web/gradio_patches/costs.py.
+- What one client may hold (connections, time to send a request, requests a second) is
+  chat/web/connections.py's, wired in here (`harden_launch_options`).
 - `ClosedRoutesMiddleware` answers 404 on Gradio routes that write client data to disk and that
   the app never uses (file upload, deep links), and on its file route asked for a URL (Gradio
   resolved any host a client named there); Gradio's cache of files the app hands out lives in
@@ -44,6 +46,7 @@ import gradio as gr
 import numpy as np
 from starlette.middleware import Middleware
 
+from chat.web.connections import ClientLimits, client_middleware, install_connection_guard
 from chat.web.embedding import frame_ancestors
 from chat.web.gradio_patches.costs import check_value_counts, forget_input_values
 
@@ -418,11 +421,17 @@ async def _json_response(send, status: int, payload: dict, *, close: bool = Fals
 
 
 def security_middleware(
-    *, max_request_bytes: int, frame_origins: Iterable[str] = (), head: str = ""
+    *,
+    max_request_bytes: int,
+    frame_origins: Iterable[str] = (),
+    head: str = "",
+    limits: ClientLimits | None = None,
 ) -> list[Middleware]:
-    """The middleware above, outermost first (Starlette runs the list in this order); `head` is
-    what the page's head gets (its scripts are allowed by hash)."""
+    """The middleware above, outermost first (Starlette runs the list in this order): the limits
+    per client (chat.web.connections) first, so a flood costs the least; `head` is what the
+    page's head gets (its scripts are allowed by hash)."""
     return [
+        *(client_middleware(limits) if limits is not None else []),
         Middleware(BodyLimitMiddleware, max_bytes=max_request_bytes),
         Middleware(ClosedRoutesMiddleware),
         Middleware(ApiCallErrorsMiddleware),
@@ -433,15 +442,23 @@ def security_middleware(
 
 
 def harden_launch_options(
-    options: dict, *, max_request_bytes: int, frame_origins: Iterable[str] = ()
+    options: dict,
+    *,
+    max_request_bytes: int,
+    frame_origins: Iterable[str] = (),
+    limits: ClientLimits | None = None,
 ) -> dict:
-    """`demo.launch` options with the middleware, the chat's CSS and link guard, and the page kept
-    in Python (a Node server rendering the page in front, Gradio's SSR mode, would not send the
-    headers)."""
+    """`demo.launch` options with the middleware, the chat's CSS and link guard, the limits per
+    client (their connection half in uvicorn: chat.web.connections) and the page kept in Python
+    (a Node server rendering the page in front, Gradio's SSR mode, would not send the headers)."""
+    if limits is not None:
+        install_connection_guard()
     head = (options.get("head") or "") + CHAT_CSS + URL_GUARD_HEAD
     app_kwargs = dict(options.get("app_kwargs") or {})
     app_kwargs["middleware"] = [
-        *security_middleware(max_request_bytes=max_request_bytes, frame_origins=frame_origins, head=head),
+        *security_middleware(
+            max_request_bytes=max_request_bytes, frame_origins=frame_origins, head=head, limits=limits
+        ),
         *app_kwargs.get("middleware", []),
     ]
     return {**options, "app_kwargs": app_kwargs, "head": head, "ssr_mode": False}
