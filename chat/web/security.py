@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -478,22 +479,33 @@ def harden_demo(demo: gr.Blocks, *, cache_cleanup_s: int = 600) -> gr.Blocks:
 
 
 EXPORTS_DISK_BUDGET = 64 * 1024 * 1024  # bytes of export files kept; a conversation's take KBs
+EXPORT_KEPT_S = 600  # an export stays downloadable this long, whatever others export (Gradio's cache age)
+EXPORTS_FULL = (
+    "Too many conversations have been exported in the last few minutes to keep another. "
+    "Please try again in a few minutes."
+)
 
 
 def export_folder() -> Path:
     """A new private folder for one export's files. Gradio serves files from its cache folder as
-    they are, so exports written there are never copied; the newest are kept up to
-    `EXPORTS_DISK_BUDGET` bytes (thousands of ordinary conversations; an export loop only pushes
-    out its own older files), and all go at exit with the private cache."""
+    they are, so exports written there are never copied. Every export is kept `EXPORT_KEPT_S`
+    (a link someone was just given keeps working, whatever others export); older ones go,
+    oldest first, once all take more than `EXPORTS_DISK_BUDGET`; while younger ones alone take
+    that much (an export loop), a new export is refused with one sentence (`gr.Error`). All go at
+    exit with the private cache."""
     root = Path(private_gradio_cache()) / "exports"
     root.mkdir(mode=0o700, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=root))
-    kept = 0
-    for old in sorted(root.iterdir(), key=_modified, reverse=True):
-        kept += sum(f.stat().st_size for f in old.iterdir() if f.is_file()) if old.is_dir() else 0
-        if kept > EXPORTS_DISK_BUDGET and old != folder:
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
+    folders = sorted((f for f in root.iterdir() if f.is_dir()), key=_modified)  # oldest first
+    sizes = {folder: sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) for folder in folders}
+    kept, now = sum(sizes.values()), time.time()
+    for old in folders:
+        if kept <= EXPORTS_DISK_BUDGET or now - _modified(old) < EXPORT_KEPT_S:
+            break
+        shutil.rmtree(old, ignore_errors=True)
+        kept -= sizes[old]
+    if kept > EXPORTS_DISK_BUDGET:
+        raise gr.Error(EXPORTS_FULL, print_exception=False)
+    return Path(tempfile.mkdtemp(dir=root))
 
 
 def _modified(path: Path) -> float:
