@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Gradio's telemetry (usage analytics and a version check at start-up, to api.gradio.app) is
+    # off unless the operator turns it on with GRADIO_ANALYTICS_ENABLED=True.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # SIGTERM (systemd, `docker stop`) stops the app as Ctrl-C does: the server closes and the
+    # exit handlers run, which remove the private folder of exports. Python's default for
+    # SIGTERM ends the process without them.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
     from chat.config import load_settings
     from chat.conversation.errors import ConfigError
     from chat.conversation.log_safety import configure_logging
@@ -27,8 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     # does not offer (a public tunnel to a model server); it says where the page is instead.
     demo.launch(**launch_options(settings, operations), quiet=True, prevent_thread_lock=True)
     print(f"Falcon Chat is running on {demo.local_url}", flush=True)
-    demo.block_thread()
+    demo.block_thread()  # until Ctrl-C or SIGTERM, which close the server
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # stopped while starting: the exit handlers still run
+        sys.exit(130)

@@ -1,0 +1,164 @@
+"""The app as an operator runs it: `python app.py` in a process of its own, its log on stderr,
+stopped by SIGTERM (systemd, `docker stop`).
+
+- Every line it logs is one record, without credentials or the user's words, whichever library
+  wrote it: the HTTP client logs each request's URL, and the endpoint's URL carries a password;
+  a server answers HTTP 500 with an error that repeats its input (the user's message, holding a
+  forged log record) and the Authorization header, which failover logs.
+- It sends nothing to the internet by itself: a proxy that every outside request would go
+  through (HTTP_PROXY, HTTPS_PROXY; loopback excepted) records none. Gradio's telemetry (usage
+  analytics, a version check) used to go out at start-up.
+- SIGTERM stops it as Ctrl-C does, and its private folder of exports is removed; before, 67 MB of
+  exports stayed in /tmp.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from tests.helpers import free_port, rest_call
+from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "hf_ProcessLogSentinel0123456789"
+BASIC = "YWxpY2U6cGE1NXdvcmQ="  # alice:pa55word
+SECRET_WORDS = "my password is hunter2 and my account 12345678"
+MESSAGE = (
+    f'{SECRET_WORDS}\n2026-11-25 10:00:00,000 INFO falcon_chat.requests: {{"event": "reply", "forged": true}}'
+)
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+STARTUP_S = 60
+
+
+class RecordingProxy:
+    """Stands in for the internet: an HTTP proxy that records every request sent through it
+    (CONNECT for https) and answers 502."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                outer.requests.append(f"{self.command} {self.path}")
+                self.send_response(502)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_HEAD = do_PUT = do_CONNECT = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="proxy").start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    """`python app.py` on two TGI doubles: one (behind a URL with a password) answers HTTP 500
+    with an error repeating its input and credentials, the other answers. Yields (url, process,
+    log path, its temporary folder, the proxy)."""
+    scratch = tmp_path_factory.mktemp("app-process")
+    proxy = RecordingProxy()
+    with TGIDouble() as healthy, TGIDouble() as echoing:
+        echoing.reply_for = lambda body: Reply(
+            fail="http_500",
+            error=f"cannot serve Authorization=Bearer {TOKEN}, Basic {BASIC}, for {body['inputs']}",
+        )
+        port = free_port()
+        env = {
+            **os.environ,
+            "TMPDIR": str(scratch),
+            "HF_TOKEN": TOKEN,
+            **{name: proxy.url for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+        for name in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "HF_HUB_DISABLE_TELEMETRY"):
+            env.pop(name, None)
+        credentialed = echoing.url.replace("http://", "http://alice:pa55word@")
+        log_path = scratch / "app.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "app.py", "--backend", "tgi", "--port", str(port)]
+                + ["--endpoint", credentialed, "--endpoint", healthy.url, "--busy-retries", "0"],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            deadline = time.monotonic() + STARTUP_S
+            while not _answers(url + "healthz"):
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            yield url, process, log_path, scratch, proxy
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            proxy.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def test_every_line_it_logs_is_one_record_without_secrets_or_the_users_words(running):
+    url, _, log_path, _, _ = running
+    client = Client(url, verbose=False)
+    for _ in range(2):  # the turns alternate: one of the two goes to the failing endpoint first
+        assert DEFAULT_TEXT in client.predict(MESSAGE, "", 0.7, 40, 0.9, 1.0, "", api_name="/chat")
+    lines = log_path.read_text(encoding="utf-8").splitlines()  # a reply is logged before it is sent
+    log_lines = [line for line in lines if LOG_LINE.match(line)]
+    for secret in ("pa55word", TOKEN, BASIC, "hunter2", "12345678", "forged"):
+        assert not any(secret in line for line in lines), secret
+    assert any("HTTP Request: POST http://***@127.0.0.1" in line for line in log_lines)  # httpx2's
+    assert any("failed before its first token" in line and "withheld" in line for line in log_lines)
+    assert all(LOG_LINE.match(line) or "Falcon Chat" in line for line in lines), lines
+    replies = [json.loads(line.split(": ", 1)[1]) for line in log_lines if " falcon_chat.requests: " in line]
+    assert len(replies) == 2 and all(reply["error_kind"] is None for reply in replies)
+
+
+def test_it_sends_nothing_to_the_internet_by_itself(running):
+    *_, proxy = running
+    assert proxy.requests == []
+
+
+def test_sigterm_stops_it_and_its_exports_are_removed(running):
+    url, process, _, scratch, _ = running
+    history = [
+        {"role": role, "content": [{"type": "text", "text": text}]}
+        for role, text in [("user", "Hi"), ("assistant", "Hello")]
+    ]
+    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, "x" * 100_000]}))
+    assert (status, event) == (200, "complete"), payload
+    folders = list(scratch.glob("falcon-chat-files-*"))
+    assert folders and any(folders[0].rglob("conversation.json"))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert not any(folder.exists() for folder in folders)
