@@ -1,5 +1,5 @@
-"""Helpers the tests import: a free loopback port, the real app served on it, and the stop filter
-driven over a list of pieces as the reply loop drives it.
+"""Helpers the tests import: a free loopback port, the real app served on it, a server that records
+what it is asked, and the stop filter driven over a list of pieces as the reply loop drives it.
 
 Fixtures live in conftest.py (pytest finds them); plain functions live here, so no test imports
 from conftest.
@@ -8,8 +8,10 @@ from conftest.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 
 from chat.conversation.stops import StopFilter
@@ -37,6 +39,36 @@ def serve_app(backend, settings=None):
         yield f"http://127.0.0.1:{settings.port}/"
     finally:
         demo.close()
+
+
+class RecordingServer:
+    """An HTTP server on loopback that answers every request (any method, CONNECT too) with an
+    empty `status` and records "METHOD path" for each: an attacker's site, the internet behind a
+    proxy."""
+
+    def __init__(self, status: int = 200):
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                outer.requests.append(f"{self.command} {self.path}")
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_HEAD = do_PUT = do_CONNECT = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="recording-server").start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def filter_stream(pieces: Iterable[str], stop_sequences: Iterable[str]) -> Iterator[str]:

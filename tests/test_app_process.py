@@ -14,14 +14,12 @@ stopped by SIGTERM (systemd, `docker stop`).
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from tests.helpers import free_port, rest_call
+from tests.helpers import RecordingServer, free_port, rest_call
 from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,42 +41,13 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
 STARTUP_S = 60
 
 
-class RecordingProxy:
-    """Stands in for the internet: an HTTP proxy that records every request sent through it
-    (CONNECT for https) and answers 502."""
-
-    def __init__(self):
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def answer(self):
-                outer.requests.append(f"{self.command} {self.path}")
-                self.send_response(502)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            do_GET = do_POST = do_HEAD = do_PUT = do_CONNECT = answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True, name="proxy").start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
     """`python app.py` on two TGI doubles: one (behind a URL with a password) answers HTTP 500
     with an error repeating its input and credentials, the other answers. Yields (url, process,
     log path, its temporary folder, the proxy)."""
     scratch = tmp_path_factory.mktemp("app-process")
-    proxy = RecordingProxy()
+    proxy = RecordingServer(502)  # stands for the internet: every outside request goes through it
     with TGIDouble() as healthy, TGIDouble() as echoing:
         echoing.reply_for = lambda body: Reply(
             fail="http_500",

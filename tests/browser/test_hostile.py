@@ -8,8 +8,6 @@ but the page's own; the page runs under its Content-Security-Policy without a vi
 from __future__ import annotations
 
 import contextlib
-import http.server
-import threading
 
 import pytest
 from playwright.sync_api import expect
@@ -17,7 +15,7 @@ from playwright.sync_api import expect
 from chat.backends.remote.tgi import TGIBackend
 from chat.config import Settings
 from tests.browser.chat_page import ChatPage
-from tests.helpers import free_port, serve_app
+from tests.helpers import RecordingServer, serve_app
 from tests.tgi_double import Reply, TGIDouble
 
 pytestmark = pytest.mark.browser
@@ -74,37 +72,10 @@ URL_SCHEMES = """(message) => [message, ...message.querySelectorAll('*')].flatMa
   }))"""
 
 
-class Attacker:
-    """The attacker's site: answers everything with 200 and remembers each path asked for."""
-
-    def __init__(self):
-        self.paths: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.paths.append(self.path)
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            do_POST = do_GET
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True, name="attacker").start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def attacker():
-    site = Attacker()
+    """The attacker's site: answers everything with 200 and records each request."""
+    site = RecordingServer(200)
     yield site
     site.close()
 
@@ -179,7 +150,7 @@ def test_a_phishing_reply_shows_as_text_and_loads_nothing(hostile_chat, attacker
     assert bot.evaluate("(e) => [...e.querySelectorAll('button')].filter((b) => b.form).length") == 0
     assert applied_styles(bot) == []
     assert not covers_the_page(page)
-    assert not [path for path in attacker.paths if "pixel" in path or "img" in path]
+    assert not [request for request in attacker.requests if "pixel" in request or "img" in request]
     assert page_runs_under_its_policy(page)
     assert chat.ask("And now a normal question") == NORMAL_REPLY
 
@@ -193,7 +164,7 @@ def test_a_users_own_markup_shows_as_text(hostile_chat, attacker):
         assert user.locator(tag).count() == 0, tag
     assert applied_styles(user) == []
     assert not covers_the_page(page)
-    assert not attacker.paths
+    assert not attacker.requests
 
 
 def test_markdown_code_tables_and_math_still_render(hostile_chat):
