@@ -11,6 +11,18 @@ Every format neutralises what could forge a turn inside a text: the model only k
 starts from a role marker at the start of a line (Falcon) or from a special token (`<|im_start|>`),
 so a zero-width space goes in front of a typed marker, or inside a typed special token, which the
 tokenizer then reads as plain text. The visible text does not change.
+
+What counts, and why:
+- Role markers at the start of a line, in any case and after any indentation (`user:`,
+  `  FALCON :`): a model tuned on `User:`/`Falcon:` lines may well take those for turns too. In
+  the middle of a line (`Dear User:`) a marker is ordinary text, and stays as typed.
+- Falcon's own special tokens. The Falcon-7B/40B/180B tokenizer has twelve, ids 0-11, marked
+  special in its tokenizer.json: `>>TITLE<<`, `>>ABSTRACT<<`, `>>INTRODUCTION<<`, `>>SUMMARY<<`,
+  `>>COMMENT<<`, `>>ANSWER<<`, `>>QUESTION<<`, `>>DOMAIN<<`, `>>PREFIX<<`, `>>SUFFIX<<`,
+  `>>MIDDLE<<`, `<|endoftext|>` (as cmp-nct/ggllm.cpp's falcon_main.cpp lists them). A tokenizer
+  reads such text as the special token itself, whatever surrounds it, and `>>QUESTION<<` /
+  `>>ANSWER<<` are the very tokens people prompt Falcon's instruct models with to mark a question
+  and its answer: typed into a message they matter, so they are broken like the others.
 """
 
 from __future__ import annotations
@@ -29,12 +41,14 @@ PROMPT_FORMATS = ("falcon", "template", "auto")  # auto: the model's template wh
 ROLE_MARKERS = ("User:", "Falcon:", "System:")
 # Python's str.splitlines() boundaries, so "a line" means the same thing to every reader.
 _LINE_START = r"(?:\A|(?<=[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]))"
-_FORGED_MARKER = re.compile(_LINE_START + r"(?=(?:User|Falcon|System):)")
+_FORGED_MARKER = re.compile(_LINE_START + r"([ \t]*)(?=(?:user|falcon|system)[ \t]*:)", re.IGNORECASE)
 _ZERO_WIDTH_SPACE = "\u200b"
 # Special-token shapes of common templates, for servers whose tokenizer we cannot see:
-# ChatML and Falcon3 `<|...|>`, Llama 2 `[INST]` and `<<SYS>>`, Gemma `<start_of_turn>`, `<s>`.
+# ChatML and Falcon3 `<|...|>`, Falcon's `>>QUESTION<<` family (see the module docstring),
+# Llama 2 `[INST]` and `<<SYS>>`, Gemma `<start_of_turn>`, `<s>`.
 _SPECIAL_SHAPES = re.compile(
-    r"<\|[^|<>\s]{1,40}\|>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|</?s>", re.IGNORECASE
+    r"<\|[^|<>\s]{1,40}\|>|>>[A-Za-z_]{1,40}<<|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|</?s>",
+    re.IGNORECASE,
 )
 
 
@@ -65,7 +79,7 @@ Prompt = str | ChatMessages
 
 def neutralize_role_markers(text: str) -> str:
     """Keep text from starting a line with a Falcon role marker, without visibly changing it."""
-    return _FORGED_MARKER.sub(_ZERO_WIDTH_SPACE, text)
+    return _FORGED_MARKER.sub(lambda m: m[1] + _ZERO_WIDTH_SPACE, text)
 
 
 def neutralize_special_tokens(text: str, special_tokens: Iterable[str] = ()) -> str:
