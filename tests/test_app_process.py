@@ -18,19 +18,14 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 from gradio_client import Client
 
-from tests.helpers import RecordingServer, free_port, rest_call
+from tests.app_process import app_process
+from tests.helpers import RecordingServer, rest_call
 from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble
 
-REPO = Path(__file__).resolve().parent.parent
 TOKEN = "hf_ProcessLogSentinel0123456789"
 BASIC = "YWxpY2U6cGE1NXdvcmQ="  # alice:pa55word
 SECRET_WORDS = "my password is hunter2 and my account 12345678"
@@ -38,7 +33,6 @@ MESSAGE = (
     f'{SECRET_WORDS}\n2026-11-25 10:00:00,000 INFO falcon_chat.requests: {{"event": "reply", "forged": true}}'
 )
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
-STARTUP_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +47,6 @@ def running(tmp_path_factory):
             fail="http_500",
             error=f"cannot serve Authorization=Bearer {TOKEN}, Basic {BASIC}, for {body['inputs']}",
         )
-        port = free_port()
         env = {
             **os.environ,
             "TMPDIR": str(scratch),
@@ -65,36 +58,22 @@ def running(tmp_path_factory):
         for name in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "HF_HUB_DISABLE_TELEMETRY"):
             env.pop(name, None)
         credentialed = echoing.url.replace("http://", "http://alice:pa55word@")
+        args = [
+            "--backend",
+            "tgi",
+            "--endpoint",
+            credentialed,
+            "--endpoint",
+            healthy.url,
+            "--busy-retries",
+            "0",
+        ]
         log_path = scratch / "app.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "app.py", "--backend", "tgi", "--port", str(port)]
-                + ["--endpoint", credentialed, "--endpoint", healthy.url, "--busy-retries", "0"],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}/"
         try:
-            deadline = time.monotonic() + STARTUP_S
-            while not _answers(url + "healthz"):
-                assert process.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.1)
-            yield url, process, log_path, scratch, proxy
+            with app_process(args, log_path=log_path, env=env) as (url, process):
+                yield url, process, log_path, scratch, proxy
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
             proxy.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code < 500
-    except httpx.HTTPError:
-        return False
 
 
 def test_every_line_it_logs_is_one_record_without_secrets_or_the_users_words(running):

@@ -1,0 +1,61 @@
+"""`python app.py` in a process of its own, as an operator runs it, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_S = 90
+
+
+@contextlib.contextmanager
+def app_process(
+    args, *, log_path: Path, env: dict | None = None, repo: Path = REPO, open_files: int | None = None
+):
+    """Run `python app.py ARGS --port P` from `repo` with `env` (this process's by default), its
+    output in `log_path`, at most `open_files` file descriptors if given; yields (url, process)
+    once /healthz answers, and kills it afterwards if it still runs."""
+    port = free_port()
+
+    def limit_files():
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", *args, "--port", str(port)],
+            cwd=repo,
+            env=env if env is not None else os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit_files,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not _answers(url + "healthz"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
