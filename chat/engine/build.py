@@ -108,7 +108,10 @@ def choose_decoder(kind: str, model, tokenizer, max_len: int) -> Decoder:
 
     on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
     if kind == "auto" and not on_gpu:
-        log.info("decoder: plain generate (the fast decoder needs a CUDA GPU)")
+        # Not "needs a GPU": --decoder fast runs on the CPU too, it is only not faster there.
+        log.info(
+            "decoder: plain generate (auto takes the fast decoder on a CUDA GPU; --decoder fast forces it)"
+        )
         return PlainDecoder(model, tokenizer)
     try:
         decoder = FastDecoder(model, tokenizer, max_len=max_len)
