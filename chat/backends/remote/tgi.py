@@ -9,7 +9,7 @@ CPU time with 64 streams; docs/reliability.md). Requests go through the backend'
 even a TGI on loopback), carry `Authorization` only when a token is configured, and are closed
 when the stream is: closing the connection is how TGI learns to stop generating. HTTP errors and
 error events become our error kinds. Prompt budgets come from the server: GET /info for the
-context, POST /tokenize for counts.
+context and the input limit, POST /tokenize for counts.
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ class TGIBackend(RemoteBackend):
         server = self.get_json("GET", f"{endpoint}/info") or {}
         if self.model_name == "Falcon" and server.get("model_id"):
             self.model_name = server["model_id"]
+        # The prompt's own limit (`max_input_length` before TGI 2.0): often half the context, and a
+        # prompt over it is refused even when prompt + reply would fit.
+        max_input = server.get("max_input_tokens") or server.get("max_input_length")
+        if max_input:
+            self._server_input_limit = int(max_input)
         total = server.get("max_total_tokens")
         return int(total) if total else None
 
