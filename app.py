@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+
+log = logging.getLogger("falcon_chat")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM ends the process without them.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-    from chat.config import load_settings
+    from chat.config import EXIT_BAD_CONFIGURATION, load_settings
     from chat.conversation.errors import ConfigError
     from chat.conversation.log_safety import configure_logging
     from chat.factory import build_backend
@@ -24,14 +27,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings(argv)
         configure_logging(log_messages=settings.log_messages)
+        # Gradio's launch checks its own page with httpx: two INFO lines that say nothing to the reader.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         backend = build_backend(settings)
     except ConfigError as error:
-        sys.exit(f"app.py: error: {error.user_message}")
+        print(f"app.py: error: {error.user_message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_CONFIGURATION)
 
-    from chat.web.operations import Operations
+    from chat.web.operations import Operations, log_start
     from chat.web.page import build_demo, launch_options
 
     operations = Operations(backend, log_messages=settings.log_messages)
+    log_start(backend, settings.endpoints)
     demo = build_demo(backend, settings, operations)
     # Quiet: Gradio's own start-up lines end with a hint to set `share=True`, an option this app
     # does not offer (a public tunnel to a model server); it says where the page is instead.

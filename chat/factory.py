@@ -12,13 +12,17 @@ from chat.config import DEFAULT_REMOTE_CONCURRENCY, Settings
 from chat.conversation.backend import Backend
 from chat.conversation.errors import ConfigError
 
-TINY_MODEL_NAME = "tiny demo Falcon (random weights)"
-
 
 def build_backend(settings: Settings) -> Backend:
     """The backend the configuration asks for."""
     if settings.backend == "local":
-        return _local_backend(settings)
+        from chat.backends.local.model_source import local_model_source
+
+        # Checked before anything loads: a missing folder or an unreachable hub is one sentence.
+        source = local_model_source(settings.model, token=settings.token)
+        backend = _local_backend(settings, source)
+        backend.notice = source.notice
+        return backend
     if settings.backend == "tgi":
         from chat.backends.remote.tgi import TGIBackend
 
@@ -83,27 +87,26 @@ def _remote(settings: Settings) -> dict:
     )
 
 
-def _local_backend(settings: Settings) -> Backend:
+def _local_backend(settings: Settings, source) -> Backend:
     """A model in this process: the engine is assembled by chat/engine/build.py."""
     from chat.backends.local.backend import LocalBackend
-    from chat.backends.local.tiny_model import ensure_tiny_model
     from chat.conversation.prompt import choose_prompt_format
     from chat.engine.build import EngineOptions, build_engine
 
-    model_id = settings.model or str(ensure_tiny_model())
     engine = build_engine(
         EngineOptions(
-            model=model_id,
+            model=source.path,
             token=settings.token,
             quantize=settings.quantize,
             save_quantized=settings.save_quantized,
             decoder=settings.decoder,
             tensor_parallel=settings.tensor_parallel,
             max_total_tokens=settings.max_total_tokens,
+            dtype=source.dtype,
         )
     )
     return LocalBackend(
         engine,
-        model_name=TINY_MODEL_NAME if settings.model is None else model_id,
+        model_name=source.name,
         prompt_format=choose_prompt_format(settings.prompt_format, engine.tokenizer),
     )

@@ -158,3 +158,10 @@ def test_app_py_says_where_the_page_is_and_offers_no_share_option(tiny_model_dir
     printed = capsys.readouterr().out
     assert "Falcon Chat is running on http://127.0.0.1:" in printed
     assert "share=True" not in printed  # Gradio's hint named an option app.py does not have
+
+
+def test_the_api_description_names_every_output(app_url):
+    # /reply_stats' output used to be described as "value_43".
+    named = Client(app_url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    labels = [output["label"] for endpoint in named.values() for output in endpoint["returns"]]
+    assert labels and not [label for label in labels if label.startswith("value_")]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chat.config import load_settings
+from chat.config import FLAGS, Settings, flag_table, load_settings, parser
 from chat.conversation.errors import ConfigError
 from chat.conversation.params import DEFAULT_STOP_SEQUENCES
 
@@ -72,7 +72,7 @@ def test_secrets_stay_out_of_the_settings_repr():
     "argv, message",
     [
         (["--port", "abc"], "--port must be a whole number"),
-        (["--backend", "nope"], "invalid choice"),
+        (["--backend", "nope"], "--backend must be one of local, tgi, openai, sagemaker, not 'nope'"),
         (["--backend", "tgi"], "needs --endpoint"),
         (["--max-total-tokens", "-5"], "--max-total-tokens must be between"),
         (["--prompt-format", "chatml"], "--prompt-format must be one of falcon, template, auto"),
@@ -85,6 +85,75 @@ def test_bad_configuration_is_one_clear_error(argv, message):
         load_settings(argv, environ={})
 
 
+# A value each flag takes, as a person would type it; a new flag must add one here.
+SAMPLES = {
+    "--backend": "openai",
+    "--model": "tiiuae/falcon-7b-instruct",
+    "--endpoint": "http://a:1",
+    "--host": "0.0.0.0",
+    "--port": "9000",
+    "--system-prompt": "Be brief.",
+    "--quantize": "int4",
+    "--save-quantized": "/tmp/int4",
+    "--decoder": "fast",
+    "--tensor-parallel": "auto",
+    "--prompt-format": "template",
+    "--max-total-tokens": "4096",
+    "--stop": "###",
+    "--max-message-chars": "500",
+    "--concurrency": "4",
+    "--queue-size": "10",
+    "--page-updates": "50",
+    "--token": "hf_x",
+    "--api-key": "sk-x",
+    "--connect-timeout": "2.5",
+    "--first-token-timeout": "60",
+    "--token-timeout": "5",
+    "--busy-retries": "0",
+    "--endpoint-cooldown": "3",
+    "--log-messages": None,  # a switch: the flag alone, or the variable set to 1
+    "--allow-embed-from": "https://a.example",
+    "--max-request-bytes": "4096",
+}
+
+
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda flag: flag.name)
+def test_each_flag_and_its_variable_set_the_same_setting(flag):
+    assert set(SAMPLES) == {f.name for f in FLAGS}
+    raw = SAMPLES[flag.name]
+    # What the sample needs beside it to be a whole configuration.
+    needs = {"--backend": ["--endpoint", "http://a:1"], "--save-quantized": ["--quantize", "int4"]}
+    needs["--endpoint"] = ["--backend", "tgi"]
+    argv = [flag.name] + ([] if raw is None else [raw])
+    from_flag = load_settings(argv + needs.get(flag.name, []), environ={})
+    from_variable = load_settings(needs.get(flag.name, []), environ={flag.env: raw or "1"})
+    assert from_flag == from_variable != Settings()
+
+
+def test_help_shows_every_default_every_choice_and_every_variable():
+    shown = " ".join(parser().format_help().split())  # argparse wraps lines anywhere
+    for flag in FLAGS:
+        assert f"env {flag.env})" in shown, flag.name
+        if flag.choices:
+            assert f"{flag.name} {{{','.join(flag.choices)}}}" in shown, flag.name
+    assert "--decoder {auto,plain,fast}" in shown and "(default: auto; env DECODER)" in shown
+    # --stop says which defaults it replaces.
+    assert "(default: \\nUser:, \\nFalcon:, \\nSystem:, <|endoftext|>; env STOP_SEQUENCES)" in shown
+
+
+def test_the_readmes_configuration_table_is_the_one_the_flags_make():
+    # Regenerate with `python -m chat.config` after changing a flag.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert flag_table() in readme
+
+
+def test_the_remote_defaults_are_the_backends_own():
+    from chat.backends.remote.failover import RemoteOptions
+    from chat.factory import remote_options
+
+    assert remote_options(Settings()) == RemoteOptions()
+
+
 def test_bad_configuration_stops_the_app_with_one_line():
     result = subprocess.run(
         [sys.executable, "app.py", "--port", "abc"], cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -93,9 +162,9 @@ def test_bad_configuration_stops_the_app_with_one_line():
     assert result.stderr.strip().splitlines() == ["app.py: error: --port must be a whole number, not 'abc'"]
 
 
-def test_quantization_without_cuda_is_a_clear_error(tmp_path):
+def test_quantization_without_cuda_is_a_clear_error(tiny_model_dir):
     result = subprocess.run(
-        [sys.executable, "app.py", "--quantize", "4bit", "--model", str(tmp_path)],
+        [sys.executable, "app.py", "--quantize", "4bit", "--model", str(tiny_model_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,

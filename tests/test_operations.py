@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import urllib.error
 import urllib.request
@@ -47,6 +48,13 @@ def test_metrics_parse_and_count_a_request(app_url):
     assert ("falcon_chat_queue_depth", ()) in after
 
 
+def test_healthz_names_a_local_model_by_its_folder_not_its_whole_path(app_url, tiny_model_dir):
+    # The app's own fixture backend: built by the factory from `--model <folder>`.
+    status, body = get(app_url + "healthz")
+    assert status == 200 and json.loads(body)["model"] == tiny_model_dir.name
+    assert str(tiny_model_dir.parent) not in body
+
+
 def test_healthz_flips_when_the_backend_is_down(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     backend = LocalBackend(Engine.of_model(model, tokenizer, context_length=2048), model_name="tiny")
@@ -82,9 +90,18 @@ def test_conversation_exports_keep_the_words_without_the_apps_notes():
         {"role": "user", "content": [{"type": "text", "text": "Bye"}]},
         {"role": "assistant", "content": "> ⚠️ The model server could not be reached."},
     ]
-    markdown = conversation_markdown(history, system_prompt="Be kind.", model_name="falcon")
-    assert "**System:** Be kind." in markdown and "**Falcon:** Hello!" in markdown and "📊" not in markdown
+    markdown = conversation_markdown(
+        history, system_prompt="Be kind.", model_name="tiiuae/falcon-7b-instruct"
+    )
+    assert "**System:** Be kind." in markdown and "**falcon-7b-instruct:** Hello!" in markdown
+    assert "📊" not in markdown
     assert '"content": "Bye"' in conversation_json(history)
+
+
+def test_an_export_names_the_replies_after_the_model_that_wrote_them():
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    markdown = conversation_markdown(history, model_name="SmolLM2-135M-Instruct")
+    assert "**SmolLM2-135M-Instruct:** Hello!" in markdown and "Falcon:" not in markdown
 
 
 def test_healthz_follows_a_remote_server(tmp_path):

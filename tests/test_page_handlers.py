@@ -138,7 +138,7 @@ def test_after_stop_the_reply_is_marked_stopped_and_gets_its_figures():
     assert "stopped by user" in shown[2]["metadata"]["title"]
     assert turns_from_history(shown)[0].assistant == "Hello th"
     markdown = conversation_markdown(shown)
-    assert "**Falcon:** Hello th" in markdown and "> Stopped." in markdown
+    assert "**Assistant:** Hello th" in markdown and "> Stopped." in markdown
     assert json.loads(conversation_json(shown))["messages"][1] == {
         "role": "assistant",
         "content": "Hello th",
@@ -199,7 +199,7 @@ def test_the_next_prompt_gets_the_reply_as_the_model_wrote_it_without_its_figure
     assert f"User: Some math\nFalcon: {written}\nUser: And now?\nFalcon:" in backend.prompts[-1]
     assert "tokens" not in backend.prompts[-1]  # the figures never reach the model
     assert json.loads(conversation_json(history))["messages"][1]["content"] == written
-    assert f"**Falcon:** {written}" in conversation_markdown(history)
+    assert f"**Assistant:** {written}" in conversation_markdown(history)
 
 
 def test_the_completion_stop_box_takes_the_escapes_the_stop_flag_takes():

@@ -187,7 +187,8 @@ def test_oldest_turns_are_dropped_first(count):
 
 def test_reply_budget_shrinks_when_the_message_alone_is_long(count):
     message = "word"
-    while count(format_prompt(message, [], "")) < 120:  # leaves less than the 128 asked for the reply
+    # Alone it leaves the reply less than its floor (50 of 200 here), so every turn goes.
+    while count(format_prompt(message, [], "")) < 160:
         message += " word"
     fitted = fit_prompt(message, _turns(5), "", count_tokens=count, context_length=200, max_new_tokens=128)
     assert fitted.dropped_turns == 5

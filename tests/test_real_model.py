@@ -7,6 +7,8 @@ own work is judged (the text shown is what `generate` writes for the same prompt
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 import torch
@@ -16,7 +18,7 @@ from chat.conversation.backend import FINISH_CANCELLED
 from chat.conversation.params import DEFAULT_STOP_SEQUENCES
 from chat.conversation.prompt import ChatTemplateFormat, Conversation
 from chat.conversation.turns import strip_note
-from tests.helpers import filter_stream
+from tests.helpers import app_process, filter_stream, free_port
 
 # system prompt, temperature, max new tokens, top-p, repetition penalty, seed
 GREEDY = ("", 0.0, 24, 0.9, 1.0, "")
@@ -94,3 +96,27 @@ def test_the_page_says_which_prompt_format_is_in_use(app, words, request):
     # The page's config (what the browser renders the page from) carries the description text.
     config = httpx.get(request.getfixturevalue(app).url + "config", timeout=30).text
     assert f"in {words}" in config
+
+
+def test_at_the_largest_max_new_tokens_the_model_still_sees_the_first_turn(smollm2_template_app):
+    # A 2,048-token context, max new tokens at the slider's maximum (2,048): reserving them used to
+    # drop every turn, and "there" meant nothing to the model (SmolLM2 then wrote about Ashkelon).
+    client = Client(smollm2_template_app.url, verbose=False)
+    assert "Paris" in ask(client, "What is the capital of France?")
+    answer = ask(client, "What language do people speak there?", "", 0.0, 2048, 0.9, 1.0, "")
+    assert "French" in answer
+    stats = client.predict(api_name="/reply_stats")
+    assert stats["dropped_turns"] == 0 and stats["context_length"] == 2048
+
+
+def test_the_readmes_run_command_answers_sensibly_offline_and_says_how_to_switch_to_falcon(smollm2_dir):
+    # `python app.py`, nothing configured, no hub: any request to one would fail at once here.
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    with app_process("--port", str(free_port()), env=env) as (url, lines):
+        said = "\n".join(lines)
+        assert url is not None, said
+        assert "model: SmolLM2-135M-Instruct, through local transformers" in said
+        assert "python app.py --model tiiuae/falcon-7b-instruct" in said and "Traceback" not in said
+        assert "tiiuae/falcon-7b-instruct" in httpx.get(url + "config", timeout=30).text  # on the page too
+        assert "Paris" in ask(Client(url, verbose=False), "What is the capital of France?")

@@ -40,6 +40,9 @@ class Backend(ABC):
     model_name: str = "model"
     #: How many generations may run at once; the UI's queue allows that many.
     concurrency_limit: int = 1
+    #: A sentence the page (under the model's name) and the start-up log add about this model,
+    #: e.g. that it is a small default and how to switch to Falcon; "" for none.
+    notice: str = ""
     #: How a conversation is written for this model; `stream` and `count_tokens` take what its
     #: `render` returns (text, or `ChatMessages` for a server's chat route).
     prompt_format: PromptFormat = FalconFormat()
@@ -47,6 +50,11 @@ class Backend(ABC):
     @abstractmethod
     def context_length(self) -> int:
         """Tokens the model can attend to: prompt plus reply."""
+
+    def max_input_tokens(self) -> int | None:
+        """The server's own limit on a prompt's tokens where it is below the context (TGI's
+        `max_input_tokens`), else None. Prompts are fitted to it, so no request is refused for it."""
+        return None
 
     @abstractmethod
     def count_tokens(self, text: Prompt) -> int:

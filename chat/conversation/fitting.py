@@ -1,6 +1,11 @@
 """Fitting a conversation into the model's context, whatever the prompt format.
 
-The oldest whole turns go first; the system prompt and the new message are never cut. Each count
+The conversation comes first and the reply gets what is left: raising max new tokens never
+costs a turn by itself. Turns go only when the conversation leaves the reply less than a floor
+(`reply_floor`: 256 tokens, or what was asked if less, at most a quarter of the context), and
+then the oldest whole turns go first; the system prompt and the new message are never cut. The
+prompt also stays within the server's own input limit where it has one (TGI's
+`max_input_tokens`), so no request is sent that the server must refuse. Each count
 may be a request to the model server, and any API client can send a history of any length, so the
 work per reply is bounded: only the newest `MAX_HISTORY_TURNS` turns (and no more text than the
 context could hold) are considered, the whole prompt is counted once, and when it does not fit,
@@ -21,6 +26,14 @@ from chat.conversation.turns import Turn
 MAX_HISTORY_TURNS = 256
 # A token rarely covers more characters than this: history beyond context x this is never counted.
 MAX_CHARS_PER_TOKEN = 32
+# The least room a reply keeps before older turns are dropped for it. 256 tokens (~190 words)
+# hold an ordinary answer of a paragraph or two; a longer reply is cut at "length limit" (it can
+# be continued) rather than making the model forget the start of the conversation. A bigger
+# floor would drop turns sooner in every long chat; a smaller one would leave replies a line.
+REPLY_FLOOR_TOKENS = 256
+# Where a message meets the format's markers its tokens can merge differently than counted alone:
+# advice about how long a message may be keeps this margin, so the number it names works.
+ADVICE_MARGIN_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,12 @@ class FittedPrompt:
     max_new_tokens: int  # what the context leaves for the reply, at most what was asked
     dropped_turns: int
     context_length: int
+
+
+def reply_floor(max_new_tokens: int, context_length: int) -> int:
+    """The room a reply keeps before turns are dropped for it (see REPLY_FLOOR_TOKENS): never more
+    than was asked, nor than a quarter of a small context."""
+    return max(1, min(max_new_tokens, REPLY_FLOOR_TOKENS, context_length // 4))
 
 
 def bounded_turns(turns: Sequence[Turn], context_length: int) -> tuple[Turn, ...]:
@@ -56,18 +75,21 @@ def fit_prompt(
     context_length: int,
     max_new_tokens: int,
     prompt_format: PromptFormat | None = None,
+    max_input_tokens: int | None = None,
 ) -> FittedPrompt:
-    """Drop the oldest whole turns until prompt + reply fit; never the system prompt or message.
+    """Keep the newest turns that leave the reply its floor; the reply gets the rest, up to
+    `max_new_tokens`. Never cut the system prompt or the message.
 
-    If even the message alone leaves less than `max_new_tokens`, the reply budget shrinks to what
-    is left; if it leaves nothing, PromptTooLong names what is too long (the message or the system
-    prompt) and how long it may be.
+    `max_input_tokens`: the server's limit on the prompt alone, where it has one. A message that
+    fits but leaves less than the floor is sent with a shorter reply; one that does not fit at all
+    raises PromptTooLong, naming what is too long and a length that leaves the reply its floor.
     """
     prompt_format = prompt_format or FalconFormat()
     considered = bounded_turns(turns, context_length)
     conversation = Conversation(system_prompt, considered, message)
     dropped_unseen = len(turns) - len(considered)
-    budget = context_length - max_new_tokens
+    input_limit = prompt_limit(context_length, max_input_tokens)
+    budget = min(input_limit, context_length - reply_floor(max_new_tokens, context_length))
 
     def fitted(drop: int, prompt: Prompt, tokens: int) -> FittedPrompt:
         return FittedPrompt(
@@ -87,8 +109,8 @@ def fit_prompt(
         return fitted(0, prompt, tokens)
     everything = len(considered)
     bare, bare_tokens = measured(everything) if everything else (prompt, tokens)
-    if bare_tokens >= context_length:
-        raise _too_long(conversation, prompt_format, count_tokens, context_length)
+    if bare_tokens > input_limit:
+        raise _too_long(conversation, prompt_format, count_tokens, context_length, budget, max_input_tokens)
     if bare_tokens > budget or not everything:
         return fitted(everything, bare, bare_tokens)  # the reply gets what is left
     # Fewest turns to drop such that the prompt fits: `fits` always fits, `fails` never does.
@@ -103,22 +125,39 @@ def fit_prompt(
     return fitted(fits, *best)
 
 
-def _too_long(conversation, prompt_format, count_tokens, context_length: int) -> PromptTooLong:
-    """Name what does not fit: the system prompt alone, or else the message."""
+def prompt_limit(context_length: int, max_input_tokens: int | None = None) -> int:
+    """The most tokens a prompt may take: the context less one for the reply, and no more than the
+    server's own input limit."""
+    limit = context_length - 1
+    return min(limit, max_input_tokens) if max_input_tokens else limit
+
+
+def _too_long(
+    conversation, prompt_format, count_tokens, context_length: int, budget: int, max_input_tokens: int | None
+) -> PromptTooLong:
+    """Name what does not fit, the system prompt alone or else the message, and a length that
+    would leave the reply its floor (`budget` is the most the prompt may take for that)."""
     system = conversation.system_prompt
     empty_message = prompt_format.render(Conversation(system, (), ""))
     frame = count_tokens(empty_message)  # the format's markers plus the system prompt
-    if system and frame >= context_length - 1:
+    if system and frame > budget - ADVICE_MARGIN_TOKENS:
         without_system = count_tokens(prompt_format.render(Conversation("", (), "")))
-        room = context_length - 1 - without_system
+        room = budget - ADVICE_MARGIN_TOKENS - without_system
         return PromptTooLong(
-            f"The system prompt is about {count_tokens(system):,} tokens long, but this model's "
-            f"context holds {context_length:,} tokens in all: shorten it to under {max(room, 1):,} tokens."
+            f"The system prompt is about {count_tokens(system):,} tokens long, but "
+            f"{_limit_words(budget, context_length, max_input_tokens)}: shorten it to under {max(room, 1):,} tokens."
         )
     message_tokens = count_tokens(conversation.message)
-    room = context_length - 1 - frame
+    room = budget - ADVICE_MARGIN_TOKENS - frame
     return PromptTooLong(
-        f"Your message is about {message_tokens:,} tokens long, but this model's context holds "
-        f"{context_length:,} tokens in all: shorten it to under {max(room, 1):,} tokens"
+        f"Your message is about {message_tokens:,} tokens long, but "
+        f"{_limit_words(budget, context_length, max_input_tokens)}: shorten it to under {max(room, 1):,} tokens"
         + (" (or shorten the system prompt)." if system else ".")
     )
+
+
+def _limit_words(budget: int, context_length: int, max_input_tokens: int | None) -> str:
+    """Which limit binds: the server's input limit, or the context shared with the reply."""
+    if max_input_tokens and budget == max_input_tokens:
+        return f"the model server takes prompts of at most {max_input_tokens:,} tokens"
+    return f"this model's context holds {context_length:,} tokens in all, the reply included"

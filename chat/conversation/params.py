@@ -19,7 +19,10 @@ DEFAULT_STOP_SEQUENCES = ("\nUser:", "\nFalcon:", "\nSystem:", "<|endoftext|>")
 
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
-DEFAULT_MAX_NEW_TOKENS = 256
+# Room for an ordinary answer (a few paragraphs, a recipe, a short essay: 300-800 tokens) to end on
+# its own. It reserves nothing: the conversation is fitted first and the reply gets what is left
+# (chat/conversation/fitting.py), so a higher cap never costs a turn.
+DEFAULT_MAX_NEW_TOKENS = 1024
 DEFAULT_REPETITION_PENALTY = 1.0
 
 MAX_TEMPERATURE = 2.0

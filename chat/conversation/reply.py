@@ -22,7 +22,7 @@ from chat.conversation import cancellation
 from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend
 from chat.conversation.cancellation import Cancellation
 from chat.conversation.errors import BackendError, ContextOverflow, InvalidMessage, PromptTooLong
-from chat.conversation.fitting import FittedPrompt, fit_prompt
+from chat.conversation.fitting import FittedPrompt, fit_prompt, prompt_limit
 from chat.conversation.log_safety import private_texts
 from chat.conversation.params import GenerationParams
 from chat.conversation.stops import StopFilter
@@ -88,6 +88,18 @@ class ReplyStats:
         return {**figures, "tokens_per_s": self.tokens_per_s}
 
 
+def context_notes(stats: ReplyStats) -> list[str]:
+    """Words for what the model did not see: the figures count dropped turns, but a person should
+    not have to read them to learn that the model forgot the start of the conversation."""
+    if not stats.dropped_turns:
+        return []
+    turns = "earliest turn" if stats.dropped_turns == 1 else f"{stats.dropped_turns:,} earliest turns"
+    return [
+        f"The model did not see the {turns}: with them the conversation would not fit its context "
+        f"of {stats.context_length:,} tokens."
+    ]
+
+
 def clean_text(text: str) -> str:
     """`text` without control characters, a lone surrogate replaced by U+FFFD."""
     return _LONE_SURROGATES.sub("\ufffd", _CONTROL_CHARACTERS.sub("", text))
@@ -142,6 +154,7 @@ def stream_reply(
             context_length=backend.context_length(),
             max_new_tokens=params.max_new_tokens,
             prompt_format=backend.prompt_format,
+            max_input_tokens=backend.max_input_tokens(),
         )
         return dataclasses.replace(fitted, dropped_turns=fitted.dropped_turns + drop)
 
@@ -168,10 +181,11 @@ def stream_completion(
 
     def fit(drop: int) -> FittedPrompt:
         context, tokens = backend.context_length(), backend.count_tokens(text)
-        if tokens >= context:
+        limit = prompt_limit(context, backend.max_input_tokens())
+        if tokens > limit:
             raise PromptTooLong(
-                f"The text is about {tokens:,} tokens long, but this model's context holds "
-                f"{context:,} tokens in all: shorten it."
+                f"The text is about {tokens:,} tokens long, but this model takes at most {limit:,} "
+                f"tokens of text to continue: shorten it to under {limit:,} tokens."
             )
         return FittedPrompt(text, tokens, min(params.max_new_tokens, context - tokens), 0, context)
 
@@ -247,13 +261,15 @@ def stream_fitted(
             finally:
                 tokens.close()
         final = stop_filter.finish()
-        yield final or add_note("", EMPTY_REPLY_NOTE)
+        notes = ([] if final else [EMPTY_REPLY_NOTE]) + context_notes(stats)
+        yield add_note(final, " ".join(notes)) if notes else final
     except BackendError as error:
         stats.finish_reason, stats.error_kind = FINISH_ERROR, type(error).__name__
         stats.error_detail = error.detail  # logged with the request (chat.web.operations), made safe there
         log.warning("reply failed: %s", type(error).__name__)
         partial = stop_filter.text
-        yield add_note(partial, f"Reply cut short: {error.user_message}" if partial else error.user_message)
+        said = f"Reply cut short: {error.user_message}" if partial else error.user_message
+        yield add_note(partial, " ".join([said, *context_notes(stats)]))
     finally:
         stats.duration_s = time.perf_counter() - started
         if on_finish is not None:

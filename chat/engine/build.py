@@ -32,6 +32,7 @@ class EngineOptions:
     decoder: str = "auto"  # "auto", "fast" or "plain"
     tensor_parallel: int | str = 1  # ranks, or "auto"
     max_total_tokens: int | None = None  # the context; None: from the model
+    dtype: str | None = None  # "float32": not bf16 on a GPU, for a model that bf16 spoils
 
 
 @dataclass
@@ -90,7 +91,9 @@ def build_engine(options: EngineOptions) -> Engine:
             return engine
     if options.quantize == "int4":
         return _int4_engine(options)
-    model, tokenizer = load_model(options.model, quantize=options.quantize, token=options.token)
+    model, tokenizer = load_model(
+        options.model, quantize=options.quantize, token=options.token, dtype=options.dtype
+    )
     context_length = options.max_total_tokens or model_context_length(model.config, tokenizer)
     decoder = choose_decoder(options.decoder, model, tokenizer, context_length)
     return Engine.of_model(model, tokenizer, context_length=context_length, decoder=decoder)
@@ -105,7 +108,10 @@ def choose_decoder(kind: str, model, tokenizer, max_len: int) -> Decoder:
 
     on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
     if kind == "auto" and not on_gpu:
-        log.info("decoder: plain generate (the fast decoder needs a CUDA GPU)")
+        # Not "needs a GPU": --decoder fast runs on the CPU too, it is only not faster there.
+        log.info(
+            "decoder: plain generate (auto takes the fast decoder on a CUDA GPU; --decoder fast forces it)"
+        )
         return PlainDecoder(model, tokenizer)
     try:
         decoder = FastDecoder(model, tokenizer, max_len=max_len)
@@ -118,8 +124,11 @@ def choose_decoder(kind: str, model, tokenizer, max_len: int) -> Decoder:
     return decoder
 
 
-def load_model(model_id: str, *, quantize: str | None = None, token: str | None = None):
-    """Model and tokenizer: bf16 across all GPUs where there are GPUs, float32 on the CPU."""
+def load_model(
+    model_id: str, *, quantize: str | None = None, token: str | None = None, dtype: str | None = None
+):
+    """Model and tokenizer: bf16 across all GPUs where there are GPUs, float32 on the CPU; `dtype`
+    ("float32") overrides the GPU's bf16."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -127,7 +136,7 @@ def load_model(model_id: str, *, quantize: str | None = None, token: str | None 
     hf_logging.disable_progress_bar()
     kwargs: dict = {"token": token}
     if torch.cuda.is_available():
-        kwargs.update(dtype=torch.bfloat16, device_map="auto")
+        kwargs.update(dtype=getattr(torch, dtype or "bfloat16"), device_map="auto")
     else:
         kwargs.update(dtype=torch.float32)
     if quantize:

@@ -30,12 +30,14 @@ def conversation_messages(history) -> list[dict]:
 
 def conversation_markdown(history, *, system_prompt: str = "", model_name: str = "") -> str:
     lines = ["# Falcon Chat conversation", ""]
+    # The model's replies under its own name: "Falcon" only for a Falcon.
+    assistant = model_name.rsplit("/", 1)[-1] if model_name else "Assistant"
     if model_name:
         lines += [f"Model: {model_name}", ""]
     if system_prompt:
         lines += [f"**System:** {system_prompt}", ""]
     for message in conversation_messages(history):
-        speaker = "User" if message["role"] == "user" else "Falcon"
+        speaker = "User" if message["role"] == "user" else assistant
         lines += [f"**{speaker}:** {message['content']}", ""]
         if message.get("note"):
             lines += [f"> {message['note']}", ""]

@@ -20,6 +20,12 @@ from chat.conversation.backend import Backend
 from chat.conversation.log_safety import REQUEST_LOG, install, json_line, log_text
 
 request_log = logging.getLogger(REQUEST_LOG)
+start_log = logging.getLogger("falcon_chat")
+
+SERVER_DOWN = (
+    "⚠️ The model server does not answer right now: messages will fail until it does. "
+    "Reload the page to check again."
+)
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -56,6 +62,10 @@ class Operations:
             "falcon_chat_queue_depth", "Requests waiting in the queue.", registry=self.registry
         )
         self._queue_size = lambda: 0
+
+    def server_state(self) -> str:
+        """A sentence for the page while the backend cannot serve (its server is down), else ""."""
+        return "" if self.backend.healthy() else SERVER_DOWN
 
     def watch_queue(self, demo) -> None:
         """Report the depth of `demo`'s Gradio queue (read when /metrics is scraped)."""
@@ -115,3 +125,18 @@ class Operations:
     async def _metrics(self, request: Request) -> Response:
         self.queue_depth.set(self._queue_size())
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def log_start(backend: Backend, endpoints=()) -> None:
+    """The start-up log: which model, through what, in which format, what to know about it, and a
+    server that does not answer (so the log says it before the first message does)."""
+    start_log.info(
+        "model: %s, through %s, in %s", backend.model_name, backend.name, backend.prompt_format.description
+    )
+    if backend.notice:
+        start_log.info("%s", backend.notice.replace("`", "").replace("⚠️ ", ""))
+    if not backend.healthy():
+        start_log.warning(
+            "no model server answers at %s: the page says so, and messages fail until one does",
+            log_text(", ".join(endpoints)),
+        )

@@ -82,10 +82,21 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
     handlers = PageHandlers(backend, settings, operations)
     with gr.Blocks(title=TITLE, fill_height=True) as demo:
         gr.HTML(banner(backend), elem_id="banner")
+        # Shown on each page load while the backend cannot serve (a server that is down), so a
+        # person learns it before typing a message, not from the first reply.
+        server_state = gr.Markdown(visible=False, elem_id="server-state")
         with gr.Tab("Chat", elem_id="chat-tab"):
             chat_inputs = _chat_tab(demo, handlers)
         with gr.Tab("Completion", elem_id="completion-tab"):
             completion_inputs = _completion_tab(handlers)
+        demo.load(
+            lambda: _shown_if_any(operations.server_state()),
+            None,
+            server_state,
+            api_visibility="private",
+            queue=False,
+            show_progress="hidden",
+        )
     harden_demo(demo)
     trim_gradio_costs(demo, raw_inputs=[*chat_inputs, *completion_inputs])
     handlers.event_gone = event_watch(demo)
@@ -173,7 +184,12 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
     )
     stats_button = gr.Button(visible=False)
     stats_button.click(
-        handlers.reply_stats, session, gr.JSON(visible=False), api_name="reply_stats", queue=False
+        # Labelled, so the API's description names the output (not "value_43").
+        handlers.reply_stats,
+        session,
+        gr.JSON(label="figures", visible=False),
+        api_name="reply_stats",
+        queue=False,
     )
     return chat_settings
 
@@ -205,6 +221,10 @@ def _completion_tab(handlers: PageHandlers) -> list:
     )
     stop_button.click(None, cancels=[generation])
     return [text, *completion_settings, stop]
+
+
+def _shown_if_any(text: str):
+    return gr.update(value=text, visible=bool(text))
 
 
 def _max_tokens_limit(backend: Backend) -> int:
@@ -319,7 +339,15 @@ def page_head() -> str:
 def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:
     return [
         _slider(0.0, MAX_TEMPERATURE, 0.05, DEFAULT_TEMPERATURE, "Temperature", "0 = greedy", render),
-        _slider(1, max_tokens_limit, 1, DEFAULT_MAX_NEW_TOKENS, "Max new tokens", "", render),
+        _slider(
+            1,
+            max_tokens_limit,
+            1,
+            min(DEFAULT_MAX_NEW_TOKENS, max_tokens_limit),
+            "Max new tokens",
+            "",
+            render,
+        ),
         _slider(0.01, 1.0, 0.01, DEFAULT_TOP_P, "Top-p", "1.0 = off", render),
         _slider(
             MIN_REPETITION_PENALTY,
@@ -359,16 +387,11 @@ def banner(backend: Backend) -> str:
 
 
 def description(backend: Backend) -> str:
-    """The line under the banner: which model, through which backend, in which prompt format (and
-    a warning for the tiny demo model)."""
+    """The line under the banner: which model, through which backend, in which prompt format, and
+    what the backend says about its model (`Backend.notice`: a small default, how to switch)."""
     # The model's name can come from a server (TGI's /info, a /v1/models list): shown as text.
     model = markdown_text(model_label(backend))
     text = f"Chatting with **{model}** through {backend.name}, in {backend.prompt_format.description}."
-    if "tiny demo" in backend.model_name:
-        text += (
-            "<br>⚠️ This is a tiny demo model with random weights, built offline so the app works "
-            "anywhere: its replies are gibberish. Point the app at a real Falcon with "
-            "`python app.py --model tiiuae/falcon-7b-instruct` or at a server with "
-            "`--backend tgi --endpoint URL` (see the README)."
-        )
+    if backend.notice:
+        text += f"<br>{backend.notice}"
     return text

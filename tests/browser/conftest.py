@@ -26,7 +26,7 @@ from chat.conversation.backend import Backend, Token
 from chat.conversation.errors import BackendUnavailable
 from tests.browser.chat_page import ChatPage
 from tests.doubles import FailingBackend, RecordingDecoder
-from tests.helpers import free_port, serve_app
+from tests.helpers import INSTALL_CHROMIUM, free_port, serve_app
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # What Debian's Chromium needs to run headless in a container without a GPU or network.
@@ -55,8 +55,7 @@ def browser():
 
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(
-            f"{CHROMIUM} not found: apt-get install -y chromium chromium-driver "
-            "(or deselect these tests with -m 'not browser')"
+            f"{CHROMIUM} not found: {INSTALL_CHROMIUM} (or deselect these tests with -m 'not browser')"
         )
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

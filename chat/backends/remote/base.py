@@ -152,6 +152,7 @@ class RemoteBackend(Backend):
         self.concurrency_limit = concurrency_limit
         self._configured_context = max_total_tokens
         self._server_context: int | None = None
+        self._server_input_limit: int | None = None  # set where the context's answer tells it
         self._cached_count = functools.lru_cache(maxsize=4096)(self._count_tokens)
         self._cannot_count: set[str] = set()
 
@@ -215,6 +216,11 @@ class RemoteBackend(Backend):
         if self._server_context is None:
             self._server_context = self.first_answer(self.server_context_length)
         return self._server_context or self._configured_context or DEFAULT_CONTEXT_LENGTH
+
+    def max_input_tokens(self) -> int | None:
+        """The input limit the server told with its context (TGI's /info), None if it did not."""
+        self.context_length()  # asks the server once, and again while it has not answered
+        return self._server_input_limit
 
     def count_tokens(self, text: Prompt) -> int:
         if isinstance(text, ChatMessages):

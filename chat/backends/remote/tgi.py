@@ -9,7 +9,7 @@ CPU time with 64 streams; docs/reliability.md). Requests go through the backend'
 offline switch would refuse even a TGI on loopback), carry `Authorization` only when a token is
 configured, and are closed when the stream is: closing the connection is how TGI learns to stop
 generating. HTTP errors and error events become our error kinds. Prompt budgets come from the
-server: GET /info for the context, POST /tokenize for counts.
+server: GET /info for the context and the input limit, POST /tokenize for counts.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ class TGIBackend(RemoteBackend):
         model_id = server.get("model_id")
         if self.model_name == "Falcon" and isinstance(model_id, str) and model_id.strip():
             self.model_name = model_id.strip()[:200]  # shown on the page, as text
+        # The prompt's own limit (`max_input_length` before TGI 2.0): often half the context, and a
+        # prompt over it is refused even when prompt + reply would fit.
+        max_input = positive_int(server.get("max_input_tokens")) or positive_int(server.get("max_input_length"))
+        if max_input:
+            self._server_input_limit = max_input
         return positive_int(server.get("max_total_tokens"))
 
     def server_token_count(self, endpoint, text):
