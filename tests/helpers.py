@@ -12,9 +12,9 @@ import http.server
 import json
 import re
 import socket
-import threading
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 

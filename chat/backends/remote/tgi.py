@@ -68,7 +68,9 @@ class TGIBackend(RemoteBackend):
             self.model_name = model_id.strip()[:200]  # shown on the page, as text
         # The prompt's own limit (`max_input_length` before TGI 2.0): often half the context, and a
         # prompt over it is refused even when prompt + reply would fit.
-        max_input = positive_int(server.get("max_input_tokens")) or positive_int(server.get("max_input_length"))
+        max_input = positive_int(server.get("max_input_tokens")) or positive_int(
+            server.get("max_input_length")
+        )
         if max_input:
             self._server_input_limit = max_input
         return positive_int(server.get("max_total_tokens"))
