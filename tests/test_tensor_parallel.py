@@ -249,6 +249,52 @@ def test_slices_cover_every_row_and_column_once():
     assert plan.kv_heads == range(4, 8) and len(plan.qkv_rows) == 1  # whole groups: one read
 
 
+class StepDone:
+    """Stands in for the CUDA event rank 0 waits on for a token (no GPU here): it happens when
+    `happen()` is called; `synchronize` blocks as a blocking-sync CUDA event does."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self.queries = 0
+
+    def happen(self):
+        self._done.set()
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self._done.wait()
+
+
+@pytest.mark.parametrize("abortable", [True, False], ids=["nccl-abort", "no-abort"])
+def test_rank_0_waits_for_a_token_without_spinning_a_core(monkeypatch, abortable):
+    import multiprocessing
+    import time
+
+    from chat.engine.parallel.ranks import RANK_POLL_S, Peers, RankDied
+
+    monkeypatch.setattr(Peers, "_sums_abortable", staticmethod(lambda: abortable))
+    peers = Peers([], [])
+    step = StepDone()
+    threading.Timer(0.4, step.happen).start()
+    cpu, wall = time.thread_time(), time.monotonic()
+    peers.wait_for(step)
+    cpu, wall = time.thread_time() - cpu, time.monotonic() - wall
+    assert wall >= 0.35 and cpu < 0.1 * wall, f"{cpu:.3f} s of CPU in {wall:.3f} s"
+    if abortable:  # asleep in the driver until the token is there (a death aborts NCCL: it ends)
+        assert step.queries == 0
+    else:  # a look every RANK_POLL_S, asleep in between
+        assert step.queries <= 1.2 * wall / RANK_POLL_S + 1
+
+    ended = multiprocessing.get_context("fork").Process(target=int)
+    ended.start()
+    ended.join()
+    with pytest.raises(RankDied, match="rank 1"):  # the token came, but a rank is gone
+        Peers([ended], [None]).wait_for(step)
+
+
 # -- two processes over gloo ---------------------------------------------------------------------------
 
 

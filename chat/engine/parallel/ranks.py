@@ -45,6 +45,7 @@ JOB, STEP, END, QUIT = b"j", b"s", b"e", b"q"
 LOADED, FAILED = b"l", b"f"
 START_TIMEOUT_S = 900.0  # joining the group and loading a slice (a 180B shard takes minutes)
 RANK_CHECK_S = 0.05  # while waiting for a token, how often rank 0 looks at the other ranks
+RANK_POLL_S = 0.0002  # where NCCL cannot be aborted: how often rank 0 looks at the step (sleeping)
 
 
 @dataclass(frozen=True)
@@ -214,13 +215,23 @@ class Peers:
             pass  # already reported; the reply has ended anyway
 
     def wait_for(self, event) -> None:
-        """Wait until the CUDA `event` has happened, raising RankDied if a rank dies meanwhile."""
-        while not event.query():
-            now = time.monotonic()
-            if now >= self._next_check:
-                self._check()
-                self._next_check = now + RANK_CHECK_S
-            time.sleep(0)  # let other threads run; the token is at most a few microseconds late
+        """Wait until the CUDA `event` (made with `blocking=True`) has happened, without spinning
+        a core; RankDied if a rank has died meanwhile.
+
+        Where NCCL can be aborted, the thread sleeps in the driver until the step ends: a rank's
+        death ends it too, since the watcher thread (`_watch`) aborts NCCL, which fails the sums
+        the step waits in. Elsewhere it looks every RANK_POLL_S, and at the ranks every RANK_CHECK_S.
+        """
+        if self._sums_abortable():
+            event.synchronize()
+        else:
+            while not event.query():
+                now = time.monotonic()
+                if now >= self._next_check:
+                    self._check()
+                    self._next_check = now + RANK_CHECK_S
+                time.sleep(RANK_POLL_S)
+        self._check()
 
     def healthy(self) -> bool:
         return self._dead is None and all(p.is_alive() for p in self.processes)
@@ -287,6 +298,14 @@ class Peers:
         )
         log.error(self._dead)
         self._abort_sums()
+
+    @staticmethod
+    def _sums_abortable() -> bool:
+        return (
+            dist.is_initialized()
+            and dist.get_backend() == "nccl"
+            and hasattr(dist.distributed_c10d, "_abort_process_group")
+        )
 
     def _abort_sums(self) -> None:
         """Fail this rank's pending and future sums now. A sum the dead rank never joins would
