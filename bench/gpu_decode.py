@@ -71,6 +71,47 @@ SHAPES = {
         new_decoder_architecture=False,
     ),
 }
+# Falcon3 (the Llama layout). 7B: tiiuae/Falcon3-7B-Instruct's config.json, huggingface.co revision
+# ca6ceed0f6d5852f44ac1fdf5f8403bccb4449c9 (the same fields as Falcon3-7B-Base's). 10B: the same
+# fields with 40 layers, as tiiuae/Falcon3-10B-Base's model card states them (40 decoder blocks,
+# GQA 12 query / 4 KV heads, head dimension 256, rope theta 1000042, 131K vocabulary) and as the
+# config.json of checkpoints made from tiiuae/Falcon3-10B-Instruct repeats them (e.g.
+# kaitchup/Falcon3-10B-Instruct-AutoRound-GPTQ-4bit). Found with the `search` tool, not downloaded.
+FALCON3 = dict(
+    model_type="llama",
+    hidden_size=3072,
+    intermediate_size=23040,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    rope_theta=1000042.0,
+    vocab_size=131072,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    max_position_embeddings=32768,
+    bos_token_id=11,
+    eos_token_id=11,
+)
+SHAPES.update(
+    {
+        "falcon3-7b": dict(FALCON3, num_hidden_layers=28),
+        "falcon3-10b": dict(FALCON3, num_hidden_layers=40),
+        # The CPU smoke run of the Llama layout: Falcon3's proportions, a few MB.
+        "llama-tiny": dict(
+            FALCON3,
+            hidden_size=384,
+            intermediate_size=1024,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_hidden_layers=2,
+            vocab_size=4096,
+        ),
+    }
+)
 
 
 def main() -> None:
@@ -90,17 +131,20 @@ def main() -> None:
     )
     parser.add_argument("--agree-with", type=Path, default=None, help="another run's JSON: greedy agreement")
     parser.add_argument(
-        "--quantize", choices=["int4"], default=None, help="int4 slices (--tensor-parallel N)"
+        "--quantize",
+        choices=["int4"],
+        default=None,
+        help="int4 slices (--tensor-parallel N); on one GPU: the same model in int4 too, after bf16",
     )
     parser.add_argument(
         "--int4-weights",
-        choices=["hqq", "clip", "none", "random"],
+        choices=["hqq", "random"],
         default="hqq",
-        help="quantize the seeded bf16 slices with this search, or draw random int4",
+        help="--tensor-parallel: quantize the seeded bf16 slices (HQQ, the app's), or draw random int4",
     )
     args = parser.parse_args()
-    if args.quantize and not args.tensor_parallel:
-        parser.error("--quantize int4 runs through the ranks' loader: give --tensor-parallel N (1 or more)")
+    if args.compile:  # read at import by the decode loop, here and in every rank process
+        os.environ["FAST_DECODE_COMPILE"] = args.compile
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 
     import torch
@@ -127,12 +171,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
     model, tokenizer = build_model(args.shape, device)
-    weight_bytes = unique_bytes(model)
-    floor_ms = weight_bytes / bandwidth * 1e3
-    results.update(weight_GB=weight_bytes / 1e9, floor_ms=floor_ms)
-    say(
-        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms/token"
-    )
+    results["weight_GB"] = unique_bytes(model) / 1e9
+    floor_ms = weight_floor(model, bandwidth, results)
     rows = results["rows"]
     rows.append(row("floor (weights / copy bandwidth)", floor_ms, floor_ms))
 
@@ -216,8 +256,79 @@ def main() -> None:
         except Exception as error:  # the table matters more than these extras
             say(f"extras failed: {type(error).__name__}: {error}")
     backend.close()
-
+    backend = decoder = None  # the bf16 decoder's memory, before the int4 one is laid out
+    if args.quantize:
+        bench_int4(model, tokenizer, prompt, long_prompt, args, results, bandwidth)
+    check_goals(results)
     write_results(args, results)
+
+
+def bench_int4(model, tokenizer, prompt, long_prompt, args, results, bandwidth) -> None:
+    """The same model laid out in int4 (HQQ, as `--quantize int4` quantizes while loading) and
+    served by the same fast decoder: its floor, `LocalBackend.stream`, the fast decoder bare."""
+    import gc
+
+    import torch
+
+    from chat.backends.local.backend import LocalBackend
+    from chat.conversation.params import GenerationParams
+    from chat.engine.build import Engine
+    from chat.engine.decode_loop import FastDecoder
+    from chat.engine.int4.products import int4_products
+    from chat.engine.weights import ModelSource, lay_out
+
+    gc.collect()
+    device = model.device.type
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch._dynamo.config.recompile_limit = 64  # a second decoder compiles its pieces again
+    products = int4_products(device)
+    start = time.perf_counter()
+    layout = lay_out(ModelSource(model), max_len=2048, products=products, quantize="hqq")
+    results["int4_quantize_s"] = time.perf_counter() - start
+    read = step_bytes(layout)
+    floor_ms = read / bandwidth * 1e3
+    results.update(int4_read_GB=read / 1e9, int4_floor_ms=floor_ms, int4_products=products.name)
+    decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id, compile_mode=args.compile)
+    del layout
+    backend = LocalBackend(Engine(tokenizer, decoder, 2048, "int4"), model_name="bench")
+    results["int4_warm_up_s"] = time.perf_counter() - start
+    say(
+        f"int4 ({products.name}): {read / 1e9:.2f} GB read a token, floor {floor_ms:.2f} ms; "
+        f"quantized in {results['int4_quantize_s']:.0f} s, ready in {results['int4_warm_up_s']:.0f} s"
+    )
+    rows = results["rows"]
+    rows.append(row(f"int4 floor ({read / 1e9:.2f} GB a token / copy bandwidth)", floor_ms, floor_ms))
+    rows.append(
+        bench_stream(
+            backend, "LocalBackend.stream, int4 fast decoder", prompt, long_prompt, args, floor_ms, 3
+        )
+    )
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    greedy = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_sequences=("\x00",))
+    rows.append(bench_bare(backend, decoder, ids, greedy, "int4 fast decoder, bare (greedy)", floor_ms))
+    backend.close()
+
+
+def check_goals(results: dict) -> None:
+    """The goals of issue #26, judged from this run's rows (each against its own baseline)."""
+    rows = {r["label"]: r for r in results["rows"]}
+    fast = rows.get("LocalBackend.stream, fast decoder")
+    plain = rows.get("plain generate")
+    int4 = rows.get("LocalBackend.stream, int4 fast decoder")
+    goals = {}
+    if fast:
+        goals["bf16 fast <= 1.15x its floor"] = (
+            round(fast["ratio_to_floor"], 3),
+            fast["ratio_to_floor"] <= 1.15,
+        )
+    if fast and plain:
+        speedup = plain["ms_per_token"] / fast["ms_per_token"]
+        goals["bf16 fast >= 5x plain generate"] = (round(speedup, 2), speedup >= 5)
+    if fast and int4:
+        speedup = fast["ms_per_token"] / int4["ms_per_token"]
+        goals["int4 >= 2.5x bf16 fast tokens/s"] = (round(speedup, 2), speedup >= 2.5)
+    results["goals"] = goals
 
 
 # -- across GPUs: tensor parallelism and its device_map baseline ----------------------------------
@@ -227,13 +338,14 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
     """The seeded model of `--shape` from N ranks (`--tensor-parallel N`) or spread by accelerate."""
     import torch
 
+    from bench.random_weights import RandomWeights
     from chat.backends.local.backend import LocalBackend
     from chat.conversation.params import GenerationParams
     from chat.engine.build import Engine
     from chat.engine.decode_loop import FastDecoder
     from chat.engine.parallel.ranks import RankSpec, free_port, gpu_memory, rank_layout, start_ranks
 
-    config = falcon_config(args.shape)
+    config = model_config(args.shape)
     tokenizer = word_tokenizer(config.vocab_size)
     gpus = max(1, torch.cuda.device_count())
     world = args.tensor_parallel or gpus
@@ -272,15 +384,13 @@ def bench_across_gpus(args, results: dict, device: str) -> None:
         port=free_port(),
         max_len=2048,
         eos_token_id=None,
-        random_config=config.to_dict(),
-        compile_mode=args.compile,
+        weights=RandomWeights(config.to_dict(), int4=bool(args.quantize) and args.int4_weights == "random"),
         products="int4" if args.quantize else "dense",
-        int4=args.int4_weights,
     )
     if world == 1:
         layout = rank_layout(spec, 0, device, dtype)
         results["load"] = {0: {"load_s": round(time.perf_counter() - start, 2), **gpu_memory(device)}}
-        decoder = FastDecoder.from_layout(layout, None, compile_mode=args.compile)
+        decoder = FastDecoder.from_layout(layout, None)
     else:
         decoder = start_ranks(spec)
         results["load"] = decoder.peers.loaded
@@ -361,28 +471,51 @@ def write_results(args, results: dict) -> None:
         say(f"wrote {args.out}")
 
 
-def falcon_config(shape: str):
-    from transformers import FalconConfig
+def model_config(shape: str):
+    """The transformers config of `--shape`: a Falcon, or a Llama-layout model (Falcon3)."""
+    from transformers import AutoConfig, FalconConfig
 
+    values = dict(SHAPES[shape])
+    if values.get("model_type") == "llama":
+        return AutoConfig.for_model(values.pop("model_type"), initializer_range=0.02, **values)
     return FalconConfig(
         vocab_size=65024,
         parallel_attn=True,
         bias=False,
         alibi=False,
         max_position_embeddings=2048,
-        **SHAPES[shape],
+        **values,
     )
+
+
+falcon_config = model_config  # the name the tensor-parallel benchmarks import
 
 
 def model_bytes(config) -> int:
     """bf16 bytes of the model's weights, tied ones once."""
     import torch
-    from transformers import FalconForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = FalconForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()
     return sum(p.numel() for p in model.parameters()) * 2  # parameters(): each tied one once
+
+
+def weight_floor(model, bandwidth: float, results: dict) -> float:
+    """ms a token cannot beat: the bytes one step must read (every weight once; of an untied
+    embedding table only the token's row) over the measured copy bandwidth."""
+    read = unique_bytes(model)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if embed.data_ptr() != head.data_ptr():
+        read -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    floor_ms = read / bandwidth * 1e3
+    results.update(weight_read_GB=read / 1e9, floor_ms=floor_ms)
+    say(
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; a token reads {read / 1e9:.2f} GB of weights; "
+        f"floor {floor_ms:.2f} ms/token"
+    )
+    return floor_ms
 
 
 def step_bytes(layout) -> int:
@@ -392,7 +525,7 @@ def step_bytes(layout) -> int:
 
     tensors = [layout.embed[0], *layout.lm_head, *layout.ln_f]
     for layer in layout.layers:
-        for kept in (layer.w_in, layer.w_mlp_in, layer.w_out, layer.ln_attn, layer.ln_mlp):
+        for kept in (layer.w_in, layer.w_mlp_in, layer.w_out, layer.w_mlp_out, layer.ln_attn, layer.ln_mlp):
             tensors += kept or ()
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
@@ -422,17 +555,17 @@ def build_model_across_gpus(config, device: str):
     import torch
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
     from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
-    from transformers import FalconForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from chat.engine.parallel.shards import RandomSource
+    from bench.random_weights import RandomSource
 
     # Untied: accelerate places the head on the last GPU and the embedding on the first (the same
     # values, from the same source; a token reads the head whole and one row of the embedding).
     untied = config.__class__(**{**config.to_dict(), "tie_word_embeddings": False})
     with init_empty_weights():
-        model = FalconForCausalLM(untied).eval()
+        model = AutoModelForCausalLM.from_config(untied).eval()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    no_split = ["FalconDecoderLayer"]
+    no_split = list(model._no_split_modules)
     memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
     placement = infer_auto_device_map(model, max_memory=memory, dtype=dtype, no_split_module_classes=no_split)
     sources: dict = {}  # the seeded weights the tensor-parallel runs hold, so their tokens compare
@@ -443,7 +576,12 @@ def build_model_across_gpus(config, device: str):
         if target not in sources:
             sources[target] = RandomSource(config, target, dtype)
         source = sources[target]
-        value = source.read(name if name in source.names() else "transformer.word_embeddings.weight")
+        embed = (
+            "model.embed_tokens.weight"
+            if config.model_type == "llama"
+            else "transformer.word_embeddings.weight"
+        )
+        value = source.read(name if source.has(name) else embed)
         set_module_tensor_to_device(model, name, target, value=value, dtype=dtype)
     say(f"device_map: {sorted(set(map(str, placement.values())))}")
     return dispatch_model(model, device_map=placement)
@@ -603,7 +741,9 @@ def matmuls_alone_ms(decoder) -> float:
     layout = decoder.layout
     linear = layout.products.linear
     x = torch.randn(1, layout.hidden, dtype=decoder.dtype, device="cuda")
-    wide = torch.randn(1, layout.attention_size + layout.ffn, dtype=decoder.dtype, device="cuda")
+    wide = torch.randn(1, layout.joined_size, dtype=decoder.dtype, device="cuda")
+
+    hidden = torch.randn(1, layout.ffn, dtype=decoder.dtype, device="cuda")
 
     def products():
         for layer in layout.layers:
@@ -611,6 +751,8 @@ def matmuls_alone_ms(decoder) -> float:
             if layer.w_mlp_in is not None:
                 linear(x, *layer.w_mlp_in)
             linear(wide, *layer.w_out)
+            if layer.w_mlp_out is not None:
+                linear(hidden, *layer.w_mlp_out)
         linear(x, *layout.lm_head)
 
     return graph_ms(products)
@@ -707,11 +849,11 @@ def kernel_kind(name: str) -> str:
 
 
 def build_model(shape: str, device: str):
-    """A Falcon of the given shape with random bf16 weights made on the GPU, and a word tokenizer."""
+    """A model of the given shape with random bf16 weights made on the GPU, and a word tokenizer."""
     import torch
-    from transformers import FalconForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = falcon_config(shape)
+    config = model_config(shape)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -719,11 +861,11 @@ def build_model(shape: str, device: str):
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = FalconForCausalLM(config).eval()
+            model = AutoModelForCausalLM.from_config(config).eval()
     finally:
         torch.set_default_dtype(default)
     say(
-        f"built {shape} Falcon ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) "
+        f"built {shape} {config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) "
         f"in {time.perf_counter() - start:.1f} s"
     )
     return model, word_tokenizer(config.vocab_size)
@@ -795,7 +937,7 @@ def row(label, ms, floor_ms, ttft_s=None, ttft_long_s=None) -> dict:
 def print_table(results: dict) -> None:
     say("")
     say(
-        f"{results['device']}, Falcon-{results['shape']} shape, {results.get('weights', 'random bf16')}, batch 1, "
+        f"{results['device']}, {results['shape']} shape, {results.get('weights', 'random bf16')}, batch 1, "
         f"{results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens "
         f"(copy {results['copy_bandwidth_GBps'] / 1e3:.2f} TB/s, weights {results['weight_GB']:.2f} GB)"
     )
@@ -814,6 +956,10 @@ def print_table(results: dict) -> None:
             f"speed-up of LocalBackend.stream (fast) over plain generate: {plain['ms_per_token'] / fast['ms_per_token']:.2f}x"
         )
     for key in (
+        "goals",
+        "int4_products",
+        "int4_quantize_s",
+        "int4_warm_up_s",
         "greedy_agreement",
         "greedy_repeatable",
         "seeded_sampling_reproducible",

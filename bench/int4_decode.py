@@ -7,10 +7,11 @@
   time to first token for a 1,900-token prompt, and a whole 2,048-token conversation (prompt +
   reply filling the cache), with peak GPU memory.
 - 40b, 7b: the same random bf16 model served by the bf16 fast path, then quantized to int4
-  (the `products` seam of falcon_layout) and served again: the two in one run.
+  (the `products` seam of layout.py) and served again: the two in one run.
 - --load-7b: a random Falcon-7B written to disk in Falcon's shard layout (two safetensors
-  shards, ~10 GB each at most), then `--quantize int4` loading (shard by shard on the GPU)
-  timed with its peak GPU memory; saving the int4 folder and reloading it; bf16 loading beside.
+  shards, ~10 GB each at most), then `--quantize int4` loading (a weight at a time onto the GPU,
+  quantized, packed and saved as it comes) timed with its peak GPU memory; reloading the saved
+  folder; bf16 loading beside.
 """
 
 from __future__ import annotations
@@ -123,7 +124,6 @@ def bench_180b(args, bandwidth, results) -> None:
         floor_row = floor_row or mine["rows"][0]
         results["rows"] += mine["rows"][1:]
         results.setdefault("kernels", {})[kernel] = {k: v for k, v in mine.items() if k != "rows"}
-        results.update({k: v for k, v in mine.items() if k in ("int4_GB_saved_layout",)})
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -134,11 +134,11 @@ def bench_180b_with(args, bandwidth, results, kernel) -> None:
     import torch
     from transformers import FalconConfig
 
+    from bench.random_weights import RandomSource
     from chat.backends.local.backend import LocalBackend
     from chat.engine.build import Engine
     from chat.engine.decode_loop import FastDecoder
-    from chat.engine.int4.loading import Int4Falcon, layout_from_int4
-    from chat.engine.int4.weight import random_int4
+    from chat.engine.weights import lay_out
 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -151,32 +151,10 @@ def bench_180b_with(args, bandwidth, results, kernel) -> None:
         max_position_embeddings=2048,
         **SHAPE_180B,
     )
-    hidden, ffn = config.hidden_size, 4 * config.hidden_size
-    qkv = (config.num_attention_heads + 2 * config.num_kv_heads) * (hidden // config.num_attention_heads)
-    products, dense = {}, {}
-    for i in range(config.num_hidden_layers):
-        for name, (rows, cols) in (
-            ("in", (qkv, hidden)),
-            ("mlp_in", (ffn, hidden)),
-            ("out", (hidden, hidden + ffn)),
-        ):
-            products[f"h.{i}.{name}"] = random_int4(rows, cols, device=DEVICE)
-        for norm in ("ln_attn", "ln_mlp"):
-            dense[f"transformer.h.{i}.{norm}.weight"] = torch.ones(
-                hidden, dtype=torch.bfloat16, device=DEVICE
-            )
-            dense[f"transformer.h.{i}.{norm}.bias"] = torch.zeros(hidden, dtype=torch.bfloat16, device=DEVICE)
-    products["lm_head"] = random_int4(VOCAB, hidden, device=DEVICE)
-    dense["transformer.word_embeddings.weight"] = torch.randn(
-        VOCAB, hidden, dtype=torch.bfloat16, device=DEVICE
-    )
-    dense["transformer.ln_f.weight"] = torch.ones(hidden, dtype=torch.bfloat16, device=DEVICE)
-    dense["transformer.ln_f.bias"] = torch.zeros(hidden, dtype=torch.bfloat16, device=DEVICE)
-    model = Int4Falcon(config, products, dense)
-    results["int4_GB_saved_layout"] = model.nbytes / 1e9
+    # Every product drawn directly in int4 at the shape and group the layout asks for.
+    source = RandomSource(config, DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32, int4=True)
     results["kernel"] = kernel
-    layout = layout_from_int4(model, max_len=2048, products=adapter(kernel))
-    del model, products
+    layout = lay_out(source, max_len=2048, products=adapter(kernel), quantize="hqq")
     read = step_bytes(layout)
     floor_ms = read / bandwidth * 1e3
     results.update(weights_read_GB=read / 1e9, floor_ms=floor_ms, built_s=time.perf_counter() - start)
@@ -233,7 +211,7 @@ def bench_against_bf16(shape, args, bandwidth, results, device=DEVICE) -> None:
     from chat.backends.local.backend import LocalBackend
     from chat.engine.build import Engine
     from chat.engine.decode_loop import FastDecoder
-    from chat.engine.falcon_layout import layout_from_model
+    from chat.engine.weights import ModelSource, lay_out
 
     model, tokenizer = build_model(shape, device)
     prompt, long_prompt = (
@@ -247,7 +225,7 @@ def bench_against_bf16(shape, args, bandwidth, results, device=DEVICE) -> None:
         if products is None:
             decoder = FastDecoder(model, tokenizer, max_len=2048)
         else:
-            layout = layout_from_model(model, max_len=2048, products=products)
+            layout = lay_out(ModelSource(model), max_len=2048, products=products, quantize="hqq")
             results[f"{label}_quantize_s"] = time.perf_counter() - start
             decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id)
             del layout
@@ -288,8 +266,6 @@ def bench_load(results) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chat.engine.int4.loading import load_int4, save_int4
-
     folder, saved = Path("/tmp/falcon7b-synthetic"), Path("/tmp/falcon7b-int4")
     model, tokenizer = build_model("7b", DEVICE)
     start = time.perf_counter()
@@ -323,26 +299,32 @@ def bench_load(results) -> None:
     del bf16
     gc.collect()
     torch.cuda.empty_cache()
-    quantized = measure("int4 quantize while loading", lambda: load_int4(folder, device=DEVICE))
-    start = time.perf_counter()
-    save_int4(quantized, saved, folder)
-    results["int4 save_s"] = time.perf_counter() - start
-    # What the app does next: each product packed for the GEMV, each new shape tuned.
-    from chat.engine.int4.loading import layout_from_int4
+    # What the app does: each weight read, quantized (HQQ) and packed for the GEMV (each new shape
+    # tuned), the int4 weights saved as they are made (--save-quantized).
     from chat.engine.int4.products import int4_products
+    from chat.engine.int4.saved import Int4Writer
+    from chat.engine.weights import CheckpointSource, lay_out
 
     products = int4_products(DEVICE)
     results["int4 products"] = products.name
-    layout = measure(
-        f"{products.name}: packed and tuned",
-        lambda model=quantized: layout_from_int4(model, max_len=2048, products=products),
-    )
+
+    def quantize_and_save():
+        source = CheckpointSource(folder, device=DEVICE, dtype=torch.bfloat16)
+        writer = Int4Writer(saved)
+        layout = lay_out(source, max_len=2048, products=products, quantize="hqq", save=writer)
+        writer.finish(source.config, folder)
+        return layout
+
+    layout = measure("int4 quantize while loading, packed, tuned and saved", quantize_and_save)
     del layout
     results["int4 folder GB"] = sum(p.stat().st_size for p in saved.glob("*.safetensors")) / 1e9
-    del quantized
     gc.collect()
     torch.cuda.empty_cache()
-    measure("int4 reload of the saved folder", lambda: load_int4(saved, device=DEVICE))
+    reload = CheckpointSource(saved, device=DEVICE, dtype=torch.bfloat16)
+    measure(
+        "int4 reload of the saved folder, packed",
+        lambda: lay_out(reload, max_len=2048, products=products, quantize="hqq"),
+    )
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(saved, ignore_errors=True)
 

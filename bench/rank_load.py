@@ -4,8 +4,8 @@ and the time per parameter of each way of making the slices.
     python bench/rank_load.py                    # the CPU: a scaled-down 180B-like shape, 2 and 8 layers
     python bench/rank_load.py --layers 2 4       # on a GPU: the same, in bf16
 
-A rank reads each product's slice (`RandomSource` draws the whole tensor and keeps the slice) and
-packs it at once (parallel/shards.py), so its peak should be what it keeps plus about one layer's tensors
+A rank reads each product's slice (bench/random_weights.py's `RandomSource` draws the whole tensor and keeps the slice) and
+packs it at once (chat/engine/weights.py), so its peak should be what it keeps plus about one layer's tensors
 in flight, the same whatever the number of layers; a loader that held its bf16 share first would
 grow by that share (printed beside). Each load runs in a fresh process. Memory: the GPU's
 allocator statistics, or on the CPU the process's resident high-water mark (/proc/self/status
@@ -80,6 +80,7 @@ def load_rank(layers: int, int4: str, device, dtype, memory: Memory) -> dict:
     import torch
     from transformers import FalconConfig
 
+    from bench.random_weights import RandomWeights
     from chat.engine.parallel.ranks import RankSpec, rank_layout
 
     config = FalconConfig(**SHAPE, num_hidden_layers=layers)
@@ -88,9 +89,8 @@ def load_rank(layers: int, int4: str, device, dtype, memory: Memory) -> dict:
         port=0,
         max_len=256,
         eos_token_id=None,
-        random_config=config.to_dict(),
+        weights=RandomWeights(config.to_dict(), int4=int4 == "random"),
         products="int4",
-        int4=int4,
     )
     torch.zeros(1, device=device)  # the GPU's context, before the count starts
     gc.collect()
@@ -142,9 +142,7 @@ def quantize_cost(device, dtype) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8])
-    parser.add_argument(
-        "--int4", nargs="+", default=["hqq", "random"], choices=["hqq", "clip", "none", "random"]
-    )
+    parser.add_argument("--int4", nargs="+", default=["hqq", "random"], choices=["hqq", "random"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", nargs=2, metavar=("LAYERS", "INT4"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    from bench.gpu_decode import falcon_config
+    os.environ["FAST_DECODE_COMPILE"] = "off"  # read at import, here and in rank 1's process
+    from bench.gpu_decode import model_config
+    from bench.random_weights import RandomWeights
     from chat.engine.parallel.ranks import RankSpec, free_port, start_ranks
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -30,8 +32,7 @@ def main() -> None:
         port=free_port(),
         max_len=256,
         eos_token_id=None,
-        random_config=falcon_config("tiny").to_dict(),
-        compile_mode="off",
+        weights=RandomWeights(model_config("tiny").to_dict()),
     )
     decoder = start_ranks(spec)
     print("ranks loaded; killing rank 1", flush=True)

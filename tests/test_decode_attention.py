@@ -91,7 +91,7 @@ def test_one_captured_graph_follows_the_position_tensor():
 def test_rotary_cache_write_and_gelu_are_those_of_the_torch_step(layout):
     import torch.nn.functional as F
 
-    from chat.engine.falcon_layout import split_rotate
+    from chat.engine.layout import split_rotate
 
     kv, group, d, max_len = LAYOUTS[layout]
     flash = FlashDecode(kv, group, d, max_len, DEVICE, DTYPE)

@@ -16,7 +16,7 @@ from chat.conversation.params import GenerationParams
 from chat.engine.build import Engine, choose_decoder
 from chat.engine.decode_loop import FastDecoder
 from chat.engine.decoders import PlainDecoder
-from chat.engine.falcon_layout import Unsupported
+from chat.engine.layout import Unsupported
 from chat.engine.sampling import penalize, sampling_probs
 from chat.factory import build_backend
 

@@ -20,11 +20,11 @@ from chat.config import Settings
 from chat.conversation.errors import ConfigError
 from chat.engine.int4 import gemv as int4_gemv
 from chat.engine.int4 import weight as int4
-from chat.engine.int4.loading import load_int4
 from chat.factory import build_backend
 from tests.quantized_checkpoints import (
     assert_greedy_equals_generate,
     assert_serves_and_saves,
+    load_int4,
     scaled_levels,
     split_layer,
     write_checkpoint,
@@ -132,7 +132,7 @@ def gptq_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def gptq_model(gptq_dir):
-    return load_int4(gptq_dir[0], device="cpu", dtype=torch.float32)
+    return load_int4(gptq_dir[0])
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_every_gptq_weight_is_kept_exactly(
         desc_act=desc_act,
         shards=1,
     )
-    model = load_int4(folder, device="cpu", dtype=torch.float32)
+    model = load_int4(folder)
     shapes = {name: tuple(values[0].shape) for name, values in raw.items()}
     for index in range(model.config.num_hidden_layers):
         for name, weight in split_layer(model, index, shapes).items():
@@ -166,7 +166,7 @@ def test_every_gptq_weight_is_kept_exactly(
     for name in ("h.0.in", "h.0.out"):  # symmetric: -8 * scale is exact in fp16; else float32
         assert model.products[name].scale.dtype == torch.float16
         assert model.products[name].offset.dtype == (torch.float16 if sym else torch.float32)
-    assert model.stats["source"].startswith("GPTQ")
+    assert model.quantization.method == "GPTQ"
 
 
 def test_gptq_fast_path_greedy_equals_generate_over_the_same_weights(

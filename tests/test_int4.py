@@ -16,9 +16,9 @@ from chat.conversation.errors import ConfigError
 from chat.conversation.params import GenerationParams
 from chat.engine.decode_loop import FastDecoder
 from chat.engine.int4 import weight as int4
-from chat.engine.int4.loading import layout_from_int4, load_int4, save_int4
-from chat.engine.int4.products import Int4Reference
+from chat.engine.int4.saved import Int4Writer, is_saved
 from chat.factory import build_backend
+from tests.quantized_checkpoints import load_int4
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
 PROMPT = "User: Plan a trip to Lisbon\nFalcon:"
@@ -75,7 +75,7 @@ def test_reference_product_is_the_product_with_the_dequantized_weight():
 
 @pytest.fixture(scope="module")
 def quantized_tiny(tiny_model_dir):
-    return load_int4(tiny_model_dir, device="cpu", dtype=torch.float32)
+    return load_int4(tiny_model_dir)
 
 
 def _ids(tokenizer, text=PROMPT):
@@ -89,10 +89,7 @@ def _generate(decoder, ids, params=GREEDY):
 
 
 def _fast(model, tokenizer):
-    fresh = type(model)(model.config, dict(model.products), dict(model.dense))  # layout consumes products
-    return FastDecoder.from_layout(
-        layout_from_int4(fresh, max_len=128, products=Int4Reference), tokenizer.eos_token_id
-    )
+    return FastDecoder.from_layout(model.layout, tokenizer.eos_token_id)
 
 
 def test_int4_fast_path_greedy_equals_the_int4_reference_in_float32(
@@ -132,16 +129,16 @@ def test_quantize_while_loading_keeps_norms_and_embeddings_dense(quantized_tiny)
     assert set(quantized_tiny.products) == {
         f"h.{i}.{p}" for i in range(config.num_hidden_layers) for p in ("in", "out")
     } | {"lm_head"}
-    embed = quantized_tiny.dense["transformer.word_embeddings.weight"]
+    embed = quantized_tiny.layout.embed
     assert embed.dtype == torch.float32 and embed.shape == (config.vocab_size, config.hidden_size)
     assert quantized_tiny.products["lm_head"].shape == (config.vocab_size, config.hidden_size)
 
 
 def test_saved_int4_reloads_to_the_same_tokens(tmp_path, tiny_model_dir, tiny_tokenizer, quantized_tiny):
-    save_int4(quantized_tiny, tmp_path / "int4", tiny_model_dir)
-    assert int4.is_saved(tmp_path / "int4") and (tmp_path / "int4" / "tokenizer.json").exists()
-    reloaded = load_int4(tmp_path / "int4", device="cpu")
-    assert reloaded.stats["source"] == "int4"
+    load_int4(tiny_model_dir, save=Int4Writer(tmp_path / "int4"))
+    assert is_saved(tmp_path / "int4") and (tmp_path / "int4" / "tokenizer.json").exists()
+    reloaded = load_int4(tmp_path / "int4")
+    assert reloaded.quantization.method == "int4 (saved)"
     for name, weight in quantized_tiny.products.items():
         assert torch.equal(reloaded.products[name].packed, weight.packed)
     ids = _ids(tiny_tokenizer)
@@ -208,7 +205,7 @@ def test_a_checkpoint_in_shards_quantizes_to_the_same_weights(tmp_path, tiny_mod
 
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path, max_shard_size="100KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
-    sharded = load_int4(tmp_path, device="cpu", dtype=torch.float32)
+    sharded = load_int4(tmp_path)
     assert sharded.products.keys() == quantized_tiny.products.keys()
     for name, weight in quantized_tiny.products.items():
         assert torch.equal(sharded.products[name].packed, weight.packed), name

@@ -22,8 +22,10 @@ from chat.conversation.errors import ConfigError, GenerationFailed
 from chat.conversation.params import GenerationParams
 from chat.engine.decode_loop import FastDecoder
 from chat.engine.decoders import PlainDecoder
-from chat.engine.parallel.shards import RankPlan, SafetensorsSource, layout_from_source, share
+from chat.engine.int4.products import Int4Reference
+from chat.engine.parallel.shards import RankPlan, share
 from chat.engine.products import Dense
+from chat.engine.weights import CheckpointSource, lay_out
 
 CACHE = 128
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
@@ -61,11 +63,12 @@ def _ids(tokenizer, text):
     return torch.tensor([tokenizer(text)["input_ids"]])
 
 
-def _sharded_greedy(folder, tokenizer, ids, world: int, new_tokens: int, products=Dense):
+def _sharded_greedy(folder, tokenizer, ids, world: int, new_tokens: int, products=Dense, quantize=None):
     """Every rank's generated tokens and rank 0's count of sums, ranks running as threads."""
-    source = SafetensorsSource(folder, "cpu", torch.float32)
+    source = CheckpointSource(folder, device="cpu", dtype=torch.float32)
     layouts = [
-        layout_from_source(source, rank, world, max_len=CACHE, products=products) for rank in range(world)
+        lay_out(source, max_len=CACHE, products=products, rank=rank, world=world, quantize=quantize)
+        for rank in range(world)
     ]
     return _threaded_greedy(layouts, ids, new_tokens, source.config.vocab_size, tokenizer.eos_token_id)
 
@@ -143,8 +146,6 @@ def test_unindexed_shards_with_prefixed_names_load_for_every_path(tmp_path, tiny
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from chat.engine.int4.loading import load_int4
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     model.config.save_pretrained(tmp_path)
     tensors = {
@@ -159,16 +160,14 @@ def test_unindexed_shards_with_prefixed_names_load_for_every_path(tmp_path, tiny
 
     per_rank, _ = _sharded_greedy(tmp_path, tiny_tokenizer, ids, 2, len(expected))
     assert per_rank == [expected] * 2
-    assert set(load_int4(tmp_path, device="cpu", dtype=torch.float32).products) >= {"h.0.in", "lm_head"}
+    int4_source = CheckpointSource(tmp_path, device="cpu", dtype=torch.float32)
+    lay_out(int4_source, max_len=CACHE, products=Int4Reference, quantize="hqq")  # reads every tensor
 
 
 def test_int4_slices_generate_what_the_one_device_int4_path_does(tmp_path, tiny_tokenizer):
     """Each rank quantizes the slices it reads; with int4 groups that fall on the same columns as
     on one device (widths of 128), the ranks hold exactly the one-device int4 model."""
     from transformers import FalconConfig, FalconForCausalLM
-
-    from chat.engine.int4.loading import layout_from_int4, load_int4
-    from chat.engine.int4.products import Int4Reference
 
     torch.manual_seed(2)
     config = FalconConfig(
@@ -184,17 +183,17 @@ def test_int4_slices_generate_what_the_one_device_int4_path_does(tmp_path, tiny_
     )
     FalconForCausalLM(config).eval().save_pretrained(tmp_path)
     ids = _ids(tiny_tokenizer, PROMPTS[0])
-    one = load_int4(tmp_path, device="cpu", dtype=torch.float32)
-    decoder = FastDecoder.from_layout(layout_from_int4(one, max_len=CACHE, products=Int4Reference), 0)
+    one = CheckpointSource(tmp_path, device="cpu", dtype=torch.float32)
+    decoder = FastDecoder.from_layout(lay_out(one, max_len=CACHE, products=Int4Reference, quantize="hqq"), 0)
     expected = []
     decoder.generate(ids, GREEDY, 0, expected.append, lambda: False)
 
-    per_rank, _ = _sharded_greedy(tmp_path, tiny_tokenizer, ids, 2, len(expected), products=Int4Reference)
+    per_rank, _ = _sharded_greedy(tmp_path, tiny_tokenizer, ids, 2, len(expected), Int4Reference, "hqq")
     assert per_rank == [expected] * 2
 
 
-def _int4_spec(int4: str, world: int = 2):
-
+def _int4_spec(drawn: bool, world: int = 2):
+    from bench.random_weights import RandomWeights
     from chat.engine.parallel.ranks import RankSpec, free_port
 
     config = FalconConfig(
@@ -214,22 +213,20 @@ def _int4_spec(int4: str, world: int = 2):
         port=free_port(),
         max_len=CACHE,
         eos_token_id=None,
-        random_config=config.to_dict(),
+        weights=RandomWeights(config.to_dict(), int4=drawn),
         products="int4",
-        int4=int4,
     )
 
 
 def test_int4_drawn_directly_never_makes_the_products_in_bf16():
-    """`--int4-weights random` (bench/gpu_decode.py, for 180B): the source gives the products'
-    weights as shapes only and each rank draws its slices in int4; the ranks still meet per layer."""
+    """`--int4-weights random` (bench/gpu_decode.py, for 180B): the source draws the products'
+    slices directly in int4 and each rank lays them out; the ranks still meet per layer."""
     from chat.engine.parallel.ranks import rank_layout
-    from chat.engine.parallel.shards import RandomSource
 
-    spec = _int4_spec("random")
-    source = RandomSource(FalconConfig(**spec.random_config), "cpu", torch.float32, shapes_only=True)
-    assert source.read("transformer.h.0.mlp.dense_4h_to_h.weight", columns=[range(0, 512)]).is_meta
-    assert not source.read("transformer.word_embeddings.weight").is_meta  # one row a token: kept whole
+    spec = _int4_spec(drawn=True)
+    source = spec.weights.open("cpu", torch.float32)
+    assert source.quantized("transformer.h.0.mlp.dense_4h_to_h.weight")
+    assert not source.quantized("transformer.word_embeddings.weight")  # one row a token: kept dense
     layouts = [rank_layout(spec, rank, "cpu", torch.float32) for rank in range(2)]
     packed, scale, offset, bias = layouts[0].layers[0].w_out  # Int4Reference's: levels, scale, offset
     assert packed.dtype == torch.uint8 and packed.shape == (256, (128 + 512) // 2) and scale.shape == (256, 5)
@@ -239,17 +236,63 @@ def test_int4_drawn_directly_never_makes_the_products_in_bf16():
 
 
 def test_slices_cover_every_row_and_column_once():
-    from chat.engine.parallel.shards import FalconShape
+    from chat.engine.families import Shape
 
-    seven_b = FalconShape(hidden=4544, heads=71, kv_heads=1, head_dim=64, vocab=65024, layers=32, eps=1e-5)
+    seven_b = Shape(hidden=4544, heads=71, kv_heads=1, head_dim=64, vocab=65024, layers=32, eps=1e-5)
     plans = [RankPlan.make(seven_b, rank, 2) for rank in range(2)]
     assert [len(p.queries) for p in plans] == [36, 35]  # 71 queries, one shared KV head
     columns = sorted(c for p in plans for r in p.attention_columns for c in r)
     assert columns == list(range(71 * 64))
     assert [share(10, 3, r) for r in range(3)] == [range(0, 4), range(4, 7), range(7, 10)]
-    forty_b = FalconShape(hidden=8192, heads=128, kv_heads=8, head_dim=64, vocab=65024, layers=60, eps=1e-5)
+    forty_b = Shape(hidden=8192, heads=128, kv_heads=8, head_dim=64, vocab=65024, layers=60, eps=1e-5)
     plan = RankPlan.make(forty_b, 1, 2)
     assert plan.kv_heads == range(4, 8) and len(plan.qkv_rows) == 1  # whole groups: one read
+
+
+class StepDone:
+    """Stands in for the CUDA event rank 0 waits on for a token (no GPU here): it happens when
+    `happen()` is called; `synchronize` blocks as a blocking-sync CUDA event does."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self.queries = 0
+
+    def happen(self):
+        self._done.set()
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self._done.wait()
+
+
+@pytest.mark.parametrize("abortable", [True, False], ids=["nccl-abort", "no-abort"])
+def test_rank_0_waits_for_a_token_without_spinning_a_core(monkeypatch, abortable):
+    import multiprocessing
+    import time
+
+    from chat.engine.parallel.ranks import RANK_POLL_S, Peers, RankDied
+
+    monkeypatch.setattr(Peers, "_sums_abortable", staticmethod(lambda: abortable))
+    peers = Peers([], [])
+    step = StepDone()
+    threading.Timer(0.4, step.happen).start()
+    cpu, wall = time.thread_time(), time.monotonic()
+    peers.wait_for(step)
+    cpu, wall = time.thread_time() - cpu, time.monotonic() - wall
+    assert wall >= 0.35 and cpu < 0.1 * wall, f"{cpu:.3f} s of CPU in {wall:.3f} s"
+    if abortable:  # asleep in the driver until the token is there (a death aborts NCCL: it ends)
+        assert step.queries == 0
+    else:  # a look every RANK_POLL_S, asleep in between
+        assert step.queries <= 1.2 * wall / RANK_POLL_S + 1
+
+    ended = multiprocessing.get_context("fork").Process(target=int)
+    ended.start()
+    ended.join()
+    with pytest.raises(RankDied, match="rank 1"):  # the token came, but a rank is gone
+        Peers([ended], [None]).wait_for(step)
 
 
 # -- two processes over gloo ---------------------------------------------------------------------------
@@ -262,7 +305,7 @@ def test_two_rank_processes_quantizing_their_slices_give_the_greedy_tokens_of_on
 
     from chat.engine.parallel.ranks import rank_layout, start_ranks
 
-    spec = _int4_spec("hqq")
+    spec = _int4_spec(drawn=False)
     ids = torch.tensor([[5, 17, 300, 42, 9]])
     expected = []
     one = FastDecoder.from_layout(rank_layout(replace(spec, world=1), 0, "cpu", torch.float32), None)

@@ -79,12 +79,15 @@ class FlashDecode:
 
     def rotate_and_store(self, qkv, h, cos, sin, pos, k_cache, v_cache, joined):
         """From the input product's outputs: rotated queries (returned, [kv, group, d]), key and
-        value written at `pos`, GELU(h) written after the attention part of `joined`.
+        value written at `pos`, GELU(h) written after the attention part of `joined` (Falcon).
 
-        qkv [1, kv * (group + 2) * d] in Falcon's fused layout; h [1, ffn]; cos/sin the whole
-        [max_len, d] rotary tables (row `pos` is read in the kernel).
+        qkv [1, kv * (group + 2) * d] in the layout's fused order (layout.py); h [1, ffn], or None
+        where the MLP does not run beside attention (Llama); cos/sin the whole [max_len, d] rotary
+        tables (row `pos` is read in the kernel).
         """
-        n_qkv, n_h = qkv.shape[-1], h.shape[-1]
+        n_qkv = qkv.shape[-1]
+        n_h = 0 if h is None else h.shape[-1]
+        h = qkv if h is None else h  # no GELU programs are launched then
         qkv_programs = triton.cdiv(n_qkv, BLOCK_ROTATE)
         _rotate_store_gelu[(qkv_programs + triton.cdiv(n_h, BLOCK_ROTATE),)](
             qkv,

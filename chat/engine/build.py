@@ -4,7 +4,7 @@ to an `Engine`, the one thing the local backend (backends/local/backend.py) serv
 Three ways a model is served, each decided here and only here:
 - a transformers model in this process (`from_pretrained`: bf16 across the GPUs, float32 on the
   CPU, or bitsandbytes), decoded by plain `generate` or the fast decoder (`choose_decoder`);
-- `--quantize int4`: the fast decoder over int4 weights read from the checkpoint (int4/loading.py);
+- `--quantize int4`: the fast decoder over int4 weights read from the checkpoint (weights.py);
 - `--tensor-parallel N`: the fast decoder over N ranks, each holding its slice (parallel/ranks.py).
 
 The app's factory maps its settings onto `EngineOptions` and wraps the engine in a LocalBackend.
@@ -104,7 +104,7 @@ def choose_decoder(kind: str, model, tokenizer, max_len: int) -> Decoder:
     if kind == "plain":
         return PlainDecoder(model, tokenizer)
     from chat.engine.decode_loop import FastDecoder
-    from chat.engine.falcon_layout import Unsupported
+    from chat.engine.layout import Unsupported
 
     on_gpu = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
     if kind == "auto" and not on_gpu:
@@ -179,15 +179,17 @@ def model_context_length(config, tokenizer) -> int:
 
 
 def _int4_engine(options: EngineOptions) -> Engine:
-    """The fast decoder over int4 weights on one device (int4/loading.py), quantized while loading."""
+    """The fast decoder over int4 weights on one device: quantized while loading, converted from a
+    GPTQ/AWQ checkpoint, or read back from a folder `--save-quantized` wrote (weights.py)."""
     import torch
     from transformers import AutoTokenizer
 
     from chat.engine.decode_loop import FastDecoder
-    from chat.engine.falcon_layout import Unsupported
-    from chat.engine.int4.loading import layout_from_int4, load_int4, save_int4
     from chat.engine.int4.products import int4_products
+    from chat.engine.int4.saved import Int4Writer
+    from chat.engine.layout import Unsupported
     from chat.engine.parallel.ranks import model_folder
+    from chat.engine.weights import CheckpointSource, lay_out
 
     if options.decoder == "plain":
         raise ConfigError("--quantize int4 runs the fast decoder; it cannot be used with --decoder plain")
@@ -195,24 +197,26 @@ def _int4_engine(options: EngineOptions) -> Engine:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     try:
-        model = load_int4(folder, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+        source = CheckpointSource(folder, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        context_length = options.max_total_tokens or model_context_length(source.config, tokenizer)
+        writer = Int4Writer(options.save_quantized) if options.save_quantized else None
+        products = int4_products(device)
+        layout = lay_out(source, max_len=context_length, products=products, quantize="hqq", save=writer)
     except Unsupported as error:
         raise ConfigError(f"--quantize int4: {error}") from None
     except (OSError, ValueError) as error:
         raise ConfigError(f"--quantize int4: cannot load {options.model!r} ({str(error)[:200]})") from None
-    if options.save_quantized:
-        save_int4(model, options.save_quantized, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    context_length = options.max_total_tokens or model_context_length(model.config, tokenizer)
-    layout = layout_from_int4(model, max_len=context_length, products=int4_products(device))
+    if writer is not None:
+        writer.finish(source.config, folder)
     decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id)
-    return Engine(tokenizer, decoder, context_length, f"local int4 ({device}, {layout.products.name})")
+    return Engine(tokenizer, decoder, context_length, f"local int4 ({device}, {products.name})")
 
 
 def _checkpoint_quantization(folder):
     """The GPTQ/AWQ quantization `folder`'s checkpoint carries, or None."""
-    from chat.engine.falcon_layout import Unsupported
     from chat.engine.int4 import checkpoints as checkpoint_quantization
+    from chat.engine.layout import Unsupported
 
     try:
         return checkpoint_quantization.read(folder)
@@ -224,8 +228,9 @@ def _tensor_parallel_engine(options: EngineOptions) -> Engine | None:
     """The fast decoder over N ranks, or None where `auto` finds one GPU enough."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from chat.engine.falcon_layout import Unsupported
+    from chat.engine.layout import Unsupported
     from chat.engine.parallel import ranks as tp
+    from chat.engine.weights import CheckpointWeights
 
     int4 = options.quantize == "int4"
     folder = tp.model_folder(options.model, options.token)
@@ -253,7 +258,7 @@ def _tensor_parallel_engine(options: EngineOptions) -> Engine | None:
         port=tp.free_port(),
         max_len=context_length,
         eos_token_id=tokenizer.eos_token_id,
-        folder=folder,
+        weights=CheckpointWeights(folder),
         products="int4" if int4 else "dense",
     )
     try:

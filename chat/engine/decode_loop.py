@@ -1,17 +1,18 @@
-"""A lean Falcon decode loop: static KV cache, one CUDA graph per token, sampling on the GPU.
+"""A lean decode loop: static KV cache, one CUDA graph per token, sampling on the GPU.
 
 At batch 1 a token costs one read of every weight; `generate` spends several times that on
 Python and kernel launches. Here the one-token step is a few plain torch functions (gpt-fast's
-shape: `_prefill`, `_step`, `_stream`), compiled (two pieces per layer, one for the head) around
-a flash-decoding attention kernel (attention.py), and captured once in a CUDA graph that
-reads the token and its position from GPU tensors, so replaying it is the whole step.
-docs/performance.md has the measurements.
+shape: `_prefill`, `_step`, `_stream`), compiled (two pieces per layer, two more for a sequential
+layer's MLP, one for the head) around a flash-decoding attention kernel (attention.py), and
+captured once in a CUDA graph that reads the token and its position from GPU tensors, so
+replaying it is the whole step. docs/performance.md has the measurements.
 
-The pieces live apart: this module is the loop; falcon_layout.py the weights (fused products,
-KV cache, rotary) and the layer step as functions; sampling.py the choice of the next token;
-products.py how a product is computed from kept weights (dense, or an adapter such as int4 or
-a tensor-parallel slice). One-row products compiled with coordinate-descent tuning become Triton
-reductions that read the weights at the copy bandwidth, faster than cuBLAS's GEMV (docs/performance.md).
+The pieces live apart: this module is the loop; layout.py the weights (fused products, KV cache,
+rotary) and the layer step as functions, for every family (families.py: Falcon, Llama);
+weights.py lays a model out; sampling.py chooses the next token; products.py computes a product
+from kept weights (dense, or an adapter such as int4 or a tensor-parallel slice). One-row
+products compiled with coordinate-descent tuning become Triton reductions that read the weights
+at the copy bandwidth, faster than cuBLAS's GEMV (docs/performance.md).
 
 On the CPU (float32) the same functions run eagerly, without graphs: CI checks the logic there.
 """
@@ -28,11 +29,12 @@ import torch.nn.functional as F
 from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 from chat.conversation.params import GenerationParams
 from chat.engine.attention import FlashDecode, attend_reference
-from chat.engine.falcon_layout import (
-    FalconLayout,
+from chat.engine.layout import (
+    Layout,
+    Unsupported,
     decode_in,
-    layout_from_model,
     logits,
+    mlp_in,
     prefill_layer,
     project_in,
     project_out,
@@ -50,7 +52,7 @@ ATTENTION = os.environ.get("FAST_DECODE_ATTENTION", "flash")
 
 
 class FastDecoder:
-    """Static-cache Falcon decoder; CUDA-graph replay on a GPU, eager on the CPU."""
+    """Static-cache decoder; CUDA-graph replay on a GPU, eager on the CPU."""
 
     def __init__(
         self,
@@ -62,14 +64,16 @@ class FastDecoder:
         use_graphs: bool | None = None,
         compile_mode: str | None = None,
     ):
-        """Lay `model`'s weights out for the step (`falcon_layout.Unsupported` if it cannot)."""
-        layout = layout_from_model(model, max_len=max_len, products=products)
+        """Lay `model`'s weights out for the step (`layout.Unsupported` if it cannot)."""
+        from chat.engine.weights import ModelSource, lay_out
+
+        layout = lay_out(ModelSource(model), max_len=max_len, products=products)
         self._setup(layout, tokenizer.eos_token_id, use_graphs=use_graphs, compile_mode=compile_mode)
 
     @classmethod
     def from_layout(
         cls,
-        layout: FalconLayout,
+        layout: Layout,
         eos_token_id,
         *,
         reduce=whole,
@@ -107,6 +111,7 @@ class FastDecoder:
         if peers is not None:
             self.name = f"{self.name[:-1]}, tensor parallel x{peers.world})"
         self.kv_heads, self.group, self.head_dim = layout.kv_heads, layout.group, layout.head_dim
+        self.norm, self.act = layout.norm, layout.act
         self.layers = layout.layers
         self.ready = not self.use_graphs
         # Capturing refuses unsafe CUDA calls from every thread ("global", as on one GPU), or only
@@ -114,18 +119,21 @@ class FastDecoder:
         self._capture_errors = "global" if reduce is whole else "thread_local"
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         # The step's pieces; compiled in warm_up on a GPU.
-        self._project_in, self._decode_in, self._attend_torch, self._project_out, self._head = (
+        self._project_in, self._decode_in, self._attend_torch, self._project_out = (
             project_in,
             decode_in,
             attend_reference,
             project_out,
-            _head,
         )
+        self._mlp_in, self._head = mlp_in, _head
         dev, dt = self.device, self.dtype
-        # The out-projection's input [attention | GELU(h)], rewritten by every layer of the step.
-        self.joined = torch.empty(1, layout.attention_size + layout.ffn, dtype=dt, device=dev)
+        # The out-product's input (the attention output, and act(h) beside it where attention and
+        # MLP run in parallel), rewritten by every layer of the step.
+        self.joined = torch.empty(1, layout.joined_size, dtype=dt, device=dev)
         self.flash = None
         if dev.type == "cuda" and ATTENTION == "flash":
+            if self.head_dim & (self.head_dim - 1):
+                raise Unsupported(f"head_dim {self.head_dim} is not a power of two (flash decoding)")
             self.flash = FlashDecode(self.kv_heads, self.group, self.head_dim, self.max_len, dev, dt)
         # Per-generation state the captured step reads and writes in place.
         self.history = torch.zeros(self.max_len + 1, dtype=torch.long, device=dev)
@@ -165,6 +173,7 @@ class FastDecoder:
             self._decode_in = torch.compile(decode_in, **compile_kwargs)
             self._attend_torch = torch.compile(attend_reference, **compile_kwargs)
             self._project_out = torch.compile(project_out, **compile_kwargs)
+            self._mlp_in = torch.compile(mlp_in, **compile_kwargs)
             self._head = torch.compile(_head, **compile_kwargs)
         # Coordinate-descent tuning makes Inductor write one-row products as tuned Triton
         # reductions (gpt-fast's setting); it applies while the first calls below compile.
@@ -269,7 +278,9 @@ class FastDecoder:
             return lambda: int(self.history[position])
         buffer = torch.empty(1, dtype=torch.long, pin_memory=True)
         buffer.copy_(self.history[position : position + 1], non_blocking=True)
-        done = torch.cuda.Event()
+        # Under tensor parallelism rank 0 sleeps until the token is there (Peers.wait_for); on one
+        # GPU it spins, which answers a few microseconds sooner.
+        done = torch.cuda.Event(blocking=self.peers is not None)
         done.record()
 
         def wait() -> int:
@@ -298,7 +309,7 @@ class FastDecoder:
         for layer in self.layers:
             x = prefill_layer(x, layer, layout, cos, sin, self.reduce)
         self.pos.fill_(prompt_len - 1)  # the last prompt token's position, as after a step
-        scores = logits(x[-1:], layout.ln_f, layout.lm_head, self.linear, self.gather)
+        scores = logits(x[-1:], layout.ln_f, layout.lm_head, self.linear, self.gather, self.norm)
         choose(scores, self.seen, self.knobs.tensors(), self._not_last, greedy, self.history, self.pos)
 
     def _step(self, greedy: bool) -> None:
@@ -307,36 +318,22 @@ class FastDecoder:
         self.pos.add_(1)
         token = self.history.index_select(0, self.pos)
         x = F.embedding(token, layout.embed)
-        if self.flash is not None:
-            for layer in self.layers:
-                x = self._flash_layer(x, layer)
+        if self.flash is not None:  # the kernels read the rotary tables at pos themselves
+            attend, rotary = self._flash_attention, None
         else:
-            cos, sin = layout.cos.index_select(0, self.pos), layout.sin.index_select(0, self.pos)
-            shape = (self.kv_heads, self.group, self.head_dim)
-            attn = self.joined[0, : layout.attention_size]
-            for layer in self.layers:
-                q = self._decode_in(
-                    x,
-                    *layer.norms(),
-                    layer.w_in,
-                    layer.w_mlp_in,
-                    self.linear,
-                    layer.k_cache,
-                    layer.v_cache,
-                    cos,
-                    sin,
-                    self.pos,
-                    self.joined,
-                    *shape,
-                )
-                self._attend_torch(q, layer.k_cache, layer.v_cache, self.pos, self.positions, attn)
-                x = self._project_out(x, self.joined, layer.w_out, self.linear, self.reduce)
+            attend, rotary = self._torch_attention, (layout.cos[self.pos], layout.sin[self.pos])
+        for layer in self.layers:
+            x = attend(x, layer, rotary)
+            if not layout.parallel:  # Llama: the MLP after attention, on the updated x
+                hidden = self._mlp_in(x, *layer.ln_mlp, layer.w_mlp_in, self.linear, self.norm, self.act)
+                x = self._project_out(x, hidden, layer.w_mlp_out, self.linear, self.reduce)
         self._head(
             x,
             layout.ln_f,
             layout.lm_head,
             self.linear,
             self.gather,
+            self.norm,
             self.seen,
             self.knobs.tensors(),
             self._not_last,
@@ -345,12 +342,15 @@ class FastDecoder:
             self.pos,
         )
 
-    def _flash_layer(self, x, layer):
-        """One layer on a GPU: compiled input product, three Triton kernels, compiled out-product."""
+    def _flash_attention(self, x, layer, rotary=None):
+        """A layer's attention (and, where parallel, its MLP) on a GPU: the compiled input
+        product, three Triton kernels, the compiled out-product."""
         # Measured slower on the H100 (docs/performance.md): splitting the out-projection in two,
         # running the MLP's half on a second stream beside attention, attention values by cuBLAS.
         layout = self.layout
-        qkv, h = self._project_in(x, *layer.norms(), layer.w_in, layer.w_mlp_in, layout.qkv_size, self.linear)
+        qkv, h = self._project_in(
+            x, *layer.norms(), layer.w_in, layout.beside(layer), layout.qkv_size, self.linear, self.norm
+        )
         k_cache, v_cache = layer.k_cache, layer.v_cache
         q = self.flash.rotate_and_store(
             qkv, h, layout.cos, layout.sin, self.pos, k_cache, v_cache, self.joined
@@ -358,7 +358,34 @@ class FastDecoder:
         self.flash(q, k_cache, v_cache, self.pos, self.joined)
         return self._project_out(x, self.joined, layer.w_out, self.linear, self.reduce)
 
+    def _torch_attention(self, x, layer, rotary):
+        """The same in torch (the CPU; compiled by Inductor on a GPU with ATTENTION=torch);
+        `rotary`: the (cos, sin) rows at the position."""
+        layout = self.layout
+        cos, sin = rotary
+        q = self._decode_in(
+            x,
+            *layer.norms(),
+            layer.w_in,
+            layout.beside(layer),
+            self.linear,
+            self.norm,
+            self.act,
+            layer.k_cache,
+            layer.v_cache,
+            cos,
+            sin,
+            self.pos,
+            self.joined,
+            self.kv_heads,
+            self.group,
+            self.head_dim,
+        )
+        attn = self.joined[0, : layout.attention_size]
+        self._attend_torch(q, layer.k_cache, layer.v_cache, self.pos, self.positions, attn)
+        return self._project_out(x, self.joined, layer.w_out, self.linear, self.reduce)
 
-def _head(x, ln_f, lm_head, linear, gather, seen, knobs, not_last, greedy: bool, history, pos):
+
+def _head(x, ln_f, lm_head, linear, gather, norm, seen, knobs, not_last, greedy: bool, history, pos):
     """The last norm, the logits and the choice of the next token (compiled as one piece)."""
-    choose(logits(x, ln_f, lm_head, linear, gather), seen, knobs, not_last, greedy, history, pos)
+    choose(logits(x, ln_f, lm_head, linear, gather, norm), seen, knobs, not_last, greedy, history, pos)

@@ -1,6 +1,6 @@
 """How the fast decoder computes a matrix product from the weights it keeps: an adapter, not a loop.
 
-The decode loop (decode_loop.py) and the Falcon layout (falcon_layout.py) never call `F.linear`
+The decode loop (decode_loop.py) and the layout (layout.py) never call `F.linear`
 themselves. They hold each product's weights as the tuple a `Products` adapter packed, and call
 the adapter's `linear` on it, so dense bf16 weights, weight-only int4 and a tensor-parallel slice
 of either are adapters of one loop:

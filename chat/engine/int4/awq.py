@@ -51,8 +51,8 @@ from typing import ClassVar
 
 import torch
 
-from chat.engine.falcon_layout import Unsupported
 from chat.engine.int4 import weight as int4
+from chat.engine.layout import Unsupported
 
 PARTS = ("qweight", "qzeros", "scales")
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # bits 4k .. 4k+3 of a word hold output 8c + ORDER[k]
@@ -69,9 +69,10 @@ class AwqConfig:
     group_size: int  # -1: one group per row
     version: str
     method: ClassVar[str] = "AWQ"
+    parts: ClassVar[tuple[str, ...]] = PARTS
 
-    def in_features(self, parts: dict[str, torch.Tensor]) -> int:
-        return parts["qweight"].shape[0]
+    def group_of(self, module: str) -> int:
+        return self.group_size
 
     def drops(self, name: str, tensor: torch.Tensor) -> bool:
         """True for Falcon's activation scales when all 1 (they then change nothing)."""

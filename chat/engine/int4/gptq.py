@@ -46,8 +46,8 @@ from typing import ClassVar
 
 import torch
 
-from chat.engine.falcon_layout import Unsupported
 from chat.engine.int4 import weight as int4
+from chat.engine.layout import Unsupported
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 FORMATS = ("gptq", "gptq_v2")
@@ -68,9 +68,10 @@ class GptqConfig:
     checkpoint_format: str  # "gptq" (zero - 1 stored) or "gptq_v2"
     lm_head: bool  # whether lm_head is quantized too (GPTQModel's option)
     method: ClassVar[str] = "GPTQ"
+    parts: ClassVar[tuple[str, ...]] = PARTS
 
-    def in_features(self, parts: dict[str, torch.Tensor]) -> int:
-        return parts["qweight"].shape[0] * 8
+    def group_of(self, module: str) -> int:
+        return self.group_size
 
     def drops(self, name: str, tensor: torch.Tensor) -> bool:
         return False  # GPTQ adds no tensors beside its linear layers' own

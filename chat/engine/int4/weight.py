@@ -19,9 +19,7 @@ kernels repack from this (int4_kernels.py); none of them changes the numbers it 
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +187,61 @@ def concat(weights: list[Int4Weight], dim: int) -> Int4Weight:
     )
 
 
+def take(
+    weight: Int4Weight, rows: list[range] | None = None, columns: list[range] | None = None
+) -> Int4Weight:
+    """Some of a weight's rows, or of its columns (ranges of whole groups), joined in order."""
+    if rows is not None:
+        parts = [
+            (weight.packed[r.start : r.stop], weight.scale[r.start : r.stop], weight.offset[r.start : r.stop])
+            for r in rows
+        ]
+        dim = 0
+    elif columns is not None:
+        group = weight.group_size
+        if any(c.start % group or c.stop % group for c in columns):
+            raise ValueError(f"columns {columns} are not whole groups of {group}")
+        parts = [
+            (
+                weight.packed[:, c.start // 2 : c.stop // 2],
+                weight.scale[:, c.start // group : c.stop // group],
+                weight.offset[:, c.start // group : c.stop // group],
+            )
+            for c in columns
+        ]
+        dim = 1
+    else:
+        return weight
+    return concat([Int4Weight(*part, weight.group_size) for part in parts], dim)
+
+
+def pad_rows(weight: Int4Weight, rows: int) -> Int4Weight:
+    """`weight` with zero rows added up to `rows` (scale and offset 0: every added weight is 0)."""
+    extra = rows - weight.shape[0]
+    return Int4Weight(
+        torch.cat([weight.packed, weight.packed.new_zeros(extra, weight.packed.shape[1])]),
+        torch.cat([weight.scale, weight.scale.new_zeros(extra, weight.scale.shape[1])]),
+        torch.cat([weight.offset, weight.offset.new_zeros(extra, weight.offset.shape[1])]),
+        weight.group_size,
+    )
+
+
+def regroup(weight: Int4Weight, group_size: int) -> Int4Weight:
+    """The same weights in groups of `group_size`, which divides the weight's own: each group's
+    scale and offset repeated (no weight changes)."""
+    if group_size == weight.group_size:
+        return weight
+    if weight.group_size % group_size:
+        raise ValueError(f"groups of {weight.group_size} cannot be read as groups of {group_size}")
+    times = weight.group_size // group_size
+    return Int4Weight(
+        weight.packed,
+        weight.scale.repeat_interleave(times, dim=1),
+        weight.offset.repeat_interleave(times, dim=1),
+        group_size,
+    )
+
+
 def random_int4(rows: int, cols: int, *, device, dtype=torch.bfloat16, generator=None) -> Int4Weight:
     """A random [rows, cols] weight made directly in int4, no dense weight quantized: benchmarks
     of shapes too large to quantize quickly (Falcon-180B). Levels uniform in 0..15 around zero
@@ -222,65 +275,3 @@ def reference_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | N
     """x @ W.T with W dequantized in float32: the product every int4 kernel must match."""
     out = F.linear(x.float(), dequantize(weight), None if bias is None else bias.float())
     return out.to(x.dtype)
-
-
-# -- save and load ------------------------------------------------------------------------------
-
-FORMAT = "falcon-chat-int4"
-FORMAT_VERSION = 1
-
-
-def save(weights: dict[str, Int4Weight], others: dict[str, torch.Tensor], folder: Path, meta: dict) -> None:
-    """One safetensors file per ~4 GB: `NAME.packed|scale|offset` for int4, plain tensors as they are."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, w in weights.items():
-        tensors[f"{name}.packed"] = w.packed
-        tensors[f"{name}.scale"] = w.scale
-        tensors[f"{name}.offset"] = w.offset
-    tensors.update(others)
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        current[name] = tensor.contiguous()
-        size += tensor.numel() * tensor.element_size()
-        if size > 4 << 30:
-            shards.append(current)
-            current, size = {}, 0
-    if current:
-        shards.append(current)
-    files = []
-    for i, shard in enumerate(shards):
-        name = f"int4-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.cpu() for k, v in shard.items()}, str(folder / name))
-        files.append(name)
-    groups = {name: w.group_size for name, w in weights.items()}
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "files": files, "group_sizes": groups, **meta}
-    (folder / "int4.json").write_text(json.dumps(manifest, indent=1))
-
-
-def is_saved(folder) -> bool:
-    path = Path(folder) / "int4.json"
-    return path.exists() and json.loads(path.read_text()).get("format") == FORMAT
-
-
-def load(folder, device="cpu") -> tuple[dict[str, Int4Weight], dict[str, torch.Tensor], dict]:
-    """What `save` wrote: (int4 weights by name, plain tensors by name, the manifest)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    manifest = json.loads((folder / "int4.json").read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{folder} does not hold {FORMAT} version {FORMAT_VERSION} weights")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in manifest["files"]:
-        tensors.update(load_file(str(folder / name), device=str(device)))
-    weights = {
-        name: Int4Weight(
-            tensors.pop(f"{name}.packed"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.offset"), size
-        )
-        for name, size in manifest["group_sizes"].items()
-    }
-    return weights, tensors, manifest

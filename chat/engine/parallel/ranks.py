@@ -1,4 +1,4 @@
-"""Tensor parallelism: one process per GPU, each holding its slice of every layer (parallel/shards.py).
+"""Tensor parallelism: one process per GPU, each holding its slice of every layer (shards.py).
 
 The app's process is rank 0: it keeps the page, the tokenizer and the stop filter, and its
 `FastDecoder` runs each reply as on one GPU. It starts ranks 1..N-1 (multiprocessing, spawn),
@@ -7,8 +7,9 @@ parameters, seed) down a pipe to every rank, all run the same prefill, and befor
 0 sends one byte. Only rank 0 reads tokens back: every rank samples the same token from the same
 logits and seed, so no token travels between them. The ranks meet only inside the step, through
 torch.distributed (NCCL between GPUs, inside each rank's own CUDA graph; gloo on the CPU, for
-CI): one sum per layer (`SumAcrossRanks`, Falcon's attention and MLP run side by side) and the
-join of the vocabulary's logits (`GatherVocab`).
+CI): one sum where a layer's attention or MLP ends (`SumAcrossRanks`: one a layer for Falcon,
+whose attention and MLP run side by side, two for Llama) and the join of the vocabulary's
+logits (`GatherVocab`).
 
 A rank that dies is noticed by rank 0 (its process ends): rank 0 logs it once, fails the reply
 in flight instead of waiting for a sum that can never finish, refuses later ones and reports
@@ -44,6 +45,7 @@ JOB, STEP, END, QUIT = b"j", b"s", b"e", b"q"
 LOADED, FAILED = b"l", b"f"
 START_TIMEOUT_S = 900.0  # joining the group and loading a slice (a 180B shard takes minutes)
 RANK_CHECK_S = 0.05  # while waiting for a token, how often rank 0 looks at the other ranks
+RANK_POLL_S = 0.0002  # where NCCL cannot be aborted: how often rank 0 looks at the step (sleeping)
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,8 @@ class RankSpec:
     port: int
     max_len: int
     eos_token_id: int
-    folder: str | None = None  # a model folder with safetensors weights, or
-    random_config: dict | None = None  # a FalconConfig's dict: seeded random weights (benchmarks)
-    seed: int = 0
-    compile_mode: str | None = None
-    products: str = "dense"  # or "int4": each rank quantizes its slices as it reads them (int4/weight.py)
-    # int4 slices: quantized with this scale search ("hqq", "clip", "none"), or "random": drawn
-    # directly in int4 (random_config only: quantizing 180B's bf16 takes many minutes).
-    int4: str = "hqq"
+    weights: object  # opens the model's weights on a rank: `open(device, dtype)` -> a source
+    products: str = "dense"  # or "int4": each rank quantizes its slices as it reads them (weights.py)
 
 
 def start_ranks(spec: RankSpec) -> FastDecoder:
@@ -219,13 +215,23 @@ class Peers:
             pass  # already reported; the reply has ended anyway
 
     def wait_for(self, event) -> None:
-        """Wait until the CUDA `event` has happened, raising RankDied if a rank dies meanwhile."""
-        while not event.query():
-            now = time.monotonic()
-            if now >= self._next_check:
-                self._check()
-                self._next_check = now + RANK_CHECK_S
-            time.sleep(0)  # let other threads run; the token is at most a few microseconds late
+        """Wait until the CUDA `event` (made with `blocking=True`) has happened, without spinning
+        a core; RankDied if a rank has died meanwhile.
+
+        Where NCCL can be aborted, the thread sleeps in the driver until the step ends: a rank's
+        death ends it too, since the watcher thread (`_watch`) aborts NCCL, which fails the sums
+        the step waits in. Elsewhere it looks every RANK_POLL_S, and at the ranks every RANK_CHECK_S.
+        """
+        if self._sums_abortable():
+            event.synchronize()
+        else:
+            while not event.query():
+                now = time.monotonic()
+                if now >= self._next_check:
+                    self._check()
+                    self._next_check = now + RANK_CHECK_S
+                time.sleep(RANK_POLL_S)
+        self._check()
 
     def healthy(self) -> bool:
         return self._dead is None and all(p.is_alive() for p in self.processes)
@@ -293,6 +299,14 @@ class Peers:
         log.error(self._dead)
         self._abort_sums()
 
+    @staticmethod
+    def _sums_abortable() -> bool:
+        return (
+            dist.is_initialized()
+            and dist.get_backend() == "nccl"
+            and hasattr(dist.distributed_c10d, "_abort_process_group")
+        )
+
     def _abort_sums(self) -> None:
         """Fail this rank's pending and future sums now. A sum the dead rank never joins would
         otherwise keep the GPU waiting until NCCL's timeout (START_TIMEOUT_S): during start-up
@@ -327,32 +341,19 @@ class Peers:
 
 
 def rank_layout(spec: RankSpec, rank: int, device, dtype):
-    """Rank `rank`'s slice of the model `spec` names, laid out for the fast decoder (parallel/shards.py)."""
-    from chat.engine.parallel.shards import RandomSource, SafetensorsSource, int4_slices, layout_from_source
+    """Rank `rank`'s slice of the model `spec` names, laid out for the fast decoder (weights.py)."""
     from chat.engine.products import Dense
+    from chat.engine.weights import lay_out
 
-    drawn = spec.products == "int4" and spec.int4 == "random"
-    if spec.int4 not in ("hqq", "clip", "none", "random") or (drawn and spec.random_config is None):
-        raise ConfigError(f"int4 slices {spec.int4!r}: hqq, clip, none, or random (random weights only)")
-    if spec.folder is not None:
-        source = SafetensorsSource(spec.folder, device, dtype)
-    else:
-        from transformers import FalconConfig
-
-        config = FalconConfig(**spec.random_config)
-        source = RandomSource(config, device, dtype, seed=spec.seed, shapes_only=drawn)
-    products = Dense
+    products, quantize = Dense, None
     if spec.products == "int4":
         from chat.engine.int4.products import int4_products
 
-        products = int4_slices(
-            int4_products(device),
-            search="none" if drawn else spec.int4,
-            device=device,
-            dtype=dtype,
-            seed=spec.seed * 1_000_003 + rank,
-        )
-    return layout_from_source(source, rank, spec.world, max_len=spec.max_len, products=products)
+        products, quantize = int4_products(device), "hqq"
+    source = spec.weights.open(device, dtype)
+    return lay_out(
+        source, max_len=spec.max_len, products=products, rank=rank, world=spec.world, quantize=quantize
+    )
 
 
 def _rank_decoder(rank: int, spec: RankSpec, peers: Peers | None) -> tuple[FastDecoder, dict]:
@@ -381,7 +382,6 @@ def _rank_decoder(rank: int, spec: RankSpec, peers: Peers | None) -> tuple[FastD
         reduce=SumAcrossRanks(group),
         gather=GatherVocab(group, spec.world, layout.vocab),
         peers=peers,
-        compile_mode=spec.compile_mode,
     )
     return decoder, stats
 
