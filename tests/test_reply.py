@@ -23,6 +23,14 @@ def test_a_chosen_seed_is_the_one_sent_and_reported():
     assert stats.seed == 7 == backend.params[0].seed
 
 
+def test_a_greedy_reply_has_no_seed_even_when_one_is_given():
+    """At temperature 0 nothing is drawn: a seed would be a meaningless figure."""
+    for seed in (None, 7):
+        backend = ScriptedBackend(["Hi"])
+        _, stats = reply_with_stats(backend, params=GenerationParams(temperature=0.0, seed=seed))
+        assert stats.seed is None and backend.params[0].seed is None
+
+
 def test_a_completion_keeps_the_leading_space_of_its_continuation():
     backend = ScriptedBackend([" the", " two", " primary"])
     texts = list(stream_completion(backend, "Name", GenerationParams(), max_message_chars=100))

@@ -207,7 +207,9 @@ def stream_fitted(
 ) -> Iterator[str]:
     """The shared loop: fit, stream, filter. `fit(n)` fits the prompt with at least n turns dropped."""
     started = time.perf_counter()
-    if params.seed is None:
+    if params.greedy:
+        params = dataclasses.replace(params, seed=None)  # nothing is drawn: no seed to show
+    elif params.seed is None:
         # Chosen here, not by the backend: a reply cut by a stop sequence never reads the
         # backend's last event, which is where servers report the seed they picked.
         params = dataclasses.replace(params, seed=random.randrange(2**31))

@@ -129,6 +129,9 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
             scale=1,
             buttons=["copy", copy_conversation],
             latex_delimiters=LATEX_DELIMITERS,
+            # Gradio's own following pulls a reader who scrolls up back down (it queues a scroll
+            # after every update); assets/follow.js follows only while the reader is at the end.
+            autoscroll=False,
             placeholder=None,
         ),
         textbox=gr.Textbox(
@@ -326,14 +329,19 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
     )
 
 
+# The page's scripts, each with one job: keyboard, focus and confirmations (page.js); following a
+# streaming reply only while the reader is at its end (follow.js).
+PAGE_SCRIPTS = ("page.js", "follow.js")
+
+
 def page_head() -> str:
-    """The page's style sheet (assets/style.css) and script (assets/page.js: keyboard, focus,
-    confirmations). The style sheet goes in the head rather than through `launch(css=...)`:
-    Gradio scopes that to the app's content, and inside media queries keeps only the scoped rules,
-    so a phone layout could not reach the page's padding or footer."""
+    """The page's style sheet (assets/style.css) and scripts (PAGE_SCRIPTS). The style sheet goes
+    in the head rather than through `launch(css=...)`: Gradio scopes that to the app's content,
+    and inside media queries keeps only the scoped rules, so a phone layout could not reach the
+    page's padding or footer."""
     style = (ASSETS / "style.css").read_text(encoding="utf-8")
-    script = (ASSETS / "page.js").read_text(encoding="utf-8")
-    return f"<style>\n{style}</style>\n<script>\n{script}</script>"
+    scripts = [(ASSETS / name).read_text(encoding="utf-8") for name in PAGE_SCRIPTS]
+    return f"<style>\n{style}</style>\n" + "".join(f"<script>\n{script}</script>\n" for script in scripts)
 
 
 def _settings_inputs(max_tokens_limit: int, *, render: bool) -> list:

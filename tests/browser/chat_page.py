@@ -108,10 +108,18 @@ class ChatPage:
 
     # -- settings ----------------------------------------------------------------------------------
 
+    def _settings_button(self):
+        return self.page.get_by_role("button", name="System prompt and settings").filter(visible=True).last
+
+    def close_settings(self) -> None:
+        """Close the settings, which lie over the conversation while open."""
+        accordion = self._settings_button()
+        if "open" in (accordion.get_attribute("class") or "").split():
+            accordion.click()
+        expect(accordion).not_to_have_class(re.compile(r"\bopen\b"))
+
     def open_settings(self) -> None:
-        accordion = (
-            self.page.get_by_role("button", name="System prompt and settings").filter(visible=True).last
-        )
+        accordion = self._settings_button()
         max_new_tokens = self._visible_label("number input for Max new tokens")
         # Gradio can render this accordion marked open with its content hidden, so that the first
         # click closes it: click until the settings show, waiting for each click to take effect.

@@ -9,7 +9,6 @@ import pytest
 from playwright.sync_api import expect
 
 from chat.web.page import EXAMPLES
-from tests.browser.chat_page import ChatPage
 from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SERVER_DOWN, SIZES
 
 pytestmark = pytest.mark.browser
@@ -465,10 +464,3 @@ def test_the_page_names_the_model_it_talks_to(open_scripted, size):
     expect(banner).not_to_contain_text("180B")
     expect(chat.page.get_by_text("Chatting with")).to_contain_text("falcon-7b-instruct")
     expect(chat.page.get_by_text("/models/")).to_have_count(0)
-
-
-def test_screenshots_for_the_readme(open_scripted, screenshots):
-    for size, theme in [("desktop", "light"), ("phone", "light"), ("desktop", "dark"), ("phone", "dark")]:
-        chat: ChatPage = open_scripted(size, theme)
-        chat.ask("Please write code and a table")
-        chat.page.screenshot(path=str(screenshots / f"page-{size}-{theme}.png"))
