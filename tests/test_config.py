@@ -114,6 +114,9 @@ SAMPLES = {
     "--log-messages": None,  # a switch: the flag alone, or the variable set to 1
     "--allow-embed-from": "https://a.example",
     "--max-request-bytes": "4096",
+    "--request-timeout": "12.5",
+    "--connections-per-client": "5",
+    "--requests-per-second": "7",
 }
 
 

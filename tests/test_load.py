@@ -50,10 +50,10 @@ def test_a_full_queue_tells_new_users_the_app_is_busy():
 
 
 def test_the_queue_size_is_configured_by_flag_or_environment_with_a_one_line_error():
-    from chat.config import DEFAULT_QUEUE_SIZE, load_settings
+    from chat.config import Settings, load_settings
     from chat.conversation.errors import ConfigError
 
-    assert load_settings([], environ={}).queue_size == DEFAULT_QUEUE_SIZE
+    assert load_settings([], environ={}).queue_size == Settings().queue_size == 100
     assert load_settings(["--queue-size", "5"], environ={"QUEUE_SIZE": "7"}).queue_size == 5
     assert load_settings([], environ={"QUEUE_SIZE": "7"}).queue_size == 7
     with pytest.raises(ConfigError, match="--queue-size must be a whole number"):

@@ -116,6 +116,7 @@ def screenshots() -> Path:
 def recording_backend(local_backend):
     """A second LocalBackend on the tiny model, its decode loop recorded."""
     from chat.backends.local.backend import LocalBackend
+    from chat.backends.local.model_source import tiny_model_notice
     from chat.engine.build import Engine
 
     recorder = RecordingDecoder(local_backend.decoder, local_backend.tokenizer)
@@ -125,9 +126,9 @@ def recording_backend(local_backend):
         context_length=local_backend.context_length(),
         decoder=recorder,
     )
-    backend = LocalBackend(
-        engine, model_name="tiny demo Falcon (random weights)"
-    )  # as `python app.py` names it
+    # named and described as `python app.py` does where SmolLM2's package is missing
+    backend = LocalBackend(engine, model_name="tiny demo Falcon (random weights)")
+    backend.notice = tiny_model_notice()
     backend.recorder = recorder
     yield backend
     backend.close()

