@@ -10,21 +10,15 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import re
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 from chat.conversation.stops import StopFilter
 
 # How the browser tests' Chromium is installed, as the README and .ci/run say (Playwright drives
 # Debian's build, and needs no driver package).
 INSTALL_CHROMIUM = "apt-get install -y chromium"
-ROOT = Path(__file__).resolve().parent.parent
-RUNNING = re.compile(r"Falcon Chat is running on (\S+)")
 
 
 def free_port() -> int:
@@ -79,36 +73,6 @@ class RecordingServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@contextlib.contextmanager
-def app_process(*argv: str, env: dict | None = None, app_dir: Path = ROOT):
-    """`python app.py ARGV` started as a person starts it. Yields (its URL, or None where it ended
-    without serving; every line it printed until then); stops it at the end."""
-    process = subprocess.Popen(
-        [sys.executable, "app.py", *argv],
-        cwd=app_dir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    url = None
-    try:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if match := RUNNING.search(line):
-                url = match.group(1)
-                break
-        yield url, lines
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def filter_stream(pieces: Iterable[str], stop_sequences: Iterable[str]) -> Iterator[str]:

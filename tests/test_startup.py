@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from chat.config import EXIT_BAD_CONFIGURATION
-from tests.helpers import app_process, free_port
+from tests.app_process import app_process
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,10 +102,11 @@ def test_an_unreachable_hub_is_one_sentence_within_seconds(tmp_path):
     )
 
 
-def test_a_server_that_is_down_is_said_in_the_start_up_log_before_the_page_is_served():
+def test_a_server_that_is_down_is_said_in_the_start_up_log_before_the_page_is_served(tmp_path):
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens here
-    with app_process("--backend", "tgi", "--endpoint", down, "--port", str(free_port())) as (url, lines):
-        assert url is not None, lines
+    log_path = tmp_path / "app.log"
+    with app_process(["--backend", "tgi", "--endpoint", down], log_path=log_path):
+        lines = log_path.read_text().splitlines()
     warning = [line for line in lines if "WARNING falcon_chat: no model server answers" in line]
     assert warning and warning[0].endswith(
         f"no model server answers at {down}: the page says so, and messages fail until one does"
