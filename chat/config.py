@@ -272,7 +272,7 @@ class Settings:
             "--stop",
             "STOP_SEQUENCES",
             "a stop sequence, replacing the defaults; repeat the flag for several (the variable is "
-            "comma-separated); both decode \\n, \\t, \\r, \\\\, \\, and \\uXXXX",
+            "comma-separated); both decode the escapes \\n \\t \\r \\\\ \\, \\uXXXX",
             _stops,
             repeat=True,
             shown_default=", ".join(
@@ -555,8 +555,19 @@ def flag_table() -> str:
     return "\n".join(rows)
 
 
+# A word with a backslash or an angle bracket (an escape, a special token) is shown as code, so
+# Markdown neither eats its backslash nor reads it as a tag; a comma after it stays outside.
+_LITERAL_WORD = re.compile(r"\S*[\\<]\S*")
+
+
 def _markdown(text: str) -> str:
-    return text.replace("|", "\\|")
+    def as_code(match: re.Match) -> str:
+        word, tail = match.group(0), ""
+        if word.endswith(",") and not word.endswith("\\,"):
+            word, tail = word[:-1], ","
+        return f"`{word}`{tail}"
+
+    return _LITERAL_WORD.sub(as_code, text).replace("|", "\\|")
 
 
 # A CSP source expression a person would write for a page that frames the app: a scheme
