@@ -17,10 +17,12 @@ from chat.conversation.errors import (
     BackendUnavailable,
     ContextOverflow,
     GenerationFailed,
+    PromptTooLong,
     RequestRejected,
 )
 from chat.conversation.params import GenerationParams
 from chat.conversation.reply import stream_reply
+from chat.conversation.turns import note_of, strip_note
 from tests.tgi_double import DEFAULT_TEXT, Reply, TGIDouble, tokenize
 
 QUICK = RemoteOptions(
@@ -189,9 +191,9 @@ def test_an_endpoint_that_is_down_is_skipped_without_the_user_noticing():
         assert backend.pool.order()[-1] == down.url  # cooling down: tried last
 
 
-def test_a_server_side_length_error_drops_older_turns_instead_of_reaching_the_user():
-    # The server takes fewer input tokens than its total context: our fit (by max_total_tokens)
-    # lets the prompt through, the server rejects it, the reply loop drops turns until it fits.
+def test_the_servers_input_limit_is_kept_in_the_first_request():
+    # /info tells max_input_tokens (40 here, far below the 2,048 context): the prompt is fitted to
+    # it, so the server never refuses one and the reply says which turns the model did not see.
     with TGIDouble(max_input_tokens=40, max_total_tokens=2048) as tgi:
         history = [[f"question {i} " * 4, f"answer {i} " * 4] for i in range(6)]
         reply = list(
@@ -199,7 +201,22 @@ def test_a_server_side_length_error_drops_older_turns_instead_of_reaching_the_us
                 backend_for(tgi), "And now?", history, "", GenerationParams(), max_message_chars=1000
             )
         )
-        assert reply[-1] == DEFAULT_TEXT
+        assert strip_note(reply[-1]) == DEFAULT_TEXT and "earliest turns" in note_of(reply[-1])
+        (sent,) = tgi.generate_requests()
+        assert len(tokenize(sent.body["inputs"])) <= 40 and "question 5" in sent.body["inputs"]
+
+
+def test_a_server_side_length_error_drops_older_turns_instead_of_reaching_the_user():
+    # A server that does not tell its input limit (as OpenAI-compatible ones do not): our fit (by
+    # the context) lets the prompt through, the server rejects it, the reply loop drops turns.
+    with TGIDouble(max_input_tokens=40, max_total_tokens=2048) as tgi:
+        backend = backend_for(tgi)
+        backend.max_input_tokens = lambda: None
+        history = [[f"question {i} " * 4, f"answer {i} " * 4] for i in range(6)]
+        reply = list(
+            stream_reply(backend, "And now?", history, "", GenerationParams(), max_message_chars=1000)
+        )
+        assert strip_note(reply[-1]) == DEFAULT_TEXT
         sent = [len(tokenize(r.body["inputs"])) for r in tgi.generate_requests()]
         assert len(sent) > 1 and sent == sorted(sent, reverse=True) and sent[-1] <= 40
         assert "question 5" in tgi.generate_requests()[-1].body["inputs"]  # newest turns kept
@@ -207,12 +224,29 @@ def test_a_server_side_length_error_drops_older_turns_instead_of_reaching_the_us
 
 def test_when_no_turn_is_left_to_drop_the_user_is_told_briefly():
     with TGIDouble(max_input_tokens=3) as tgi:
+        backend = backend_for(tgi)
+        backend.max_input_tokens = lambda: None  # as above: the server's refusal is what tells
         reply = list(
             stream_reply(
-                backend_for(tgi), "A message that is long", [], "", GenerationParams(), max_message_chars=1000
+                backend, "A message that is long", [], "", GenerationParams(), max_message_chars=1000
             )
         )
         assert reply[-1].endswith(ContextOverflow.user_message)
+
+
+def test_an_input_limit_too_small_for_any_message_is_said_so_not_sent():
+    with TGIDouble(max_input_tokens=3) as tgi:
+        with pytest.raises(PromptTooLong) as raised:
+            list(
+                stream_reply(
+                    backend_for(tgi), "A message", [], "", GenerationParams(), max_message_chars=1000
+                )
+            )
+        assert tgi.generate_requests() == []
+    assert raised.value.user_message == (
+        "Your message is about 2 tokens long, but the model server takes prompts of at most 3 tokens, "
+        "which the conversation's format alone fills: no message fits until the server takes more."
+    )
 
 
 def test_a_side_route_dropped_without_an_answer_is_asked_once_more():

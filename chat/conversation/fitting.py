@@ -136,23 +136,30 @@ def _too_long(
     conversation, prompt_format, count_tokens, context_length: int, budget: int, max_input_tokens: int | None
 ) -> PromptTooLong:
     """Name what does not fit, the system prompt alone or else the message, and a length that
-    would leave the reply its floor (`budget` is the most the prompt may take for that)."""
-    system = conversation.system_prompt
-    empty_message = prompt_format.render(Conversation(system, (), ""))
-    frame = count_tokens(empty_message)  # the format's markers plus the system prompt
-    if system and frame > budget - ADVICE_MARGIN_TOKENS:
-        without_system = count_tokens(prompt_format.render(Conversation("", (), "")))
-        room = budget - ADVICE_MARGIN_TOKENS - without_system
-        return PromptTooLong(
-            f"The system prompt is about {count_tokens(system):,} tokens long, but "
-            f"{_limit_words(budget, context_length, max_input_tokens)}: shorten it to under {max(room, 1):,} tokens."
-        )
+    would leave the reply its floor (`budget` is the most the prompt may take for that); or say
+    that no message can fit, where the format's own markers fill the limit."""
+    limit = _limit_words(budget, context_length, max_input_tokens)
+    server_bound = bool(max_input_tokens) and budget == max_input_tokens
     message_tokens = count_tokens(conversation.message)
+    bare = count_tokens(prompt_format.render(Conversation("", (), "")))  # the format's markers
+    if budget - ADVICE_MARGIN_TOKENS - bare < 1:
+        raise_to = "the server takes more" if server_bound else "the context is larger (--max-total-tokens)"
+        return PromptTooLong(
+            f"Your message is about {message_tokens:,} tokens long, but {limit}, which the "
+            f"conversation's format alone fills: no message fits until {raise_to}."
+        )
+    system = conversation.system_prompt
+    frame = count_tokens(prompt_format.render(Conversation(system, (), "")))  # markers + system prompt
+    if system and budget - ADVICE_MARGIN_TOKENS - frame < 1:
+        room = budget - ADVICE_MARGIN_TOKENS - bare
+        return PromptTooLong(
+            f"The system prompt is about {count_tokens(system):,} tokens long, but {limit}: "
+            f"shorten it to under {room:,} tokens."
+        )
     room = budget - ADVICE_MARGIN_TOKENS - frame
     return PromptTooLong(
-        f"Your message is about {message_tokens:,} tokens long, but "
-        f"{_limit_words(budget, context_length, max_input_tokens)}: shorten it to under {max(room, 1):,} tokens"
-        + (" (or shorten the system prompt)." if system else ".")
+        f"Your message is about {message_tokens:,} tokens long, but {limit}: shorten it to under "
+        f"{room:,} tokens" + (" (or shorten the system prompt)." if system else ".")
     )
 
 
