@@ -39,6 +39,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -198,6 +199,7 @@ def exports(calls: int, megabytes: float) -> None:
         elapsed = time.perf_counter() - started
         during = _disk_mb(glob.glob(os.path.join(scratch, "*")))
     after = _disk_mb(glob.glob(os.path.join(scratch, "*")))
+    shutil.rmtree(scratch, ignore_errors=True)
     gone = (
         f"after {victim_gone_after[0]} exports ({victim_gone_after[1]:.1f} s)"
         if victim_gone_after

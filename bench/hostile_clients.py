@@ -15,6 +15,7 @@ import json
 import os
 import re
 import resource
+import selectors
 import signal
 import socket
 import statistics
@@ -92,9 +93,9 @@ def json_flood(requests: int, megabytes: float) -> None:
     )
 
 
-def _double_and_app(app_dir: Path, extra=(), open_files=None, env=None):
-    """The TGI double here, `python app.py` from `app_dir` on it; a context yielding (url,
-    process, log path, double)."""
+def _double_and_app(app_dir: Path, extra=(), open_files=None, env=None, on_double=True):
+    """The TGI double here, `python app.py` from `app_dir` on it (and on the endpoints in `extra`;
+    only on those if not `on_double`); a context yielding (url, process, log path, scratch folder)."""
     import contextlib
 
     from tests.app_process import app_process
@@ -105,7 +106,7 @@ def _double_and_app(app_dir: Path, extra=(), open_files=None, env=None):
         scratch = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
         log_path = scratch / "app.log"
         with TGIDouble() as double:
-            args = ["--backend", "tgi", "--endpoint", double.url, *extra]
+            args = ["--backend", "tgi", *(["--endpoint", double.url] if on_double else []), *extra]
             environment = {**os.environ, "TMPDIR": str(scratch), **(env or {})}
             for name in [name for name, value in environment.items() if value is None] + ["GRADIO_TEMP_DIR"]:
                 environment.pop(name, None)  # None: not set for the app
@@ -137,18 +138,10 @@ def slow_connections(app_dir: Path, count: int, hold_s: float, open_files: int) 
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with _double_and_app(app_dir, open_files=open_files) as (url, _, log_path, _):
         port = int(url.rstrip("/").rsplit(":", 1)[1])
-        held, failed = [], 0
-        for _ in range(count):
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(ATTACKER, 0))
-                sock.sendall(b"GET / HTTP/1.1\r\nHost: falcon\r\n")
-                sock.setblocking(False)
-                held.append(sock)
-            except OSError:
-                failed += 1
+        held, failed = _half_requests(port, count)
         started = time.monotonic()
         rows = []
-        for checkpoint in (5, hold_s / 2, hold_s):
+        for checkpoint in (5, 15, hold_s):
             time.sleep(max(0.0, checkpoint - (time.monotonic() - started)))
             open_now = sum(1 for sock in held if _still_open(sock))
             health = _healthz_s(url)
@@ -172,6 +165,35 @@ def slow_connections(app_dir: Path, count: int, hold_s: float, open_files: int) 
     print(f"\nthe app's log: {log_bytes / 1e6:,.2f} MB")
 
 
+def _half_requests(port: int, count: int, connect_s: float = 10.0) -> tuple[list[socket.socket], int]:
+    """`count` connections from ATTACKER, opened all at once (a server that stops accepting makes
+    each wait), each sent half a request's headers; (those connected, how many did not)."""
+    selector = selectors.DefaultSelector()  # epoll: select() takes no descriptor above 1,023
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind((ATTACKER, 0))
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        selector.register(sock, selectors.EVENT_WRITE)
+    held, deadline = [], time.monotonic() + connect_s
+    while selector.get_map() and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.2):
+            sock = key.fileobj
+            selector.unregister(sock)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                try:
+                    sock.send(b"GET / HTTP/1.1\r\nHost: falcon\r\n")
+                    held.append(sock)
+                    continue
+                except OSError:
+                    pass
+            sock.close()
+    for key in list(selector.get_map().values()):
+        key.fileobj.close()
+    selector.close()
+    return held, count - len(held)
+
+
 def _still_open(sock: socket.socket) -> bool:
     try:
         return sock.recv(1024) != b""
@@ -186,8 +208,7 @@ def flood(app_dir: Path, requests: int, rate: float) -> None:
     chats: how long its chats take, and what the flooding address got."""
     with _double_and_app(app_dir) as (url, _, _, _):
         baseline = [_timed_chat(url) for _ in range(3)]
-        statuses: dict[int, int] = {}
-        stop = threading.Event()
+        statuses: dict = {}
 
         def attack():
             transport = httpx.HTTPTransport(local_address=ATTACKER)
@@ -198,7 +219,7 @@ def flood(app_dir: Path, requests: int, rate: float) -> None:
                     try:
                         status = http.post("gradio_api/call/chat", json={"data": CHAT}).status_code
                     except httpx.HTTPError:
-                        status = 0
+                        status = "no answer"
                     with lock:
                         statuses[status] = statuses.get(status, 0) + 1
 
@@ -206,22 +227,19 @@ def flood(app_dir: Path, requests: int, rate: float) -> None:
                 with concurrent.futures.ThreadPoolExecutor(32) as pool:
                     started = time.monotonic()
                     for number in range(requests):
-                        if stop.is_set():
-                            break
                         time.sleep(max(0.0, number / rate - (time.monotonic() - started)))
                         pool.submit(one)
 
         attacker = threading.Thread(target=attack, daemon=True)
         attacker.start()
         during = []
-        while attacker.is_alive() and len(during) < 200:
+        while attacker.is_alive():
             during.append(_timed_chat(url))
-        stop.set()
         attacker.join()
     print("| flood | its statuses | a chat before (median) | during: median / max (count) |")
     print("|---|---|---|---|")
     print(
-        f"| {requests:,} at {rate:g}/s | {', '.join(f'{k}: {v:,}' for k, v in sorted(statuses.items()))} "
+        f"| {requests:,} at {rate:g}/s | {', '.join(f'{k}: {v:,}' for k, v in sorted(statuses.items(), key=str))} "
         f"| {statistics.median(baseline):.2f} s | {statistics.median(during):.2f} / {max(during):.2f} s ({len(during)}) |"
     )
 
@@ -257,9 +275,9 @@ def _disk_mb(folder: Path, pattern: str) -> float:
 
 
 def session(app_dir: Path, messages: int) -> None:
-    """A short session on an endpoint whose URL carries a password, plus one that answers HTTP 500
-    repeating its input: log lines with credentials or the user's words, lines that are not one
-    record, and requests to the internet (through a recording proxy) from start-up on."""
+    """A short session on an endpoint whose URL carries a password and that answers HTTP 500
+    repeating its input and a token: log lines with credentials or the user's words, lines that
+    are not one record, and requests to the internet (through a recording proxy) from start-up on."""
     from tests.helpers import RecordingServer
     from tests.tgi_double import Reply, TGIDouble
 
@@ -279,7 +297,7 @@ def session(app_dir: Path, messages: int) -> None:
         env.update(
             NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", GRADIO_ANALYTICS_ENABLED=None
         )
-        with _double_and_app(app_dir, extra=extra, env=env) as (url, _, log_path, _):
+        with _double_and_app(app_dir, extra=extra, env=env, on_double=False) as (url, _, log_path, _):
             for number in range(messages):
                 body = {"data": [f"{secret_words}\nforged line {number}", "", 0.7, 40, 0.9, 1.0, None]}
                 with httpx.Client(base_url=url, timeout=60) as http:

@@ -31,9 +31,10 @@ def _chat(backend, message: str) -> str:
 
 
 def hung_endpoint(messages: int, connect_s: float, first_token_s: float) -> None:
-    """One endpoint that accepts connections and never answers, one that answers: how long the
-    backend's start-up question (the context) and each message take, and how often the hung one
-    was tried. Backend level: what the page's build and a chat message ask of it."""
+    """One endpoint that accepts connections and never answers, one that answers (listed first,
+    then second: which one a request asks first depends on the turn): how long the backend's
+    start-up question (the context) and each message take, and how often the hung one was asked.
+    Backend level: what the page's build and a chat message ask of it."""
     from chat.backends.remote.failover import RemoteOptions
     from chat.backends.remote.tgi import TGIBackend
     from tests.hung_server import HungServer
@@ -45,27 +46,31 @@ def hung_endpoint(messages: int, connect_s: float, first_token_s: float) -> None
         token_timeout_s=first_token_s,
         busy_retries=0,
     )
-    with HungServer() as hung, TGIDouble() as alive:
-        started = time.monotonic()
-        backend = TGIBackend([hung.url, alive.url], options=options)
-        backend.context_length()
-        startup = time.monotonic() - started
-        seconds = []
-        for number in range(messages):
-            started = time.monotonic()
-            _chat(backend, f"Message number {number}, please answer")
-            seconds.append(time.monotonic() - started)
-        backend.close()
-        answered = len(alive.generate_requests())
     print(f"connect timeout {connect_s:g} s, first-token timeout {first_token_s:g} s\n")
     print(
-        "| start-up (context asked) | messages | answered | per message: median / max | all messages | hung one asked |"
+        "| hung endpoint | start-up (context asked) | messages answered | per message: median / max "
+        "| all messages | hung one asked |"
     )
     print("|---|---|---|---|---|---|")
-    print(
-        f"| {startup:.2f} s | {messages} | {answered} | {statistics.median(seconds):.2f} / {max(seconds):.2f} s "
-        f"| {sum(seconds):.1f} s | {hung.connections} connections |"
-    )
+    for hung_first in (True, False):
+        with HungServer() as hung, TGIDouble() as alive:
+            started = time.monotonic()
+            endpoints = [hung.url, alive.url] if hung_first else [alive.url, hung.url]
+            backend = TGIBackend(endpoints, options=options)
+            backend.context_length()
+            startup = time.monotonic() - started
+            seconds = []
+            for number in range(messages):
+                started = time.monotonic()
+                _chat(backend, f"Message number {number}, please answer")
+                seconds.append(time.monotonic() - started)
+            backend.close()
+            answered = len(alive.generate_requests())
+            print(
+                f"| listed {'first' if hung_first else 'second'} | {startup:.2f} s | {answered} of {messages} "
+                f"| {statistics.median(seconds):.2f} / {max(seconds):.2f} s | {sum(seconds):.1f} s "
+                f"| {hung.connections} connections |"
+            )
 
 
 def round_robin(messages: int) -> None:

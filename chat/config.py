@@ -445,7 +445,8 @@ class Settings:
         Flag(
             "--requests-per-second",
             "REQUESTS_PER_SECOND",
-            "requests per second one address may make, with bursts of 10 seconds' worth; 0: any",
+            "requests per second one address may make (one that queues a reply counts as 10), with bursts "
+            "of 10 seconds' worth; 0: any",
             _whole_number(0, 100_000),
             metavar="N",
         ),

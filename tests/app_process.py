@@ -30,7 +30,7 @@ def app_process(
 ):
     """Run `python app.py ARGS --port P` from `repo` with `env` (this process's by default), its
     output in `log_path`, at most `open_files` file descriptors if given; yields (url, process)
-    once /healthz answers (within `startup_s`), and kills it afterwards if it still runs."""
+    once it is up (within `startup_s`), and kills it afterwards if it still runs."""
     port = free_port()
 
     def limit_files():
@@ -49,7 +49,11 @@ def app_process(
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + startup_s
-        while not _answers(url + "healthz"):
+        # /healthz answers before launch() returns (Gradio then checks that it can reach itself):
+        # ready is when the app has said where it runs.
+        while not (
+            _answers(url + "healthz") and "running on" in log_path.read_text(errors="replace").lower()
+        ):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"app.py did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.1)

@@ -13,7 +13,7 @@ import pytest
 from gradio_client import Client
 
 from chat.conversation.turns import strip_note
-from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double
+from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double, settled
 
 ATTACKER = "127.0.0.2"
 REQUEST_TIMEOUT_S = 1.0
@@ -110,3 +110,15 @@ def test_a_client_past_its_requests_per_second_is_told_to_wait_and_others_are_no
         strip_note(Client(url, verbose=False).predict("Still there?", *ARGS, api_name="/chat"))
         == HEALTHY_TEXT
     )
+
+
+def test_a_request_that_queues_a_reply_counts_as_ten(app):
+    """A flood of chat requests is a flood of replies: an address gets a tenth as many of those."""
+    url, double = app
+    sent = len(double.generate_requests())
+    transport = httpx.HTTPTransport(local_address="127.0.0.3")
+    body = {"data": ["Hello", *ARGS, None]}
+    with httpx.Client(base_url=url, transport=transport, timeout=10) as flood:
+        statuses = [flood.post("gradio_api/call/chat", json=body).status_code for _ in range(30)]
+    assert 4 <= statuses.count(200) <= 7  # a burst of 50, each counting 10 (and a little refill)
+    assert settled(lambda: len(double.generate_requests()) == sent + statuses.count(200))

@@ -10,8 +10,11 @@ connections, but waits forever for a request's headers and body, and limits noth
   has not arrived whole, headers and body, `--request-timeout` seconds after the connection (or
   the previous response) began.
 - `RateLimitMiddleware` answers HTTP 429 to an address (the client a trusted proxy forwarded
-  for) past `--requests-per-second`, after a burst of ten seconds' worth; a page load and a chat
-  stay far below it.
+  for) past `--requests-per-second`, after a burst of ten seconds' worth. A request that starts
+  work in Gradio's queue (a reply: `/gradio_api/queue/join`, `/gradio_api/call/...`) counts as
+  `QUEUED_COST` requests: what floods the server is replies, not requests (20 chat requests a
+  second still slowed a normal chat to 4 s on two cores). A page load (83 requests), typing (a
+  settings save per keystroke) and a chat (one queued request and ~10 others) stay far below it.
 - Addresses uvicorn trusts as proxies (FORWARDED_ALLOW_IPS, uvicorn's own setting; 127.0.0.1
   unless set) are not limited per address: their connections carry many clients, and their
   requests are counted for the client they forward for. On a Hugging Face Space (SPACE_ID set),
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "chat.web.connections:GuardedHTTPProtocol"
 BURST_SECONDS = 10  # a client may spend this many seconds' worth of requests at once
+QUEUED_COST = 10  # a request that queues a reply counts as this many
+_QUEUED = ("/gradio_api/queue/join", "/gradio_api/call/")
 
 
 @dataclass
@@ -71,8 +76,8 @@ class ClientLimits:
             else:
                 self._open.pop(address, None)
 
-    def allow_request(self, address: str, now: float) -> bool:
-        """Take one request from `address`'s bucket (refilled at `requests_per_second`)."""
+    def allow_request(self, address: str, now: float, cost: int = 1) -> bool:
+        """Take `cost` requests from `address`'s bucket (refilled at `requests_per_second`)."""
         if not self.requests_per_second:
             return True
         capacity = self.requests_per_second * BURST_SECONDS
@@ -81,10 +86,10 @@ class ClientLimits:
             tokens = min(capacity, tokens + (now - when) * self.requests_per_second)
             if len(self._buckets) > 100_000:  # full buckets say nothing: forget them
                 self._buckets = {a: b for a, b in self._buckets.items() if b[0] < capacity}
-            if tokens < 1:
+            if tokens < cost:
                 self._buckets[address] = [tokens, now]
                 return False
-            self._buckets[address] = [tokens - 1, now]
+            self._buckets[address] = [tokens - cost, now]
             return True
 
 
@@ -101,7 +106,10 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         address = (scope.get("client") or ("",))[0]
-        if trusted(address, trusted_addresses()) or self.limits.allow_request(address, self.clock()):
+        path = scope.get("path", "")
+        queued = scope.get("method") == "POST" and any(route in path for route in _QUEUED)
+        cost = QUEUED_COST if queued else 1
+        if trusted(address, trusted_addresses()) or self.limits.allow_request(address, self.clock(), cost):
             return await self.app(scope, receive, send)
         log.warning("too many requests from %s: answered 429", address)
         body = json.dumps(

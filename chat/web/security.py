@@ -85,31 +85,37 @@ URL_GUARD_HEAD = """<script>
    mailto URLs. Gradio's sanitizer checks the scheme of HTML links only (an SVG <a
    href="javascript:..."> passed it): every URL attribute of every element added there is read
    as the browser reads it (entities decoded, case, spaces and tabs ignored) and removed if it
-   has another scheme, before anything can be clicked. chat/web/security.py */
+   has another scheme, before anything can be clicked. Only elements that carry such an attribute
+   are looked at, so a streaming reply costs next to nothing. chat/web/security.py */
 (function () {
   var SAFE = { "http:": true, "https:": true, "mailto:": true };
-  var URL_NAMES = /^(?:href|xlink:href|src|srcset|action|formaction|poster|background|cite|data|codebase|longdesc|lowsrc|ping|manifest|usemap|itemtype|xml:base|to|from|values|by)$|(?:href|src|action)$/i;
+  var NAMES = ["href", "src", "srcset", "action", "formaction", "poster", "data", "background",
+    "cite", "codebase", "longdesc", "lowsrc", "ping", "manifest", "usemap", "itemtype", "to",
+    "from", "values", "by"];
+  var CARRIERS = "[*|href]," + NAMES.slice(1).map(function (name) { return "[" + name + "]"; }).join(",");
   var RENDERED = ".md, .prose, .message-content, [data-testid=bot], [data-testid=user]";
   function safe(value) {
     try { return SAFE[new URL(value, document.baseURI).protocol] === true; } catch (e) { return false; }
   }
   function clean(element) {
-    if (!element.closest || !element.closest(RENDERED)) return;
+    if (!element.closest(RENDERED)) return;
     Array.prototype.slice.call(element.attributes).forEach(function (attribute) {
-      if (URL_NAMES.test(attribute.name) && !safe(attribute.value)) element.removeAttribute(attribute.name);
+      if (NAMES.indexOf(attribute.localName.toLowerCase()) >= 0 && !safe(attribute.value)) {
+        element.removeAttributeNode(attribute);
+      }
     });
   }
   function cleanTree(node) {
     if (node.nodeType !== 1) return;
-    clean(node);
-    Array.prototype.forEach.call(node.querySelectorAll("*"), clean);
+    if (node.matches(CARRIERS)) clean(node);
+    Array.prototype.forEach.call(node.querySelectorAll(CARRIERS), clean);
   }
   new MutationObserver(function (records) {
     records.forEach(function (record) {
       if (record.type === "attributes") clean(record.target);
       else Array.prototype.forEach.call(record.addedNodes, cleanTree);
     });
-  }).observe(document.documentElement, { subtree: true, childList: true, attributes: true });
+  }).observe(document.documentElement, { subtree: true, childList: true, attributes: true, attributeFilter: NAMES });
   cleanTree(document.documentElement);
 })();
 </script>"""
