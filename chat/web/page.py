@@ -41,7 +41,7 @@ from chat.web.gradio_patches.chat_interface import (
 from chat.web.gradio_patches.costs import event_watch, text_message, trim_gradio_costs
 from chat.web.handlers import PageHandlers, Refused
 from chat.web.operations import Operations
-from chat.web.security import harden_demo, harden_launch_options, markdown_text, private_gradio_cache
+from chat.web.security import harden_demo, harden_launch_options, markdown_code, private_gradio_cache
 from chat.web.theme import page_theme
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -450,8 +450,8 @@ def description(backend: Backend) -> str:
     prompt format, and what the backend says about its model (`Backend.notice`: a small default,
     how to switch)."""
     # The model's name can come from a server (TGI's /info, a /v1/models list): shown as text.
-    model = markdown_text(model_label(backend))
-    text = f"Chatting with **{model}** through {backend.name}, in {backend.prompt_format.description}."
+    model = markdown_code(model_label(backend))
+    text = f"Chatting with {model} through {backend.name}, in {backend.prompt_format.description}."
     if backend.notice:
         text += f"<br>{backend.notice}"
     return text
