@@ -9,7 +9,6 @@
      scrolling the page, and a refused message (or one the server could not answer) back to be
      fixed;
    - the trash button asks before it deletes the open chat from the saved chats;
-   - every button has a name for screen readers;
    - what is copied is the model's own text: without the marks on inline math, nor the figures;
      "Copy conversation" copies the user's and the model's turns only. */
 (function () {
@@ -36,7 +35,8 @@
   // draw its conversation back over the other chat, and save it there.
   var SETTLE_MS = 6000;
   var SEND = "#message button.submit-button";
-  var TRASH = "#conversation button[aria-label='Clear']";
+  // The toolbar's one icon button (the others are ours): its name follows the reader's language.
+  var TRASH = "#conversation .top-panel button.icon-button";
   var FOCUS_AFTER = "#conversation button.example, #conversation button[aria-label='Undo'], #new-chat";
   var CHANGES_CONVERSATION = [
     SEND,
@@ -149,11 +149,6 @@
   }
   var streaming = false;
   new MutationObserver(function () {
-    // Gradio's "scroll to the newest message" button comes without a name: give it one.
-    document.querySelectorAll("#conversation button.icon-button[aria-label='']").forEach(function (button) {
-      button.setAttribute("aria-label", "Scroll to the newest message");
-      button.title = "Scroll to the newest message";
-    });
     var now = stopButton() !== null;
     if (now) unsaved = true;  // a reply runs: its conversation is saved once it has ended
     if (streaming && !now) waitForBox();

@@ -424,3 +424,19 @@ def test_a_huge_system_prompt_is_refused_by_name_before_anything_is_counted(app)
 
 def test_a_normal_chat_is_answered_after_every_attack_above(app):
     assert chat_works(app[0])
+
+
+@pytest.mark.parametrize(
+    "model_id, span",
+    [
+        ("falcon-7b", "`falcon-7b`"),
+        ("a`b", "``a`b``"),  # a fence longer than any run of backticks inside
+        ("`x`", "`` `x` ``"),  # padded: CommonMark strips one space each side
+        ("x\n<y>", "`x <y>`"),  # one line
+    ],
+)
+def test_a_model_id_is_a_code_span_shown_as_the_text_it_is(model_id, span):
+    """Backslash escapes were not enough in the chat: its math renderer read `\\[y\\]` as math."""
+    from chat.web.security import markdown_code
+
+    assert markdown_code(model_id) == span

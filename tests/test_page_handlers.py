@@ -65,7 +65,7 @@ def counted(operations: Operations, mode: str, outcome: str) -> float:
 def test_a_chat_reply_streams_then_ends_with_its_figures_in_a_message_of_their_own():
     handlers = handlers_for(Words())
     session = {}
-    updates = collect(handlers.respond("Hi", [], "", *SETTINGS, "7", session))
+    updates = collect(handlers.respond("Hi", [], "", 0.7, *SETTINGS[1:], "7", session))  # sampled
 
     assert all(isinstance(update, ShownReply) for update in updates)
     last = updates[-1]

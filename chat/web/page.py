@@ -41,7 +41,8 @@ from chat.web.gradio_patches.chat_interface import (
 from chat.web.gradio_patches.costs import event_watch, text_message, trim_gradio_costs
 from chat.web.handlers import PageHandlers, Refused
 from chat.web.operations import Operations
-from chat.web.security import harden_demo, harden_launch_options, markdown_text, private_gradio_cache
+from chat.web.security import harden_demo, harden_launch_options, markdown_code, private_gradio_cache
+from chat.web.theme import page_theme
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TITLE = "Falcon Chat"
@@ -80,7 +81,8 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
     private_gradio_cache()  # before any component is made: each notes the folder
     operations = operations or Operations(backend, log_messages=settings.log_messages)
     handlers = PageHandlers(backend, settings, operations)
-    with gr.Blocks(title=TITLE, fill_height=True) as demo:
+    # Full width and height: the style sheet (assets/style.css) sets the page's own bounds.
+    with gr.Blocks(title=TITLE, fill_height=True, fill_width=True) as demo:
         gr.HTML(banner(backend), elem_id="banner")
         # Shown on each page load while the backend cannot serve (a server that is down), so a
         # person learns it before typing a message, not from the first reply.
@@ -132,7 +134,8 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
             # Gradio's own following pulls a reader who scrolls up back down (it queues a scroll
             # after every update); assets/follow.js follows only while the reader is at the end.
             autoscroll=False,
-            placeholder=None,
+            # Shown in the empty chat, above the examples: what the page talks to, and how.
+            placeholder=description(backend),
         ),
         textbox=gr.Textbox(
             label="Message",
@@ -147,8 +150,10 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
             stop_btn="Stop",
         ),
         additional_inputs=[*chat_settings, session],
-        additional_inputs_accordion=gr.Accordion("System prompt and settings", open=False, render=False),
-        description=description(backend),
+        # Beside the message box; open, it lies over the conversation (assets/style.css).
+        additional_inputs_accordion=gr.Accordion(
+            "System prompt and settings", open=False, elem_id="settings", render=False
+        ),
         examples=[[example] for example in EXAMPLES],
         run_examples_on_click=False,  # an example fills the box, to be edited and sent
         cache_examples=False,  # Spaces would otherwise call the model at start-up
@@ -171,13 +176,19 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
     keep_message_box_editable(demo, chat)
     stop_edited_replies(demo, chat)
     show_messages_as_written()
-    # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes.
+    # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes: the saved
+    # chats' column (a sidebar on desktop, a drawer on phones) and the conversation's.
     chat.new_chat_button.elem_id = "new-chat"
     chat.chat_history_dataset.elem_id = "saved-chats"
+    chat.new_chat_button.parent.elem_id = "chat-sidebar"
+    chat.new_chat_button.parent.parent.elem_id = "chat-row"
+    chat.chatbot.parent.elem_id = "chat-main"
+    _show_fixed_seed(chat.chatbot.parent, chat_settings[-1])
     _keep_settings(demo, chat_settings)
-    with gr.Row(elem_id="chat-tools"):
-        export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
-    files = gr.File(label="Conversation files", file_count="multiple", visible=False)
+    with chat.new_chat_button.parent:  # at the foot of the saved chats, out of the chat's height
+        with gr.Row(elem_id="chat-tools"):
+            export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
+        files = gr.File(label="Conversation files", file_count="multiple", visible=False)
     export_button.click(
         lambda history, prompt: gr.update(value=handlers.export(history, prompt), visible=True),
         [chat.chatbot, system_prompt],
@@ -197,9 +208,35 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
     return chat_settings
 
 
+def _show_fixed_seed(column: gr.Column, seed: gr.Textbox) -> None:
+    """A fixed seed shows beside the message box, with a button that clears it: the seed is
+    kept across replies and reloads, and Retry with it gives the same reply again."""
+    with column:  # ChatInterface's own column, so it sits in the message box's row
+        chip = gr.Button("", visible=False, size="sm", elem_id="fixed-seed")
+    seed.change(
+        fixed_seed_button,
+        seed,
+        chip,
+        api_visibility="private",
+        queue=False,
+        show_progress="hidden",
+    )
+    chip.click(lambda: "", None, seed, api_visibility="private", queue=False, show_progress="hidden")
+
+
+def fixed_seed_button(seed) -> dict:
+    """The fixed seed's button for the seed box's text: shown, with the seed, while one is set."""
+    text = str(seed or "").strip()
+    return gr.update(visible=bool(text), value=f"Seed {text[:20]} ✕")
+
+
 def _completion_tab(handlers: PageHandlers) -> list:
     """Raw continuation (`/complete`) with few-shot presets; returns its inputs."""
-    gr.Markdown("Raw text continuation, for base models (no chat format).")
+    gr.Markdown(
+        "For base models, which have no chat format: the model continues your text as it is "
+        "written. The presets show few-shot prompts.",
+        elem_id="completion-about",
+    )
     text = gr.Textbox(label="Text to continue", lines=8)
     preset = gr.Dropdown(list(COMPLETION_PRESETS), label="Few-shot presets", value=None)
     output = gr.Textbox(label="Continuation", lines=6, interactive=False)
@@ -304,8 +341,11 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
     options = dict(
         server_name=settings.host,
         server_port=settings.port,
-        theme=gr.themes.Soft(primary_hue="amber"),
+        theme=page_theme(),
         footer_links=["api", "gradio"],
+        # The chat's trash deletes the chat, saved copy included: its name says so (in English;
+        # Gradio's other languages already say "clear the chat").
+        i18n=gr.I18n(en={"chatbot.clear": "Delete chat"}),
         **embedding,
     )
     # The storage fallback for frames first; then the page's style sheet and script.
@@ -330,8 +370,9 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
 
 
 # The page's scripts, each with one job: keyboard, focus and confirmations (page.js); following a
-# streaming reply only while the reader is at its end (follow.js).
-PAGE_SCRIPTS = ("page.js", "follow.js")
+# streaming reply only while the reader is at its end (follow.js); the layout's drawer and the
+# names Gradio leaves wrong (layout.js).
+PAGE_SCRIPTS = ("page.js", "follow.js", "layout.js")
 
 
 def page_head() -> str:
@@ -389,17 +430,28 @@ def model_label(backend: Backend) -> str:
 
 
 def banner(backend: Backend) -> str:
-    """The banner, naming the model the page talks to."""
-    svg = (ASSETS / "banner.svg").read_text(encoding="utf-8")
-    return svg.replace("{model}", html.escape(model_label(backend)))
+    """The page's slim header: the Falcon mark, the app's name and, most visibly, the model the
+    page talks to (a long name is cut short on screen and whole in its tooltip)."""
+    mark = (ASSETS / "banner.svg").read_text(encoding="utf-8")
+    model = html.escape(model_label(backend))
+    # On phones the saved chats are a drawer, opened by the first button (assets/layout.js).
+    toggle = (
+        '<button type="button" class="falcon-chats-toggle" aria-controls="chat-sidebar" '
+        'aria-expanded="false" aria-label="Saved chats" title="Saved chats"></button>'
+    )
+    return (
+        f'<div class="falcon-header">{toggle}{mark}<span class="falcon-name">Falcon Chat</span>'
+        f'<span class="falcon-model" title="{model}">{model}</span></div>'
+    )
 
 
 def description(backend: Backend) -> str:
-    """The line under the banner: which model, through which backend, in which prompt format, and
-    what the backend says about its model (`Backend.notice`: a small default, how to switch)."""
+    """What the empty chat says above the examples: which model, through which backend, in which
+    prompt format, and what the backend says about its model (`Backend.notice`: a small default,
+    how to switch)."""
     # The model's name can come from a server (TGI's /info, a /v1/models list): shown as text.
-    model = markdown_text(model_label(backend))
-    text = f"Chatting with **{model}** through {backend.name}, in {backend.prompt_format.description}."
+    model = markdown_code(model_label(backend))
+    text = f"Chatting with {model} through {backend.name}, in {backend.prompt_format.description}."
     if backend.notice:
         text += f"<br>{backend.notice}"
     return text

@@ -124,15 +124,22 @@ URL_GUARD_HEAD = """<script>
 CLOSED_ROUTES = ("/gradio_api/upload", "/gradio_api/deep_link", "/upload", "/deep_link")
 
 
-_MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
 _BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_BACKTICK_RUNS = re.compile(r"`+")
 
 
-def markdown_text(text: str) -> str:
-    """`text` (a server's model id, anything from outside) for a Markdown component, to show as
-    the text it is: every ASCII punctuation character backslash-escaped (CommonMark's escapes: no
-    tag, link, emphasis, autolink or entity can start), line breaks made spaces."""
-    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", text))
+def markdown_code(text: str) -> str:
+    """`text` (a server's model id, anything from outside) as a Markdown code span, to show as the
+    text it is: inside a code span no tag, link, emphasis, autolink, entity or escape is read, and
+    the chat's math renderer (KaTeX) skips code, where backslash escapes would have made `\\[x\\]`
+    display math in the Chatbot. The fence is one backtick longer than any run inside; line breaks
+    become spaces."""
+    text = _BREAKS.sub(" ", text)
+    if not text.strip():
+        return ""
+    fence = "`" * (max((len(run) for run in _BACKTICK_RUNS.findall(text)), default=0) + 1)
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""  # CommonMark strips one
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def content_security_policy(

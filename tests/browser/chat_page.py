@@ -56,10 +56,24 @@ class ChatPage:
         self.textbox.fill(message)
         self.textbox.press("Enter")
 
+    def show_saved_chats(self) -> None:
+        """Bring the saved chats and New chat on screen: on a phone they are a drawer, opened by
+        the header's button (elsewhere they are a sidebar, always there)."""
+        toggle = self.page.locator(".falcon-chats-toggle")
+        if toggle.is_visible() and toggle.get_attribute("aria-expanded") != "true":
+            toggle.click()
+        expect(self.page.locator("#new-chat")).to_be_in_viewport()
+
     def new_chat(self) -> None:
         """Open a new, empty chat (the one open stays among the saved chats)."""
+        self.show_saved_chats()
         self.page.locator("#new-chat").click()
         expect(self.user_messages).to_have_count(0)
+
+    def open_saved_chat(self, title: str) -> None:
+        """Open the saved chat whose title (its first message) is `title`."""
+        self.show_saved_chats()
+        self.page.get_by_role("gridcell", name=title).click()
 
     def wait_until_idle(self) -> None:
         """The reply has finished (or was stopped): the send button is back, the box editable."""

@@ -205,9 +205,15 @@ SCRIPT = {
     "slowly": "word after word " * 100,
     "indented code": "Start the total first:\n\n    total = 0\n    for n in numbers:\n        total += n",
     "think first": "Thought it through.",
+    # Longer than the view at once, then on steadily: a reply to scroll in while it streams (a
+    # line every two words, so that it grows as fast at every width).
+    "long and steady": "and on\n" * 2000,
 }
 SLOW_WORD_S = 0.8  # the "slowly" reply's pace after its first words: it ends this long after Stop
 THINK_S = 2.0  # how long the "think first" reply waits for its first word (a slow server's start)
+# The "long and steady" reply: its first 100 lines at once, then 10 a second (for minutes, until
+# stopped): few page updates, so a loaded machine keeps up, and still growing when a test gets there.
+STEADY_AFTER_WORDS, STEADY_WORD_S = 200, 0.05
 MAX_MESSAGE_CHARS = 200
 
 
@@ -248,9 +254,17 @@ class ScriptedBackend(Backend):
                 return
             if reply is SCRIPT["think first"] and index == 0:
                 time.sleep(THINK_S)
-            time.sleep(SLOW_WORD_S if reply is SCRIPT["slowly"] and index > 2 else 1 / self.words_per_s)
+            time.sleep(self.pause(reply, index))
             yield Token(word, id=index)
         yield Token("", finish_reason="stop")
+
+    def pause(self, reply: str, index: int) -> float:
+        """Seconds before the word at `index` of `reply`."""
+        if reply is SCRIPT["slowly"] and index > 2:
+            return SLOW_WORD_S
+        if reply is SCRIPT["long and steady"]:
+            return STEADY_WORD_S if index >= STEADY_AFTER_WORDS else 0.0
+        return 1 / self.words_per_s
 
 
 @pytest.fixture(scope="package")

@@ -251,6 +251,7 @@ def test_screenshots_in_light_and_dark(page, chat_url, screenshots, theme):
     chat = ChatPage(page, chat_url).open(f"?__theme={theme}")
     chat.open_settings()
     chat.set_number("Max new tokens", 40)  # a reply that fits beside its question
+    chat.close_settings()
     page.get_by_role("button", name="Select example 3").click()
     expect(chat.textbox).not_to_have_value("")
     chat.textbox.press("Enter")

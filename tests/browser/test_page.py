@@ -117,7 +117,7 @@ def test_the_layout_width_stays_put_whatever_the_content(open_scripted):
     wide = chat.page.evaluate(CONTAINER_WIDTH)
     chat.page.get_by_role("tab", name="Completion").click()
     completion = chat.page.evaluate(CONTAINER_WIDTH)
-    assert empty == short == wide == completion == 960, (empty, short, wide, completion)
+    assert empty == short == wide == completion == 1240, (empty, short, wide, completion)
 
 
 @pytest.mark.parametrize("size", BOTH)
@@ -183,10 +183,10 @@ def test_buttons_have_names_and_nothing_covers_or_misleads(open_scripted):
     page = chat.page
     expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
     chat.ask("Hi")
-    expect(page.get_by_role("button", name="Clear", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Delete chat", exact=True)).to_be_visible()
     expect(page.get_by_role("button", name=re.compile("share", re.I))).to_have_count(0)
     expect(page.get_by_text("Chatbot", exact=True)).to_have_count(0)  # no floating label
-    clear = page.get_by_role("button", name="Clear", exact=True).bounding_box()
+    clear = page.get_by_role("button", name="Delete chat", exact=True).bounding_box()
     first = chat.user_messages.first.bounding_box()
     assert clear["y"] + clear["height"] <= first["y"], (clear, first)  # nothing covers the text
     unnamed = page.evaluate(
@@ -202,10 +202,10 @@ def test_the_trash_button_asks_before_it_deletes_the_chat(open_scripted):
     answers = iter([False, True])
     chat.page.on("dialog", lambda dialog: dialog.accept() if next(answers) else dialog.dismiss())
 
-    chat.page.get_by_role("button", name="Clear", exact=True).click()
+    chat.page.get_by_role("button", name="Delete chat", exact=True).click()
     expect(chat.user_messages).to_have_count(1)  # dismissed: kept
     expect(chat.page.get_by_role("gridcell", name="Keep this chat")).to_be_visible()
-    chat.page.get_by_role("button", name="Clear", exact=True).click()
+    chat.page.get_by_role("button", name="Delete chat", exact=True).click()
     expect(chat.user_messages).to_have_count(0)
 
 
@@ -354,6 +354,7 @@ def test_new_chat_or_another_chat_during_a_reply_stops_it_and_keeps_both_chats(
     chat.ask("The first chat")
     chat.send("Please keep talking")
     expect(chat.bot_messages.last).to_contain_text("and on")
+    chat.show_saved_chats()
     page.locator("#new-chat").click()
     chat.wait_until_idle()
     expect(chat.user_messages).to_have_count(0)
@@ -362,12 +363,12 @@ def test_new_chat_or_another_chat_during_a_reply_stops_it_and_keeps_both_chats(
 
     chat.send("Please keep talking")
     expect(chat.bot_messages.last).to_contain_text("and on")
-    page.get_by_role("gridcell", name="The first chat").click()
+    chat.open_saved_chat("The first chat")
     chat.wait_until_idle()
     expect(chat.user_messages).to_have_count(2)
     expect(chat.bot_messages.last).to_contain_text("Stopped.")  # saved stopped, with its figures
     expect(chat.figures).to_have_count(2)
-    page.get_by_role("gridcell", name="A new chat").click()
+    chat.open_saved_chat("A new chat")
     expect(chat.user_messages).to_have_count(2)
     expect(chat.bot_messages.last).to_contain_text("Stopped.")
     expect(chat.figures).to_have_count(2)
