@@ -211,4 +211,4 @@ def assert_serves_and_saves(folder, saved):
     finally:
         backend.close()
     assert "quantization_config" not in json.loads((saved / "config.json").read_text())
-    assert load_int4(saved).quantization.method == "int4 (saved)"
+    assert load_int4(saved).quantization.method == "saved int4"
