@@ -125,6 +125,8 @@ def test_the_readmes_run_command_answers_sensibly_offline_and_says_how_to_switch
         assert "python app.py --model tiiuae/falcon-7b-instruct" in said and "Traceback" not in said
         assert "tiiuae/falcon-7b-instruct" in httpx.get(url + "config", timeout=30).text  # on the page too
         assert "Paris" in ask(Client(url, verbose=False), "What is the capital of France?")
+
+
 def test_the_fast_decoder_writes_generates_tokens_through_a_conversation(smollm2_fast_app, smollm2):
     """The app on the fast decoder (the Llama layout, eager in float32 on the CPU): each turn's
     tokens are the ones plain `generate` writes for the same prompt, on the same trained weights."""
