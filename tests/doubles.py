@@ -29,6 +29,8 @@ class Generation:
 
     prompt: str
     params: GenerationParams
+    input_ids: list[int] = field(default_factory=list)  # the prompt as the model got it
+    seed: int | None = None
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # set when the loop has returned
     ended: threading.Event = field(default_factory=threading.Event)
@@ -58,7 +60,8 @@ class RecordingDecoder:
         self._changed = threading.Condition()
 
     def generate(self, input_ids, params, seed, emit, cancelled) -> str:
-        generation = Generation(self.tokenizer.decode(input_ids[0].tolist()), params)
+        ids = input_ids[0].tolist()
+        generation = Generation(self.tokenizer.decode(ids), params, input_ids=ids, seed=seed)
         with self._changed:
             self.generations.append(generation)
             self._changed.notify_all()

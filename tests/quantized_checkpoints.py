@@ -21,6 +21,11 @@ from chat.engine.layout import Layout
 from chat.engine.weights import CheckpointSource, lay_out
 
 LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+LLAMA_LINEARS = tuple(f"self_attn.{x}_proj" for x in "qkvo") + (
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
 PROMPT = "User: Plan a trip to Lisbon\nFalcon:"
 
@@ -62,6 +67,30 @@ def _as_int4(packed: tuple) -> int4.Int4Weight:
     return int4.Int4Weight(levels, scale, offset, levels.shape[1] * 2 // scale.shape[1])
 
 
+def hold_int4_layout(model, layout: Layout) -> None:
+    """A transformers Llama `model` holding `layout`'s int4 weights (Int4Reference's), dequantized:
+    the fused QKV's rows taken back out of their [kv, group + 2, head_dim] interleave, [gate | up]
+    split, the head replaced (untied)."""
+    config = model.config
+    kv, d = config.num_key_value_heads, config.head_dim
+    group = config.num_attention_heads // kv
+    with torch.no_grad():
+        for block, layer in zip(model.model.layers, layout.layers, strict=True):
+            qkv = int4.dequantize(_as_int4(layer.w_in)).view(kv, group + 2, d, -1)
+            attn, mlp = block.self_attn, block.mlp
+            attn.q_proj.weight.copy_(qkv[:, :group].reshape(kv * group * d, -1))
+            attn.k_proj.weight.copy_(qkv[:, group].reshape(kv * d, -1))
+            attn.v_proj.weight.copy_(qkv[:, group + 1].reshape(kv * d, -1))
+            attn.o_proj.weight.copy_(int4.dequantize(_as_int4(layer.w_out)))
+            gate, up = int4.dequantize(_as_int4(layer.w_mlp_in)).chunk(2)
+            mlp.gate_proj.weight.copy_(gate)
+            mlp.up_proj.weight.copy_(up)
+            mlp.down_proj.weight.copy_(int4.dequantize(_as_int4(layer.w_mlp_out)))
+        model.lm_head.weight = torch.nn.Parameter(
+            int4.dequantize(_as_int4(layout.lm_head)), requires_grad=False
+        )
+
+
 def write_checkpoint(
     folder,
     tiny_model_dir,
@@ -93,7 +122,7 @@ def write_checkpoint(
         for name in dense.keys():  # noqa: SIM118
             weight = dense.get_tensor(name)
             module = name.removesuffix(".weight")
-            if module.endswith(LINEARS):
+            if module.endswith(LINEARS + LLAMA_LINEARS):
                 tensors.update({f"{module}.{part}": t for part, t in pack(module, weight).items()})
             else:
                 tensors[name] = weight.half()
@@ -182,4 +211,4 @@ def assert_serves_and_saves(folder, saved):
     finally:
         backend.close()
     assert "quantization_config" not in json.loads((saved / "config.json").read_text())
-    assert load_int4(saved).quantization.method == "int4 (saved)"
+    assert load_int4(saved).quantization.method == "saved int4"

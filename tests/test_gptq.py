@@ -24,6 +24,7 @@ from chat.factory import build_backend
 from tests.quantized_checkpoints import (
     assert_greedy_equals_generate,
     assert_serves_and_saves,
+    hold_int4_layout,
     load_int4,
     scaled_levels,
     split_layer,
@@ -233,3 +234,26 @@ def test_our_gemv_reads_gptqs_fp16_scales_and_float32_offsets(gptq_model):
 def test_a_gptq_checkpoint_loads_on_one_gpu_only(gptq_dir):
     with pytest.raises(ConfigError, match="GPTQ checkpoint on one GPU: use --tensor-parallel 1"):
         build_backend(Settings(model=str(gptq_dir[0]), quantize="int4", tensor_parallel=2))
+
+
+def test_falcon3s_published_gptq_settings_load_exactly_on_the_llama_layout(
+    tmp_path, tiny_model_dir, tiny_tokenizer
+):
+    """tiiuae/Falcon3-7B-Instruct-GPTQ-Int4's quantize_config.json (read with the search tool, no
+    checkpoint fetched): bits 4, group_size 128, desc_act false, sym true, checkpoint_format gptq.
+    A tiny Llama packed so: every weight kept, the fast path's tokens those of `generate`."""
+    from tests.test_llama_layout import save_with_tokenizer, tiny_llama
+
+    llama = tiny_llama(len(tiny_tokenizer), hidden_size=128, head_dim=32, num_attention_heads=4)
+    llama_dir = save_with_tokenizer(llama, tmp_path / "bf16", tiny_model_dir)
+    settings = dict(sym=True, group_size=128, desc_act=False, checkpoint_format="gptq")
+    raw = write_gptq(tmp_path / "gptq", llama_dir, shards=1, config_file="quantize_config.json", **settings)
+    model = load_int4(tmp_path / "gptq")
+    assert model.quantization.method == "GPTQ" and model.layout.family == "llama"
+    weights = {name: gptq_weight(values) for name, values in raw.items()}
+    assert len(weights) == 2 * 7  # q, k, v, o, gate, up, down in each of the two layers
+    held = tiny_llama(len(tiny_tokenizer), hidden_size=128, head_dim=32, num_attention_heads=4)
+    hold_int4_layout(held, model.layout)  # the layout's products taken apart again
+    for name, weight in weights.items():
+        assert torch.equal(held.get_submodule(name).weight, weight), name
+    assert_greedy_equals_generate(llama_dir, tiny_tokenizer, model, weights)

@@ -138,7 +138,9 @@ def test_saved_int4_reloads_to_the_same_tokens(tmp_path, tiny_model_dir, tiny_to
     load_int4(tiny_model_dir, save=Int4Writer(tmp_path / "int4"))
     assert is_saved(tmp_path / "int4") and (tmp_path / "int4" / "tokenizer.json").exists()
     reloaded = load_int4(tmp_path / "int4")
-    assert reloaded.quantization.method == "int4 (saved)"
+    assert reloaded.quantization.method == "saved int4"
+    with pytest.raises(ConfigError, match="a saved int4 checkpoint on one GPU"):
+        build_backend(Settings(model=str(tmp_path / "int4"), quantize="int4", tensor_parallel=2))
     for name, weight in quantized_tiny.products.items():
         assert torch.equal(reloaded.products[name].packed, weight.packed)
     ids = _ids(tiny_tokenizer)

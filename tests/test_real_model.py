@@ -2,7 +2,8 @@
 
 Greedy and short, so the answers are fixed and the file stays quick on two cores. Checks are loose
 where the model's wording could change (a word the answer must contain), exact where the app's
-own work is judged (the text shown is what `generate` writes for the same prompt, cut at the stop).
+own work is judged (the text shown is what `generate` writes for the same prompt, cut at the stop;
+the fast decoder's tokens are `generate`'s, on the Llama layout and these trained weights).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from chat.conversation.backend import FINISH_CANCELLED
 from chat.conversation.params import DEFAULT_STOP_SEQUENCES
 from chat.conversation.prompt import ChatTemplateFormat, Conversation
 from chat.conversation.turns import strip_note
+from chat.engine.decoders import PlainDecoder
 from tests.app_process import app_process
 from tests.helpers import filter_stream, free_port
 
@@ -123,3 +125,59 @@ def test_the_readmes_run_command_answers_sensibly_offline_and_says_how_to_switch
         assert "python app.py --model tiiuae/falcon-7b-instruct" in said and "Traceback" not in said
         assert "tiiuae/falcon-7b-instruct" in httpx.get(url + "config", timeout=30).text  # on the page too
         assert "Paris" in ask(Client(url, verbose=False), "What is the capital of France?")
+
+
+def test_the_fast_decoder_writes_generates_tokens_through_a_conversation(smollm2_fast_app, smollm2):
+    """The app on the fast decoder (the Llama layout, eager in float32 on the CPU): each turn's
+    tokens are the ones plain `generate` writes for the same prompt, on the same trained weights."""
+    served = smollm2_fast_app
+    assert served.backend.decoder.inner.layout.family == "llama"
+    client = Client(served.url, verbose=False)
+    assert "Paris" in ask(client, "What is the capital of France?")
+    assert "French" in ask(client, "What language do people speak there?")  # only through turn one
+    model, tokenizer = smollm2
+    generations = served.decoder.generations
+    assert len(generations) == 2 and len(generations[1].input_ids) > len(generations[0].input_ids)
+    for generation in generations:
+        expected = []
+        ids = torch.tensor([generation.input_ids])
+        PlainDecoder(model, tokenizer).generate(ids, generation.params, 0, expected.append, lambda: False)
+        assert generation.token_ids == expected[: len(generation.token_ids)]
+        assert len(generation.token_ids) == len(expected) or generation.finish_reason == FINISH_CANCELLED
+
+
+def test_seeded_sampling_through_the_fast_decoder_repeats(smollm2_fast_app):
+    sampled = ("", 0.8, 16, 0.9, 1.1, "1234")  # temperature, max new tokens, top-p, penalty, seed
+    first = ask(Client(smollm2_fast_app.url, verbose=False), "Tell me about falcons.", *sampled)
+    again = ask(Client(smollm2_fast_app.url, verbose=False), "Tell me about falcons.", *sampled)
+    other = ask(Client(smollm2_fast_app.url, verbose=False), "Tell me about falcons.", *sampled[:-1], "99")
+    assert first == again and first != other
+
+
+def test_the_fast_path_reads_trained_weights_as_transformers_does_in_float32_and_int4(smollm2_dir):
+    """Perplexity on the first 256 tokens of bench/data/perplexity_text.txt: the fast decoder's
+    layout of SmolLM2 (its own layer functions, every position's logits) in float32 is
+    transformers' model; in int4 it is transformers' model holding the same int4 weights, and no
+    more than twice as perplexed. Min-max int4 here, for time; the app's HQQ and the quality
+    against float32 (the package's weights were 4-bit already) are bench/int4_quality.py's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.int4_quality import TEXT, fast_path_perplexity, perplexity
+    from chat.engine.int4.products import Int4Reference
+    from chat.engine.products import Dense
+    from chat.engine.weights import CheckpointSource, lay_out
+    from tests.quantized_checkpoints import hold_int4_layout
+
+    ids = torch.tensor([AutoTokenizer.from_pretrained(smollm2_dir)(TEXT.read_text())["input_ids"][:256]])
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    dense = lay_out(
+        CheckpointSource(smollm2_dir, device="cpu", dtype=torch.float32), max_len=257, products=Dense
+    )
+    base = perplexity(model, ids)
+    assert fast_path_perplexity(dense, ids) == pytest.approx(base, rel=1e-4)
+    source = CheckpointSource(smollm2_dir, device="cpu", dtype=torch.float32)
+    quantized = lay_out(source, max_len=257, products=Int4Reference, quantize="none")
+    hold_int4_layout(model, quantized)
+    int4_ppl = fast_path_perplexity(quantized, ids)
+    assert int4_ppl == pytest.approx(perplexity(model, ids), rel=1e-3)
+    assert base < int4_ppl < 2 * base

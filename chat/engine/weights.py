@@ -192,21 +192,27 @@ def lay_out(
         layers = []
         for i in range(shape.layers):
             recipe = family.layer(i, shape, plan, [ffn])
-            w_in = packer.pack(recipe.w_in)
-            layer = Layer(
-                ln_attn=packer.norm(recipe.ln_attn, shape.eps),
-                ln_mlp=packer.norm(recipe.ln_mlp, shape.eps) if recipe.ln_mlp else None,
-                w_in=w_in,
-                w_mlp_in=packer.pack(recipe.w_mlp_in) if recipe.w_mlp_in else None,
-                w_out=packer.pack(recipe.w_out),
-                w_mlp_out=packer.pack(recipe.w_mlp_out) if recipe.w_mlp_out else None,
-                k_cache=None,
-                v_cache=None,
+            ln_attn = packer.norm(recipe.ln_attn, shape.eps)
+            norm_weight = ln_attn[0]  # in the decoder's dtype, on its device: the cache's too
+            cache = torch.zeros(
+                len(plan.kv_heads),
+                max_len,
+                shape.head_dim,
+                dtype=norm_weight.dtype,
+                device=norm_weight.device,
             )
-            device, dtype = layer.ln_attn[0].device, layer.ln_attn[0].dtype
-            cache = torch.zeros(len(plan.kv_heads), max_len, shape.head_dim, dtype=dtype, device=device)
-            layer.k_cache, layer.v_cache = cache, cache.clone()
-            layers.append(layer)
+            layers.append(
+                Layer(
+                    ln_attn=ln_attn,
+                    ln_mlp=packer.norm(recipe.ln_mlp, shape.eps) if recipe.ln_mlp else None,
+                    w_in=packer.pack(recipe.w_in),
+                    w_mlp_in=packer.pack(recipe.w_mlp_in) if recipe.w_mlp_in else None,
+                    w_out=packer.pack(recipe.w_out),
+                    w_mlp_out=packer.pack(recipe.w_mlp_out) if recipe.w_mlp_out else None,
+                    k_cache=cache,
+                    v_cache=cache.clone(),
+                )
+            )
             packer.flush()
         embed = packer.read(family.embed)
         head = "lm_head.weight" if source.has("lm_head.weight") else family.embed  # else tied

@@ -96,7 +96,7 @@ class SavedInt4:
     """A saved folder's quantization (see the module docstring)."""
 
     groups: dict[str, int] = field(default_factory=dict)  # each layer's, by name
-    method: ClassVar[str] = "int4 (saved)"
+    method: ClassVar[str] = "saved int4"
     parts: ClassVar[tuple[str, ...]] = ("packed", "scale", "offset")
 
     def group_of(self, module: str) -> int:
