@@ -346,3 +346,20 @@ def test_speculation_refuses_tensor_parallel_slices(tiny_model_dir, tiny_tokeniz
     decoder.reduce = lambda x: x  # a rank's sum across ranks, as under tensor parallelism
     with pytest.raises(ValueError, match="tensor parallelism"):
         decoder.speculate(PromptLookup())
+
+
+def test_the_reply_figures_say_how_many_proposed_tokens_were_accepted(tiny_tokenizer, target, same_draft):
+    from chat.backends.local.backend import LocalBackend
+    from chat.engine.build import Engine
+    from chat.web.handlers import stats_line
+    from tests.helpers import reply_with_stats
+
+    decoder = speculating(target, DraftModel(same_draft))
+    backend = LocalBackend(Engine(tiny_tokenizer, decoder, CACHE, "tiny, speculating"), model_name="tiny")
+    try:
+        _, stats = reply_with_stats(backend, "Plan a trip", params=GREEDY)
+    finally:
+        backend.close()
+    assert stats.proposed_tokens == stats.accepted_tokens == decoder.speculation.accepted > 0
+    assert f"{stats.accepted_tokens} of {stats.proposed_tokens} proposed tokens accepted" in stats_line(stats)
+    assert stats.as_dict()["accepted_tokens"] == stats.accepted_tokens  # /reply_stats and the log
