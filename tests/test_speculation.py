@@ -149,6 +149,8 @@ def test_a_draft_that_is_the_model_itself_has_every_proposal_accepted(
         assert stats.accepted == stats.proposed > 0
         assert stats.steps < len(tokens) / 3  # several tokens a step
     assert run(decoder, ids, GREEDY) == run(plain, ids, GREEDY)
+    decoder.speculate(None)  # one token a step again, and no figures of speculation
+    assert run(decoder, ids, GREEDY) == run(plain, ids, GREEDY) and decoder.speculation is None
 
 
 # -- sampling: reproducible, and the distribution of plain sampling --------------------------------
