@@ -1,0 +1,181 @@
+"""How many prompt-lookup proposals a real model accepts: SmolLM2-135M-Instruct on the CPU.
+
+    python bench/speculation_acceptance.py --out bench/results/speculation-acceptance-smollm2.json
+
+Three conversations in the model's chat template (bench/data holds their texts): a chat whose new
+request repeats an earlier reply, a code edit (a function with a variable renamed; the reply is
+started with a code fence, as a code assistant's would be) and a summary of a passage. Each is
+decoded greedily by the fast decoder with prompt lookup (chat/engine/speculation.py) and, as the
+baseline, by transformers' `generate`: the tokens must be equal. The table gives tokens per
+step after the first token (which the prompt's pass gives; a plain step gives 1), proposals
+accepted and the acceptance rate.
+
+Where the fast decoder cannot lay the model out (a transformers Llama needs the Llama layout), the
+same loop is replayed over `generate`'s greedy tokens: for greedy decoding that is exact, since
+speculation does not change the tokens and a proposal is accepted where it equals them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DATA = Path(__file__).resolve().parent / "data"
+CHAT = [
+    {"role": "user", "content": "I am planning a picnic in the park on Saturday. What should I bring?"},
+    {
+        "role": "assistant",
+        "content": "For a picnic in the park on Saturday, bring: 1. A blanket to sit on. 2. Sandwiches and "
+        "fruit. 3. Water and juice. 4. Sunscreen and hats. 5. A bag for rubbish. 6. A frisbee or a ball "
+        "for games.",
+    },
+    {"role": "user", "content": "Thanks! Can you repeat the list, but add one more thing for rainy weather?"},
+]
+
+
+def tasks() -> dict[str, tuple[list[dict], str]]:
+    """name -> (messages, the start of the assistant's reply)."""
+    code = (DATA / "speculation_code.py.txt").read_text()
+    passage = (DATA / "speculation_passage.txt").read_text().strip()
+    return {
+        "chat": (CHAT, ""),
+        "code edit": (
+            [
+                {
+                    "role": "user",
+                    "content": "Rename the variable `total` to `running_sum` in this function and reply with "
+                    f"the whole function:\n\n```python\n{code}```",
+                }
+            ],
+            "```python\n",
+        ),
+        "summary": (
+            [
+                {
+                    "role": "user",
+                    "content": f"Summarize this text in three sentences, reusing its own words:\n\n{passage}",
+                }
+            ],
+            "",
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chat.conversation.params import GenerationParams
+    from chat.engine.decode_loop import FastDecoder
+    from chat.engine.speculation import PromptLookup
+    from tests.real_model import ensure_smollm2
+
+    folder = ensure_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    model = load()
+    params = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens)
+    try:
+        decoder = FastDecoder(load(), tokenizer, max_len=2048)
+        decoder.speculate(PromptLookup())
+        how = "fast decoder, prompt lookup"
+    except Exception as error:  # the layout's Unsupported: replay over generate's tokens
+        decoder, how = None, f"replayed over generate's tokens ({type(error).__name__}: {error})"
+    results = {"command": " ".join(sys.argv), "model": folder.name, "how": how, "rows": []}
+    print(f"SmolLM2-135M-Instruct on the CPU, greedy, up to {args.new_tokens} new tokens; {how}", flush=True)
+    for name, (messages, start) in tasks().items():
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + start
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        began = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        reference = out[0, ids.shape[1] :].tolist()
+        generate_s = time.perf_counter() - began
+        if decoder is not None:
+            tokens = []
+            began = time.perf_counter()
+            decoder.generate(ids, params, 0, tokens.append, lambda: False)
+            fast_s = time.perf_counter() - began
+            stats = decoder.speculation
+            steps, proposed, accepted = stats.steps + stats.plain_steps, stats.proposed, stats.accepted
+        else:
+            tokens, fast_s = reference, None
+            steps, proposed, accepted = replay(ids[0].tolist(), reference)
+        row = {
+            "task": name,
+            "prompt_tokens": ids.shape[1],
+            "new_tokens": len(tokens),
+            "equal_to_generate": tokens == reference,
+            "steps": steps,
+            "tokens_per_step": (len(tokens) - 1) / max(steps, 1),  # the first comes with the prompt
+            "proposed": proposed,
+            "accepted": accepted,
+            "acceptance": accepted / proposed if proposed else None,
+            "generate_s": generate_s,
+            "fast_s": fast_s,
+            "reply_start": tokenizer.decode(tokens[:60]),
+        }
+        results["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "reply_start"}), flush=True)
+    print(
+        "\n| task | prompt | new tokens | steps | tokens per step | accepted / proposed | same as generate |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in results["rows"]:
+        print(
+            f"| {r['task']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['steps']} | "
+            f"{r['tokens_per_step']:.2f} | {r['accepted']} / {r['proposed']} | {r['equal_to_generate']} |"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+def replay(prompt: list[int], reply: list[int]) -> tuple[int, int, int]:
+    """The speculative loop's choices (FastDecoder._stream_speculative) over known greedy tokens:
+    (steps, proposed, accepted), the first token coming from the prompt's own step."""
+    from chat.engine.decode_loop import VERIFY_WIDTHS
+    from chat.engine.speculation import PromptLookup, WidthChooser
+
+    lookup, chooser = PromptLookup(), WidthChooser([w - 1 for w in VERIFY_WIDTHS])
+    lookup.start(None, prompt + reply[:1], None)
+    done, steps, proposed, accepted = 1, 0, 0, 0
+    while done < len(reply):
+        k = chooser.choose(min(max(VERIFY_WIDTHS) - 1, len(reply) - done - 1))
+        proposal = lookup.lookup(k) if k else []
+        kept = 0
+        for token, truth in zip(proposal, reply[done:], strict=False):
+            if token != truth:
+                break
+            kept += 1
+        if proposal:
+            chooser.update(len(proposal), kept)
+            proposed, accepted = proposed + len(proposal), accepted + kept
+        steps += 1
+        lookup.extend(reply[done : done + kept + 1])
+        done += kept + 1
+    return steps, proposed, accepted
+
+
+if __name__ == "__main__":
+    main()
