@@ -365,3 +365,110 @@ def test_the_reply_figures_say_how_many_proposed_tokens_were_accepted(tiny_token
     assert stats.proposed_tokens == stats.accepted_tokens == decoder.speculation.accepted > 0
     assert f"{stats.accepted_tokens} of {stats.proposed_tokens} proposed tokens accepted" in stats_line(stats)
     assert stats.as_dict()["accepted_tokens"] == stats.accepted_tokens  # /reply_stats and the log
+
+
+# -- the app: --speculate and --draft-model ----------------------------------------------------------
+
+
+def test_speculation_flags_are_checked_together():
+    from chat.config import load_settings
+    from chat.conversation.errors import ConfigError
+
+    assert load_settings([], environ={"SPECULATE": "ngram"}).speculate == "ngram"
+    given = load_settings(["--speculate", "draft", "--draft-model", "/models/small"], environ={})
+    assert (given.speculate, given.draft_model) == ("draft", "/models/small")
+    for argv, words in (
+        (["--speculate", "draft"], "go together"),
+        (["--draft-model", "/models/small"], "go together"),
+        (["--speculate", "ngram", "--decoder", "plain"], "--decoder plain"),
+        (["--speculate", "sometimes"], "--speculate must be one of off, ngram, draft"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            load_settings(argv, environ={})
+
+
+@pytest.fixture(scope="module")
+def small_draft_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    """A smaller Falcon (one layer, hidden 32) with the tiny model's tokenizer: a draft whose step
+    reads under a third of the model's bytes, so the width chooser finds proposing worth it."""
+    import shutil
+
+    from transformers import FalconConfig, FalconForCausalLM
+
+    folder = tmp_path_factory.mktemp("draft")
+    torch.manual_seed(3)
+    config = FalconConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        multi_query=True,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+    )
+    FalconForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).exists():
+            shutil.copyfile(tiny_model_dir / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_the_app_speculates_with_prompt_lookup_or_a_draft_model(tiny_model_dir, small_draft_dir, quantize):
+    from chat.config import Settings
+    from chat.factory import build_backend
+
+    params = GenerationParams(temperature=0.0, max_new_tokens=24)
+    replies = {}
+    for speculate, draft in (("off", None), ("ngram", None), ("draft", str(small_draft_dir))):
+        backend = build_backend(
+            Settings(model=str(tiny_model_dir), quantize=quantize, speculate=speculate, draft_model=draft)
+        )
+        try:
+            tokens = list(backend.stream("User: Plan a trip\nFalcon:", params))
+        finally:
+            backend.close()
+        replies[speculate] = [t.id for t in tokens if t.id is not None], tokens[-1].speculation
+    assert replies["ngram"][0] == replies["draft"][0] == replies["off"][0]  # the same reply
+    assert replies["draft"][1][0] > 0  # the draft proposed
+    assert replies["off"][1] is None and replies["ngram"][1] is not None
+
+
+def test_a_draft_model_of_another_tokenizer_is_refused(tiny_model_dir, smollm2_dir):
+    from chat.config import Settings
+    from chat.conversation.errors import ConfigError
+    from chat.factory import build_backend
+
+    with pytest.raises(ConfigError, match="does not share the model's tokenizer"):
+        build_backend(Settings(model=str(tiny_model_dir), speculate="draft", draft_model=str(smollm2_dir)))
+
+
+# -- SmolLM2-135M-Instruct's trained weights (tests/real_model.py) ----------------------------------
+
+
+def test_greedy_prompt_lookup_on_smollm2_writes_the_tokens_of_plain_decoding(smollm2_dir):
+    """A real model, whose replies quote their prompts: prompt lookup proposes and is accepted,
+    and every reply is the non-speculative fast decoder's, token for token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.speculation_acceptance import tasks
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+
+    def decoder():
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+        return FastDecoder(model, tokenizer, max_len=384)  # the eager CPU attention reads it all
+
+    plain, speculating = decoder(), decoder()
+    speculating.speculate(PromptLookup())
+    params = GenerationParams(temperature=0.0, max_new_tokens=32)
+    accepted = 0
+    for name, (messages, start) in tasks().items():
+        if name == "summary":  # the longest prompt; the other two are enough here
+            continue
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + start
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        assert run(speculating, ids, params) == run(plain, ids, params)
+        accepted += speculating.speculation.accepted
+    assert accepted > 20

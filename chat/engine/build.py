@@ -12,6 +12,7 @@ The app's factory maps its settings onto `EngineOptions` and wraps the engine in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ class EngineOptions:
     tensor_parallel: int | str = 1  # ranks, or "auto"
     max_total_tokens: int | None = None  # the context; None: from the model
     dtype: str | None = None  # "float32": not bf16 on a GPU, for a model that bf16 spoils
+    speculate: str = "off"  # "ngram" or "draft": speculative decoding (engine/speculation.py)
+    draft_model: str | None = None  # with "draft": a hub id or folder sharing the tokenizer
 
 
 @dataclass
@@ -87,7 +90,11 @@ def build_engine(options: EngineOptions) -> Engine:
     """The engine `options` ask for; ConfigError (one sentence) if it cannot be built."""
     try:
         check_model(options)
-        return _build(options)
+        if options.speculate == "off":
+            return _build(options)
+        if options.decoder == "auto":  # speculation runs in the fast decoder, the CPU's too
+            options = dataclasses.replace(options, decoder="fast")
+        return _speculating(_build(options), options)
     except ConfigError:
         raise
     except Exception as error:  # a model folder is input: what it makes fail is one sentence
@@ -139,6 +146,34 @@ def check_model(options: EngineOptions) -> None:
         free=limits.free_memory(cuda, all_gpus=not int4),
         where="the GPU" if cuda else "this machine",
     )
+
+
+def _speculating(engine: Engine, options: EngineOptions) -> Engine:
+    """`engine` with its fast decoder verifying proposals: prompt lookup, or a draft model built
+    as the model is (int4 too), with its own decoder and cache (engine/speculation.py)."""
+    from chat.engine.speculation import DraftModel, PromptLookup, draft_cost
+
+    flag = f"--speculate {options.speculate}"
+    if options.tensor_parallel != 1 or not hasattr(engine.decoder, "speculate"):
+        raise ConfigError(f"{flag} runs in the fast decoder on one device; this model is served otherwise")
+    if options.speculate == "ngram":
+        engine.decoder.speculate(PromptLookup())
+        engine.description += ", speculating: prompt lookup"
+        return engine
+    check_model(dataclasses.replace(options, model=options.draft_model, save_quantized=None))
+    draft_options = dataclasses.replace(
+        options, model=options.draft_model, save_quantized=None, max_total_tokens=engine.context_length
+    )
+    draft = _build(draft_options)
+    if not hasattr(draft.decoder, "speculate"):
+        raise ConfigError(f"--draft-model {options.draft_model}: the fast decoder cannot run it")
+    if draft.tokenizer.get_vocab() != engine.tokenizer.get_vocab():
+        raise ConfigError(f"--draft-model {options.draft_model} does not share the model's tokenizer")
+    engine.decoder.speculate(
+        DraftModel(draft.decoder, draft_cost(draft.decoder.layout, engine.decoder.layout))
+    )
+    engine.description += f", speculating: draft {options.draft_model}"
+    return engine
 
 
 def _build(options: EngineOptions) -> Engine:

@@ -258,12 +258,14 @@ class WidthChooser:
         return best
 
 
-def make_proposer(kind: str, draft=None):
-    """`ngram` -> PromptLookup; `draft` -> DraftModel over the `draft` FastDecoder."""
-    if kind == "ngram":
-        return PromptLookup()
-    if kind == "draft":
-        if draft is None:
-            raise ValueError("speculation with a draft model needs the draft's decoder")
-        return DraftModel(draft)
-    raise ValueError(f"unknown proposer {kind!r}")
+def draft_cost(draft_layout, layout) -> float:
+    """A draft step's time over a step of the model's: at batch 1 both read their weights, so
+    the ratio of the bytes their products keep (a step's fixed costs make it an underestimate)."""
+    return min(1.0, _product_bytes(draft_layout) / max(_product_bytes(layout), 1))
+
+
+def _product_bytes(layout) -> int:
+    kept = [*layout.lm_head]
+    for layer in layout.layers:
+        kept += [*layer.w_in, *layer.w_out, *(layer.w_mlp_in or ()), *(layer.w_mlp_out or ())]
+    return sum(t.numel() * t.element_size() for t in kept if isinstance(t, torch.Tensor))
