@@ -134,7 +134,8 @@ def main() -> None:
             row = {
                 "acceptance_asked": p,
                 "with_draft": with_draft,
-                "acceptance": stats.accepted / max(stats.proposed, 1),
+                "acceptance": stats.acceptance,  # per proposal tried (speculation.SpeculationStats)
+                "accepted_of_proposed": stats.accepted / max(stats.proposed, 1),
                 "tokens_per_step": (len(reply["tokens"]) - 1) / max(stats.steps + stats.plain_steps, 1),
                 "ms_per_token": reply["ms_per_token"],
                 "speed_up": baseline["ms_per_token"] / reply["ms_per_token"],
@@ -217,8 +218,9 @@ def print_table(results: dict) -> None:
     by = {(r["acceptance_asked"], r["with_draft"]): r for r in results["rows"]}
     for p in dict.fromkeys(r["acceptance_asked"] for r in results["rows"]):
         drafted, free = by.get((p, True)), by.get((p, False))
+        measured = f"{drafted['acceptance']:.0%}" if drafted["acceptance"] is not None else "-"
         say(
-            f"| {p:.0%} | {drafted['acceptance']:.0%} | {drafted['tokens_per_step']:.2f} | "
+            f"| {p:.0%} | {measured} | {drafted['tokens_per_step']:.2f} | "
             f"{drafted['ms_per_token']:.2f} ({drafted['speed_up']:.2f}x) | {free['ms_per_token']:.2f} ({free['speed_up']:.2f}x) |"
         )
 

@@ -519,6 +519,7 @@ class FastDecoder:
                 stats.steps += 1
                 stats.proposed += proposed
                 stats.accepted += kept
+                stats.rejections += kept < proposed
                 chooser.update(proposed, kept)
             else:
                 self._replay(params.greedy)

@@ -38,13 +38,21 @@ NGRAM_MAX, NGRAM_MIN = 3, 1
 
 @dataclass
 class SpeculationStats:
-    """One reply's speculation: verify steps, tokens proposed and proposals accepted, and the
-    one-token steps taken where nothing was proposed."""
+    """One reply's speculation: verify steps, tokens proposed and proposals accepted, the verify
+    steps that ended at a rejected proposal, and the one-token steps where nothing was proposed."""
 
     steps: int = 0
     proposed: int = 0
     accepted: int = 0
+    rejections: int = 0
     plain_steps: int = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        """The chance a proposal is kept where the ones before it were (each proposal after a
+        rejected one is never tried): accepted / (accepted + rejections)."""
+        tried = self.accepted + self.rejections
+        return self.accepted / tried if tried else None
 
 
 # -- acceptance (on the GPU, inside the verify step's graph) ---------------------------------------
