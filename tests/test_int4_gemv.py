@@ -105,6 +105,26 @@ def test_the_rows_product_equals_the_float32_product_and_each_row_is_the_same_al
         assert torch.equal(int4_rows.gemm_rows(x[:count], *packed, config), out[:count])
 
 
+def test_the_rows_product_serves_only_where_tuning_found_a_configuration(monkeypatch):
+    """On a GPU where no candidate compiles or matches, a verify step's rows fall back to the
+    per-row GEMV (int4_linear) instead of failing the decoder's start."""
+    monkeypatch.setattr(int4_rows, "_chosen", {})
+    monkeypatch.setattr(int4_rows, "_unusable", set())
+    packed = int4_gemv.pack(_weight(48, 256, 128))
+    x = torch.randn(4, 256)
+    monkeypatch.setattr(int4_rows, "tune", lambda *args: {})
+    assert not int4_rows.usable(x, *packed)
+    monkeypatch.setattr(int4_rows, "tune", lambda *args: pytest.fail("tuned the same shape again"))
+    assert not int4_rows.usable(x, *packed)
+
+    def tune(x, words, scale, offset):
+        int4_rows._chosen[int4_rows._key(x, words)] = int4_rows.DEFAULT
+        return {int4_rows.DEFAULT: 1.0}
+
+    monkeypatch.setattr(int4_rows, "tune", tune)
+    assert int4_rows.usable(x[:3], *packed)
+
+
 @needs_triton
 def test_x_is_packed_in_fp16_pairs_as_the_nibbles_pair():
     """Word t of a group holds columns t + i * G / 8 in nibble i; the fp16x2 path multiplies

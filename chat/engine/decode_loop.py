@@ -206,7 +206,14 @@ class FastDecoder:
                 pool = graph.pool()
                 self._graphs[greedy] = graph
             if self.proposer is not None:
-                self._capture_verify(side, pool)
+                try:
+                    self._capture_verify(side, pool)
+                except Exception:  # replies still come, one token a step: say so, do not fail
+                    log.warning(
+                        "fast decoder: no speculation (its verify step failed to start)", exc_info=True
+                    )
+                    self._verify_graphs.clear()
+                    self.proposer = None
             torch.cuda.synchronize()
         log.info("fast decoder: ready in %.1f s", time.monotonic() - start)
 
@@ -458,13 +465,14 @@ class FastDecoder:
         self._verify_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
     def _capture_verify(self, side, pool) -> None:
-        """Compile and capture one verify graph per (width, greedy), in the one-token step's pool."""
+        """Compile and capture one verify graph per (width, greedy), in the one-token step's pool;
+        the proposer's own (a draft's graphs) first."""
+        import torch._dynamo.config as dynamo_config
+
+        # A compiled piece per width and choice, and a draft's: more than Dynamo's default 8.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(self.widths) + 16)
         self.proposer.warm_up()
         if self.compile_mode != "off":
-            import torch._dynamo.config as dynamo_config
-
-            # One compiled graph per width and choice; more than Dynamo's default 8 recompiles.
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(self.widths) + 8)
             self._verify_head = torch.compile(verify_head, fullgraph=True, dynamic=False)
         self.limit.fill_(1)
         side.wait_stream(torch.cuda.current_stream())

@@ -418,13 +418,11 @@ def int4_linear(
     torch.compile: Dynamo does not trace Triton's launcher or the tuning tables."""
     if triton is None or not x.is_cuda or x.shape[0] >= PROMPT_ROWS:
         return (x @ dequantize(words, scale, offset, x.dtype)).to(x.dtype)
-    if x.shape[0] == 1:
-        return gemv(x, words, scale, offset)
     from chat.engine.int4 import rows
 
-    if rows.chosen(x, words) is None and not torch.cuda.is_current_stream_capturing():
-        rows.tune(x, words, scale, offset)  # in the decoder's warm-up, before its graphs are captured
-    return rows.gemm_rows(x, words, scale, offset)
+    if x.shape[0] > 1 and rows.usable(x, words, scale, offset):
+        return rows.gemm_rows(x, words, scale, offset)
+    return gemv(x, words, scale, offset)
 
 
 @int4_linear.register_fake

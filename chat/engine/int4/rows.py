@@ -69,6 +69,7 @@ CANDIDATES = tuple(
 )
 DEFAULT = RowsConfig(64, 4, 4, 3)
 _chosen: dict[tuple, RowsConfig] = {}
+_unusable: set[tuple] = set()
 
 
 if triton is not None:
@@ -194,3 +195,16 @@ def tune(x: torch.Tensor, words, scale, offset, candidates=CANDIDATES) -> dict[R
 
 def chosen(x: torch.Tensor, words) -> RowsConfig | None:
     return _chosen.get(_key(x, words))
+
+
+def usable(x: torch.Tensor, words, scale, offset) -> bool:
+    """Whether the rows product serves these rows and this shape: tuned on first use (in the
+    decoder's warm-up, before its graphs are captured); False where no candidate runs and matches
+    on this GPU, or where a shape first appears during a capture (the per-row GEMV then serves)."""
+    key = _key(x, words)
+    if key not in _chosen and key not in _unusable:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        if not tune(x, words, scale, offset):
+            _unusable.add(key)
+    return key in _chosen
