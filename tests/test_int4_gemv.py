@@ -105,6 +105,25 @@ def test_the_rows_product_equals_the_float32_product_and_each_row_is_the_same_al
         assert torch.equal(int4_rows.gemm_rows(x[:count], *packed, config), out[:count])
 
 
+@pytest.mark.skipif(
+    not CUDA, reason="bf16 products on the tensor cores: a GPU (the interpreter's bf16 dot is not exact)"
+)
+@pytest.mark.parametrize("biased", [True, False])
+def test_the_rows_product_in_bf16_is_within_bf16s_error_and_each_row_the_same_alone(biased):
+    weight = _weight(200, 512, 128, seed=9)
+    packed = [
+        t.to("cuda", torch.bfloat16) if t.is_floating_point() else t.to("cuda")
+        for t in int4_gemv.pack(weight)
+    ]
+    x = torch.randn(8, 512, generator=torch.Generator().manual_seed(4)).to("cuda", torch.bfloat16)
+    exact = x.double() @ int4.dequantize(weight).to(torch.bfloat16).double().T.cuda()
+    config = int4_rows.RowsConfig(64, 2, 4, 3, biased=biased)
+    out = int4_rows.gemm_rows(x, *packed, config)
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-2
+    for count in (1, 2, 5):
+        assert torch.equal(int4_rows.gemm_rows(x[:count], *packed, config), out[:count])
+
+
 def test_the_rows_product_serves_only_where_tuning_found_a_configuration(monkeypatch):
     """On a GPU where no candidate compiles or matches, a verify step's rows fall back to the
     per-row GEMV (int4_linear) instead of failing the decoder's start."""
