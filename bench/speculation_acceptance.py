@@ -127,18 +127,27 @@ def main() -> None:
         }
         results["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "reply_start"}), flush=True)
-    print(
-        "\n| task | prompt | new tokens | steps | tokens per step | accepted / proposed | same as generate |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for r in results["rows"]:
-        print(
-            f"| {r['task']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['steps']} | "
-            f"{r['tokens_per_step']:.2f} | {r['accepted']} / {r['proposed']} | {r['equal_to_generate']} |"
-        )
+    print(table(results["rows"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as docs/performance.md shows them."""
+    lines = [
+        "| task | prompt tokens | new tokens | steps | tokens per step | accepted / proposed | "
+        "acceptance per proposal tried | same as generate |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        acceptance = f"{r['acceptance']:.0%}" if r["acceptance"] is not None else "-"
+        lines.append(
+            f"| {r['task']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['steps']} | "
+            f"{r['tokens_per_step']:.2f} | {r['accepted']} / {r['proposed']} | {acceptance} | "
+            f"{'yes' if r['equal_to_generate'] else 'no'} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
