@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from chat.engine.int4 import gemv as int4_gemv
+from chat.engine.int4 import linear as int4_linear
 from chat.engine.int4 import rows as int4_rows
 from chat.engine.int4 import weight as int4
 from chat.engine.int4.products import Int4Reference, Int4Triton
@@ -46,7 +47,7 @@ def test_triton_adapter_multiplies_like_the_reference_on_the_cpu():
     expected = Int4Reference.linear(x, *Int4Reference.from_int4(weight, bias))
     packed = Int4Triton.from_int4(weight, bias)
     assert torch.allclose(Int4Triton.linear(x, *packed), expected, atol=1e-5)
-    prompt = torch.randn(int4_gemv.PROMPT_ROWS + 3, 256)  # the dense path
+    prompt = torch.randn(int4_linear.PROMPT_ROWS + 3, 256)  # the dense path
     assert torch.allclose(
         Int4Triton.linear(prompt, *packed),
         Int4Reference.linear(prompt, *Int4Reference.from_int4(weight, bias)),

@@ -138,13 +138,16 @@ def check_model(options: EngineOptions) -> None:
     int4 = options.quantize == "int4"
     static_cache = int4 or options.decoder == "fast" or (options.decoder == "auto" and cuda)
     bits = {"int4": 4.5, "4bit": 4.5, "8bit": 8}.get(options.quantize, 16 if cuda else 32)
+    free = limits.free_memory(cuda, all_gpus=not int4)
+    if cuda and not static_cache and free is not None:  # accelerate spills what the GPUs cannot hold
+        free += limits.free_memory(False, all_gpus=False) or 0
     limits.check_fits(
         sizes,
         weight_bytes=bits / 8,
         context=(options.max_total_tokens or limits.config_context(config) or 2048) if static_cache else None,
         element_bytes=2 if cuda else 4,
-        free=limits.free_memory(cuda, all_gpus=not int4),
-        where="the GPU" if cuda else "this machine",
+        free=free,
+        where=("the GPU" if static_cache else "the GPUs and this machine") if cuda else "this machine",
     )
 
 

@@ -397,34 +397,8 @@ def tune(x: torch.Tensor, words, scale, offset, candidates=CANDIDATES) -> dict[C
     for its shape. Microseconds per candidate; one that fails to compile, run or match is left out."""
     from chat.engine.int4 import tuning
 
-    return tuning.tune(gemv, _chosen, _key(x, words), x, words, scale, offset, candidates)
+    return tuning.tune(gemv, dequantize, _chosen, _key(x, words), x, words, scale, offset, candidates)
 
 
 def chosen(x: torch.Tensor, words) -> Config | None:
     return _chosen.get(_key(x, words))
-
-
-# -- the product the fast decoder calls -----------------------------------------------------------
-
-PROMPT_ROWS = 16  # from this many rows on, one dense product over the weight read back once
-
-
-@torch.library.custom_op("falcon_chat::int4_linear", mutates_args=())
-def int4_linear(
-    x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
-) -> torch.Tensor:
-    """x @ W.T for the packed int4 weight: the GEMV for a token, rows.py's product for a verify
-    step's few rows (each tuned on first use), one dense product for a prompt. An opaque op to
-    torch.compile: Dynamo does not trace Triton's launcher or the tuning tables."""
-    if triton is None or not x.is_cuda or x.shape[0] >= PROMPT_ROWS:
-        return (x @ dequantize(words, scale, offset, x.dtype)).to(x.dtype)
-    from chat.engine.int4 import rows
-
-    if x.shape[0] > 1 and rows.usable(x, words, scale, offset):
-        return rows.gemm_rows(x, words, scale, offset)
-    return gemv(x, words, scale, offset)
-
-
-@int4_linear.register_fake
-def _int4_linear_shape(x, words, scale, offset):
-    return x.new_empty(x.shape[0], words.shape[1])

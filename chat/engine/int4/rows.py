@@ -190,7 +190,9 @@ def tune(x: torch.Tensor, words, scale, offset, candidates=CANDIDATES) -> dict[R
     the fastest for the shape. Microseconds per candidate; one that fails is left out."""
     from chat.engine.int4 import tuning
 
-    return tuning.tune(gemm_rows, _chosen, _key(x, words), x, words, scale, offset, candidates)
+    return tuning.tune(
+        gemm_rows, int4_gemv.dequantize, _chosen, _key(x, words), x, words, scale, offset, candidates
+    )
 
 
 def chosen(x: torch.Tensor, words) -> RowsConfig | None:

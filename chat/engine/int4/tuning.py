@@ -21,20 +21,18 @@ MAX_COPIES = 8  # of a small weight, so the copies together pass 4x the L2
 CHECK_OUTPUTS = 512  # outputs checked against float32: the float32 copy of a 180B weight is 3.5 GB
 
 
-def tune(product, table: dict, key, x, words, scale, offset, candidates) -> dict:
+def tune(product, dequantize, table: dict, key, x, words, scale, offset, candidates) -> dict:
     """Time the candidates (`time_candidates`) and keep the fastest in `table[key]`."""
-    times = time_candidates(product, x, words, scale, offset, candidates)
+    times = time_candidates(product, dequantize, x, words, scale, offset, candidates)
     if times:
         table[key] = min(times, key=times.get)
     return times
 
 
-def time_candidates(product, x, words, scale, offset, candidates) -> dict:
+def time_candidates(product, dequantize, x, words, scale, offset, candidates) -> dict:
     """Microseconds per call of `product(x, words, scale, offset, config)` (gemv.pack's weight)
-    for each candidate that compiles, runs and matches the float32 product of the dequantized
-    weight within 1% (on its first outputs); the others are left out."""
-    from chat.engine.int4.gemv import dequantize
-
+    for each candidate that compiles, runs and matches the float32 product of the weight
+    `dequantize` gives within 1% (on its first outputs); the others are left out."""
     sample = min(CHECK_OUTPUTS, words.shape[1])
     head = (t[:, :sample].contiguous() for t in (words, scale, offset))
     exact = x.float() @ dequantize(*head, x.dtype).float()
