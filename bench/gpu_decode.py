@@ -314,6 +314,10 @@ def bench_int4(model, tokenizer, prompt, long_prompt, args, results, bandwidth) 
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     greedy = GenerationParams(temperature=0.0, max_new_tokens=args.new_tokens, stop_sequences=("\x00",))
     rows.append(bench_bare(backend, decoder, ids, greedy, "int4 fast decoder, bare (greedy)", floor_ms))
+    if device == "cuda":  # where the int4 step's time goes (issue #27): its products alone, then by kernel
+        alone = results["int4_matmuls_alone_ms"] = backend.call_on_worker(lambda: matmuls_alone_ms(decoder))
+        say(f"int4 products alone: {alone:.3f} ms a token; the rest of the step is fixed cost")
+        results["int4_profile"] = backend.call_on_worker(lambda: profile_step(decoder))
     backend.close()
 
 
@@ -839,7 +843,12 @@ def profile_step(decoder, replays: int = 20, run=None) -> dict:
 
 def kernel_kind(name: str) -> str:
     lowered = name.lower()
-    if any(word in lowered for word in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitk", "matmul")):
+    if "_pack_x" in lowered or "_sum_splits" in lowered:
+        return "int4 GEMV's x packing and split-K sums"
+    if any(
+        word in lowered
+        for word in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitk", "matmul", "_rows")
+    ):
         return "matrix products"
     if any(word in lowered for word in ("fmha", "attention", "flash", "softmax", "merge_chunks")):
         return "attention"

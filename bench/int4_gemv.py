@@ -38,29 +38,14 @@ def main() -> None:
     parser.add_argument(
         "--sweep-shapes", nargs="*", default=["180b"], help="the others: tuning candidates only"
     )
-    parser.add_argument(
-        "--variants",
-        action="store_true",
-        help="each candidate also with x paired in the kernel, "
-        "and with the slices added by _sum_splits (not by the last slice)",
-    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-
-    import dataclasses
 
     import torch
 
     from chat.engine.int4 import gemv as int4_gemv
 
     candidates = list(int4_gemv.CANDIDATES)
-    if args.variants:
-        candidates = [
-            dataclasses.replace(c, pack_in=pack_in, fold=fold)
-            for c in candidates
-            for pack_in in (False, True)
-            for fold in (True, False)
-        ]
     swept = list(
         dict.fromkeys(candidates + [int4_gemv.Config(*c) for c in itertools.product(*SWEEP.values())])
     )
@@ -144,10 +129,12 @@ def measure_product(shape, part, n, k, configs, l2) -> dict:
             sweep[str(config)] = {"error": f"{type(failure).__name__}: {str(failure)[:200]}"}
     ok = {c: r for c, r in sweep.items() if "us" in r}
     row["best"] = min(ok, key=lambda c: ok[c]["us"]) if ok else None
-    # The layout's read rate: the three fastest configs again, summing the words instead.
+    # The layout's read rate: the three fastest configs' tiles again, only read and summed.
+    from bench.int4_read_probe import read_tiles
+
     by_name = {str(c): c for c in configs}
     row["load_only"] = {
-        name: timed(lambda *p, c=by_name[name]: int4_gemv.gemv(x, *p, c, load_only=True), packed, q.nbytes)
+        name: timed(lambda *p, c=by_name[name]: read_tiles(x, *p, c), packed, q.nbytes)
         for name in sorted(ok, key=lambda c: ok[c]["us"])[:3]
     }
     tune_times = int4_gemv.tune(x, *packed[0])

@@ -25,6 +25,7 @@ BACKENDS = ("local", "tgi", "openai", "sagemaker")
 HTTP_BACKENDS = ("tgi", "openai")  # their endpoints are URLs; SageMaker's are names
 QUANTIZATIONS = ("8bit", "4bit", "int4")  # 8bit/4bit: bitsandbytes; int4: our fast path
 DECODERS = ("auto", "plain", "fast")
+SPECULATIONS = ("off", "ngram", "draft")  # chat/engine/speculation.py
 DEFAULT_MODEL_SHOWN = "SmolLM2-135M-Instruct"  # chat/backends/local/default_model.py builds it
 DEFAULT_REMOTE_CONCURRENCY = 64
 # Page updates per second, all streaming replies together (chat.web.bridge.UpdatePacer): one reply
@@ -242,6 +243,30 @@ class Settings:
             "not fit on one); fast decoder only, bf16 or --quantize int4",
             _tensor_parallel,
             metavar="N",
+        ),
+    )
+    speculate: str = setting(
+        "off",
+        Flag(
+            "--speculate",
+            "SPECULATE",
+            "speculative decoding in the fast decoder (the same text, faster where proposals are "
+            "accepted): ngram (what followed the same words earlier in the conversation), draft (a "
+            "smaller model of the same family and tokenizer, --draft-model) or off",
+            _choice(SPECULATIONS),
+            choices=SPECULATIONS,
+        ),
+    )
+    draft_model: str | None = setting(
+        None,
+        Flag(
+            "--draft-model",
+            "DRAFT_MODEL",
+            "with --speculate draft: the draft's hub id or folder (e.g. Falcon-7B for Falcon-180B), "
+            "loaded as the model is (int4 with --quantize int4)",
+            _text,
+            shown_default="none",
+            metavar="ID_OR_FOLDER",
         ),
     )
     prompt_format: str = setting(
@@ -517,6 +542,10 @@ def _check(settings: Settings) -> None:
     """What each value alone cannot tell: settings that do not go together."""
     if settings.save_quantized and settings.quantize != "int4":
         raise ConfigError("--save-quantized needs --quantize int4")
+    if (settings.speculate == "draft") != bool(settings.draft_model):
+        raise ConfigError("--speculate draft and --draft-model go together")
+    if settings.speculate != "off" and (settings.backend != "local" or settings.decoder == "plain"):
+        raise ConfigError("--speculate runs in the local fast decoder: not with a server or --decoder plain")
     if settings.backend == "local" and settings.endpoints:
         raise ConfigError(
             "--endpoint is for a model server: add --backend tgi or --backend openai (or sagemaker) to "

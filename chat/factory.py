@@ -103,6 +103,8 @@ def _local_backend(settings: Settings, source) -> Backend:
             tensor_parallel=settings.tensor_parallel,
             max_total_tokens=settings.max_total_tokens,
             dtype=source.dtype,
+            speculate=settings.speculate,
+            draft_model=settings.draft_model,
         )
     )
     return LocalBackend(

@@ -153,3 +153,12 @@ def fake_tinygemm_pack(swapped, tiles):
     slots = tiles_of[..., scramble].to(torch.int32).view(rows // 8, columns // width, -1, 8)
     words = sum(slots[..., j] << (4 * j) for j in range(8))
     return words.view(rows // 8, columns // width, 32, tiles // 2)
+
+
+def decode(decoder, input_ids, params, seed=0, stop_after=None) -> tuple[list[int], str]:
+    """A decoder's tokens and finish reason for one reply; Stop pressed once `stop_after` came."""
+    tokens = []
+    reason = decoder.generate(
+        input_ids, params, seed, tokens.append, lambda: stop_after is not None and len(tokens) >= stop_after
+    )
+    return tokens, reason

@@ -97,6 +97,8 @@ SAMPLES = {
     "--save-quantized": "/tmp/int4",
     "--decoder": "fast",
     "--tensor-parallel": "auto",
+    "--speculate": "ngram",
+    "--draft-model": "/models/small",
     "--prompt-format": "template",
     "--max-total-tokens": "4096",
     "--stop": "###",
@@ -127,6 +129,7 @@ def test_each_flag_and_its_variable_set_the_same_setting(flag):
     # What the sample needs beside it to be a whole configuration.
     needs = {"--backend": ["--endpoint", "http://a:1"], "--save-quantized": ["--quantize", "int4"]}
     needs["--endpoint"] = ["--backend", "tgi"]
+    needs["--draft-model"] = ["--speculate", "draft"]
     argv = [flag.name] + ([] if raw is None else [raw])
     from_flag = load_settings(argv + needs.get(flag.name, []), environ={})
     from_variable = load_settings(needs.get(flag.name, []), environ={flag.env: raw or "1"})

@@ -19,6 +19,7 @@ from chat.engine.decoders import PlainDecoder
 from chat.engine.layout import Unsupported
 from chat.engine.sampling import penalize, sampling_probs
 from chat.factory import build_backend
+from tests.helpers import decode as run
 
 CACHE = 128  # tokens; small, so eager attention over the whole cache stays quick
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
@@ -49,14 +50,6 @@ def fast(fast_model, tiny_tokenizer):
 
 def _ids(tokenizer, text):
     return torch.tensor([tokenizer(text)["input_ids"]])
-
-
-def run(decoder, input_ids, params, seed=0, stop_after=None):
-    tokens = []
-    reason = decoder.generate(
-        input_ids, params, seed, tokens.append, lambda: stop_after is not None and len(tokens) >= stop_after
-    )
-    return tokens, reason
 
 
 PROMPTS = ["User: Plan a trip to Lisbon\nFalcon:", "System: Be brief.\nUser: Write a haiku\nFalcon:"]

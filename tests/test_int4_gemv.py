@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from chat.engine.int4 import gemv as int4_gemv
+from chat.engine.int4 import linear as int4_linear
+from chat.engine.int4 import rows as int4_rows
 from chat.engine.int4 import weight as int4
 from chat.engine.int4.products import Int4Reference, Int4Triton
 
@@ -45,7 +47,7 @@ def test_triton_adapter_multiplies_like_the_reference_on_the_cpu():
     expected = Int4Reference.linear(x, *Int4Reference.from_int4(weight, bias))
     packed = Int4Triton.from_int4(weight, bias)
     assert torch.allclose(Int4Triton.linear(x, *packed), expected, atol=1e-5)
-    prompt = torch.randn(int4_gemv.PROMPT_ROWS + 3, 256)  # the dense path
+    prompt = torch.randn(int4_linear.PROMPT_ROWS + 3, 256)  # the dense path
     assert torch.allclose(
         Int4Triton.linear(prompt, *packed),
         Int4Reference.linear(prompt, *Int4Reference.from_int4(weight, bias)),
@@ -64,8 +66,6 @@ def test_triton_adapter_multiplies_like_the_reference_on_the_cpu():
         (64, 256, 32, 1, int4_gemv.Config(64, 2, 4, 1)),
         (72, 384, 128, 1, int4_gemv.Config(64, 2, 4, 1)),  # 3 groups in slices of 2 and 1
         (64, 704, 64, 2, int4_gemv.Config(32, 4, 4, 1, prefetch=True)),  # 11 groups: 3, 3, 3, 2
-        (96, 512, 128, 2, int4_gemv.Config(64, 4, 4, 1, pack_in=True)),  # x paired in the kernel (GPU)
-        (64, 704, 64, 2, int4_gemv.Config(32, 4, 4, 1, pack_in=True, fold=True)),  # the last slice adds
     ],
 )
 def test_gemv_equals_the_float32_product(rows, cols, group_size, batch, config):
@@ -81,15 +81,68 @@ def test_gemv_equals_the_float32_product(rows, cols, group_size, batch, config):
 
 
 @needs_triton
-def test_the_last_slice_adds_the_slices_as_the_separate_sum_does_and_resets_its_counter():
-    weight = _weight(130, 704, 64, seed=5)  # 11 groups: slices of 3, 3, 3 and 2
+@pytest.mark.parametrize(
+    ("rows", "cols", "group_size", "config"),
+    [
+        (96, 512, 128, int4_rows.RowsConfig(64, 1, 4, 1)),
+        (130, 704, 64, int4_rows.RowsConfig(64, 4, 4, 1)),  # 11 groups in slices of 3, 3, 3, 2
+        (64, 256, 32, int4_rows.RowsConfig(32, 2, 4, 1, biased=False)),
+        (200, 384, 128, int4_rows.RowsConfig(128, 3, 4, 1)),  # ragged outputs
+    ],
+)
+def test_the_rows_product_equals_the_float32_product_and_each_row_is_the_same_alone(
+    rows, cols, group_size, config
+):
+    """A verify step's 2-8 rows read the weight once (int4/rows.py); a row's result must not
+    depend on the rows beside it, so a token decoded alone and in a verify step match bit for bit."""
+    weight = _weight(rows, cols, group_size, seed=rows)
     packed = [t.to(DEVICE) for t in int4_gemv.pack(weight)]
-    x = torch.randn(3, 704, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    folded = int4_gemv.gemv(x, *packed, int4_gemv.Config(32, 4, 4, 1, fold=True))
-    summed = int4_gemv.gemv(x, *packed, int4_gemv.Config(32, 4, 4, 1))
-    assert torch.equal(folded, summed)  # the same additions in the same order
-    assert not int4_gemv._counters(1, x.device).any()  # every block's counter back to 0
-    assert torch.equal(int4_gemv.gemv(x, *packed, int4_gemv.Config(32, 4, 4, 1, fold=True)), folded)
+    x = torch.randn(8, cols, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    exact = x.double() @ int4.dequantize(weight).double().T.to(DEVICE)
+    out = int4_rows.gemm_rows(x, *packed, config)
+    assert out.shape == (8, rows)
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 3e-5  # float32, 128 + q levels
+    for count in (1, 2, 5):
+        assert torch.equal(int4_rows.gemm_rows(x[:count], *packed, config), out[:count])
+
+
+@pytest.mark.skipif(
+    not CUDA, reason="bf16 products on the tensor cores: a GPU (the interpreter's bf16 dot is not exact)"
+)
+@pytest.mark.parametrize("biased", [True, False])
+def test_the_rows_product_in_bf16_is_within_bf16s_error_and_each_row_the_same_alone(biased):
+    weight = _weight(200, 512, 128, seed=9)
+    packed = [
+        t.to("cuda", torch.bfloat16) if t.is_floating_point() else t.to("cuda")
+        for t in int4_gemv.pack(weight)
+    ]
+    x = torch.randn(8, 512, generator=torch.Generator().manual_seed(4)).to("cuda", torch.bfloat16)
+    exact = x.double() @ int4.dequantize(weight).to(torch.bfloat16).double().T.cuda()
+    config = int4_rows.RowsConfig(64, 2, 4, 3, biased=biased)
+    out = int4_rows.gemm_rows(x, *packed, config)
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-2
+    for count in (1, 2, 5):
+        assert torch.equal(int4_rows.gemm_rows(x[:count], *packed, config), out[:count])
+
+
+def test_the_rows_product_serves_only_where_tuning_found_a_configuration(monkeypatch):
+    """On a GPU where no candidate compiles or matches, a verify step's rows fall back to the
+    per-row GEMV (int4_linear) instead of failing the decoder's start."""
+    monkeypatch.setattr(int4_rows, "_chosen", {})
+    monkeypatch.setattr(int4_rows, "_unusable", set())
+    packed = int4_gemv.pack(_weight(48, 256, 128))
+    x = torch.randn(4, 256)
+    monkeypatch.setattr(int4_rows, "tune", lambda *args: {})
+    assert not int4_rows.usable(x, *packed)
+    monkeypatch.setattr(int4_rows, "tune", lambda *args: pytest.fail("tuned the same shape again"))
+    assert not int4_rows.usable(x, *packed)
+
+    def tune(x, words, scale, offset):
+        int4_rows._chosen[int4_rows._key(x, words)] = int4_rows.DEFAULT
+        return {int4_rows.DEFAULT: 1.0}
+
+    monkeypatch.setattr(int4_rows, "tune", tune)
+    assert int4_rows.usable(x[:3], *packed)
 
 
 @needs_triton

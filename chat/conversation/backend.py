@@ -29,6 +29,8 @@ class Token:
     id: int | None = None
     finish_reason: str | None = None
     seed: int | None = None  # the seed used, where the backend reports it (on the last token)
+    # (proposed, accepted) draft tokens, where the backend decoded speculatively (the last token)
+    speculation: tuple[int, int] | None = None
 
 
 class Backend(ABC):

@@ -73,6 +73,8 @@ class ReplyStats:
     finish_reason: str = FINISH_CANCELLED
     seed: int | None = None
     error_kind: str | None = None
+    proposed_tokens: int | None = None  # speculative decoding: tokens proposed, and accepted
+    accepted_tokens: int | None = None
     # The server's words about a failure: for the request log only, never /reply_stats or the page.
     error_detail: str | None = field(default=None, repr=False)
 
@@ -232,6 +234,8 @@ def stream_fitted(
                     waited = time.perf_counter() - asked
                     if token.finish_reason:
                         ended = token.finish_reason
+                        if token.speculation:
+                            stats.proposed_tokens, stats.accepted_tokens = token.speculation
                     elif token.id is not None or token.text:
                         if stats.time_to_first_token_s is None:
                             stats.time_to_first_token_s = time.perf_counter() - started

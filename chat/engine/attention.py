@@ -13,7 +13,8 @@ A third kernel runs before them: it rotates the new query and key (rotary), writ
 value into the caches at `pos` and GELU(h) after the attention part of that buffer, in one launch
 where Inductor made four small kernels.
 
-`attend_reference` is the same attention in plain torch: the CPU path and the tests' reference.
+`attend_rows` is the same attention in plain torch, for T query rows at once (a token, or a
+speculative verify step's rows): the CPU path and, as `attend_reference`, the tests' reference.
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ BLOCK_ROTATE = 1024  # elements per program of the rotary / cache-write / GELU k
 
 def attend_reference(q, k_cache, v_cache, pos, positions, out) -> None:
     """q [kv, group, d] attends to cache positions <= pos; writes [kv * group * d] into out."""
-    scores = (q.float()[:, :, None, :] * k_cache[:, None].float()).sum(-1) / math.sqrt(q.shape[-1])
-    probs = scores.masked_fill(~(positions <= pos)[None, None], -math.inf).softmax(-1)
-    attn = (probs[..., None] * v_cache[:, None].float()).sum(-2)
+    attend_rows(q[None], k_cache, v_cache, pos, positions, out)
+
+
+def attend_rows(q, k_cache, v_cache, rows, positions, out) -> None:
+    """q [T, kv, group, d]: row t attends to cache positions <= rows[t] (a speculative verify
+    step's rows see their own and those before them); writes [T, kv * group * d] into out."""
+    scores = torch.einsum("tkgd,knd->tkgn", q.float(), k_cache.float()) / math.sqrt(q.shape[-1])
+    visible = positions[None, :] <= rows[:, None]  # [T, max_len]
+    probs = scores.masked_fill(~visible[:, None, None, :], -math.inf).softmax(-1)
+    attn = torch.einsum("tkgn,knd->tkgd", probs, v_cache.float())
     out.copy_(attn.reshape(out.shape))
 
 

@@ -12,6 +12,7 @@ The app's factory maps its settings onto `EngineOptions` and wraps the engine in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ class EngineOptions:
     tensor_parallel: int | str = 1  # ranks, or "auto"
     max_total_tokens: int | None = None  # the context; None: from the model
     dtype: str | None = None  # "float32": not bf16 on a GPU, for a model that bf16 spoils
+    speculate: str = "off"  # "ngram" or "draft": speculative decoding (engine/speculation.py)
+    draft_model: str | None = None  # with "draft": a hub id or folder sharing the tokenizer
 
 
 @dataclass
@@ -85,6 +88,98 @@ class Engine:
 
 def build_engine(options: EngineOptions) -> Engine:
     """The engine `options` ask for; ConfigError (one sentence) if it cannot be built."""
+    try:
+        check_model(options)
+        if options.speculate == "off":
+            return _build(options)
+        if options.decoder == "auto":  # speculation runs in the fast decoder, the CPU's too
+            options = dataclasses.replace(options, decoder="fast")
+        return _speculating(_build(options), options)
+    except ConfigError:
+        raise
+    except Exception as error:  # a model folder is input: what it makes fail is one sentence
+        log.debug("building the engine failed", exc_info=True)
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"cannot load model {options.model!r} ({type(error).__name__}: {first_line})"
+        ) from None
+
+
+def check_model(options: EngineOptions) -> None:
+    """The config's sizes, before anything is allocated (limits.py), and --save-quantized's
+    target, before the long work of quantizing (new_folder.py)."""
+    import os
+
+    import torch
+    from transformers import AutoConfig
+
+    from chat.engine import limits
+    from chat.engine.new_folder import check_new_folder
+
+    local = os.path.isdir(options.model)
+    if local:
+        limits.check_config_file(options.model)
+    try:
+        config = AutoConfig.from_pretrained(options.model, token=options.token, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"cannot load model {options.model!r}: not a model folder, or not reachable on the hub "
+            f"({str(error).splitlines()[0][:200]})"
+        ) from None
+    sizes = limits.sizes(config, f"{options.model}/config.json" if local else f"{options.model}'s config")
+    if local:
+        if options.save_quantized:
+            check_new_folder(options.save_quantized, source=options.model)
+        if not limits.check_weights_match(sizes, options.model):
+            return  # no weights to load: the loader says so
+    if options.tensor_parallel != 1:
+        return  # each rank holds a share: parallel/ranks.py counts the GPUs it needs
+    cuda = torch.cuda.is_available()
+    int4 = options.quantize == "int4"
+    static_cache = int4 or options.decoder == "fast" or (options.decoder == "auto" and cuda)
+    bits = {"int4": 4.5, "4bit": 4.5, "8bit": 8}.get(options.quantize, 16 if cuda else 32)
+    free = limits.free_memory(cuda, all_gpus=not int4)
+    if cuda and not static_cache and free is not None:  # accelerate spills what the GPUs cannot hold
+        free += limits.free_memory(False, all_gpus=False) or 0
+    limits.check_fits(
+        sizes,
+        weight_bytes=bits / 8,
+        context=(options.max_total_tokens or limits.config_context(config) or 2048) if static_cache else None,
+        element_bytes=2 if cuda else 4,
+        free=free,
+        where=("the GPU" if static_cache else "the GPUs and this machine") if cuda else "this machine",
+    )
+
+
+def _speculating(engine: Engine, options: EngineOptions) -> Engine:
+    """`engine` with its fast decoder verifying proposals: prompt lookup, or a draft model built
+    as the model is (int4 too), with its own decoder and cache (engine/speculation.py)."""
+    from chat.engine.speculation import DraftModel, PromptLookup, draft_cost
+
+    flag = f"--speculate {options.speculate}"
+    if options.tensor_parallel != 1 or not hasattr(engine.decoder, "speculate"):
+        raise ConfigError(f"{flag} runs in the fast decoder on one device; this model is served otherwise")
+    if options.speculate == "ngram":
+        engine.decoder.speculate(PromptLookup())
+        engine.description += ", speculating: prompt lookup"
+        return engine
+    check_model(dataclasses.replace(options, model=options.draft_model, save_quantized=None))
+    draft_options = dataclasses.replace(
+        options, model=options.draft_model, save_quantized=None, max_total_tokens=engine.context_length
+    )
+    draft = _build(draft_options)
+    if not hasattr(draft.decoder, "speculate"):
+        raise ConfigError(f"--draft-model {options.draft_model}: the fast decoder cannot run it")
+    if draft.tokenizer.get_vocab() != engine.tokenizer.get_vocab():
+        raise ConfigError(f"--draft-model {options.draft_model} does not share the model's tokenizer")
+    engine.decoder.speculate(
+        DraftModel(draft.decoder, draft_cost(draft.decoder.layout, engine.decoder.layout))
+    )
+    engine.description += f", speculating: draft {options.draft_model}"
+    return engine
+
+
+def _build(options: EngineOptions) -> Engine:
     if options.tensor_parallel != 1:
         engine = _tensor_parallel_engine(options)
         if engine is not None:
@@ -171,11 +266,15 @@ def _quantization_config(quantize: str):
 
 
 def model_context_length(config, tokenizer) -> int:
-    """The model's context: its config, else the tokenizer's, else Falcon's 2,048."""
-    length = getattr(config, "max_position_embeddings", None)
-    if not length:
-        length = getattr(tokenizer, "model_max_length", None)
-    return int(length) if length and length < 10**7 else 2048
+    """The model's context: its config's, else the tokenizer's, else Falcon's 2,048; what a
+    folder claims counts up to limits.MAX_CONFIG_CONTEXT tokens (it sizes the static cache)."""
+    from chat.engine.limits import MAX_CONFIG_CONTEXT, config_context
+
+    length = config_context(config)
+    if length is None:
+        length = getattr(tokenizer, "model_max_length", None)  # 1e30 where a tokenizer sets none
+        length = length if isinstance(length, int) and 0 < length <= MAX_CONFIG_CONTEXT else None
+    return length or 2048
 
 
 def _int4_engine(options: EngineOptions) -> Engine:
@@ -196,19 +295,25 @@ def _int4_engine(options: EngineOptions) -> Engine:
     folder = model_folder(options.model, options.token)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    writer = Int4Writer(options.save_quantized, folder) if options.save_quantized else None
     try:
         source = CheckpointSource(folder, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         context_length = options.max_total_tokens or model_context_length(source.config, tokenizer)
-        writer = Int4Writer(options.save_quantized) if options.save_quantized else None
         products = int4_products(device)
         layout = lay_out(source, max_len=context_length, products=products, quantize="hqq", save=writer)
-    except Unsupported as error:
-        raise ConfigError(f"--quantize int4: {error}") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--quantize int4: cannot load {options.model!r} ({str(error)[:200]})") from None
-    if writer is not None:
-        writer.finish(source.config, folder)
+        if writer is not None:
+            writer.finish(source.config, folder)
+    except BaseException as error:
+        if writer is not None:
+            writer.discard()  # nothing half-written is left behind
+        if isinstance(error, Unsupported):
+            raise ConfigError(f"--quantize int4: {error}") from None
+        if isinstance(error, OSError | ValueError):
+            raise ConfigError(
+                f"--quantize int4: cannot load {options.model!r} ({str(error)[:200]})"
+            ) from None
+        raise
     decoder = FastDecoder.from_layout(layout, tokenizer.eos_token_id)
     return Engine(tokenizer, decoder, context_length, f"local int4 ({device}, {products.name})")
 

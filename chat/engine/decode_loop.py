@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 from chat.conversation.params import GenerationParams
-from chat.engine.attention import FlashDecode, attend_reference
+from chat.engine.attention import FlashDecode, attend_rows
 from chat.engine.layout import (
     Layout,
     Unsupported,
@@ -41,6 +41,7 @@ from chat.engine.layout import (
 )
 from chat.engine.products import Dense, Products, whole
 from chat.engine.sampling import Knobs, choose
+from chat.engine.speculation import SpeculationStats, WidthChooser, verify_head
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ COMPILE_MODE = os.environ.get("FAST_DECODE_COMPILE", "default")
 # One-token step on a GPU: "flash" (decode_attention's Triton kernels) or "torch" (the torch
 # code the CPU runs, compiled by Inductor; its attention reads the whole cache; kept to compare).
 ATTENTION = os.environ.get("FAST_DECODE_ATTENTION", "flash")
+# Rows a speculative verify step may take (the newest token + proposals); one CUDA graph each. A
+# proposal shorter than a width is verified in the next width up (the extra rows are not counted).
+VERIFY_WIDTHS = tuple(int(w) for w in os.environ.get("FAST_DECODE_VERIFY_WIDTHS", "2,4,6,8").split(","))
 
 
 class FastDecoder:
@@ -119,10 +123,10 @@ class FastDecoder:
         self._capture_errors = "global" if reduce is whole else "thread_local"
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         # The step's pieces; compiled in warm_up on a GPU.
-        self._project_in, self._decode_in, self._attend_torch, self._project_out = (
+        self._project_in, self._decode_in, self._attend_rows, self._project_out = (
             project_in,
             decode_in,
-            attend_reference,
+            attend_rows,
             project_out,
         )
         self._mlp_in, self._head = mlp_in, _head
@@ -143,6 +147,10 @@ class FastDecoder:
         self.knobs = Knobs(dev)
         self._not_last = torch.ones(layout.vocab, dtype=torch.bool, device=dev)
         self._not_last[-1] = False  # top-p always keeps the most likely token
+        self.probs = torch.zeros(layout.vocab, dtype=torch.float32, device=dev)  # a sampled step's p
+        self.proposer = None  # speculation (`speculate`): none until asked
+        self._verify_graphs_for: bool | None = None  # the captured graphs' proposer.sampled
+        self.speculation: SpeculationStats | None = None  # the last reply's, where it speculated
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -171,7 +179,7 @@ class FastDecoder:
                 compile_kwargs["mode"] = self.compile_mode
             self._project_in = torch.compile(project_in, **compile_kwargs)
             self._decode_in = torch.compile(decode_in, **compile_kwargs)
-            self._attend_torch = torch.compile(attend_reference, **compile_kwargs)
+            self._attend_rows = torch.compile(attend_rows, **compile_kwargs)
             self._project_out = torch.compile(project_out, **compile_kwargs)
             self._mlp_in = torch.compile(mlp_in, **compile_kwargs)
             self._head = torch.compile(_head, **compile_kwargs)
@@ -197,13 +205,23 @@ class FastDecoder:
                     self._step(greedy)
                 pool = graph.pool()
                 self._graphs[greedy] = graph
+            if self.proposer is not None:
+                try:
+                    self._capture_verify(side, pool)
+                except Exception:  # replies still come, one token a step: say so, do not fail
+                    log.warning(
+                        "fast decoder: no speculation (its verify step failed to start)", exc_info=True
+                    )
+                    self._verify_graphs.clear()
+                    self.proposer = None
             torch.cuda.synchronize()
         log.info("fast decoder: ready in %.1f s", time.monotonic() - start)
 
     # -- the decode loop ---------------------------------------------------------------------
 
     def generate(self, input_ids, params: GenerationParams, seed: int, emit, cancelled) -> str:
-        """Stream one reply: prefill, then one graph replay per token (see `decoders.Decoder`)."""
+        """Stream one reply: prefill, then one graph replay per token (see `decoders.Decoder`),
+        or per verify step where a proposer is set (`speculate`)."""
         prompt_len = input_ids.shape[-1]
         if prompt_len >= self.max_len:
             raise ValueError(f"prompt of {prompt_len} tokens does not fit the {self.max_len}-token cache")
@@ -211,12 +229,15 @@ class FastDecoder:
             self.warm_up()
         if self.peers is not None:  # the other ranks run the same prefill, then follow step by step
             self.peers.start(input_ids, params, seed)
+        self.speculation = None  # set again by a speculative reply
         try:
             torch.manual_seed(seed)  # seeds the CPU and every CUDA generator, as the plain path does
             with torch.inference_mode():
                 self.knobs.set(params, self.layout.vocab)
                 self._reset(input_ids)
                 self._prefill(prompt_len, params.greedy)
+                if self.proposer is not None:
+                    return self._stream_speculative(input_ids, params, emit, cancelled)
                 return self._stream(prompt_len, params, emit, cancelled)
         finally:
             if self.peers is not None:
@@ -254,17 +275,24 @@ class FastDecoder:
             token = pending()
             if room:
                 pending = self._read(position + 1)
-            emit(token)
             count += 1
-            if token == self.eos_token_id:
-                return FINISH_STOP
-            if cancelled():
-                return FINISH_CANCELLED
+            if ended := self._emit(token, emit, cancelled):
+                return ended
             if not room:
                 return FINISH_LENGTH
             position += 1
 
+    def _emit(self, token: int, emit, cancelled) -> str | None:
+        """Hand `token` on; the finish reason if the reply ends with it (end of text, or Stop)."""
+        emit(token)
+        if token == self.eos_token_id:
+            return FINISH_STOP
+        if cancelled():
+            return FINISH_CANCELLED
+        return None
+
     def _replay(self, greedy: bool) -> None:
+        """One one-token step: its CUDA graph, or eagerly."""
         if self.peers is not None:  # first: an eager step waits in its sums for the other ranks
             self.peers.step()
         if self.use_graphs:
@@ -319,30 +347,42 @@ class FastDecoder:
         token = self.history.index_select(0, self.pos)
         x = F.embedding(token, layout.embed)
         if self.flash is not None:  # the kernels read the rotary tables at pos themselves
-            attend, rotary = self._flash_attention, None
+            x = self._layers(x, self._flash_attention, None, self.pos, self.joined)
         else:
-            attend, rotary = self._torch_attention, (layout.cos[self.pos], layout.sin[self.pos])
-        for layer in self.layers:
-            x = attend(x, layer, rotary)
-            if not layout.parallel:  # Llama: the MLP after attention, on the updated x
-                hidden = self._mlp_in(x, *layer.ln_mlp, layer.w_mlp_in, self.linear, self.norm, self.act)
-                x = self._project_out(x, hidden, layer.w_mlp_out, self.linear, self.reduce)
-        self._head(
-            x,
+            x = self._layers(x, self._torch_attention, self._rotary(self.pos), self.pos, self.joined)
+        self._head(x, *self._choice(greedy), self.probs)
+
+    def _choice(self, greedy: bool) -> tuple:
+        """What the head reads besides x to choose the next token (sampling.choose)."""
+        layout, state = self.layout, (self.seen, self.knobs.tensors(), self._not_last)
+        return (
             layout.ln_f,
             layout.lm_head,
             self.linear,
             self.gather,
             self.norm,
-            self.seen,
-            self.knobs.tensors(),
-            self._not_last,
+            *state,
             greedy,
             self.history,
             self.pos,
         )
 
-    def _flash_attention(self, x, layer, rotary=None):
+    def _rotary(self, rows) -> tuple:
+        """The rotary tables' (cos, sin) rows at cache positions `rows` [T]."""
+        return self.layout.cos.index_select(0, rows), self.layout.sin.index_select(0, rows)
+
+    def _layers(self, x, attend, rotary, rows, joined):
+        """Every layer over the rows at cache positions `rows` [T]: `attend` (and, where parallel,
+        the MLP beside it), then a sequential layer's MLP (Llama: on the updated x)."""
+        layout = self.layout
+        for layer in self.layers:
+            x = attend(x, layer, rotary, rows, joined)
+            if not layout.parallel:
+                hidden = self._mlp_in(x, *layer.ln_mlp, layer.w_mlp_in, self.linear, self.norm, self.act)
+                x = self._project_out(x, hidden, layer.w_mlp_out, self.linear, self.reduce)
+        return x
+
+    def _flash_attention(self, x, layer, rotary, rows, joined):
         """A layer's attention (and, where parallel, its MLP) on a GPU: the compiled input
         product, three Triton kernels, the compiled out-product."""
         # Measured slower on the H100 (docs/performance.md): splitting the out-projection in two,
@@ -358,9 +398,10 @@ class FastDecoder:
         self.flash(q, k_cache, v_cache, self.pos, self.joined)
         return self._project_out(x, self.joined, layer.w_out, self.linear, self.reduce)
 
-    def _torch_attention(self, x, layer, rotary):
-        """The same in torch (the CPU; compiled by Inductor on a GPU with ATTENTION=torch);
-        `rotary`: the (cos, sin) rows at the position."""
+    def _torch_attention(self, x, layer, rotary, rows, joined):
+        """The same in torch, for T rows at cache positions `rows` [T] (the CPU; a speculative
+        verify step everywhere; Inductor's on a GPU with ATTENTION=torch); `rotary`: the
+        (cos, sin) rows at those positions; `joined`: [T, joined_size]."""
         layout = self.layout
         cos, sin = rotary
         q = self._decode_in(
@@ -375,17 +416,145 @@ class FastDecoder:
             layer.v_cache,
             cos,
             sin,
-            self.pos,
-            self.joined,
+            rows,
+            joined,
             self.kv_heads,
             self.group,
             self.head_dim,
         )
-        attn = self.joined[0, : layout.attention_size]
-        self._attend_torch(q, layer.k_cache, layer.v_cache, self.pos, self.positions, attn)
-        return self._project_out(x, self.joined, layer.w_out, self.linear, self.reduce)
+        self._attend_rows(
+            q, layer.k_cache, layer.v_cache, rows, self.positions, joined[:, : layout.attention_size]
+        )
+        return self._project_out(x, joined, layer.w_out, self.linear, self.reduce)
+
+    # -- speculation: a verify step over several rows, beside the one-token step -------------------
+
+    def speculate(self, proposer, widths: tuple[int, ...] = VERIFY_WIDTHS) -> None:
+        """Verify `proposer`'s tokens (speculation.py) in steps of up to max(widths) rows; None:
+        one token a step again. Call before `warm_up`, which captures the verify graphs; after it,
+        only a proposer of the same kind (`sampled`) may replace the first. Tensor parallelism is
+        not supported (the other ranks follow one-token steps only)."""
+        if self.peers is not None or self.reduce is not whole:
+            raise ValueError("speculative decoding does not run under tensor parallelism")
+        if self.ready and self.use_graphs and self._verify_graphs_for is not None:
+            if proposer is not None and proposer.sampled != self._verify_graphs_for:
+                raise ValueError("the verify graphs were captured for another kind of proposer")
+            self.proposer = proposer
+            return
+        if self.ready and self.use_graphs:
+            raise ValueError("set the proposer before the decoder is warmed up")
+        if proposer is None:
+            self.proposer = None
+            return
+        widths = tuple(sorted(w for w in set(widths) if 2 <= w < self.max_len))
+        if not widths:
+            raise ValueError("speculation needs a verify width of at least 2 rows")
+        dev, layout = self.device, self.layout
+        self.proposer = proposer
+        self.widths = widths
+        rows = max(widths)
+        self.joined_rows = torch.empty(rows, layout.joined_size, dtype=self.dtype, device=dev)
+        self.row_offsets = torch.arange(rows, device=dev)
+        self.limit = torch.zeros(1, dtype=torch.long, device=dev)  # proposals that are real
+        self.accepted = torch.zeros(1, dtype=torch.long, device=dev)
+        # The proposer's distributions q, where it samples them (a draft model); else None.
+        self.draft_probs = (
+            torch.zeros(rows - 1, layout.vocab, dtype=torch.float32, device=dev) if proposer.sampled else None
+        )
+        self._verify_head = verify_head
+        self._verify_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+
+    def _capture_verify(self, side, pool) -> None:
+        """Compile and capture one verify graph per (width, greedy), in the one-token step's pool;
+        the proposer's own (a draft's graphs) first."""
+        import torch._dynamo.config as dynamo_config
+
+        # A compiled piece per width and choice, and a draft's: more than Dynamo's default 8.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(self.widths) + 16)
+        self.proposer.warm_up()
+        if self.compile_mode != "off":
+            self._verify_head = torch.compile(verify_head, fullgraph=True, dynamic=False)
+        self.limit.fill_(1)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for width in self.widths:
+                for greedy in (True, False):
+                    for _ in range(2):
+                        self.pos.fill_(0)
+                        self._verify(width, greedy)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        for width in self.widths:
+            for greedy in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=self._capture_errors):
+                    self._verify(width, greedy)
+                self._verify_graphs[width, greedy] = graph
+        self._verify_graphs_for = self.proposer.sampled
+
+    def _stream_speculative(self, input_ids, params, emit, cancelled) -> str:
+        """Like `_stream`, each step verifying the proposer's tokens: emits the kept proposals and
+        the step's own token one by one, checking Stop after each (so Stop still ends within one
+        token of output; the rest of that step is dropped)."""
+        proposer = self.proposer
+        # Every reply starts from the same prior: k, and so the random draws, follow the seed.
+        chooser = WidthChooser([w - 1 for w in self.widths], draft_cost=proposer.draft_cost)
+        stats = self.speculation = SpeculationStats()
+        last = input_ids.shape[-1]  # history[last]: the newest token, not yet in the cache
+        tokens = [int(self.history[last])]
+        proposer.start(self, input_ids.reshape(-1).tolist() + tokens, params)
+        count = 0
+        while True:
+            for token in tokens:
+                count += 1
+                if ended := self._emit(token, emit, cancelled):
+                    return ended
+                if count >= params.max_new_tokens:
+                    return FINISH_LENGTH
+            if last + 1 >= self.max_len:  # no cache position left for the newest token
+                return FINISH_LENGTH
+            # A step over `width` rows writes keys and values at last .. last + width - 1, and
+            # yields at most width tokens: within the cache and the reply.
+            fits = [w for w in self.widths if w <= self.max_len - last]
+            room = min(params.max_new_tokens - count - 1, max(fits, default=1) - 1)
+            k = chooser.choose(room)
+            proposed = proposer.propose(self, last, k) if k else 0
+            if proposed:
+                width = next(w for w in fits if w > proposed) if self.use_graphs else proposed + 1
+                self.limit.fill_(proposed)
+                self._replay_verify(width, params.greedy)
+                kept = int(self.accepted)  # waits for the step
+                stats.steps += 1
+                stats.proposed += proposed
+                stats.accepted += kept
+                stats.rejections += kept < proposed
+                chooser.update(proposed, kept)
+            else:
+                self._replay(params.greedy)
+                kept = 0
+                stats.plain_steps += 1
+            tokens = self.history[last + 1 : last + 2 + kept].tolist()
+            proposer.settle(self, last, tokens, proposed)
+            last += kept + 1
+
+    def _replay_verify(self, width: int, greedy: bool) -> None:
+        if self.use_graphs:
+            self._verify_graphs[width, greedy].replay()
+        else:
+            self._verify(width, greedy)
+
+    def _verify(self, width: int, greedy: bool) -> None:
+        """Rows history[pos + 1 .. pos + width] at their positions through the model (keys and
+        values written at each), then `speculation.accept`: pos moves past the kept proposals and
+        the token after them is written. Reads every position from GPU tensors (one graph per width)."""
+        layout = self.layout
+        rows = self.pos + 1 + self.row_offsets[:width]
+        x = F.embedding(self.history.index_select(0, rows), layout.embed)
+        x = self._layers(x, self._torch_attention, self._rotary(rows), rows, self.joined_rows[:width])
+        self._verify_head(x, *self._choice(greedy), self.limit, self.draft_probs, self.accepted)
 
 
-def _head(x, ln_f, lm_head, linear, gather, norm, seen, knobs, not_last, greedy: bool, history, pos):
+def _head(x, ln_f, lm_head, linear, gather, norm, seen, knobs, not_last, greedy: bool, history, pos, probs):
     """The last norm, the logits and the choice of the next token (compiled as one piece)."""
-    choose(logits(x, ln_f, lm_head, linear, gather, norm), seen, knobs, not_last, greedy, history, pos)
+    scores = logits(x, ln_f, lm_head, linear, gather, norm)
+    choose(scores, seen, knobs, not_last, greedy, history, pos, probs)

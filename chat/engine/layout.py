@@ -181,25 +181,26 @@ def decode_in(
     v_cache,
     cos,
     sin,
-    pos,
+    rows,
     joined,
     kv_heads: int,
     group: int,
     head_dim: int,
 ):
-    """Project, rotate, write the cache at `pos` and act(h) after the attention part of `joined`
-    (where the MLP runs beside attention).
+    """Project T rows (one token, or a speculative verify step's), rotate them, write their keys
+    and values at cache positions `rows` [T], and act(h) after the attention part of `joined`
+    [T, ...] (where the MLP runs beside attention). cos and sin: the rows' [T, head_dim].
 
-    Returns the rotated queries [kv_heads, group, head_dim], for attention to fill the rest.
+    Returns the rotated queries [T, kv_heads, group, head_dim], for attention to fill the rest.
     """
     qkv_size = kv_heads * (group + 2) * head_dim
     qkv, h = project_in(x, ln_w, ln_b, eps, ln2_w, ln2_b, eps2, w_in, w_mlp_in, qkv_size, linear, norm)
     q, k, v = split_rotate(qkv, cos, sin, kv_heads, group, head_dim)
-    k_cache[:, pos] = k.transpose(0, 1)
-    v_cache[:, pos] = v.transpose(0, 1)
+    k_cache.index_copy_(1, rows, k.transpose(0, 1))
+    v_cache.index_copy_(1, rows, v.transpose(0, 1))
     if h is not None:
         joined[:, kv_heads * group * head_dim :] = act(h)
-    return q[0].contiguous()
+    return q
 
 
 def prefill_layer(x, layer: Layer, layout: Layout, cos, sin, reduce=whole):

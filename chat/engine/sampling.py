@@ -33,10 +33,12 @@ class Knobs:
         return self.penalty, self.temperature, self.top_k_index, self.top_p
 
 
-def choose(logits, seen, knobs: tuple, not_last, greedy: bool, history, pos) -> None:
+def choose(logits, seen, knobs: tuple, not_last, greedy: bool, history, pos, probs_out=None) -> None:
     """Pick the token after history[pos], write it to history[pos + 1] and mark it seen.
 
     `knobs` is `Knobs.tensors()`; `not_last` is all True but its last entry (see sampling_probs).
+    When sampling, `probs_out` (if given) receives the distribution drawn from: a draft model's
+    q for speculation's acceptance rule (speculation.py).
     """
     penalty = knobs[0]
     logits = torch.where(seen, penalize(logits, penalty), logits)
@@ -44,6 +46,8 @@ def choose(logits, seen, knobs: tuple, not_last, greedy: bool, history, pos) -> 
         token = logits.argmax(-1, keepdim=True)
     else:
         probs = sampling_probs(logits, knobs, not_last)
+        if probs_out is not None:
+            probs_out.copy_(probs)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i,
         # without multinomial's host synchronisation.
         token = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
@@ -57,13 +61,16 @@ def penalize(logits, penalty):
 
 
 def sampling_probs(logits, knobs, not_last):
-    """Temperature, then top-k, then top-p, as transformers orders and defines them; probabilities."""
+    """Temperature, then top-k, then top-p, as transformers orders and defines them; probabilities.
+
+    `logits` is [vocab], or [rows, vocab] (a verify step's rows) with the same knobs for each row.
+    """
     _, temperature, top_k_index, top_p = knobs
     scores = logits / temperature
     ascending, order = scores.sort(descending=False)
     vocab = scores.shape[-1]
     # top-k: drop what is below the k-th largest (ties with it stay), k = index + 1.
-    kth = ascending.gather(-1, vocab - 1 - top_k_index)
+    kth = ascending.gather(-1, (vocab - 1 - top_k_index).expand(*ascending.shape[:-1], 1))
     ascending = ascending.masked_fill(ascending < kth, -math.inf)
     # top-p: drop the low tail whose total probability is at most 1 - top_p; keep the top token.
     tail = ascending.softmax(-1).cumsum(-1) <= (1 - top_p)

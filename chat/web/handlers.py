@@ -239,6 +239,8 @@ def stats_line(stats: ReplyStats) -> str:
     parts.append(FINISH_WORDS.get(stats.finish_reason, stats.finish_reason))
     if stats.seed is not None:
         parts.append(f"seed {stats.seed}")
+    if stats.proposed_tokens:
+        parts.append(f"{stats.accepted_tokens:,} of {stats.proposed_tokens:,} proposed tokens accepted")
     if stats.context_length:
         used = stats.prompt_tokens + stats.generated_tokens
         parts.append(f"context {used:,}/{stats.context_length:,} ({100 * used / stats.context_length:.0f}%)")

@@ -96,8 +96,8 @@ class LocalBackend(Backend):
                     item = job.out.get(timeout=TOKEN_TIMEOUT_S)
                 except queue.Empty:
                     raise BackendTimeout(detail="local model produced no token in time") from None
-                if isinstance(item, tuple):  # (_END, finish_reason)
-                    yield Token("", finish_reason=item[1], seed=seed)
+                if isinstance(item, tuple):  # (_END, finish_reason, speculation figures or None)
+                    yield Token("", finish_reason=item[1], seed=seed, speculation=item[2])
                     return
                 if isinstance(item, BaseException):
                     raise GenerationFailed(detail=f"{type(item).__name__}: {item}") from item
@@ -144,7 +144,7 @@ class LocalBackend(Backend):
                 reason = self.decoder.generate(
                     job.input_ids, job.params, job.seed, job.out.put, job.cancel.is_set
                 )
-                job.out.put((_END, reason))
+                job.out.put((_END, reason, _speculation(self.decoder)))
             except BaseException as error:  # reaches the reader as a clear message, never a hang
                 log.exception("generation failed")
                 job.out.put(error)
@@ -158,3 +158,9 @@ class LocalBackend(Backend):
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _speculation(decoder) -> tuple[int, int] | None:
+    """(proposed, accepted) of the decoder's last reply, where it decoded speculatively."""
+    stats = getattr(decoder, "speculation", None)
+    return None if stats is None else (stats.proposed, stats.accepted)

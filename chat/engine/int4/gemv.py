@@ -20,8 +20,8 @@ Parallelism: programs take BLOCK_N outputs each and, when that is too few progra
 multiprocessor reading, SPLIT slices of the groups (the last may be shorter); the slices' float32
 partial sums are added by a second small kernel in a fixed order (deterministic, unlike atomics).
 Which (BLOCK_N, SPLIT, warps, stages) is fastest depends on the shape and the GPU: `tune` times
-the candidates on the weight at hand and remembers the winner per shape (bench/int4_gemv.py
-prints the whole sweep; docs/performance.md has the numbers).
+the candidates on the weight at hand as the decoder runs them (tuning.py) and remembers the
+winner per shape (bench/int4_gemv.py prints the whole sweep; docs/performance.md has the numbers).
 """
 
 from __future__ import annotations
@@ -47,14 +47,9 @@ class Config:
     stages: int
     prefetch: bool = False  # load the next group's words before working on this one's
     half2: bool = True  # fp16x2 arithmetic (inline PTX: a GPU only; Triton's interpreter runs float32)
-    # Two launches less per product, written after the last GPU measurement and so not yet
-    # among the candidates (only in bench/int4_gemv.py --variants; docs/performance.md):
-    pack_in: bool = False  # fp16x2: pair x in each program, not once by `_pack_x`
-    fold: bool = False  # split-K: the last slice to finish adds the slices, not `_sum_splits`
 
     def __str__(self) -> str:
         flags = (" pf" if self.prefetch else "") + ("" if self.half2 else " f32")
-        flags += (" in" if self.pack_in else "") + ("" if self.fold else " sum")
         return f"n{self.block_n} s{self.split} w{self.warps} st{self.stages}{flags}"
 
 
@@ -74,6 +69,8 @@ CANDIDATES = tuple(
         (32, 8, 4, 3, False),
         (64, 8, 4, 1, True),
         (64, 1, 4, 3, False),
+        (256, 16, 4, 3, False),  # the best on 7B's fused input product and LM head (H200 sweep)
+        (256, 16, 4, 1, False),
     )
 )
 DEFAULT = Config(64, 4, 4, 3)
@@ -202,18 +199,12 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr,
         PREFETCH: tl.constexpr,
-        LOAD_ONLY: tl.constexpr = False,
         HALF2: tl.constexpr = False,
         RAGGED: tl.constexpr = False,
         xp_ptr=None,
         xs_ptr=None,
-        PACK_IN: tl.constexpr = False,
-        FOLD: tl.constexpr = False,
-        part_ptr=None,
-        count_ptr=None,
     ):
-        # A tile is one group's words for BLOCK_N outputs: [BLOCK_N, GROUP / 8], contiguous in
-        # memory. LOAD_ONLY (the bench's probe of the layout's read rate) sums the words instead.
+        # A tile is one group's words for BLOCK_N outputs: [BLOCK_N, GROUP / 8], contiguous in memory.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         row = tl.program_id(2)
@@ -226,7 +217,6 @@ if triton is not None:
         first = pid_k * groups_per_split
         acc = tl.zeros([BLOCK_N, words], dtype=tl.float32)
         acc_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
-        probe = tl.zeros([BLOCK_N, words], dtype=tl.int32)
         x_row = x_ptr + row.to(tl.int64) * K
         w_tile = w_ptr + cols[:, None] * words + t[None, :]
         magic = 8388608.0  # 2**23
@@ -246,37 +236,7 @@ if triton is not None:
                 )
             else:
                 w = tl.load(w_tile + g.to(tl.int64) * N * words, mask=ok[:, None], other=0)
-            if LOAD_ONLY:
-                probe += w
-            elif HALF2 and PACK_IN:  # x paired here as _pack_x pairs it; the offset per word
-                s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
-                o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
-                x_g = x_row + g * GROUP + t
-                x0 = tl.load(x_g, mask=in_range, other=0.0).to(tl.float32)
-                x1 = tl.load(x_g + words, mask=in_range, other=0.0).to(tl.float32)
-                x2 = tl.load(x_g + 2 * words, mask=in_range, other=0.0).to(tl.float32)
-                x3 = tl.load(x_g + 3 * words, mask=in_range, other=0.0).to(tl.float32)
-                x4 = tl.load(x_g + 4 * words, mask=in_range, other=0.0).to(tl.float32)
-                x5 = tl.load(x_g + 5 * words, mask=in_range, other=0.0).to(tl.float32)
-                x6 = tl.load(x_g + 6 * words, mask=in_range, other=0.0).to(tl.float32)
-                x7 = tl.load(x_g + 7 * words, mask=in_range, other=0.0).to(tl.float32)
-                x_word = ((x0 + x4) + (x1 + x5)) + ((x2 + x6) + (x3 + x7))  # each word's 8 x
-                part = tl.inline_asm_elementwise(
-                    _WORD_DOT_ASM,
-                    "=r,r,r,r,r,r",
-                    [
-                        w,
-                        _bcast(_pair(x0, x4), BLOCK_N),
-                        _bcast(_pair(x1, x5), BLOCK_N),
-                        _bcast(_pair(x2, x6), BLOCK_N),
-                        _bcast(_pair(x3, x7), BLOCK_N),
-                    ],
-                    dtype=tl.int32,
-                    is_pure=True,
-                    pack=1,
-                )
-                acc += part.to(tl.float32, bitcast=True) * (s * 16.0)[:, None] + o[:, None] * x_word[None, :]
-            elif HALF2:  # x packed by _pack_x; the asm gives sum(q * x) / 16 per word
+            if HALF2:  # x packed by _pack_x; the asm gives sum(q * x) / 16 per word
                 s = tl.load(s_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
                 o = tl.load(o_ptr + g.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
                 packed_x = xp_ptr + ((row * n_groups + g) * 4).to(tl.int64) * words + t
@@ -313,45 +273,17 @@ if triton is not None:
                     dots += (bits.to(tl.float32, bitcast=True) - magic) * x_i[None, :]
                 acc += dots * s[:, None]
                 acc_offset += o * tl.sum(x_sum, axis=0)
-        if LOAD_ONLY:
-            total = tl.sum(probe, axis=1).to(tl.float32)
-        else:
-            total = tl.sum(acc, axis=1) + acc_offset
+        total = tl.sum(acc, axis=1) + acc_offset
         if SPLIT == 1:
             tl.store(out_ptr + row * N + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-        elif not FOLD:  # float32 partial sums [rows, SPLIT, N], added by _sum_splits
+        else:  # float32 partial sums [rows, SPLIT, N], added by _sum_splits
             tl.store(out_ptr + (row * SPLIT + pid_k).to(tl.int64) * N + cols, total, mask=col_ok)
-        else:
-            # Each slice stores its partial sums; the last of a block's slices to count itself in
-            # (one counter per block and row) adds them in slice order, so the result is the same
-            # whichever finishes last, and sets the counter back to 0 for the next product. The
-            # barrier puts all of this program's stores before its count (release), and the last
-            # program's count before its loads (acquire), which bypass L1.
-            tl.store(part_ptr + (row * SPLIT + pid_k).to(tl.int64) * N + cols, total, mask=col_ok)
-            tl.debug_barrier()
-            counter = count_ptr + row * tl.num_programs(0) + pid_n
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-                tl.debug_barrier()
-                total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for k in tl.static_range(SPLIT):
-                    total += tl.load(
-                        part_ptr + (row * SPLIT + k).to(tl.int64) * N + cols,
-                        mask=col_ok,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                tl.store(out_ptr + row * N + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _pair(lo, hi):
         # Two x values as the fp16 pair of one int32 (lo in the low half), as _pack_x stores them.
         lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return lo_bits | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
-
-    @triton.jit
-    def _bcast(v, BLOCK_N: tl.constexpr):
-        return tl.broadcast_to(v[None, :], (BLOCK_N, v.shape[0]))
 
     @triton.jit
     def _dequantize(w_ptr, s_ptr, o_ptr, out_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -395,10 +327,9 @@ if triton is not None:
         tl.store(out_ptr + row * N + cols, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def gemv(
-    x: torch.Tensor, words, scale, offset, config: Config | None = None, load_only=False
-) -> torch.Tensor:
-    """x [rows, in] @ W.T for the packed weight (`pack`): [rows, out] in x's dtype.
+def gemv(x: torch.Tensor, words, scale, offset, config: Config | None = None) -> torch.Tensor:
+    """x [rows, in] @ W.T for the packed weight (`pack`): [rows, out] in x's dtype, one program
+    per row (several rows: rows.py reads the weight once for all of them).
 
     Without `config`, the one `tune` chose for this shape (DEFAULT before any tuning).
     """
@@ -414,56 +345,37 @@ def gemv(
     partial = (
         None if split == 1 else torch.empty(rows, split, out_features, dtype=torch.float32, device=x.device)
     )
-    fold = split > 1 and config.fold and not load_only
     group_size = in_features // n_groups
-    half2 = config.half2 and x.is_cuda and not load_only
-    pack_in = half2 and config.pack_in
-    packed_x, x_sums = pack_x(x, n_groups) if half2 and not pack_in else (None, None)
-    grid = (triton.cdiv(out_features, config.block_n), split, rows)
-    _gemv[grid](
+    half2 = config.half2 and x.is_cuda
+    packed_x, x_sums = pack_x(x, n_groups) if half2 else (None, None)
+    _gemv[(triton.cdiv(out_features, config.block_n), split, rows)](
         x,
         words,
         scale,
         offset,
-        out if split == 1 or fold else partial,
+        out if split == 1 else partial,
         out_features,
         in_features,
         GROUP=group_size,
         BLOCK_N=config.block_n,
         SPLIT=split,
         PREFETCH=config.prefetch,
-        LOAD_ONLY=load_only,
         HALF2=half2,
         RAGGED=n_groups % split != 0,
         xp_ptr=packed_x,
         xs_ptr=x_sums,
-        PACK_IN=pack_in,
-        FOLD=fold,
-        part_ptr=partial,
-        count_ptr=_counters(grid[0] * rows, x.device) if fold else None,
         num_warps=config.warps,
         num_stages=config.stages,
     )
-    if split > 1 and not fold:
-        _sum_splits[(triton.cdiv(out_features, 1024), rows)](
-            partial, out, out_features, SPLIT=split, BLOCK=1024
-        )
+    if split > 1:
+        sum_splits(partial, out)
     return out
 
 
-COUNTERS = 1 << 16  # enough for 16 rows of the narrowest blocks (32) of the LM head's 65,024 outputs
-_counter_buffers: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _counters(count: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters for a folded split-K product, shared by every product on `device`:
-    each product's last slices set theirs back to 0, and products on one stream run one after
-    another (the decoder's one stream). A larger count gets a larger buffer; the smaller ones are
-    kept, since a captured CUDA graph may still use them."""
-    held = _counter_buffers.setdefault(device, [])
-    if not held or held[-1].numel() < count:
-        held.append(torch.zeros(max(count, COUNTERS), dtype=torch.int32, device=device))
-    return held[-1]
+def sum_splits(partial: torch.Tensor, out: torch.Tensor) -> None:
+    """out [rows, N] = the split-K slices' float32 partial sums [rows, SPLIT, N] added in order."""
+    rows, split, out_features = partial.shape
+    _sum_splits[(triton.cdiv(out_features, 1024), rows)](partial, out, out_features, SPLIT=split, BLOCK=1024)
 
 
 def pack_x(x: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,50 +393,12 @@ def _key(x, words) -> tuple:
 
 
 def tune(x: torch.Tensor, words, scale, offset, candidates=CANDIDATES) -> dict[Config, float]:
-    """Time each candidate on this weight (cold L2 each run) and keep the fastest for its shape.
+    """Time each candidate on this weight as the decoder runs it (tuning.py) and keep the fastest
+    for its shape. Microseconds per candidate; one that fails to compile, run or match is left out."""
+    from chat.engine.int4 import tuning
 
-    Returns microseconds per candidate; a candidate that fails to compile or run is left out.
-    """
-    from triton.testing import do_bench
-
-    sample = min(512, words.shape[1])  # outputs checked: the float32 copy of a 180B weight is 3.5 GB
-    exact = x.float() @ dequantize(words, scale, offset, x.dtype)[:, :sample].float()
-    times = {}
-    for config in candidates:
-        try:
-            out = gemv(x, words, scale, offset, config)[:, :sample].float()
-            if not ((out - exact).norm() / exact.norm()).item() <= 1e-2:
-                continue
-            times[config] = (
-                do_bench(lambda c=config: gemv(x, words, scale, offset, c), warmup=5, rep=20) * 1e3
-            )
-        except Exception:
-            continue
-    if times:
-        _chosen[_key(x, words)] = min(times, key=times.get)
-    return times
+    return tuning.tune(gemv, dequantize, _chosen, _key(x, words), x, words, scale, offset, candidates)
 
 
 def chosen(x: torch.Tensor, words) -> Config | None:
     return _chosen.get(_key(x, words))
-
-
-# -- the product the fast decoder calls -----------------------------------------------------------
-
-PROMPT_ROWS = 16  # from this many rows on, one dense product (the GEMV reads the weight per row)
-
-
-@torch.library.custom_op("falcon_chat::int4_linear", mutates_args=())
-def int4_linear(
-    x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
-) -> torch.Tensor:
-    """x @ W.T for the packed int4 weight: the GEMV for a token, one dense product for a prompt.
-    An opaque op to torch.compile: Dynamo does not trace Triton's launcher or the tuning table."""
-    if x.shape[0] < PROMPT_ROWS and triton is not None and x.is_cuda:
-        return gemv(x, words, scale, offset)
-    return (x @ dequantize(words, scale, offset, x.dtype)).to(x.dtype)
-
-
-@int4_linear.register_fake
-def _int4_linear_shape(x, words, scale, offset):
-    return x.new_empty(x.shape[0], words.shape[1])

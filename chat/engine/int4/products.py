@@ -99,6 +99,7 @@ class Int4Triton:
     @staticmethod
     def from_int4(weight: Int4Weight, bias) -> tuple:
         from chat.engine.int4 import gemv as int4_gemv
+        from chat.engine.int4 import linear  # noqa: F401 (registers falcon_chat::int4_linear)
 
         words, scale, offset = int4_gemv.pack(weight)
         if words.is_cuda and int4_gemv.triton is not None:

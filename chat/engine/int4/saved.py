@@ -38,11 +38,14 @@ TOKENIZER_FILES = (
 
 
 class Int4Writer:
-    """Receives the int4 weights and dense tensors `lay_out` makes; `finish` completes the folder."""
+    """Receives the int4 weights and dense tensors `lay_out` makes; `finish` completes the folder,
+    `discard` drops it. A new folder, written whole or not at all (engine/new_folder.py)."""
 
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder, source_folder=None):
+        from chat.engine.new_folder import NewFolder
+
+        self._new = NewFolder(folder, source_folder)
+        self.folder = self._new.partial
         self.groups: dict[str, int] = {}
         self._tensors: dict[str, torch.Tensor] = {}
         self._bytes = 0
@@ -66,8 +69,12 @@ class Int4Writer:
             del config.quantization_config
         config.save_pretrained(self.folder)
         for name in TOKENIZER_FILES:
-            if (Path(source_folder) / name).exists():
-                shutil.copy(Path(source_folder) / name, self.folder / name)
+            if (Path(source_folder) / name).is_file():
+                shutil.copyfile(Path(source_folder) / name, self.folder / name)
+        self._new.commit()
+
+    def discard(self) -> None:
+        self._new.discard()
 
     def _add(self, name: str, tensor: torch.Tensor) -> None:
         self._tensors[name] = tensor.detach().to("cpu").contiguous()
