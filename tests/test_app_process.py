@@ -18,6 +18,7 @@ import json
 import os
 import re
 import signal
+import time
 
 import pytest
 from gradio_client import Client
@@ -90,6 +91,27 @@ def test_every_line_it_logs_is_one_record_without_secrets_or_the_users_words(run
     assert all(LOG_LINE.match(line) or "Falcon Chat" in line for line in lines), lines
     replies = [json.loads(line.split(": ", 1)[1]) for line in log_lines if " falcon_chat.requests: " in line]
     assert len(replies) == 2 and all(reply["error_kind"] is None for reply in replies)
+
+
+def test_an_event_that_fails_inside_gradio_is_one_scrubbed_log_record(running):
+    """A malformed `/export` fails Gradio's own validation, before our function: Gradio printed
+    its traceback to stderr, twenty lines quoting the token the client sent."""
+    url, _, log_path, _, _ = running
+    before = len(log_path.read_text(encoding="utf-8").splitlines())
+    status, event, _ = rest_call(url, "export", json.dumps({"data": [{TOKEN: [SECRET_WORDS]}, ""]}))
+    assert (status, event) == (200, "error")
+    deadline = time.monotonic() + 10  # Gradio logs the failure after it has answered the client
+    while True:
+        lines = log_path.read_text(encoding="utf-8").splitlines()[before:]
+        failed = [
+            line for line in lines if " ERROR gradio: an event failed inside Gradio | Traceback" in line
+        ]
+        if failed or any(line.startswith("Traceback") for line in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # polling the log file for the line, not waiting for time to pass
+    assert len(failed) == 1 and "ValidationError" in failed[0], lines
+    assert all(LOG_LINE.match(line) for line in lines), lines
+    assert not any(TOKEN in line or "hunter2" in line for line in lines)
 
 
 def test_it_sends_nothing_to_the_internet_by_itself(running):

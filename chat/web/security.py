@@ -50,6 +50,7 @@ from starlette.middleware import Middleware
 from chat.web.connections import ClientLimits, client_middleware, install_connection_guard
 from chat.web.embedding import frame_ancestors
 from chat.web.gradio_patches.costs import check_value_counts, forget_input_values
+from chat.web.gradio_patches.tracebacks import log_gradio_tracebacks
 
 # Tags the chat shows as text instead of rendering them. Gradio escapes these in the HTML that its
 # markdown renderer makes (so a markdown image shows as its <img ...> text) before it sanitizes;
@@ -479,8 +480,9 @@ def harden_launch_options(
 
 
 def harden_demo(demo: gr.Blocks, *, cache_cleanup_s: int = 600) -> gr.Blocks:
-    """Show every chat's messages as text where they hold markup, and have Gradio delete the files
-    it hands out (exports) once they are `cache_cleanup_s` old, and all of them at exit."""
+    """Show every chat's messages as text where they hold markup, have Gradio delete the files it
+    hands out (exports) once they are `cache_cleanup_s` old, and all of them at exit, and log the
+    tracebacks it would print."""
     for block in demo.blocks.values():
         if isinstance(block, gr.Chatbot):
             block.sanitize_html = True
@@ -488,6 +490,7 @@ def harden_demo(demo: gr.Blocks, *, cache_cleanup_s: int = 600) -> gr.Blocks:
     demo.delete_cache = (cache_cleanup_s, cache_cleanup_s)
     forget_input_values()
     check_value_counts(demo)
+    log_gradio_tracebacks()
     return demo
 
 
