@@ -23,6 +23,7 @@ from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double, settled
 from tests.tgi_double import Reply, TGIDouble
 
 LIMIT = 256 * 1024
+ABOUT = {"title": "A chat", "time": "2026-12-08 14:32"}  # what the page sends /export: its files' names
 
 
 @pytest.fixture(scope="module")
@@ -386,13 +387,15 @@ def test_exports_in_a_loop_keep_a_bounded_amount_of_private_files_and_nobody_els
         {"role": role, "content": [{"type": "text", "text": text}]}
         for role, text in [("user", "Hi"), ("assistant", "Hello")]
     ]
-    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, "the victim's export"]}))
+    status, event, payload = rest_call(
+        url, "export", json.dumps({"data": [history, "the victim's export", ABOUT]})
+    )
     assert (status, event) == (200, "complete"), payload
     victims = served_paths(payload)
     events = []
     for number in range(30):  # 100 KB a call (Markdown and JSON): 3 MB in all
         status, event, payload = rest_call(
-            url, "export", json.dumps({"data": [history, f"{number} " * 25_000]})
+            url, "export", json.dumps({"data": [history, f"{number} " * 25_000, ABOUT]})
         )
         events.append(event)
         assert event == "complete" or error_of(payload) == EXPORTS_FULL, payload
