@@ -100,3 +100,18 @@ def test_the_page_keeps_no_conversation_in_gradios_browser_state():
     demo = build_demo(Quiet(), Settings())
     assert not [block for block in demo.blocks.values() if isinstance(block, gr.BrowserState)]
     assert not [block for block in demo.blocks.values() if isinstance(block, gr.ChatInterface)]
+
+
+def test_reading_gradios_queue_stops_the_start_if_it_has_moved():
+    import types
+
+    import pytest
+
+    from chat.web.gradio_patches.queue import queue_size
+
+    with pytest.raises(
+        RuntimeError, match=f"Gradio {gr.__version__} has no .*_queue.*checked with Gradio 6.31.0"
+    ):
+        queue_size(types.SimpleNamespace())
+    demo = build_demo(Quiet(), Settings())
+    assert queue_size(demo)() == 0  # a queue with nothing waiting (tests/test_load.py sees one wait)

@@ -4,13 +4,12 @@ Each was found with `py-spy record --gil` against `bench/load.py` and is measure
 docs/reliability.md. They are workarounds for the framework's habits, kept in one place so that
 each can be dropped when Gradio stops needing it; each says what it waits for. Public settings
 are used where Gradio has them; where a workaround must reach inside Gradio, `require` checks at
-start-up that what it touches is still there, and stops the start naming the Gradio version if not
-(a silent no-op would bring the cost back unseen). tests/test_gradio_costs.py checks each one's
-effect through Gradio's own code.
+start-up that what it touches is still there (checked against Gradio 6.31.0: see the package's
+docstring). tests/test_gradio_costs.py checks each one's effect through Gradio's own code.
 
 Here too: the two workarounds that hostile input needs (chat/web/security.py applies them): Gradio
-keeping every session's input values, and API calls with the wrong number of values; and ending
-a reply whose page has gone before its first token (`event_watch`).
+keeping every session's input values, and API calls with the wrong number of values
+(tests/test_hostile.py checks their effect).
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ import inspect
 import os
 import sys
 import types
-from collections.abc import Callable
 
 import gradio as gr
+
+from chat.web.gradio_patches import require
 
 # Gradio reads these when `demo.queue()` builds its queue (gradio-app/gradio#11764, which added
 # the summary; 6.31 still recomputes it after every event by default).
@@ -38,44 +38,6 @@ def trim_gradio_costs(demo: gr.Blocks) -> None:
     summarise_queue_rarely()
     no_matplotlib_lookups()
     cache_config_signatures()
-
-
-def require(holder, attribute: str, why: str) -> None:
-    if not hasattr(holder, attribute):
-        raise RuntimeError(
-            f"Gradio {gr.__version__} has no {getattr(holder, '__name__', type(holder).__name__)}."
-            f"{attribute}, which chat/web/gradio_patches/costs.py relies on to {why}; update the workaround."
-        )
-
-
-def event_watch(demo: gr.Blocks) -> Callable[[], Callable[[], bool] | None]:
-    """For the event of `demo` running now (called in its context): a check of whether Gradio
-    has marked it dead, which Gradio 6.31 does when the session's event stream closes (a closed
-    page or API client: `Queue.clean_events`) but acts on only when the event next yields, and a
-    reply waiting for its first token does not yield. None outside an event. Asked by
-    chat.web.bridge while a reply waits. Waits for Gradio to end such events itself."""
-    from gradio.context import LocalContext
-
-    require(LocalContext, "event_id", "notice a closed page before a reply's first token")
-    require(demo, "_queue", "notice a closed page before a reply's first token")
-    require(demo._queue, "active_jobs", "notice a closed page before a reply's first token")
-
-    def watch() -> Callable[[], bool] | None:
-        event_id = LocalContext.event_id.get(None)
-        if event_id is None:
-            return None
-
-        def gone() -> bool:
-            return any(  # the queue of now: `demo.queue()` makes a new one
-                getattr(event, "_id", None) == event_id and not event.alive
-                for job in list(demo._queue.active_jobs)
-                if job
-                for event in job
-            )
-
-        return gone
-
-    return watch
 
 
 def check_value_counts(demo: gr.Blocks) -> None:
