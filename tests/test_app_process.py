@@ -125,10 +125,14 @@ def test_sigterm_stops_it_and_its_exports_are_removed(running):
         {"role": role, "content": [{"type": "text", "text": text}]}
         for role, text in [("user", "Hi"), ("assistant", "Hello")]
     ]
-    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, "x" * 100_000]}))
+    status, event, payload = rest_call(
+        url,
+        "export",
+        json.dumps({"data": [history, "x" * 100_000, {"title": "A chat", "time": "2026-12-08 14:32"}]}),
+    )
     assert (status, event) == (200, "complete"), payload
     folders = list(scratch.glob("falcon-chat-files-*"))
-    assert folders and any(folders[0].rglob("conversation.json"))
+    assert folders and any(folders[0].rglob("falcon-chat-a-chat-2026-12-08-1432.json"))
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     assert not any(folder.exists() for folder in folders)

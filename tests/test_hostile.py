@@ -98,7 +98,7 @@ def test_a_long_conversation_is_still_accepted(app):
         for number in range(1000)
         for role in ("user", "assistant")
     ]
-    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, ""]}))
+    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, "", ABOUT]}))
     assert (status, event) == (200, "complete"), payload
 
 
