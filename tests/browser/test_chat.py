@@ -171,6 +171,29 @@ def test_editing_a_message_replaces_it_and_its_reply(chat):
     expect(chat.bot_messages).to_have_count(1)
 
 
+def test_continue_after_a_length_cut_resumes_the_same_reply_in_the_model(chat):
+    """The real model, cut at 8 tokens, goes on from where it stopped: its prompt ends inside the
+    reply, and the page shows one reply, grown."""
+    chat.open_settings()
+    chat.set_number("Temperature", 0)
+    chat.set_number("Max new tokens", 8)
+    first = chat.recorder.count()
+    cut = chat.ask("Tell me about falcons")
+    expect(chat.bot_messages.last).to_contain_text("length limit")
+
+    chat.offered("Continue").click()
+    continued = chat.recorder.ended_generation(first + 1)
+    chat.wait_until_idle()
+
+    assert continued.prompt.startswith("User: Tell me about falcons\nFalcon: ")
+    assert continued.prompt.endswith(cut.rstrip())  # the prompt ends inside the reply
+    expect(chat.bot_messages).to_have_count(1)
+    expect(chat.figures).to_have_count(1)
+    grown = chat.reply_text()
+    assert grown.startswith(cut.rstrip()) and len(grown) > len(cut)
+    assert words(grown) == words(cut.rstrip() + chat.recorder.text(continued))
+
+
 def test_an_example_fills_the_box_to_be_edited_before_it_is_sent(chat):
     example = "Write a haiku about a falcon over the city at dawn."
     started = chat.recorder.count()

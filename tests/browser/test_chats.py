@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.chat_page import ChatPage
-from tests.browser.conftest import SCRIPT, SIZES
+from tests.browser.conftest import SCRIPT
 from tests.helpers import free_port
 from tests.serve_process import running
 
@@ -347,10 +347,3 @@ def test_exported_files_are_named_after_the_chat_and_its_time_and_stay_with_it(o
     chat.ask("Another chat")
     chat.saved_chat("Plan a trip to Lisbon").click()
     expect(files).to_be_hidden()
-
-
-def test_the_sizes_the_chats_are_tested_at_are_the_pages():
-    assert SIZES["desktop"] == {"width": 1366, "height": 900} and SIZES["phone"] == {
-        "width": 390,
-        "height": 844,
-    }
