@@ -533,7 +533,12 @@
       return open.messages;
     },
     start: start,
-    request: function () { return outgoing; },
+    // A Stop clicked before the reply was asked for (a busy page) is sent along: the server then
+    // only marks the reply as stopped.
+    request: function () {
+      if (outgoing && current && current.state === "stopping") outgoing.stopped = true;
+      return outgoing;
+    },
     replied: replied,
     replySoFar: function () { return { id: current ? current.id : "", messages: current ? current.reply : [] }; },
     // After a reply's last update (`update`, the channel's value): Send comes back.

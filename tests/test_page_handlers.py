@@ -150,6 +150,7 @@ def test_a_reply_cut_at_the_length_limit_says_so_in_words_and_offers_continue():
 
 def stopped(handlers, session, reply_so_far) -> list[dict]:
     """What the page shows after Stop, given the reply's messages so far (the channel's value)."""
+    session["reply_id"] = "r1"  # the reply Stop is about, as `PageHandlers.reply` notes it
     update = asyncio.run(
         handlers.figures_after_stop(json.dumps({"id": "r1", "messages": reply_so_far}), session)
     )
@@ -321,3 +322,17 @@ def test_the_completion_stop_box_takes_the_escapes_the_stop_flag_takes():
 
     assert parse_stops("\\n,###") == ["\n", "###"]
     assert parse_stops("a\\,b,\\tUtilisateur é:,用户:") == ["a,b", "\tUtilisateur é:", "用户:"]
+
+
+def test_a_reply_stopped_before_it_was_asked_for_is_only_marked_stopped():
+    """Stop can come before the page's request does (a busy page): nothing is generated, and Stop's
+    own step leaves the note as it is, with no figures of another reply."""
+    backend = Words()
+    handlers = handlers_for(backend)
+    session = {}
+    collect(handlers.respond("Earlier", [], "", *SETTINGS, None, session))  # figures of another reply
+    request = {"id": "late", "messages": [{"role": "user", "content": "Hi"}], "stopped": True}
+    (update,) = [json.loads(u) for u in collect(handlers.reply(request, "", *SETTINGS, None, session))]
+    assert [text(m) for m in update["messages"]] == ["> ⚠️ Stopped."] and len(backend.prompts) == 1
+    after = json.loads(asyncio.run(handlers.figures_after_stop(json.dumps(update), session)))
+    assert after == update  # no figures: none belong to it

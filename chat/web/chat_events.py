@@ -127,7 +127,14 @@ def wire_chat(demo: gr.Blocks, view: ChatView, handlers: PageHandlers, *, concur
         preprocess=False,
         **quick,
     ).then(
-        None, view.reply_channel, chatbot, js="(update) => [window.falconChat.stopSettled(update)]", **quick
+        # On the server, though it does nothing there: Gradio 6.31 can mark the cancelled reply
+        # as failed after Stop ("Error" over the conversation, left there until an event of the
+        # server's next touches the Chatbot); this one ends cleanly and clears it.
+        _unchanged,
+        view.reply_channel,
+        chatbot,
+        js="(update) => [window.falconChat.stopSettled(update)]",
+        **quick,
     )
 
     chatbot.undo(None, None, [chatbot, textbox], js="() => window.falconChat.undo()")
@@ -153,6 +160,10 @@ def wire_chat(demo: gr.Blocks, view: ChatView, handlers: PageHandlers, *, concur
         api_visibility="private",
     )
     _api_chat(view, handlers, concurrency_limit=concurrency_limit)
+
+
+def _unchanged(_):
+    return gr.skip()
 
 
 def take_message(message):

@@ -176,6 +176,12 @@ class PageHandlers:
         system prompt to the session. Yields `reply_update`s: the reply so far, then its figures."""
         request_id, messages, omitted = read_request(request)
         option = request.get("option") if isinstance(request, dict) else None
+        session = settings[-1] if settings and isinstance(settings[-1], dict) else {}
+        session["reply_id"] = request_id  # which reply a Stop is about (figures_after_stop)
+        if isinstance(request, dict) and request.get("stopped") is True:  # Stop came first
+            session["reply_done"] = None  # nothing is generated: no figures to wait for
+            yield reply_update(request_id, [page_message("assistant", add_note("", STOPPED_NOTE))])
+            return
         asked = _last_user_message(messages)
         if asked is None:
             yield reply_update(request_id, ShownReply("", refused=NOTHING_TO_ANSWER))
@@ -267,7 +273,9 @@ class PageHandlers:
         note (else the message hung there unanswered)."""
         request_id, messages, _ = read_request(reply_so_far)
         done = session.get("reply_done") if isinstance(session, dict) else None
-        if done is None:
+        if done is None or session.get("reply_id") != request_id:
+            # This reply never reached the server (Stop came first: the page sends it as stopped),
+            # so no figures of its own are coming; what the page has stays as it is.
             return reply_update(request_id, [_as_page(m) for m in messages])
         await asyncio.to_thread(done.wait, STOPPED_FIGURES_WAIT_S)
         stats = session.get("last_stats")
