@@ -181,6 +181,7 @@ def test_continue_after_a_length_cut_resumes_the_same_reply_in_the_model(chat):
     cut = chat.ask("Tell me about falcons")
     expect(chat.bot_messages.last).to_contain_text("length limit")
 
+    chat.close_settings()  # open, they lie over the conversation
     chat.offered("Continue").click()
     continued = chat.recorder.ended_generation(first + 1)
     chat.wait_until_idle()

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
 EDITOR = "#conversation textarea.edit-textarea"  # the box Gradio opens to edit a message
+EXPORT = re.compile(r"Export conversation")
 
 
 def stored_chats(page) -> list[dict]:
@@ -59,7 +60,7 @@ def test_two_tabs_each_add_a_chat_and_a_fresh_tab_shows_both(open_scripted):
     fresh = open_scripted("desktop")
     expect(fresh.saved_chat("Chat from the first tab")).to_be_visible()
     expect(fresh.saved_chat("Chat from the second tab")).to_be_visible()
-    fresh.saved_chat("Chat from the first tab").click()
+    fresh.open_saved_chat("Chat from the first tab")
     expect(fresh.user_messages.first).to_have_attribute(
         "aria-label", "user's message: Chat from the first tab"
     )
@@ -82,7 +83,7 @@ def test_a_reload_after_a_reply_reopens_the_chat_and_its_address_opens_it_anywhe
     elsewhere = open_scripted("desktop")  # the address, bookmarked, opens that chat in another tab
     elsewhere.page.goto(address)
     expect(elsewhere.user_messages.first).to_have_attribute("aria-label", "user's message: Keep my place")
-    elsewhere.saved_chat("Hi").click()
+    elsewhere.open_saved_chat("Hi")
     expect(elsewhere.user_messages.first).to_have_attribute("aria-label", "user's message: Hi")
     assert elsewhere.page.url != address and "#chat=" in elsewhere.page.url
 
@@ -171,7 +172,7 @@ def test_a_chat_larger_than_a_request_may_be_still_goes_on(open_scripted, script
     assert scripted_backend.prompts[-1].endswith("User: And after all that?\nFalcon:")
     expect(chat.page.get_by_text("Error", exact=True)).to_have_count(0)
     # Its export, which would need all of it, says so in one sentence.
-    chat.page.get_by_role("button", name="Export (Markdown, JSON)").click()
+    chat.page.get_by_role("button", name=EXPORT).click()
     expect(
         chat.page.get_by_text(re.compile(r"This chat is too long to export here \(2\.\d MB"))
     ).to_be_visible()
@@ -216,10 +217,11 @@ def test_an_edit_left_open_is_cancelled_when_another_chat_opens(open_scripted, s
     chat.ask("The second chat")
     edit_message(chat, 0, "Half-typed edit")
 
+    chat.show_saved_chats()  # on a phone, the drawer
     chat.page.locator("#new-chat").click()
     expect(chat.page.locator(EDITOR)).to_have_count(0)
     chat.ask("A third chat")
-    chat.saved_chat("The second chat").click()
+    chat.open_saved_chat("The second chat")
     expect(chat.page.locator(EDITOR)).to_have_count(0)  # nor does it reopen there
     expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: The second chat")
     expect(chat.user_messages).to_have_count(1)
@@ -281,7 +283,9 @@ def test_retry_keeps_the_reply_it_replaces_as_a_version(open_scripted, scripted_
     chat.set_number("Max new tokens", 2)
     chat.ask("Some math please")
     first = chat.reply_text()
+    chat.open_settings()
     chat.set_number("Max new tokens", 4)
+    chat.close_settings()
     chat.page.get_by_role("button", name="Retry", exact=True).click()
     expect(versions(chat).first).to_contain_text("2/2")
     chat.wait_until_idle()
@@ -306,9 +310,12 @@ def test_continue_after_a_length_cut_gives_one_message(open_scripted, scripted_b
     cut = chat.reply_text()
     expect(chat.bot_messages.last).to_contain_text("stopped at the length limit (6 new tokens)")
 
+    chat.close_settings()  # open, they lie over the conversation
     chat.offered("Continue").click()
     expect(chat.stop_button).to_be_hidden()
+    chat.open_settings()
     chat.set_number("Max new tokens", 400)
+    chat.close_settings()
     chat.offered("Continue").click()  # a second cut goes on the same way
     expect(chat.bot_messages.last).not_to_contain_text("length limit")
     chat.wait_until_idle()
@@ -328,7 +335,7 @@ def test_continue_after_a_length_cut_gives_one_message(open_scripted, scripted_b
 def test_exported_files_are_named_after_the_chat_and_its_time_and_stay_with_it(open_scripted):
     chat = open_scripted("desktop")
     chat.ask("Plan a trip to Lisbon")
-    chat.page.get_by_role("button", name="Export (Markdown, JSON)").click()
+    chat.page.get_by_role("button", name=EXPORT).click()
     files = chat.page.locator("#export-files")
     stamp = r"\d{4}-\d\d-\d\d-\d{4}"
     markdown_name = re.compile(rf"falcon-chat-plan-a-trip-to-lisbon-{stamp}\.md")
@@ -345,5 +352,5 @@ def test_exported_files_are_named_after_the_chat_and_its_time_and_stay_with_it(o
     chat.new_chat()  # another chat's files are never offered
     expect(files).to_be_hidden()
     chat.ask("Another chat")
-    chat.saved_chat("Plan a trip to Lisbon").click()
+    chat.open_saved_chat("Plan a trip to Lisbon")
     expect(files).to_be_hidden()

@@ -70,15 +70,14 @@ def test_many_saved_chats_scroll_in_their_own_column_and_the_box_stays_on_screen
     for number in range(6):
         chat.ask(f"Chat number {number}, whose first message is longer than its column is wide")
         chat.new_chat()
-    # A saved chat is a link in the page's own list (or a cell of Gradio's).
-    entries = page.locator("#saved-chats a, #saved-chats [role=gridcell]")
-    expect(entries).to_have_count(6)  # all saved
+    links = page.locator("#saved-chats").get_by_role("link")
+    expect(links).to_have_count(6)  # all saved
     page.set_viewport_size({"width": 1366, "height": 380})
     saved = page.locator("#saved-chats")
     assert saved.evaluate("(list) => list.scrollHeight > list.clientHeight + 20")  # it scrolls itself
     share = measured_share(page)
     assert share["box_on_screen"] and not share["page_scrolls"], share
-    heights = entries.evaluate_all("(cells) => cells.map((cell) => cell.offsetHeight)")
+    heights = links.evaluate_all("(cells) => cells.map((cell) => cell.offsetHeight)")
     assert len(heights) == 6 and max(heights) < 48, heights  # one line each
 
 

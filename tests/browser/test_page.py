@@ -50,6 +50,7 @@ def test_refused_messages_leave_the_chat_usable_and_the_next_one_gets_a_reply(op
     expect(chat.textbox).to_have_value("")  # not back in the box: Enter would send it twice
 
     chat.set_seed("")
+    chat.close_settings()  # open, they lie over the conversation
     chat.offered("Retry").click()  # the refused turn is asked again, not added again
     expect(chat.figures).to_have_count(1)
     assert chat.reply_text() == "A short reply."
@@ -342,7 +343,7 @@ def test_undo_edit_or_another_chat_right_after_stop_waits_for_the_stopped_reply(
     chat.send("Please answer slowly")
     expect(chat.bot_messages.last).to_contain_text("word after")
     chat.stop()
-    chat.saved_chat("The first chat").click()
+    chat.open_saved_chat("The first chat")
     expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: The first chat")
     chat.ask("And then?")
     assert scripted_backend.prompts[-1].startswith(
@@ -393,7 +394,7 @@ def test_a_chat_emptied_by_undo_leaves_the_saved_chats_and_the_others_still_open
     chat.ask("Chat B")
     page.get_by_role("button", name="Undo").click()
     expect(chat.saved_chat("Chat B")).to_have_count(0)
-    chat.saved_chat("Chat A").click()
+    chat.open_saved_chat("Chat A")
     expect(chat.user_messages).to_have_count(1)
     expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: Chat A")
 
