@@ -238,6 +238,7 @@ def _completion_tab(handlers: PageHandlers) -> list:
         [text, *completion_settings, stop],
         output,
         api_name="complete",
+        preprocess=False,  # every value is checked by `handlers.complete`, with messages naming it
         concurrency_limit=_concurrency(handlers),
     )
     stop_button.click(None, cancels=[generation])
