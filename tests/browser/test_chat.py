@@ -233,6 +233,28 @@ def test_a_long_conversation_keeps_every_turn_in_order_and_in_the_prompt(chat):
     assert f"Falcon: {replies[0]}" in last_prompt
 
 
+def test_at_the_most_new_tokens_a_2048_token_model_still_sees_the_first_turn(chat, real_model_pace):
+    """Max new tokens at its maximum (the tiny model's whole context, 2,048) once reserved all of
+    it for the reply and dropped every turn: "What is my name?" no longer saw "My name is Ada".
+    The conversation comes first now, and the reply gets what is left."""
+    chat.open_settings()
+    chat.set_number("Max new tokens", 2048)
+    chat.close_settings()
+    started = chat.recorder.count()
+    for turn, message in enumerate(("My name is Ada.", "What is my name?")):
+        chat.send(message)
+        chat.recorder.started_generation(started + turn)
+        expect(chat.bot_messages).to_have_count(turn + 1)  # its first words are shown
+        chat.stop()  # the prompt is what counts here, not 2,000 tokens of the tiny model
+        chat.wait_until_idle()
+
+    asked = chat.recorder.ended_generation(started + 1)
+    assert "User: My name is Ada.\nFalcon:" in asked.prompt
+    assert asked.prompt.rstrip().endswith("User: What is my name?\nFalcon:")
+    assert 0 < asked.params.max_new_tokens < 2048  # what the context left, not what was asked
+    expect(chat.figures.last).not_to_contain_text("left out")
+
+
 def test_a_reload_keeps_the_conversation(chat):
     chat.open_settings()
     chat.set_number("Max new tokens", 6)
