@@ -164,6 +164,7 @@
   function settleInterrupted(chat) {
     var replying = chat.replying;
     if (!replying || (replying.tab !== tabId && Date.now() - replying.at < STALE_MS)) return;
+    if (busy() && current.chatId === chat.id) return;  // this tab is writing it now
     var messages = chat.messages, asked = lastUserIndex(messages);
     chat.replying = null;
     if (asked < 0) return;

@@ -105,6 +105,46 @@ def test_a_reload_during_a_reply_keeps_the_message_and_what_came_of_the_reply(op
     assert chat.reply_text().startswith("word after")  # the model's words, the note apart
 
 
+# Records, in the page, whether the conversation ever showed the note of a reply cut by a reload.
+WATCH_FOR_INTERRUPTED_NOTE = """() => {
+  window.sawInterrupted = false;
+  new MutationObserver(() => {
+    const shown = document.querySelector("#conversation");
+    if (shown && shown.textContent.includes("The page was reloaded")) window.sawInterrupted = true;
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_a_reply_this_tab_still_writes_is_not_marked_interrupted_when_its_chat_opens_again(open_scripted):
+    """Another chat opened by its address while a reply streams (a bookmark in the same tab), then
+    the replying chat again: that chat was settled as interrupted by a reload, its note shown and
+    saved over the reply still coming."""
+    chat = open_scripted("desktop")
+    chat.ask("The first chat")
+    first = chat.page.url
+    chat.new_chat()
+    chat.send("Please answer slowly")
+    expect(chat.bot_messages.last).to_contain_text("word after")
+    replying = chat.page.url
+    chat.page.evaluate(WATCH_FOR_INTERRUPTED_NOTE)
+
+    chat.page.goto(first)  # the same document: only the address's #chat= changes
+    expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: The first chat")
+    chat.page.goto(replying)
+    expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: Please answer slowly")
+    words = len(chat.reply_text().split())
+    chat.page.wait_for_function(  # the reply goes on, here
+        "(words) => document.querySelectorAll('#conversation [data-testid=bot]')[0]"
+        ".getAttribute('aria-label').split(/\\s+/).length > words + 1",
+        arg=words,
+    )
+    chat.stop()
+    chat.wait_until_idle()
+    expect(chat.bot_messages.last).to_contain_text("Stopped.")
+    assert not chat.page.evaluate("() => window.sawInterrupted")
+    assert "The page was reloaded" not in str(stored_chats(chat.page))
+
+
 @contextlib.contextmanager
 def app_process(port: int):
     """The app in a process of its own (tests/browser/scripted_app.py), ended when done."""
