@@ -115,3 +115,37 @@ def test_reading_gradios_queue_stops_the_start_if_it_has_moved():
         queue_size(types.SimpleNamespace())
     demo = build_demo(Quiet(), Settings())
     assert queue_size(demo)() == 0  # a queue with nothing waiting (tests/test_load.py sees one wait)
+
+
+def test_gradios_plot_backend_switch_around_each_event_searches_no_path(monkeypatch):
+    """Gradio switches matplotlib's backend around every step of every event; where matplotlib is
+    not installed, each switch searched sys.path for it (twice per streamed token)."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    import gradio.utils
+    import pytest
+
+    if sys.modules.get("matplotlib") is not None or (
+        "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is not None
+    ):
+        pytest.skip("matplotlib is installed here: its import finds it")
+    searched = []
+    real = importlib.machinery.PathFinder.find_spec
+
+    def find_spec(cls, name, path=None, target=None):
+        searched.append(name)
+        return real(name, path, target)
+
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", classmethod(find_spec))
+    monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
+    with gradio.utils.MatplotlibBackendMananger():  # what an event's step runs in
+        pass
+    assert searched.count("matplotlib") == 2  # without the workaround: enter and exit each search
+
+    build_demo(Quiet(), Settings())  # which looks for it once
+    searched.clear()
+    with gradio.utils.MatplotlibBackendMananger():
+        pass
+    assert "matplotlib" not in searched

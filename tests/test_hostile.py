@@ -188,6 +188,23 @@ def test_the_page_has_a_policy_against_forms_styles_and_resources_from_elsewhere
     assert "content-security-policy" not in api.headers
 
 
+def test_a_chatbot_built_to_render_a_messages_forms_and_images_stops_the_start():
+    """The chat's tags are shown as text through the Chatbot's own arguments; a Chatbot built
+    without them (a new one on the page, a refactor) would render a reply's forms and remote
+    images: the start stops instead (tests/browser/test_hostile.py sees the effect in the page)."""
+    import gradio as gr
+
+    from chat.web.security import harden_demo, text_only_chatbot
+
+    with gr.Blocks() as guarded:
+        gr.Chatbot(**text_only_chatbot())
+    harden_demo(guarded)
+    with gr.Blocks() as bare:
+        gr.Chatbot(label="Conversation")
+    with pytest.raises(RuntimeError, match="'Conversation' is built without .*text_only_chatbot"):
+        harden_demo(bare)
+
+
 def test_files_the_app_hands_out_are_private_and_deleted_as_they_age(app):
     import gradio as gr
 

@@ -39,7 +39,13 @@ from chat.web.gradio_patches.costs import trim_gradio_costs
 from chat.web.gradio_patches.queue import event_watch, queue_size
 from chat.web.handlers import PageHandlers, Refused
 from chat.web.operations import Operations
-from chat.web.security import harden_demo, harden_launch_options, markdown_code, private_gradio_cache
+from chat.web.security import (
+    harden_demo,
+    harden_launch_options,
+    markdown_code,
+    private_gradio_cache,
+    text_only_chatbot,
+)
 from chat.web.theme import page_theme
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -148,6 +154,7 @@ def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> None:
                 placeholder=description(backend),
                 examples=[{"text": example} for example in EXAMPLES],  # they fill the box
                 editable="user",
+                **text_only_chatbot(),  # forms, images, styles in a message show as text
             )
             with gr.Group(), gr.Row():
                 textbox = gr.Textbox(

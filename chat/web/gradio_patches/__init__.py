@@ -3,9 +3,17 @@ per request or update, and the two workarounds hostile input needs) and `queue` 
 from Gradio's queue). Each was checked against Gradio 6.31.0, the version requirements.txt pins;
 each checks at start-up, with `require`, that what it touches is still there, and stops the start
 naming the Gradio version if not: a silent no-op would bring back unseen what it was for. Each
-says what it waits for; each has a test of its effect (tests/test_gradio_costs.py, test_load.py,
-test_hostile.py). The chat itself needs none: chat/web/chat_events.py wires it through public
-arguments only.
+says what it waits for; each has a test of its effect:
+
+- costs.cache_config_signatures, summarise_queue_rarely (Gradio's own environment settings),
+  no_matplotlib_lookups (sys.modules only): tests/test_gradio_costs.py;
+- costs.check_value_counts, forget_input_values: tests/test_hostile.py;
+- queue.event_watch: tests/test_faults.py (a client gone before the first token);
+- queue.queue_size: tests/test_load.py (the depth metric counts a waiting request).
+
+The chat itself needs none: chat/web/chat_events.py wires it through public arguments only, and
+the Chatbot's sanitizer settings are its constructor's (chat/web/security.py). No module outside
+this package names Gradio's internal modules (tests/test_architecture.py).
 """
 
 from __future__ import annotations
