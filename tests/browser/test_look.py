@@ -160,6 +160,14 @@ def test_on_a_phone_every_target_is_44_px_and_the_boxes_do_not_zoom(open_scripte
     page = chat.page
     chat.ask("Hi")
     assert page.evaluate(SMALL_TARGETS, [".gradio-container", 44]) == []
+    # The message box lines up with its 44 px Send button (it sat lower, shorter, beside it)...
+    box, send = chat.textbox.bounding_box(), chat.submit_button.bounding_box()
+    assert abs(box["y"] - send["y"]) <= 1 and abs(box["height"] - send["height"]) <= 1, (box, send)
+    chat.textbox.fill("one\ntwo\nthree")  # ...and still grows with its lines
+    page.wait_for_function(
+        "(one) => document.querySelector('#message textarea').offsetHeight > one + 20", arg=box["height"]
+    )
+    chat.textbox.fill("")
     chat.open_settings()
     assert page.evaluate(SMALL_TARGETS, ["#settings", 44]) == []
     sizes = page.locator("textarea, input[type=text], input[type=number]").evaluate_all(
