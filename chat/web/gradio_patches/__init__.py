@@ -1,6 +1,6 @@
 """Every reach of this app into Gradio's private names, and nothing else: `costs` (what Gradio costs
-per request or update, and the two workarounds hostile input needs) and `queue` (what the app reads
-from Gradio's queue). Each was checked against Gradio 6.31.0, the version requirements.txt pins;
+per request or update, and the two workarounds hostile input needs), `queue` (what the app reads
+from Gradio's queue) and `tracebacks` (Gradio's printed tracebacks, logged). Each was checked against Gradio 6.31.0, the version requirements.txt pins;
 each checks at start-up, with `require`, that what it touches is still there, and stops the start
 naming the Gradio version if not: a silent no-op would bring back unseen what it was for. Each
 says what it waits for; each has a test of its effect:
@@ -9,7 +9,8 @@ says what it waits for; each has a test of its effect:
   no_matplotlib_lookups (sys.modules only): tests/test_gradio_costs.py;
 - costs.check_value_counts, forget_input_values: tests/test_hostile.py;
 - queue.event_watch: tests/test_faults.py (a client gone before the first token);
-- queue.queue_size: tests/test_load.py (the depth metric counts a waiting request).
+- queue.queue_size: tests/test_load.py (the depth metric counts a waiting request);
+- tracebacks.log_gradio_tracebacks: tests/test_app_process.py (a malformed /export, logged once).
 
 The chat itself needs none: chat/web/chat_events.py wires it through public arguments only, and
 the Chatbot's sanitizer settings are its constructor's (chat/web/security.py). No module outside
