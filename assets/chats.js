@@ -525,6 +525,21 @@
   function savedSettings() {
     try { return JSON.parse(storage().getItem(SETTINGS_KEY)); } catch (error) { return null; }
   }
+  // The saved settings for the page's inputs, each checked against `checks` (chat/web/chat_events.py:
+  // a slider's [minimum, maximum], or null for text): a value of the wrong kind or out of range
+  // (storage is anyone's on this site) leaves its input as it is.
+  var MAX_SETTING_CHARS = 20000;
+  function restoredSettings(checks) {
+    var saved = savedSettings();
+    var fits = Array.isArray(saved) && saved.length === checks.length;
+    return checks.map(function (check, i) {
+      var value = fits ? saved[i] : undefined;
+      var ok = check
+        ? typeof value === "number" && isFinite(value) && value >= check[0] && value <= check[1]
+        : typeof value === "string" && value.length <= MAX_SETTING_CHARS;
+      return ok ? value : NO_CHANGE;
+    });
+  }
 
   window.falconChat = Object.assign(window.falconChat || {}, {
     // What chat/web/chat_events.py calls.
@@ -600,7 +615,7 @@
     saveSettings: function (values) {
       try { storage().setItem(SETTINGS_KEY, JSON.stringify(values)); } catch (error) { /* kept for this page only */ }
     },
-    savedSettings: savedSettings,
+    restoredSettings: restoredSettings,
     // What assets/page.js calls.
     stopRequested: function () { if (busy()) current.state = "stopping"; },
     editButton: editButton,

@@ -24,6 +24,7 @@ finding them among the app's functions (issue #22, point 2).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -242,7 +243,11 @@ def _api_chat(view: ChatView, handlers: PageHandlers, *, concurrency_limit: int)
 def keep_settings(demo: gr.Blocks, inputs: list) -> None:
     """The system prompt and settings are kept in the browser (plain storage under our own key,
     which a restart of the server does not change; in frames denied storage, the in-memory
-    stand-in of chat/web/embedding.py) and restored on load, checked on the server."""
+    stand-in of chat/web/embedding.py) and restored on load by the page itself, each checked
+    against its input (`setting_checks`); the server checks every value again when it is used.
+
+    Restored in the page, not through the server: the server's answer to the page's load came
+    back after a person (on a slow network) had typed a setting, and put its slider back."""
     gr.on(
         [component.change for component in inputs],
         None,
@@ -250,28 +255,11 @@ def keep_settings(demo: gr.Blocks, inputs: list) -> None:
         None,
         js="(...values) => window.falconChat.saveSettings(values)",
     )
-    demo.load(
-        lambda values: restored_settings(values, inputs),
-        gr.JSON(visible=False),
-        inputs,
-        js="() => [window.falconChat.savedSettings()]",
-        api_visibility="private",
-        queue=False,
-        show_progress="hidden",
-    )
+    checks = json.dumps(setting_checks(inputs))
+    demo.load(None, None, inputs, js=f"() => window.falconChat.restoredSettings({checks})")
 
 
-def restored_settings(values, inputs: list) -> list:
-    """The saved values (from the browser: untrusted) for `inputs`; a value of the wrong kind or
-    out of its slider's range leaves that input as it is."""
-    if not isinstance(values, list) or len(values) != len(inputs):
-        return [gr.skip() for _ in inputs]
-    restored = []
-    for value, component in zip(values, inputs, strict=True):
-        if isinstance(component, gr.Slider):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok = ok and component.minimum <= value <= component.maximum
-        else:
-            ok = isinstance(value, str) and len(value) <= 20_000
-        restored.append(value if ok else gr.skip())
-    return restored
+def setting_checks(inputs: list) -> list:
+    """What a saved value must be to be restored into each of `inputs` (assets/chats.js): a
+    slider's `[minimum, maximum]`, or None for text (of at most 20,000 characters)."""
+    return [[c.minimum, c.maximum] if isinstance(c, gr.Slider) else None for c in inputs]

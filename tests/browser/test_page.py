@@ -8,8 +8,10 @@ import re
 import pytest
 from playwright.sync_api import expect
 
+from chat.web.chat_events import SETTINGS_STORAGE_KEY
 from chat.web.page import EXAMPLES
-from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SERVER_BACK, SIZES
+from tests.browser.chat_page import ChatPage
+from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SERVER_BACK, SIZES, close_with_storage_cleared
 
 pytestmark = pytest.mark.browser
 
@@ -147,6 +149,41 @@ def test_a_reload_restores_the_system_prompt_and_settings(open_scripted, scripte
     expect(chat.page.get_by_label("number input for Max new tokens").filter(visible=True)).to_have_value("3")
     chat.ask("Where is the treasure?")
     assert scripted_backend.prompts[-1].startswith("System: You are a pirate.")
+
+
+def test_a_setting_typed_while_the_page_still_loads_is_kept(sized_contexts, scripted_url):
+    """The page's answers to its own load (held here, as a slow network holds them) came back
+    after a person had typed a setting, and put the slider back to its default: the saved
+    settings are restored in the page itself, before anything can be typed. Saved values of the
+    wrong kind or out of range leave their input as it is."""
+    page = sized_contexts("desktop").new_page()
+    held = []
+    page.route("**/gradio_api/run/predict", lambda route: held.append(route))  # answered once released below
+    try:
+        chat = ChatPage(page, scripted_url).open()
+        chat.open_settings()
+        chat.set_number("Max new tokens", 4000)
+        for route in held:
+            with page.expect_response(route.request.url):
+                route.continue_()
+        page.unroute("**/gradio_api/run/predict")
+        chat.ask("Hi")  # long after the load's answers
+        expect(chat._visible_label("range slider for Max new tokens")).to_have_value("4000")
+
+        page.evaluate(
+            "(key) => localStorage.setItem(key, JSON.stringify(['x'.repeat(20001), 0.5, 5000, 'one', 7, 42]))",
+            SETTINGS_STORAGE_KEY,
+        )
+        page.reload()
+        chat.open_settings()
+        expect(chat._visible_label("System prompt")).to_have_value("")
+        expect(chat._visible_label("number input for Temperature")).to_have_value("0.5")
+        expect(chat._visible_label("number input for Max new tokens")).to_have_value("1024")
+        expect(chat._visible_label("number input for Top-p")).to_have_value("0.9")
+        expect(chat._visible_label("number input for Repetition penalty")).to_have_value("1")
+        expect(page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True)).to_have_value("")
+    finally:
+        close_with_storage_cleared(page)
 
 
 @pytest.mark.parametrize("size", BOTH)
