@@ -238,6 +238,7 @@ def _completion_tab(handlers: PageHandlers) -> list:
         lambda name: COMPLETION_PRESETS.get(name, ("", ""))[:2],
         preset,
         [text, stop],
+        api_name="preset",
         api_visibility="private",
     )
     generation = generate_button.click(

@@ -10,7 +10,7 @@ says what it waits for; each has a test of its effect:
 - costs.check_value_counts, forget_input_values: tests/test_hostile.py;
 - queue.event_watch: tests/test_faults.py (a client gone before the first token);
 - queue.queue_size: tests/test_load.py (the depth metric counts a waiting request);
-- tracebacks.log_gradio_tracebacks: tests/test_app_process.py (a malformed /export, logged once).
+- tracebacks.log_gradio_tracebacks: tests/test_app_process.py (a bad preset value, logged once).
 
 The chat itself needs none: chat/web/chat_events.py wires it through public arguments only, and
 the Chatbot's sanitizer settings are its constructor's (chat/web/security.py). No module outside
