@@ -177,9 +177,17 @@ class ChatPage:
                     raise
 
     def set_seed(self, text: str) -> None:
-        self._type_setting(
-            self.page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True), text
-        )
+        """Type the seed, and wait until the page has answered it: the fixed seed's button beside
+        the message box (a round trip to the server, chat.web.page._show_fixed_seed) shows it,
+        or is gone for none; the box still holds it then."""
+        box = self.page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True)
+        self._type_setting(box, text)
+        chip = self.page.locator("#fixed-seed")
+        if text.strip():
+            expect(chip).to_have_text(f"Seed {text.strip()[:20]} ✕")
+        else:
+            expect(chip).to_be_hidden()
+        expect(box).to_have_value(text)
 
     def set_system_prompt(self, text: str) -> None:
         self._type_setting(self._visible_label("System prompt"), text)
