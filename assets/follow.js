@@ -18,7 +18,8 @@
     "#conversation button[aria-label='Retry']",
     "#conversation .message button",  // Edit's Submit inside the edited message
     "#new-chat",
-    "#saved-chats [role=gridcell]",
+    "#saved-chats a.falcon-chat-link",
+    "#conversation button.option",  // Continue or Retry under the last reply
     "#conversation button.example"
   ].join(", ");
 

@@ -1,13 +1,14 @@
-/* Falcon Chat: keyboard and focus on the chat page, on top of Gradio's ChatInterface.
+/* Falcon Chat: keyboard and focus on the chat page (the chats themselves: assets/chats.js).
    - Enter on an empty message box does nothing (Gradio would send it, and refuse it), nor while
-     a reply streams (the next message can be typed meanwhile: chat/web/gradio_patches/chat_interface.py);
+     a reply streams (the next message can be typed meanwhile);
    - a message sent just after Stop waits until the stopped reply has its note and figures, and
-     so does any other change to the conversation (Retry, Undo, Edit, the trash, New chat,
-     another saved chat); the trash, New chat or another saved chat during a reply stop it first;
-   - Escape stops a streaming reply (as the Stop button does);
+     so does any other change to the conversation (Retry, Undo, Edit, Continue, a version, the
+     trash, New chat, another saved chat); the trash, New chat or another saved chat during a
+     reply stop it first;
+   - Escape stops a streaming reply (as the Stop button does); in a message being edited, Enter
+     sends the edit, Shift+Enter adds a line, Escape cancels it;
    - the message box gets the focus back after each reply, an example, Undo or New chat, without
-     scrolling the page, and a refused message (or one the server could not answer) back to be
-     fixed;
+     scrolling the page;
    - the trash button asks before it deletes the open chat from the saved chats;
    - what is copied is the model's own text: without the marks on inline math, nor the figures;
      "Copy conversation" copies the user's and the model's turns only. */
@@ -24,8 +25,7 @@
   }
 
   // After Stop the server finishes the stopped reply (its "Stopped." note and figures:
-  // chat/web/gradio_patches/chat_interface.py, update_after_stop), and that finished conversation replaces the shown
-  // one. So whatever changes the conversation meanwhile must wait for it: a message sent sooner
+  // chat/web/chat_events.py), and that finished reply replaces the shown one. So whatever changes the conversation meanwhile must wait for it: a message sent sooner
   // started from the conversation without them; an Undo, an Edit, a Retry, the trash, New chat or
   // another saved chat was undone by it (another saved chat was then saved over). Such a click
   // (or Enter) is held, and made again when the server's last step says it is done
@@ -43,28 +43,19 @@
     "#conversation button[aria-label='Retry']",
     "#conversation button[aria-label='Undo']",
     "#conversation button[aria-label='Edit']",
+    "#conversation button.option",
+    "#conversation .falcon-versions button",
     TRASH,
     "#new-chat",
-    "#saved-chats [role=gridcell]"
+    "#saved-chats a.falcon-chat-link"
   ];
-  // A reply's conversation is saved by ChatInterface's steps after it, which also follow a
-  // cancelled reply (falconChat.conversationSaved): a held click waits for that too.
-  var settling = null, held = null, replaying = false, unsaved = false, stopDone = false;
+  var settling = null, held = null, replaying = false;
   function hold(selector, element) {
     // Buttons are drawn anew as the conversation changes: keep which one (its place), not it.
     held = { selector: selector, index: Array.prototype.indexOf.call(document.querySelectorAll(selector), element) };
   }
-  function stopSettled() {
-    stopDone = true;
-    if (!unsaved) settled();
-  }
-  function conversationSaved() {
-    unsaved = false;
-    if (stopDone) settled();
-  }
   function settled() {
     clearTimeout(settling);
-    stopDone = false;
     settling = null;
     var action = held;
     held = null;
@@ -83,7 +74,14 @@
 
   document.addEventListener("keydown", function (event) {
     var box = messageBox();
-    if (event.key === "Escape" && stopButton()) {
+    // The box Gradio opens to edit a message, with its Submit and Cancel buttons (assets/chats.js).
+    var editor = event.target && event.target.closest && event.target.closest("#conversation textarea.edit-textarea");
+    if (editor && !event.isComposing && (event.key === "Escape" || (event.key === "Enter" && !event.shiftKey))) {
+      var action = window.falconChat.editButton(editor, event.key === "Escape" ? "Cancel" : "Submit");
+      event.preventDefault();
+      event.stopImmediatePropagation();
+      if (action && !(event.key === "Enter" && !editor.value.trim())) action.click();
+    } else if (event.key === "Escape" && stopButton()) {
       event.preventDefault();
       stopButton().click();
     } else if (event.key === "Enter" && !event.shiftKey && event.target === box && (!box.value.trim() || stopButton() || settling)) {
@@ -100,8 +98,8 @@
     if (!target) return;
     if (target.closest("#message button.stop-button")) {
       clearTimeout(settling);
-      stopDone = false;
-      settling = setTimeout(settled, SETTLE_MS);
+      settling = setTimeout(window.falconChat.stopSettled, SETTLE_MS);  // calls settled() back
+      window.falconChat.stopRequested();
       return;
     }
     // An example or Undo fills the box, New chat empties it: the next message is typed (and sent
@@ -120,37 +118,16 @@
     }
   }, true);
 
-  // When a reply ends: the focus back in the box, once it is editable again; and where the
-  // message was refused or the model could not answer (the reply is only the app's note), the
-  // message back in the box, to be fixed or sent again.
-  var NOTE_ONLY = "bot's message: > \u26a0\ufe0f ";
-  var USER = "user's message: ";
-  // The replies, without the messages after them that only hold their figures (a title, no
-  // text): a server that could not answer leaves figures too.
-  var REPLIES = "#conversation [data-testid=bot]:not([aria-label=\"bot's message: \"])";
-  function restoreRefusedMessage(box) {
-    var bots = document.querySelectorAll(REPLIES);
-    var users = document.querySelectorAll("#conversation [data-testid=user]");
-    if (!bots.length || !users.length || box.value) return;
-    var reply = bots[bots.length - 1].getAttribute("aria-label") || "";
-    var message = users[users.length - 1].getAttribute("aria-label") || "";
-    if (reply.indexOf(NOTE_ONLY) !== 0 || message.indexOf(USER) !== 0) return;
-    box.value = message.slice(USER.length);
-    box.dispatchEvent(new Event("input", { bubbles: true }));
-  }
+  // When a reply ends: the focus back in the box, once it is editable again.
   function waitForBox(tries) {
     var box = messageBox();
     tries = tries || 0;
-    if (box && !box.disabled) {
-      restoreRefusedMessage(box);
-      return focusMessageBox();
-    }
+    if (box && !box.disabled) return focusMessageBox();
     if (tries < 50) setTimeout(function () { waitForBox(tries + 1); }, 50);
   }
   var streaming = false;
   new MutationObserver(function () {
     var now = stopButton() !== null;
-    if (now) unsaved = true;  // a reply runs: its conversation is saved once it has ended
     if (streaming && !now) waitForBox();
     streaming = now;
   }).observe(document.documentElement, { subtree: true, childList: true, attributes: true, attributeFilter: ["disabled", "class", "style"] });
@@ -186,9 +163,8 @@
     return (content || []).filter(function (part) { return part && part.type === "text"; })
       .map(function (part) { return part.text || ""; }).join("\n");
   }
-  window.falconChat = {
-    stopSettled: stopSettled,
-    conversationSaved: conversationSaved,
+  Object.assign(window.falconChat, {
+    onStopSettled: settled,  // assets/chats.js, once a stopped reply has its note and figures
     copyConversation: function (history) {
       var turns = (history || []).filter(function (message) {
         return !(message.metadata && message.metadata.title);
@@ -201,7 +177,7 @@
       }
       return [];
     }
-  };
+  });
 
   // Focus the box once the page is there, without the browser scrolling to it (phones).
   var tries = 0;

@@ -173,7 +173,11 @@ def exports(calls: int, megabytes: float) -> None:
     ]
 
     def export(http, prompt: str) -> tuple[str, list[str]]:
-        posted = http.post("gradio_api/call/export", json={"data": [history, prompt]})
+        about = {
+            "title": "Export",
+            "time": "2026-12-08 14:32",
+        }  # the chat's name and time, as the page sends them
+        posted = http.post("gradio_api/call/export", json={"data": [history, prompt, about]})
         assert posted.status_code == 200, posted.text[:300]
         event, paths = None, []
         with http.stream("GET", f"gradio_api/call/export/{posted.json()['event_id']}") as events:

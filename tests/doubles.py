@@ -97,12 +97,16 @@ class RecordingDecoder:
     def count(self) -> int:
         return len(self.generations)
 
-    def ended_generation(self, index: int, timeout: float = 30.0) -> Generation:
-        """The generation number `index` (0-based) once it has ended; waits for it to start and end."""
+    def started_generation(self, index: int, timeout: float = 30.0) -> Generation:
+        """The generation number `index` (0-based) once it has started; waits for it to start."""
         with self._changed:
             if not self._changed.wait_for(lambda: len(self.generations) > index, timeout):
                 raise AssertionError(f"generation {index} never started ({len(self.generations)} so far)")
-        generation = self.generations[index]
+        return self.generations[index]
+
+    def ended_generation(self, index: int, timeout: float = 30.0) -> Generation:
+        """The generation number `index` (0-based) once it has ended; waits for it to start and end."""
+        generation = self.started_generation(index, timeout)
         if not generation.ended.wait(timeout):
             raise AssertionError(f"generation {index} still running after {timeout} s")
         return generation

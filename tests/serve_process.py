@@ -40,38 +40,22 @@ def _ready(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def transformers_serve(model_dir: Path, port: int):
-    """Start `transformers serve model_dir` offline on CPU; yield a ServeProcess; stop it."""
-    executable = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
-    log_path = Path(tempfile.mkdtemp(prefix="transformers-serve-")) / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+def running(
+    command: list[str], ready_url: str, *, name: str, env: dict | None = None, cwd: Path | None = None
+):
+    """Run `command`, its output in a log file, until `ready_url` answers 200; yield the log's
+    path; stop the process when done (terminate, then kill after 10 s)."""
+    log_path = Path(tempfile.mkdtemp(prefix=f"{name}-")) / f"{name}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                executable,
-                "serve",
-                str(model_dir),
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                "--device",
-                "cpu",
-                "--log-level",
-                "warning",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _ready(f"http://127.0.0.1:{port}/health"):
+        while not _ready(ready_url):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not start:\n{log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{name} did not start:\n{log_path.read_text()[-3000:]}")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=0.1)  # a readiness poll that also notices a crash
-        yield ServeProcess(f"http://127.0.0.1:{port}/v1", str(model_dir), log_path)
+        yield log_path
     finally:
         process.terminate()
         try:
@@ -79,3 +63,14 @@ def transformers_serve(model_dir: Path, port: int):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def transformers_serve(model_dir: Path, port: int):
+    """Start `transformers serve model_dir` offline on CPU; yield a ServeProcess; stop it."""
+    executable = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    command = [executable, "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1"]
+    command += ["--device", "cpu", "--log-level", "warning"]
+    with running(command, f"http://127.0.0.1:{port}/health", name="transformers-serve", env=env) as log_path:
+        yield ServeProcess(f"http://127.0.0.1:{port}/v1", str(model_dir), log_path)

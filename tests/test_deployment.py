@@ -79,18 +79,19 @@ def test_examples_are_not_cached_so_a_space_never_calls_the_model_at_start_up(lo
     import gradio as gr
 
     from chat.config import Settings
-    from chat.web.page import build_demo
+    from chat.web.chat_events import example_text
+    from chat.web.page import EXAMPLES, build_demo
 
-    # Left unset (None), Gradio caches examples on Spaces: it runs the model on each one as the
-    # Space starts. The ChatInterface is found through the handlers it registered.
+    # Gradio caches gr.Examples on Spaces unless told otherwise: it runs the model on each one as
+    # the Space starts. The chat's examples are the Chatbot's own, which only fill the box.
     demo = build_demo(local_backend, Settings())
-    chats = {
-        id(owner): owner
-        for function in demo.fns.values()
-        if isinstance(owner := getattr(function.fn, "__self__", None), gr.ChatInterface)
-    }
-    (chat,) = chats.values()
-    assert chat.examples and chat.cache_examples is False
+    assert not [
+        block for block in demo.blocks.values() if isinstance(block, gr.Dataset)
+    ]  # gr.Examples draw one
+    (chatbot,) = [block for block in demo.blocks.values() if isinstance(block, gr.Chatbot)]
+    assert [example["text"] for example in chatbot.examples] == EXAMPLES
+    selected = [fn for fn in demo.fns.values() if (chatbot._id, "example_select") in fn.targets]
+    assert [fn.fn for fn in selected] == [example_text]
 
 
 def test_the_web_component_snippets_load_the_pinned_gradio_version():

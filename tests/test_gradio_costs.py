@@ -29,13 +29,15 @@ def events_by_api_name(demo: gr.Blocks) -> dict:
     return {block_fn.api_name: block_fn for block_fn in demo.fns.values()}
 
 
-def test_the_chat_and_completion_events_skip_gradio_preprocessing_and_the_others_keep_it():
-    events = events_by_api_name(build_demo(Quiet(), Settings()))
+def test_the_chat_completion_and_export_events_skip_gradio_preprocessing():
+    demo = build_demo(Quiet(), Settings())
+    events = events_by_api_name(demo)
     assert events["chat"].preprocess is False
     assert events["complete"].preprocess is False
-    ui_submits = [fn for fn in events.values() if fn.name == "_submit_fn"]
-    assert ui_submits and all(fn.preprocess is False for fn in ui_submits)
-    assert events["export"].preprocess is True  # takes the chatbot, which needs Gradio's conversion
+    page_replies = [fn for fn in demo.fns.values() if fn.name in ("reply", "option_reply")]
+    assert len(page_replies) == 4  # Send, Retry, Edit, and the buttons under a reply
+    assert all(fn.preprocess is False for fn in page_replies)
+    assert events["export"].preprocess is False  # reads the page's messages itself
 
 
 def test_the_wrapped_chat_event_keeps_its_streaming_and_its_documented_signature():
@@ -91,14 +93,59 @@ def test_a_missing_gradio_internal_stops_the_start_naming_the_version(monkeypatc
         gradio_costs.cache_config_signatures()
 
 
-def test_every_save_of_the_chats_drops_empty_ones_and_keeps_the_open_chats_place():
+def test_the_page_keeps_no_conversation_in_gradios_browser_state():
+    """Gradio's BrowserState keys what it keeps with a secret made at each start (a restart lost
+    every saved chat) and reads storage unguarded (a frame denied storage hung on "Loading...");
+    the chats and settings are kept by the page's own script instead (assets/chats.js)."""
     demo = build_demo(Quiet(), Settings())
-    saves = [fn.fn for fn in demo.fns.values() if fn.name == "_save_conversation"]
-    assert len(saves) >= 5  # after a reply, a retry, an undo, an edit, and a stopped reply
-    save = saves[0]
-    a, b = [{"role": "user", "content": "A"}], [{"role": "user", "content": "B"}]
-    assert save(0, [], [b, a]) == (None, [a])  # B emptied by Undo leaves the list
-    assert save(2, a, [[], b, a]) == (1, [b, a])  # an empty one saved earlier goes too
-    assert save(None, b, [a]) == (0, [b, a])
-    # Two saves end a stopped reply; the second can bring the list from before the first.
-    assert save(0, a, []) == (0, [a])
+    assert not [block for block in demo.blocks.values() if isinstance(block, gr.BrowserState)]
+    assert not [block for block in demo.blocks.values() if isinstance(block, gr.ChatInterface)]
+
+
+def test_reading_gradios_queue_stops_the_start_if_it_has_moved():
+    import types
+
+    import pytest
+
+    from chat.web.gradio_patches.queue import queue_size
+
+    with pytest.raises(
+        RuntimeError, match=f"Gradio {gr.__version__} has no .*_queue.*checked with Gradio 6.31.0"
+    ):
+        queue_size(types.SimpleNamespace())
+    demo = build_demo(Quiet(), Settings())
+    assert queue_size(demo)() == 0  # a queue with nothing waiting (tests/test_load.py sees one wait)
+
+
+def test_gradios_plot_backend_switch_around_each_event_searches_no_path(monkeypatch):
+    """Gradio switches matplotlib's backend around every step of every event; where matplotlib is
+    not installed, each switch searched sys.path for it (twice per streamed token)."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    import gradio.utils
+    import pytest
+
+    if sys.modules.get("matplotlib") is not None or (
+        "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is not None
+    ):
+        pytest.skip("matplotlib is installed here: its import finds it")
+    searched = []
+    real = importlib.machinery.PathFinder.find_spec
+
+    def find_spec(cls, name, path=None, target=None):
+        searched.append(name)
+        return real(name, path, target)
+
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", classmethod(find_spec))
+    monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
+    with gradio.utils.MatplotlibBackendMananger():  # what an event's step runs in
+        pass
+    assert searched.count("matplotlib") == 2  # without the workaround: enter and exit each search
+
+    build_demo(Quiet(), Settings())  # which looks for it once
+    searched.clear()
+    with gradio.utils.MatplotlibBackendMananger():
+        pass
+    assert "matplotlib" not in searched

@@ -23,6 +23,7 @@ from tests.reliability import ARGS, HEALTHY_TEXT, app_on_double, settled
 from tests.tgi_double import Reply, TGIDouble
 
 LIMIT = 256 * 1024
+ABOUT = {"title": "A chat", "time": "2026-12-08 14:32"}  # what the page sends /export: its files' names
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_a_long_conversation_is_still_accepted(app):
         for number in range(1000)
         for role in ("user", "assistant")
     ]
-    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, ""]}))
+    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, "", ABOUT]}))
     assert (status, event) == (200, "complete"), payload
 
 
@@ -185,6 +186,23 @@ def test_the_page_has_a_policy_against_forms_styles_and_resources_from_elsewhere
     assert not any(d.startswith("frame-ancestors") for d in directives)  # any site may frame it
     assert page.headers["x-content-type-options"] == "nosniff"
     assert "content-security-policy" not in api.headers
+
+
+def test_a_chatbot_built_to_render_a_messages_forms_and_images_stops_the_start():
+    """The chat's tags are shown as text through the Chatbot's own arguments; a Chatbot built
+    without them (a new one on the page, a refactor) would render a reply's forms and remote
+    images: the start stops instead (tests/browser/test_hostile.py sees the effect in the page)."""
+    import gradio as gr
+
+    from chat.web.security import harden_demo, text_only_chatbot
+
+    with gr.Blocks() as guarded:
+        gr.Chatbot(**text_only_chatbot())
+    harden_demo(guarded)
+    with gr.Blocks() as bare:
+        gr.Chatbot(label="Conversation")
+    with pytest.raises(RuntimeError, match="'Conversation' is built without .*text_only_chatbot"):
+        harden_demo(bare)
 
 
 def test_files_the_app_hands_out_are_private_and_deleted_as_they_age(app):
@@ -386,13 +404,15 @@ def test_exports_in_a_loop_keep_a_bounded_amount_of_private_files_and_nobody_els
         {"role": role, "content": [{"type": "text", "text": text}]}
         for role, text in [("user", "Hi"), ("assistant", "Hello")]
     ]
-    status, event, payload = rest_call(url, "export", json.dumps({"data": [history, "the victim's export"]}))
+    status, event, payload = rest_call(
+        url, "export", json.dumps({"data": [history, "the victim's export", ABOUT]})
+    )
     assert (status, event) == (200, "complete"), payload
     victims = served_paths(payload)
     events = []
     for number in range(30):  # 100 KB a call (Markdown and JSON): 3 MB in all
         status, event, payload = rest_call(
-            url, "export", json.dumps({"data": [history, f"{number} " * 25_000]})
+            url, "export", json.dumps({"data": [history, f"{number} " * 25_000, ABOUT]})
         )
         events.append(event)
         assert event == "complete" or error_of(payload) == EXPORTS_FULL, payload

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -11,9 +12,9 @@ from chat.config import Settings
 from chat.conversation.backend import FINISH_CANCELLED, Backend, Token
 from chat.conversation.inline_math import CLOSE, OPEN, shown, written
 from chat.conversation.reply import ReplyStats
-from chat.conversation.turns import turns_from_history
+from chat.conversation.turns import content_text, turns_from_history
 from chat.web.export import conversation_json, conversation_markdown
-from chat.web.handlers import PageHandlers, Refused, ShownReply, stats_line
+from chat.web.handlers import PageHandlers, Refused, ShownReply, export_name, stats_line
 from chat.web.operations import Operations
 from tests.doubles import FailingBackend
 
@@ -38,6 +39,9 @@ class Words(Backend):
     def stream(self, prompt, params):
         self.prompts.append(prompt)
         for index, word in enumerate(self.words):
+            if index == params.max_new_tokens:
+                yield Token("", finish_reason="length", seed=params.seed)
+                return
             if self.gauge is not None:
                 self.seen_in_flight.append(self.gauge._value.get())
             yield Token(word, id=index)
@@ -62,6 +66,15 @@ def counted(operations: Operations, mode: str, outcome: str) -> float:
     return operations.requests.labels(mode, outcome)._value.get()
 
 
+def text(message: dict) -> str:
+    return content_text(message["content"])
+
+
+def offered(message: dict) -> list[str]:
+    """The buttons offered under a message (Gradio's message options)."""
+    return [option["label"] for option in message.get("options") or ()]
+
+
 def test_a_chat_reply_streams_then_ends_with_its_figures_in_a_message_of_their_own():
     handlers = handlers_for(Words())
     session = {}
@@ -69,10 +82,10 @@ def test_a_chat_reply_streams_then_ends_with_its_figures_in_a_message_of_their_o
 
     assert all(isinstance(update, ShownReply) for update in updates)
     last = updates[-1]
-    assert last.text == "Hello there" and last[0]["content"] == "Hello there"
+    assert last.text == "Hello there" and text(last[0]) == "Hello there"
     figures = last[1]["metadata"]["title"]
     assert "2 tokens" in figures and "end of turn" in figures and "seed 7" in figures
-    assert last[1]["content"] == ""  # nothing to copy or read but the title
+    assert text(last[1]) == "" and offered(last[1]) == []  # nothing but the title; nothing to retry
     assert session["last_reply"]["generated_tokens"] == 2
     # The figures are a display: the next prompt gets the reply's words only.
     assert turns_from_history([{"role": "user", "content": "Hi"}, *last])[0].assistant == "Hello there"
@@ -92,8 +105,9 @@ def test_a_refused_chat_request_is_a_note_in_the_chat_and_counted(message, seed,
     updates = collect(handlers.respond(message, [], "", 0.0, 90, 0.9, 1.0, seed, {}))
 
     (refusal,) = updates
-    assert reason in refusal.refused and reason in refusal[0]["content"]
+    assert reason in refusal.refused and reason in text(refusal[0])
     assert refusal.text == "" and len(refusal) == 1  # no figures: nothing was generated
+    assert offered(refusal[0]) == ["Retry"]  # asked again once fixed, not typed again
     assert counted(handlers.operations, "chat", "rejected") == 1
     assert handlers.operations.in_flight._value.get() == 0
 
@@ -122,7 +136,27 @@ def test_a_failing_backend_leaves_the_partial_reply_its_note_and_figures():
     handlers = handlers_for(FailingBackend())
     last = collect(handlers.respond("Hi", [], "", *SETTINGS, None, {}))[-1]
     assert last.text.startswith("Partial reply") and "Reply cut short" in last.text
-    assert "error" in last[1]["metadata"]["title"]
+    assert "error" in last[1]["metadata"]["title"] and offered(last[1]) == ["Retry"]
+
+
+def test_a_reply_cut_at_the_length_limit_says_so_in_words_and_offers_continue():
+    handlers = handlers_for(Words(words=("one ", "two ", "three ", "four")))
+    last = collect(handlers.respond("Count", [], "", 0.0, 2, 0.9, 1.0, None, {}))[-1]
+    assert last.text == "one two"  # the API's words: no note
+    assert text(last[0]).startswith("one two") and "length limit (2 new tokens)" in text(last[0])
+    assert offered(last[1]) == ["Continue"]
+    assert turns_from_history([{"role": "user", "content": "Count"}, *last])[0].assistant == "one two"
+
+
+def stopped(handlers, session, reply_so_far) -> list[dict]:
+    """What the page shows after Stop, given the reply's messages so far (the channel's value)."""
+    session["reply_id"] = "r1"  # the reply Stop is about, as `PageHandlers.reply` notes it
+    update = asyncio.run(
+        handlers.figures_after_stop(json.dumps({"id": "r1", "messages": reply_so_far}), session)
+    )
+    answer = json.loads(update)
+    assert answer["id"] == "r1"  # the page merges it into the reply it belongs to
+    return answer["messages"]
 
 
 def test_after_stop_the_reply_is_marked_stopped_and_gets_its_figures():
@@ -130,11 +164,13 @@ def test_after_stop_the_reply_is_marked_stopped_and_gets_its_figures():
     session = {}
     collect(handlers.respond("Hi", [], "", *SETTINGS, None, session))
     session["last_stats"] = ReplyStats(generated_tokens=3, finish_reason=FINISH_CANCELLED)
-    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello th"}]
 
-    shown = asyncio.run(handlers.figures_after_stop(history, session))
+    reply = stopped(
+        handlers, session, [{"role": "assistant", "content": [{"type": "text", "text": "Hello th"}]}]
+    )
 
-    assert shown[1]["content"].startswith("Hello th") and "Stopped." in shown[1]["content"]
+    shown = [{"role": "user", "content": "Hi"}, *reply]
+    assert text(shown[1]).startswith("Hello th") and "Stopped." in text(shown[1])
     assert "stopped by user" in shown[2]["metadata"]["title"]
     assert turns_from_history(shown)[0].assistant == "Hello th"
     markdown = conversation_markdown(shown)
@@ -152,11 +188,90 @@ def test_a_reply_stopped_before_its_first_word_is_the_note_alone_with_its_figure
     collect(handlers.respond("Hi", [], "", *SETTINGS, None, session))
     session["last_stats"] = ReplyStats(generated_tokens=0, finish_reason=FINISH_CANCELLED)
 
-    shown = asyncio.run(handlers.figures_after_stop([{"role": "user", "content": "Hi"}], session))
+    shown = [{"role": "user", "content": "Hi"}, *stopped(handlers, session, [])]
 
     assert [message["role"] for message in shown] == ["user", "assistant", "assistant"]
-    assert "Stopped." in shown[1]["content"] and "stopped by user" in shown[2]["metadata"]["title"]
+    assert "Stopped." in text(shown[1]) and "stopped by user" in shown[2]["metadata"]["title"]
     assert turns_from_history(shown) == []  # nothing the model said, so nothing for its prompt
+
+
+def reply_to(handlers, messages, *, option=None, omitted=0, max_new_tokens=20) -> dict:
+    """The page's reply to a request of `messages` (plain role/text pairs): its last update."""
+    request = {
+        "id": "req-1",
+        "messages": [{"role": role, "content": [{"type": "text", "text": said}]} for role, said in messages],
+        "omitted": omitted,
+        "option": option,
+    }
+    settings = ("", 0.0, max_new_tokens, 0.9, 1.0, None, {})
+    updates = collect(handlers.reply(request, *settings))
+    assert all(json.loads(update)["id"] == "req-1" for update in updates)
+    return json.loads(updates[-1])
+
+
+def test_the_page_gets_only_the_reply_to_its_request():
+    backend = Words()
+    answer = reply_to(
+        handlers_for(backend), [("user", "Hi"), ("assistant", "Hello there"), ("user", "And you?")]
+    )
+    assert [message["role"] for message in answer["messages"]] == ["assistant", "assistant"]
+    assert text(answer["messages"][0]) == "Hello there"
+    assert backend.prompts[-1] == "User: Hi\nFalcon: Hello there\nUser: And you?\nFalcon:"
+
+
+def test_continue_resumes_the_reply_in_the_same_message():
+    backend = Words(words=(" and", " more"))
+    cut = "Hello there\n\n> ⚠️ The reply stopped at the length limit (2 new tokens): Continue lets the model go on."
+    answer = reply_to(
+        handlers_for(backend), [("user", "Hi"), ("assistant", cut), ("assistant", "")], option="continue"
+    )
+    # The prompt ends inside the reply, and the reply grows as one message: the note is gone.
+    assert backend.prompts[-1] == "User: Hi\nFalcon: Hello there"
+    assert text(answer["messages"][0]) == "Hello there and more"
+    assert "2 tokens" in answer["messages"][1]["metadata"]["title"]  # the continuation's own figures
+
+
+def test_retry_under_a_failed_reply_asks_its_message_again():
+    backend = Words()
+    failed = "> ⚠️ The model server could not be reached. Please try again in a moment."
+    answer = reply_to(handlers_for(backend), [("user", "Hi"), ("assistant", failed)], option="retry")
+    assert backend.prompts[-1] == "User: Hi\nFalcon:"
+    assert text(answer["messages"][0]) == "Hello there"
+
+
+def test_turns_the_page_left_out_for_size_are_counted_among_those_the_model_did_not_see():
+    answer = reply_to(handlers_for(Words()), [("user", "Hi")], omitted=3)
+    assert "3 older turns left out" in answer["messages"][1]["metadata"]["title"]
+
+
+@pytest.mark.parametrize(
+    "request_", [None, "not json", {"id": 5, "messages": "no"}, {"messages": [{"role": "assistant"}]}]
+)
+def test_a_request_with_nothing_to_answer_gets_a_sentence(request_):
+    updates = collect(handlers_for(Words()).reply(request_, "", *SETTINGS, None, {}))
+    (update,) = [json.loads(update) for update in updates]
+    assert text(update["messages"][0]) == "> ⚠️ There is no message to reply to."
+
+
+@pytest.mark.parametrize(
+    "about, name",
+    [
+        (
+            {"title": "Plan a trip to Lisbon!", "time": "2026-12-08 14:32"},
+            "falcon-chat-plan-a-trip-to-lisbon-2026-12-08-1432",
+        ),
+        ({"title": "../../etc/passwd", "time": "2026-12-08 14:32"}, "falcon-chat-etc-passwd-2026-12-08-1432"),
+        ({"title": "日本語", "time": "2026-01-02 03:04"}, "falcon-chat-conversation-2026-01-02-0304"),
+    ],
+)
+def test_exported_files_are_named_after_the_chat_and_its_time(about, name):
+    assert export_name(about) == name
+
+
+def test_an_export_name_from_a_bad_time_takes_the_servers_clock():
+    assert re.fullmatch(
+        r"falcon-chat-hi-\d{4}-\d\d-\d\d-\d{4}", export_name({"title": "Hi", "time": "<script>"})
+    )
 
 
 def test_stats_line_says_how_the_reply_ended_and_what_was_left_out():
@@ -184,7 +299,7 @@ def test_inline_dollar_math_is_marked_as_math_but_prices_and_code_stay_text(text
 
 def as_the_browser_sends(messages) -> list[dict]:
     """Messages as the page sends them back: each content a list of text parts."""
-    return [{**message, "content": [{"type": "text", "text": message["content"]}]} for message in messages]
+    return [{**message, "content": [{"type": "text", "text": text(message)}]} for message in messages]
 
 
 def test_the_next_prompt_gets_the_reply_as_the_model_wrote_it_without_its_figures():
@@ -207,3 +322,17 @@ def test_the_completion_stop_box_takes_the_escapes_the_stop_flag_takes():
 
     assert parse_stops("\\n,###") == ["\n", "###"]
     assert parse_stops("a\\,b,\\tUtilisateur é:,用户:") == ["a,b", "\tUtilisateur é:", "用户:"]
+
+
+def test_a_reply_stopped_before_it_was_asked_for_is_only_marked_stopped():
+    """Stop can come before the page's request does (a busy page): nothing is generated, and Stop's
+    own step leaves the note as it is, with no figures of another reply."""
+    backend = Words()
+    handlers = handlers_for(backend)
+    session = {}
+    collect(handlers.respond("Earlier", [], "", *SETTINGS, None, session))  # figures of another reply
+    request = {"id": "late", "messages": [{"role": "user", "content": "Hi"}], "stopped": True}
+    (update,) = [json.loads(u) for u in collect(handlers.reply(request, "", *SETTINGS, None, session))]
+    assert [text(m) for m in update["messages"]] == ["> ⚠️ Stopped."] and len(backend.prompts) == 1
+    after = json.loads(asyncio.run(handlers.figures_after_stop(json.dumps(update), session)))
+    assert after == update  # no figures: none belong to it

@@ -76,6 +76,7 @@ def fit_prompt(
     max_new_tokens: int,
     prompt_format: PromptFormat | None = None,
     max_input_tokens: int | None = None,
+    reply_start: str = "",
 ) -> FittedPrompt:
     """Keep the newest turns that leave the reply its floor; the reply gets the rest, up to
     `max_new_tokens`. Never cut the system prompt or the message.
@@ -83,10 +84,11 @@ def fit_prompt(
     `max_input_tokens`: the server's limit on the prompt alone, where it has one. A message that
     fits but leaves less than the floor is sent with a shorter reply; one that does not fit at all
     raises PromptTooLong, naming what is too long and a length that leaves the reply its floor.
+    `reply_start` (a reply to continue) is kept as the message is.
     """
     prompt_format = prompt_format or FalconFormat()
     considered = bounded_turns(turns, context_length)
-    conversation = Conversation(system_prompt, considered, message)
+    conversation = Conversation(system_prompt, considered, message, reply_start)
     dropped_unseen = len(turns) - len(considered)
     input_limit = prompt_limit(context_length, max_input_tokens)
     budget = min(input_limit, context_length - reply_floor(max_new_tokens, context_length))

@@ -54,21 +54,30 @@ _SPECIAL_SHAPES = re.compile(
 
 @dataclass(frozen=True)
 class Conversation:
-    """What is sent for one reply: the system prompt, the finished turns, the new message."""
+    """What is sent for one reply: the system prompt, the finished turns, the new message, and
+    the start of the reply when the model is to continue one it wrote (Continue after a reply
+    was cut at the length limit): the prompt then ends inside that reply, not after it."""
 
     system_prompt: str
     turns: tuple[Turn, ...]
     message: str
+    reply_start: str = ""
 
     def without_oldest(self, count: int) -> Conversation:
-        return Conversation(self.system_prompt, self.turns[count:], self.message)
+        return Conversation(self.system_prompt, self.turns[count:], self.message, self.reply_start)
 
 
 @dataclass(frozen=True)
 class ChatMessages:
-    """A conversation as role/content messages, for a server that applies the template itself."""
+    """A conversation as role/content messages, for a server that applies the template itself.
+    Ending with an assistant message, the server is to continue that message (TGI, vLLM and
+    SGLang take `continue_final_message`), not to start a new one."""
 
     messages: tuple[tuple[str, str], ...]
+
+    @property
+    def continues_reply(self) -> bool:
+        return bool(self.messages) and self.messages[-1][0] == "assistant"
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -90,9 +99,10 @@ def neutralize_special_tokens(text: str, special_tokens: Iterable[str] = ()) -> 
     return re.sub(pattern, lambda m: m[0][0] + _ZERO_WIDTH_SPACE + m[0][1:], text, flags=re.IGNORECASE)
 
 
-def format_prompt(message: str, turns: Sequence[Turn], system_prompt: str = "") -> str:
+def format_prompt(message: str, turns: Sequence[Turn], system_prompt: str = "", reply_start: str = "") -> str:
     """The Falcon prompt for `message` after `turns` (`chat.conversation.turns.turns_from_history` makes
-    them from Gradio's history), ending with `Falcon:` for the model to continue."""
+    them from Gradio's history), ending with `Falcon:` for the model to continue, or inside the
+    reply that starts with `reply_start`."""
 
     def clean(text: str) -> str:
         return neutralize_role_markers(neutralize_special_tokens(text))
@@ -100,6 +110,8 @@ def format_prompt(message: str, turns: Sequence[Turn], system_prompt: str = "") 
     parts = [f"System: {clean(system_prompt)}\n"] if system_prompt else []
     parts += [f"User: {clean(turn.user)}\nFalcon: {clean(turn.assistant)}\n" for turn in turns]
     parts.append(f"User: {clean(message)}\nFalcon:")
+    if reply_start:
+        parts.append(f" {clean(reply_start)}")
     return "".join(parts)
 
 
@@ -110,7 +122,8 @@ class FalconFormat:
     description = "the Falcon format (`User:` / `Falcon:` lines)"
 
     def render(self, conversation: Conversation) -> str:
-        return format_prompt(conversation.message, conversation.turns, conversation.system_prompt)
+        c = conversation
+        return format_prompt(c.message, c.turns, c.system_prompt, c.reply_start)
 
 
 class ChatTemplateFormat:
@@ -136,8 +149,12 @@ class ChatTemplateFormat:
         messages = chat_messages(conversation, self.special_tokens).as_dicts()
         if not self._system_role:
             messages = _system_into_first_user(messages)
+        # A reply to continue is the last message, left open (transformers' assistant prefill).
+        continues = (
+            {"continue_final_message": True} if conversation.reply_start else {"add_generation_prompt": True}
+        )
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, **continues)
             # The prompt is encoded like any text, with the tokenizer's own BOS: a template that
             # writes it too would give two.
             return text.removeprefix(self._added_prefix)
@@ -174,6 +191,8 @@ def chat_messages(conversation: Conversation, special_tokens: Iterable[str] = ()
     for turn in conversation.turns:
         messages += [("user", clean(turn.user)), ("assistant", clean(turn.assistant))]
     messages.append(("user", clean(conversation.message)))
+    if conversation.reply_start:
+        messages.append(("assistant", clean(conversation.reply_start)))
     return ChatMessages(tuple(messages))
 
 

@@ -21,7 +21,13 @@ from dataclasses import asdict, dataclass, field
 from chat.conversation import cancellation
 from chat.conversation.backend import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Backend
 from chat.conversation.cancellation import Cancellation
-from chat.conversation.errors import BackendError, ContextOverflow, InvalidMessage, PromptTooLong
+from chat.conversation.errors import (
+    BackendError,
+    ContextOverflow,
+    InvalidMessage,
+    PromptTooLong,
+    RequestRejected,
+)
 from chat.conversation.fitting import FittedPrompt, fit_prompt, prompt_limit
 from chat.conversation.log_safety import private_texts
 from chat.conversation.params import GenerationParams
@@ -41,6 +47,9 @@ _FIELD_WORDS = {
     "text": ("text", "Please type the text to continue first.", "The text to continue must be text."),
 }
 EMPTY_REPLY_NOTE = "The model ended its turn without writing anything. Try again or rephrase."
+NOTHING_TO_ADD_NOTE = "The model ended the reply here: it had nothing to add."
+# A server that refuses to resume a reply (`transformers serve` 5.23 refuses the request outright).
+CANNOT_CONTINUE_NOTE = "This model server cannot continue a reply. Retry asks it for a new one."
 # Each yield costs the web server a message to the page (~5-30 ms of CPU on a small machine), so
 # tokens that arrive faster than this are shown together: a fast model is not slowed to the
 # page's pace, and a slow one still shows every token as it comes.
@@ -133,9 +142,12 @@ def stream_reply(
     max_message_chars: int,
     on_finish: Callable[[ReplyStats], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    reply_start: str = "",
 ) -> Iterator[str]:
     """Yield the growing reply text. Closing this generator stops the backend's generation, and so
-    does `cancelled()` turning true (checked after every token, for a reader in another thread)."""
+    does `cancelled()` turning true (checked after every token, for a reader in another thread).
+    With `reply_start` (Continue), the model resumes that reply: the texts are it, then what the
+    model adds to it, one reply."""
     message = clean_message(message, max_message_chars)
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise InvalidMessage("The system prompt must be text.")
@@ -146,6 +158,8 @@ def stream_reply(
             f"{max_message_chars:,}. Please shorten it."
         )
     turns = [Turn(clean_text(t.user), clean_text(t.assistant)) for t in turns_from_history(history)]
+    # The template or the prompt's end would drop trailing space; the model writes it again.
+    reply_start = clean_text(reply_start).rstrip()
 
     def fit(drop: int) -> FittedPrompt:
         fitted = fit_prompt(
@@ -157,15 +171,27 @@ def stream_reply(
             max_new_tokens=params.max_new_tokens,
             prompt_format=backend.prompt_format,
             max_input_tokens=backend.max_input_tokens(),
+            reply_start=reply_start,
         )
         return dataclasses.replace(fitted, dropped_turns=fitted.dropped_turns + drop)
 
     # Whatever is logged while this reply is produced (a server's error echoing its input, by us
     # or an HTTP library) withholds what repeats the conversation (chat.conversation.log_safety).
-    conversation = [message, system_prompt, *(text for turn in turns for text in (turn.user, turn.assistant))]
+    conversation = [
+        message,
+        system_prompt,
+        reply_start,
+        *(text for turn in turns for text in (turn.user, turn.assistant)),
+    ]
     with private_texts(conversation):
         yield from stream_fitted(
-            backend, fit, params, droppable_turns=len(turns), on_finish=on_finish, cancelled=cancelled
+            backend,
+            fit,
+            params,
+            droppable_turns=len(turns),
+            on_finish=on_finish,
+            cancelled=cancelled,
+            reply_start=reply_start,
         )
 
 
@@ -206,8 +232,10 @@ def stream_fitted(
     on_finish: Callable[[ReplyStats], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
     keep_leading_space: bool = False,
+    reply_start: str = "",
 ) -> Iterator[str]:
-    """The shared loop: fit, stream, filter. `fit(n)` fits the prompt with at least n turns dropped."""
+    """The shared loop: fit, stream, filter. `fit(n)` fits the prompt with at least n turns dropped.
+    Each text yielded starts with `reply_start`, the reply being continued, if any."""
     started = time.perf_counter()
     if params.greedy:
         params = dataclasses.replace(params, seed=None)  # nothing is drawn: no seed to show
@@ -216,7 +244,10 @@ def stream_fitted(
         # backend's last event, which is where servers report the seed they picked.
         params = dataclasses.replace(params, seed=random.randrange(2**31))
     stats = ReplyStats(seed=params.seed)
-    stop_filter = StopFilter(params.stop_sequences, keep_leading_space=keep_leading_space)
+    # What the model adds to a reply it continues keeps its leading space: it joins the words.
+    stop_filter = StopFilter(
+        params.stop_sequences, keep_leading_space=keep_leading_space or bool(reply_start)
+    )
     drop, overflows = 0, 0
     last_update = 0.0
     if isinstance(cancelled, Cancellation):  # lets a remote backend's blocked read be interrupted
@@ -243,7 +274,7 @@ def stream_fitted(
                     grew = stop_filter.push(token.text)
                     since_update = time.perf_counter() - last_update
                     if grew and (waited > WAITED_S or since_update >= MIN_UPDATE_INTERVAL_S):
-                        yield stop_filter.text
+                        yield reply_start + stop_filter.text
                         last_update = time.perf_counter()  # when the page was ready for more
                     asked = time.perf_counter()
                     if stop_filter.stopped:
@@ -267,14 +298,21 @@ def stream_fitted(
             finally:
                 tokens.close()
         final = stop_filter.finish()
-        notes = ([] if final else [EMPTY_REPLY_NOTE]) + context_notes(stats)
-        yield add_note(final, " ".join(notes)) if notes else final
+        if reply_start:  # Continue: one reply, what was there and what the model added
+            text, notes = reply_start + final, ([] if final.strip() else [NOTHING_TO_ADD_NOTE])
+        else:
+            text, notes = final, ([] if final else [EMPTY_REPLY_NOTE])
+        notes += context_notes(stats)
+        yield add_note(text, " ".join(notes)) if notes else text
     except BackendError as error:
         stats.finish_reason, stats.error_kind = FINISH_ERROR, type(error).__name__
         stats.error_detail = error.detail  # logged with the request (chat.web.operations), made safe there
         log.warning("reply failed: %s", type(error).__name__)
-        partial = stop_filter.text
-        said = f"Reply cut short: {error.user_message}" if partial else error.user_message
+        partial = reply_start + stop_filter.text
+        if reply_start and isinstance(error, RequestRejected) and not stop_filter.text:
+            said = CANNOT_CONTINUE_NOTE
+        else:
+            said = f"Reply cut short: {error.user_message}" if partial else error.user_message
         yield add_note(partial, " ".join([said, *context_notes(stats)]))
     finally:
         stats.duration_s = time.perf_counter() - started

@@ -1,6 +1,8 @@
 """Gradio's chat history in, our own turns out: the one place that knows Gradio's shapes.
 
-Accepted: Gradio 6 messages (`{"role", "content"}`, content a string or a list of
+`shown_messages` is the one parser of them (the reply loop, export and the page's handlers all
+read history through it); `page_message` writes the shape the page's Chatbot keeps. Accepted:
+Gradio 6 messages (`{"role", "content"}`, content a string or a list of
 `{"type": "text", "text": ...}` parts, or message objects with those attributes) and legacy
 `(user, bot)` pairs. Other roles, non-text parts, the figures' messages and our own notes (errors
 and the like, which the app appends to a reply and must not feed back to the model) are left out,
@@ -18,7 +20,7 @@ from chat.conversation.inline_math import written
 NOTE_MARK = "> ⚠️ "
 _NOTE_AT_END = re.compile(r"(?:\A|\n\n)" + re.escape(NOTE_MARK) + r"[^\n]*\Z")
 # The figures of a reply (tokens, timings, how it ended) are a message of their own after it,
-# with the figures as its title: a display, never the model's words.
+# with the figures as its title (`page_message(title=...)`): a display, never the model's words.
 # Replies saved by earlier versions carry their figures inside the text, as this one-line footer.
 _OLD_FOOTER_AT_END = re.compile(r"(?:\A|\n\n)<sub>📊 [^\n]*</sub>\Z")
 
@@ -35,16 +37,6 @@ def add_note(reply: str, note: str) -> str:
     """Append a note to a (possibly empty) reply, in the form `strip_note` removes."""
     note = NOTE_MARK + " ".join(note.split())
     return f"{reply}\n\n{note}" if reply else note
-
-
-def figures_message(figures: str) -> dict:
-    """The message shown after a reply with its figures: metadata only, outside the reply's text
-    (copying the reply, or `/chat`, gives the words alone); `turns_from_history` skips it."""
-    return {
-        "role": "assistant",
-        "content": "",
-        "metadata": {"title": " ".join(figures.split()), "status": "done"},
-    }
 
 
 def strip_note(reply: str) -> str:
@@ -73,6 +65,54 @@ def content_text(content) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class ShownMessage:
+    """One message of a conversation as the page shows it: who, the text, and the title of a
+    message that is a display the app added (a reply's figures), never anyone's words."""
+
+    role: str | None
+    text: str
+    title: str = ""
+
+
+def shown_messages(history) -> list[ShownMessage]:
+    """Every message of Gradio's history, whatever its shape (see the module's docstring):
+    a legacy pair gives two."""
+    messages = []
+    for item in history or []:
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            messages += [
+                ShownMessage("user", content_text(item[0])),
+                ShownMessage("assistant", content_text(item[1])),
+            ]
+            continue
+        fields = item if isinstance(item, dict) else None
+
+        def field(name, item=item, fields=fields):
+            return fields.get(name) if fields is not None else getattr(item, name, None)
+
+        role = field("role")
+        messages.append(
+            ShownMessage(
+                role if isinstance(role, str) else None,
+                content_text(field("content")),
+                _title(field("metadata")),
+            )
+        )
+    return messages
+
+
+def page_message(role: str, text: str, *, title: str = "", options: tuple[str, ...] = ()) -> dict:
+    """A message in the shape Gradio's Chatbot keeps on the page (what the page's script stores
+    and shows): text parts, the figures' title, the buttons offered under it (`options`)."""
+    return {
+        "role": role,
+        "content": [{"type": "text", "text": text}],
+        "metadata": {"title": title, "status": "done"} if title else None,
+        "options": [{"label": option, "value": option.lower()} for option in options] or None,
+    }
+
+
 def turns_from_history(history) -> list[Turn]:
     """Gradio history (messages or pairs) to finished turns, oldest first."""
     turns: list[Turn] = []
@@ -85,30 +125,15 @@ def turns_from_history(history) -> list[Turn]:
         if pending_user is not None and reply:
             turns.append(Turn(pending_user, reply))
 
-    for item in history or []:
-        if isinstance(item, (list, tuple)) and len(item) == 2:
+    for message in shown_messages(history):
+        if message.role == "user":
             finish()
-            pending_user, replies = content_text(item[0]), [content_text(item[1])]
-            continue
-        role, content, metadata = _message_fields(item)
-        if role == "user":
-            finish()
-            pending_user, replies = content_text(content), []
-        elif role == "assistant" and pending_user is not None and not metadata:
-            # Messages with metadata (titles, tool logs) are displays, not the model's words.
-            replies.append(content_text(content))
+            pending_user, replies = message.text, []
+        elif message.role == "assistant" and pending_user is not None and not message.title:
+            # Messages with titles (the figures, tool logs) are displays, not the model's words.
+            replies.append(message.text)
     finish()
     return turns
-
-
-def _message_fields(item):
-    if isinstance(item, dict):
-        return item.get("role"), item.get("content"), _title(item.get("metadata"))
-    return (
-        getattr(item, "role", None),
-        getattr(item, "content", None),
-        _title(getattr(item, "metadata", None)),
-    )
 
 
 def _title(metadata) -> str:

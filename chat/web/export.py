@@ -5,26 +5,19 @@ from __future__ import annotations
 import json
 
 from chat.conversation.inline_math import written
-from chat.conversation.turns import content_text, note_of, strip_note
+from chat.conversation.turns import note_of, shown_messages, strip_note
 
 
 def conversation_messages(history) -> list[dict]:
     """Gradio history as plain `{"role", "content"}` messages: the words, the app's note on how a
     reply ended (stopped, cut short) apart in `note`; the figures' messages are left out."""
     messages = []
-    for item in history or []:
-        if isinstance(item, (list, tuple)) and len(item) == 2:
-            pairs = [("user", item[0]), ("assistant", item[1])]
-        elif isinstance(item, dict):
-            pairs = [(item.get("role"), item.get("content"))]
-        else:
-            pairs = [(getattr(item, "role", None), getattr(item, "content", None))]
-        for role, content in pairs:
-            text, note = content_text(content), ""
-            if role == "assistant":
-                text, note = written(strip_note(text)).strip(), note_of(text)
-            if role in ("user", "assistant") and (text or note):
-                messages.append({"role": role, "content": text, **({"note": note} if note else {})})
+    for message in shown_messages(history):
+        text, note = message.text, ""
+        if message.role == "assistant":
+            text, note = written(strip_note(text)).strip(), note_of(text)
+        if message.role in ("user", "assistant") and not message.title and (text or note):
+            messages.append({"role": message.role, "content": text, **({"note": note} if note else {})})
     return messages
 
 

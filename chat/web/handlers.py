@@ -1,29 +1,37 @@
 """What the page's events do: plain async functions over a backend, callable without a server.
 
-`PageHandlers.respond` (the chat), `complete` (raw continuation), `export`, `reply_stats` and
-`figures_after_stop` are what `chat/web/page.py` wires to Gradio's events. Both streaming events share
-one path (`_stream`): the in-flight gauge, the rejected-request count and the refusal.
+`PageHandlers.respond` (a chat reply), `reply` (the page's reply to its own request),
+`figures_after_stop`, `complete` (raw continuation), `export` and `reply_stats` are what
+chat/web/chat_events.py and chat/web/page.py wire to Gradio's events. Both streaming paths share
+one (`_stream`): the in-flight gauge, the rejected-request count and the refusal.
 
-A chat reply is shown as a `ShownReply`: the reply message, then its figures (tokens, timings,
-how it ended) in a message of their own, outside the words. API callers get only the words
-(`ShownReply.text`). A refused request (an empty or too long message, a bad seed, a prompt that
-cannot fit) is shown as a one-sentence note in the chat instead of an error: Gradio 6.31 locks
-the page when a chat function raises before its first update.
+The conversation lives in the browser (assets/chats.js keeps it); the page sends what the reply
+needs (a `request`: the conversation, or only its newest part where it is long) and gets back only
+the reply, on a channel of its own (`ReplyUpdate`). A chat reply is shown as a `ShownReply`: the
+reply message, then its figures (tokens, timings, how it ended) in a message of their own, outside
+the words, with what the person can do next under it: Continue for a reply cut at the length
+limit, Retry for one that failed. API callers get only the words (`ShownReply.text`). A refused
+request (an empty or too long message, a bad seed, a prompt that cannot fit) is a one-sentence
+note in the chat, with Retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 
 from chat.config import Settings
-from chat.conversation.backend import Backend
+from chat.conversation.backend import FINISH_LENGTH, Backend
 from chat.conversation.errors import ChatError, InvalidParameter
-from chat.conversation.inline_math import shown
+from chat.conversation.inline_math import shown, written
 from chat.conversation.params import GenerationParams
 from chat.conversation.reply import (
+    FINISH_ERROR,
     FINISH_WORDS,
     MIN_UPDATE_INTERVAL_S,
     ReplyStats,
@@ -32,7 +40,13 @@ from chat.conversation.reply import (
     stream_reply,
 )
 from chat.conversation.stops import decode_escapes, split_unescaped_commas
-from chat.conversation.turns import add_note, content_text, figures_message
+from chat.conversation.turns import (
+    ShownMessage,
+    add_note,
+    page_message,
+    shown_messages,
+    strip_note,
+)
 from chat.web.bridge import UpdatePacer, newest_in_thread
 from chat.web.export import conversation_json, conversation_markdown
 from chat.web.operations import Operations
@@ -40,6 +54,12 @@ from chat.web.security import export_folder
 
 COMPLETION_STOPS = ("<|endoftext|>",)
 STOPPED_NOTE = "Stopped."
+LENGTH_NOTE = "The reply stopped at the length limit ({tokens:,} new tokens): Continue lets the model go on."
+CONTINUE, RETRY = "Continue", "Retry"  # the buttons offered under a reply (Gradio's message options)
+NOTHING_TO_ANSWER = "There is no message to reply to."
+# The longest request id, and chat title in an export's file name, taken from the page.
+MAX_REQUEST_ID = 64
+MAX_TITLE_IN_NAME = 40
 # How long the figures of a stopped reply are waited for (the reply's thread ends within ~0.1 s).
 STOPPED_FIGURES_WAIT_S = 3.0
 
@@ -53,17 +73,32 @@ class Refused(Exception):
 
 
 class ShownReply(list):
-    """A chat reply as the page shows it: a list of messages for Gradio's ChatInterface (the reply,
-    then its figures), carrying `text`, the reply as the model wrote it (what `/chat` returns), and
-    `refused`, the reason when the request was turned away."""
+    """A chat reply as the page shows it: its messages in the shape the page's Chatbot keeps (the
+    reply, then its figures), carrying `text`, the reply as the model wrote it (what `/chat`
+    returns), and `refused`, the reason when the request was turned away. A reply cut at the
+    length limit says so in words and offers Continue; a failed or refused one offers Retry."""
 
     def __init__(self, text: str, stats: ReplyStats | None = None, *, refused: str | None = None):
-        messages = [{"role": "assistant", "content": add_note("", refused) if refused else shown(text)}]
-        if stats is not None:
-            messages.append(figures_message(stats_line(stats)))
+        content = add_note("", refused) if refused else shown(text)
+        offered: tuple[str, ...] = (RETRY,) if refused else ()
+        if stats is not None and stats.finish_reason == FINISH_LENGTH:
+            content = add_note(content, LENGTH_NOTE.format(tokens=stats.generated_tokens))
+            offered = (CONTINUE,)
+        elif stats is not None and stats.finish_reason == FINISH_ERROR:
+            offered = (RETRY,)
+        if stats is None:
+            messages = [page_message("assistant", content, options=offered)]
+        else:
+            figures = page_message("assistant", "", title=stats_line(stats), options=offered)
+            messages = [page_message("assistant", content), figures]
         super().__init__(messages)
         self.text = text
         self.refused = refused
+
+
+def reply_update(request_id: str, messages: list[dict]) -> str:
+    """What the reply channel carries to the page: the request it answers, the reply's messages."""
+    return json.dumps({"id": request_id, "messages": messages}, ensure_ascii=False)
 
 
 class PageHandlers:
@@ -89,14 +124,20 @@ class PageHandlers:
         repetition_penalty,
         seed=None,
         session=None,
+        *,
+        reply_start: str = "",
+        omitted_turns: int = 0,
     ) -> AsyncIterator[ShownReply]:
-        """The chat: the growing reply, then the reply with its figures; a refusal as a note."""
+        """The chat: the growing reply, then the reply with its figures; a refusal as a note.
+        With `reply_start`, the model continues that reply; `omitted_turns` older turns were not
+        sent at all (the page keeps a long conversation's request under the size limit)."""
         ended: list[ReplyStats] = []
         done = threading.Event()
         if isinstance(session, dict):
             session["reply_done"] = done
 
         def on_finish(stats: ReplyStats) -> None:
+            stats.dropped_turns += omitted_turns
             ended.append(stats)
             if isinstance(session, dict):
                 session["last_reply"] = stats.as_dict()
@@ -114,6 +155,7 @@ class PageHandlers:
                 max_message_chars=self.settings.max_message_chars,
                 on_finish=finished,
                 cancelled=cancelled,  # a Cancellation: also interrupts a blocked read
+                reply_start=reply_start,
             )
 
         text = ""
@@ -125,6 +167,38 @@ class PageHandlers:
             yield ShownReply("", refused=refusal.reason)
             return
         yield ShownReply(text, ended[-1] if ended else None)
+
+    async def reply(self, request, *settings) -> AsyncIterator[str]:
+        """The page's reply to `request` (from the page's script, so untrusted): `{"id", "messages",
+        "omitted", "option"}`, the conversation as the page keeps it, or its newest part. Its last
+        message is answered; with the option "continue" (a button under the last reply) that
+        reply is continued instead, with "retry" written anew. `settings`: `respond`'s, from the
+        system prompt to the session. Yields `reply_update`s: the reply so far, then its figures."""
+        request_id, messages, omitted = read_request(request)
+        option = request.get("option") if isinstance(request, dict) else None
+        session = settings[-1] if settings and isinstance(settings[-1], dict) else {}
+        session["reply_id"] = request_id  # which reply a Stop is about (figures_after_stop)
+        if isinstance(request, dict) and request.get("stopped") is True:  # Stop came first
+            session["reply_done"] = None  # nothing is generated: no figures to wait for
+            yield reply_update(request_id, [page_message("assistant", add_note("", STOPPED_NOTE))])
+            return
+        asked = _last_user_message(messages)
+        if asked is None:
+            yield reply_update(request_id, ShownReply("", refused=NOTHING_TO_ANSWER))
+            return
+        reply_start = ""
+        if option == "continue":
+            replies = [
+                strip_note(m.text) for m in messages[asked + 1 :] if m.role == "assistant" and not m.title
+            ]
+            reply_start = written("\n".join(reply for reply in replies if reply)).strip()
+        history = [
+            {"role": m.role, "content": m.text, "metadata": {"title": m.title}} for m in messages[:asked]
+        ]
+        message = messages[asked].text
+        options = dict(reply_start=reply_start, omitted_turns=omitted)
+        async for shown_reply in self.respond(message, history, *settings, **options):
+            yield reply_update(request_id, shown_reply)
 
     async def complete(self, text, temperature, max_new_tokens, top_p, repetition_penalty, seed, stop):
         """Raw continuation of `text`, for base models; a refusal raises `Refused`."""
@@ -193,31 +267,33 @@ class PageHandlers:
             stop_sequences=stops,
         )
 
-    async def figures_after_stop(self, history, session) -> list:
-        """After Stop: the stopped reply marked as stopped, with its figures under it; stopped
-        before its first word, the message gets a reply that is only the note (else it hung
-        there unanswered)."""
+    async def figures_after_stop(self, reply_so_far, session) -> str:
+        """After Stop: the stopped reply (`reply_so_far`, the channel's value from the page) marked as
+        stopped, with its figures under it; stopped before its first word, the reply is only the
+        note (else the message hung there unanswered)."""
+        request_id, messages, _ = read_request(reply_so_far)
         done = session.get("reply_done") if isinstance(session, dict) else None
-        if done is None:
-            return history
+        if done is None or session.get("reply_id") != request_id:
+            # This reply never reached the server (Stop came first: the page sends it as stopped),
+            # so no figures of its own are coming; what the page has stays as it is.
+            return reply_update(request_id, [_as_page(m) for m in messages])
         await asyncio.to_thread(done.wait, STOPPED_FIGURES_WAIT_S)
         stats = session.get("last_stats")
-        history = list(history or [])
-        if stats is None or not history or _is_figures(history[-1]):
-            return history
-        if _role(history[-1]) == "assistant":
-            text = content_text(_content(history[-1]))
-            history[-1] = {"role": "assistant", "content": add_note(text, STOPPED_NOTE)}
-        else:
-            history.append({"role": "assistant", "content": add_note("", STOPPED_NOTE)})
-        history.append(figures_message(stats_line(stats)))
-        return history
+        if stats is None or (messages and messages[-1].title):
+            return reply_update(request_id, [_as_page(m) for m in messages])  # already finished
+        words = next((m.text for m in messages if m.role == "assistant" and not m.title), "")
+        stopped = [page_message("assistant", add_note(words, STOPPED_NOTE))]
+        stopped.append(page_message("assistant", "", title=stats_line(stats)))  # the figures
+        return reply_update(request_id, stopped)
 
-    def export(self, history, system_prompt) -> list[str]:
-        """The conversation as a Markdown and a JSON file; their paths."""
+    def export(self, history, system_prompt, about=None) -> list[str]:
+        """The conversation as a Markdown and a JSON file, named after the chat and its time
+        (`about`, from the page: `{"title", "time"}`); their paths."""
         folder = export_folder()  # private, the newest 64 MiB kept, removed at exit
-        options = dict(system_prompt=system_prompt or "", model_name=self.backend.model_name)
-        markdown, json_file = folder / "conversation.md", folder / "conversation.json"
+        system_prompt = system_prompt if isinstance(system_prompt, str) else ""  # from the page: any JSON
+        options = dict(system_prompt=system_prompt, model_name=self.backend.model_name)
+        name = export_name(about)
+        markdown, json_file = folder / f"{name}.md", folder / f"{name}.json"
         markdown.write_text(conversation_markdown(history, **options), encoding="utf-8")
         json_file.write_text(conversation_json(history, **options), encoding="utf-8")
         return [str(markdown), str(json_file)]
@@ -270,16 +346,50 @@ def parse_stops(raw) -> list[str]:
     return [decode_escapes(stop) for stop in split_unescaped_commas(raw)]
 
 
-def _role(message):
-    return message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+def read_request(request) -> tuple[str, list[ShownMessage], int]:
+    """The page's request (or a reply channel's value), checked: its id, its messages, and how many
+    older turns the page left out. Anything malformed reads as no messages."""
+    if isinstance(request, str):
+        try:
+            request = json.loads(request)
+        except ValueError:
+            request = None
+    if not isinstance(request, dict):
+        return "", [], 0
+    request_id = request.get("id")
+    request_id = request_id[:MAX_REQUEST_ID] if isinstance(request_id, str) else ""
+    messages = request.get("messages")
+    omitted = request.get("omitted")
+    omitted = omitted if isinstance(omitted, int) and not isinstance(omitted, bool) and omitted > 0 else 0
+    return request_id, shown_messages(messages if isinstance(messages, list) else []), omitted
 
 
-def _content(message):
-    return message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+def export_name(about) -> str:
+    """`falcon-chat-<the chat's title>-<its time>`, in letters, digits and dashes only (both come
+    from the page): `about` is `{"title", "time"}`, time as the page's clock shows it."""
+    about = about if isinstance(about, dict) else {}
+    title, time = about.get("title"), about.get("time")
+    slug = (
+        re.sub(r"[^a-z0-9]+", "-", title.lower())[:MAX_TITLE_IN_NAME].strip("-")
+        if isinstance(title, str)
+        else ""
+    )
+    stamp = (
+        re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)[ T](\d\d):(\d\d)", time.strip())
+        if isinstance(time, str)
+        else None
+    )
+    stamp = (
+        "-".join(stamp.groups()[:3]) + "-" + "".join(stamp.groups()[3:])
+        if stamp
+        else datetime.now().strftime("%Y-%m-%d-%H%M")
+    )
+    return "-".join(part for part in ("falcon-chat", slug or "conversation", stamp) if part)
 
 
-def _is_figures(message) -> bool:
-    """A message with a title is a display the app added (the figures), not a reply."""
-    metadata = message.get("metadata") if isinstance(message, dict) else getattr(message, "metadata", None)
-    title = metadata.get("title") if isinstance(metadata, dict) else getattr(metadata, "title", None)
-    return bool(title)
+def _last_user_message(messages: list[ShownMessage]) -> int | None:
+    return next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user"), None)
+
+
+def _as_page(message: ShownMessage) -> dict:
+    return page_message(message.role or "assistant", message.text, title=message.title)

@@ -9,6 +9,7 @@ an `Operations` puts chat.conversation.log_safety in front of every log record o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -67,14 +68,9 @@ class Operations:
         """A sentence for the page while the backend cannot serve (its server is down), else ""."""
         return "" if self.backend.healthy() else SERVER_DOWN
 
-    def watch_queue(self, demo) -> None:
-        """Report the depth of `demo`'s Gradio queue (read when /metrics is scraped)."""
-
-        def size() -> int:
-            queue = getattr(demo, "_queue", None)
-            per_id = getattr(queue, "event_queue_per_concurrency_id", {}) or {}
-            return sum(len(getattr(q, "queue", ())) for q in per_id.values())
-
+    def watch_queue(self, size: Callable[[], int]) -> None:
+        """Report the depth of the page's queue, `size()` (read when /metrics is scraped; Gradio's
+        queue is read in chat/web/gradio_patches/queue.py)."""
         self._queue_size = size
 
     def record_reply(self, mode: str, stats, message: str | None = None) -> None:

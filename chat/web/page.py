@@ -1,5 +1,7 @@
-"""The page: a chat tab (`gr.ChatInterface` over `PageHandlers.respond`), a completion tab, and
-launching. What each event does lives in `chat/web/handlers.py`; this module only lays it out.
+"""The page: a chat tab (a `gr.Chatbot` and message box, the saved chats beside them), a completion
+tab, and launching. The chats are kept in the browser by the page's script (assets/chats.js);
+what each event does lives in chat/web/handlers.py, how they are wired in chat/web/chat_events.py;
+this module only lays the page out.
 
 The UI never knows which backend it talks to. API endpoints:
 - `/chat`: `client.predict(message, system_prompt, temperature, max_new_tokens, top_p,
@@ -13,6 +15,7 @@ The UI never knows which backend it talks to. API endpoints:
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import gradio as gr
@@ -29,24 +32,24 @@ from chat.conversation.params import (
     MAX_TEMPERATURE,
     MIN_REPETITION_PENALTY,
 )
+from chat.web.chat_events import ChatView, keep_settings, wire_chat
 from chat.web.connections import ClientLimits
 from chat.web.embedding import embedding_launch_options
-from chat.web.gradio_patches.chat_interface import (
-    keep_message_box_editable,
-    save_no_empty_chats,
-    show_messages_as_written,
-    stop_edited_replies,
-    update_after_stop,
-)
-from chat.web.gradio_patches.costs import event_watch, text_message, trim_gradio_costs
+from chat.web.gradio_patches.costs import trim_gradio_costs
+from chat.web.gradio_patches.queue import event_watch, queue_size
 from chat.web.handlers import PageHandlers, Refused
 from chat.web.operations import Operations
-from chat.web.security import harden_demo, harden_launch_options, markdown_code, private_gradio_cache
+from chat.web.security import (
+    harden_demo,
+    harden_launch_options,
+    markdown_code,
+    private_gradio_cache,
+    text_only_chatbot,
+)
 from chat.web.theme import page_theme
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TITLE = "Falcon Chat"
-SETTINGS_STORAGE_KEY = "falcon-chat-settings"
 # Prompts from the Falcon-180B announcement and its SageMaker notebook.
 EXAMPLES = [
     "Translate to French: I love the sea, the mountains and long summer evenings.",
@@ -88,9 +91,9 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
         # person learns it before typing a message, not from the first reply.
         server_state = gr.Markdown(visible=False, elem_id="server-state")
         with gr.Tab("Chat", elem_id="chat-tab"):
-            chat_inputs = _chat_tab(demo, handlers)
+            _chat_tab(demo, handlers)
         with gr.Tab("Completion", elem_id="completion-tab"):
-            completion_inputs = _completion_tab(handlers)
+            _completion_tab(handlers)
         demo.load(
             lambda: _shown_if_any(operations.server_state()),
             None,
@@ -100,118 +103,103 @@ def build_demo(backend: Backend, settings: Settings, operations: Operations | No
             show_progress="hidden",
         )
     harden_demo(demo)
-    trim_gradio_costs(demo, raw_inputs=[*chat_inputs, *completion_inputs])
+    trim_gradio_costs(demo)
     handlers.event_gone = event_watch(demo)
     # A full queue turns new requests away at once instead of letting them wait for minutes: the
     # page says "This application is currently busy. Please try again.", gradio_client raises
     # QueueError("Queue is full! Please try again."), the REST route answers HTTP 503.
     demo.queue(max_size=settings.queue_size)
-    operations.watch_queue(demo)
+    operations.watch_queue(queue_size(demo))
     return demo
 
 
-def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> list:
-    """The chat, its settings (kept in the browser), export and `/reply_stats`; returns the
-    settings' inputs."""
+def _chat_tab(demo: gr.Blocks, handlers: PageHandlers) -> None:
+    """The chat, the saved chats beside it (a sidebar on desktop, a drawer on phones), its
+    settings (kept in the browser), export and `/reply_stats`."""
     backend, settings = handlers.backend, handlers.settings
-    session = gr.State({})
     system_prompt = gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False)
     chat_settings = [system_prompt, *_settings_inputs(_max_tokens_limit(backend), render=False)]
     # Gradio's own "Copy conversation" copies each figures' message as an empty "assistant:" and
     # the text as shown (6.31 has no way to leave display-only messages out): the page's script
     # (assets/page.js) copies the turns as the model wrote them.
     copy_conversation = gr.Button("Copy conversation", size="sm", render=False)
-    chat = gr.ChatInterface(
-        handlers.respond,
-        chatbot=gr.Chatbot(
-            label="Conversation",
-            show_label=False,
-            elem_id="conversation",
-            height=None,
-            scale=1,
-            buttons=["copy", copy_conversation],
-            latex_delimiters=LATEX_DELIMITERS,
-            # Gradio's own following pulls a reader who scrolls up back down (it queues a scroll
-            # after every update); assets/follow.js follows only while the reader is at the end.
-            autoscroll=False,
-            # Shown in the empty chat, above the examples: what the page talks to, and how.
-            placeholder=description(backend),
-        ),
-        textbox=gr.Textbox(
-            label="Message",
-            show_label=False,
-            placeholder="Type a message…",
-            elem_id="message",
-            lines=1,
-            max_lines=8,
-            scale=7,
-            autofocus=False,  # the page script focuses it without scrolling the page away
-            submit_btn="Send",
-            stop_btn="Stop",
-        ),
-        additional_inputs=[*chat_settings, session],
-        # Beside the message box; open, it lies over the conversation (assets/style.css).
-        additional_inputs_accordion=gr.Accordion(
-            "System prompt and settings", open=False, elem_id="settings", render=False
-        ),
-        examples=[[example] for example in EXAMPLES],
-        run_examples_on_click=False,  # an example fills the box, to be edited and sent
-        cache_examples=False,  # Spaces would otherwise call the model at start-up
-        editable=True,
-        save_history=True,
-        concurrency_limit=_concurrency(handlers),
-        fill_height=True,
-        api_name="chat",
-        validator=lambda message: _validation(handlers.message_problem(message)),
+    with gr.Row(scale=1, elem_id="chat-row"):
+        with gr.Column(scale=1, min_width=100, elem_id="chat-sidebar"):
+            new_chat = gr.Button("New chat", variant="primary", icon=ASSETS / "plus.svg", elem_id="new-chat")
+            # The saved chats: drawn, searched and renamed by the page's script (assets/chats.js).
+            gr.HTML("", elem_id="saved-chats", padding=False)
+            # At the foot of the saved chats, out of the chat's height.
+            with gr.Row(elem_id="chat-tools"):
+                export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
+            files = gr.File(
+                label="Conversation files",
+                file_count="multiple",
+                interactive=False,
+                visible=False,
+                elem_id="export-files",
+            )
+        with gr.Column(scale=6, elem_id="chat-main") as main:
+            chatbot = gr.Chatbot(
+                label="Conversation",
+                show_label=False,
+                elem_id="conversation",
+                height=None,
+                scale=1,
+                buttons=["copy", copy_conversation],
+                latex_delimiters=LATEX_DELIMITERS,
+                # Gradio's own following pulls a reader who scrolls up back down (it queues a scroll
+                # after every update); assets/follow.js follows only while the reader is at the end.
+                autoscroll=False,
+                # Shown in the empty chat, above the examples: what the page talks to, and how.
+                placeholder=description(backend),
+                examples=[{"text": example} for example in EXAMPLES],  # they fill the box
+                editable="user",
+                **text_only_chatbot(),  # forms, images, styles in a message show as text
+            )
+            with gr.Group(), gr.Row():
+                textbox = gr.Textbox(
+                    label="Message",
+                    show_label=False,
+                    placeholder="Type a message…",
+                    elem_id="message",
+                    lines=1,
+                    max_lines=8,
+                    scale=7,
+                    autofocus=False,  # the page script focuses it without scrolling the page away
+                    submit_btn="Send",
+                    stop_btn=False,  # shown while a reply streams (chat/web/chat_events.py)
+                )
+            # Beside the message box; open, it lies over the conversation (assets/style.css).
+            with gr.Accordion("System prompt and settings", open=False, elem_id="settings"):
+                for component in chat_settings:
+                    component.render()
+    _show_fixed_seed(main, chat_settings[-1])
+    view = ChatView(
+        chatbot=chatbot,
+        textbox=textbox,
+        settings=chat_settings,
+        new_chat=new_chat,
+        copy_conversation=copy_conversation,
+        export_button=export_button,
+        files=files,
     )
-    # Through the API the message can be any JSON value; Gradio's ChatInterface fails on
-    # anything but text (an AttributeError, shown as a bare "Error") before respond runs.
-    chat.textbox.preprocess = text_message
-    copy_conversation.click(
-        None, chat.chatbot, None, js="(history) => window.falconChat.copyConversation(history)"
-    )
-    # A stopped reply says so, with its figures (the stopped function cannot add them).
-    update_after_stop(demo, chat, handlers.figures_after_stop, session)
-    save_no_empty_chats(demo, chat)  # every save, update_after_stop's too
-    keep_message_box_editable(demo, chat)
-    stop_edited_replies(demo, chat)
-    show_messages_as_written()
-    # Names for the page's style sheet (assets/style.css) on parts ChatInterface makes: the saved
-    # chats' column (a sidebar on desktop, a drawer on phones) and the conversation's.
-    chat.new_chat_button.elem_id = "new-chat"
-    chat.chat_history_dataset.elem_id = "saved-chats"
-    chat.new_chat_button.parent.elem_id = "chat-sidebar"
-    chat.new_chat_button.parent.parent.elem_id = "chat-row"
-    chat.chatbot.parent.elem_id = "chat-main"
-    _show_fixed_seed(chat.chatbot.parent, chat_settings[-1])
-    _keep_settings(demo, chat_settings)
-    with chat.new_chat_button.parent:  # at the foot of the saved chats, out of the chat's height
-        with gr.Row(elem_id="chat-tools"):
-            export_button = gr.Button("⬇ Export conversation (Markdown, JSON)", size="sm")
-        files = gr.File(label="Conversation files", file_count="multiple", visible=False)
-    export_button.click(
-        lambda history, prompt: gr.update(value=handlers.export(history, prompt), visible=True),
-        [chat.chatbot, system_prompt],
-        files,
-        api_name="export",
-        api_visibility="private",
-    )
+    wire_chat(demo, view, handlers, concurrency_limit=_concurrency(handlers))
+    keep_settings(demo, chat_settings)
     stats_button = gr.Button(visible=False)
     stats_button.click(
         # Labelled, so the API's description names the output (not "value_43").
         handlers.reply_stats,
-        session,
+        view.session,
         gr.JSON(label="figures", visible=False),
         api_name="reply_stats",
         queue=False,
     )
-    return chat_settings
 
 
 def _show_fixed_seed(column: gr.Column, seed: gr.Textbox) -> None:
     """A fixed seed shows beside the message box, with a button that clears it: the seed is
     kept across replies and reloads, and Retry with it gives the same reply again."""
-    with column:  # ChatInterface's own column, so it sits in the message box's row
+    with column:  # the conversation's column, so it sits in the message box's row
         chip = gr.Button("", visible=False, size="sm", elem_id="fixed-seed")
     seed.change(
         fixed_seed_button,
@@ -250,6 +238,7 @@ def _completion_tab(handlers: PageHandlers) -> list:
         lambda name: COMPLETION_PRESETS.get(name, ("", ""))[:2],
         preset,
         [text, stop],
+        api_name="preset",
         api_visibility="private",
     )
     generation = generate_button.click(
@@ -257,6 +246,7 @@ def _completion_tab(handlers: PageHandlers) -> list:
         [text, *completion_settings, stop],
         output,
         api_name="complete",
+        preprocess=False,  # every value is checked by `handlers.complete`, with messages naming it
         concurrency_limit=_concurrency(handlers),
     )
     stop_button.click(None, cancels=[generation])
@@ -275,10 +265,6 @@ def _concurrency(handlers: PageHandlers) -> int:
     return handlers.settings.concurrency_limit or handlers.backend.concurrency_limit
 
 
-def _validation(problem: str | None):
-    return gr.validate(problem is None, problem or "")
-
-
 def _completion(handlers: PageHandlers):
     """`handlers.complete` for Gradio: a refusal is an error (a toast; the tab stays usable)."""
 
@@ -292,46 +278,6 @@ def _completion(handlers: PageHandlers):
             raise gr.Error(refusal.reason, print_exception=False) from None
 
     return complete
-
-
-def _keep_settings(demo: gr.Blocks, inputs: list) -> None:
-    """The system prompt and settings are kept in the browser (localStorage, or the in-memory
-    stand-in inside frames denied storage: chat/web/embedding.py) and restored on load, so a reopened
-    chat goes on under the system prompt it had."""
-    saved = gr.BrowserState(None, storage_key=SETTINGS_STORAGE_KEY)
-    gr.on(
-        [component.change for component in inputs],
-        lambda *values: list(values),
-        inputs,
-        saved,
-        api_visibility="private",
-        queue=False,
-        show_progress="hidden",
-    )
-    demo.load(
-        lambda values: restored_settings(values, inputs),
-        saved,
-        inputs,
-        api_visibility="private",
-        queue=False,
-        show_progress="hidden",
-    )
-
-
-def restored_settings(values, inputs: list) -> list:
-    """The saved values (from the browser: untrusted) for `inputs`; a value of the wrong kind or
-    out of its slider's range leaves that input as it is."""
-    if not isinstance(values, list) or len(values) != len(inputs):
-        return [gr.skip() for _ in inputs]
-    restored = []
-    for value, component in zip(values, inputs, strict=True):
-        if isinstance(component, gr.Slider):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok = ok and component.minimum <= value <= component.maximum
-        else:
-            ok = isinstance(value, str) and len(value) <= 20_000
-        restored.append(value if ok else gr.skip())
-    return restored
 
 
 def launch_options(settings: Settings, operations: Operations | None = None) -> dict:
@@ -349,7 +295,7 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
         **embedding,
     )
     # The storage fallback for frames first; then the page's style sheet and script.
-    options["head"] = embedding["head"] + page_head()
+    options["head"] = embedding["head"] + page_head(settings)
     if operations is not None:
         app_kwargs = dict(options.get("app_kwargs") or {})
         app_kwargs["routes"] = [*app_kwargs.get("routes", []), *operations.routes()]
@@ -369,19 +315,23 @@ def launch_options(settings: Settings, operations: Operations | None = None) -> 
     )
 
 
-# The page's scripts, each with one job: keyboard, focus and confirmations (page.js); following a
-# streaming reply only while the reader is at its end (follow.js); the layout's drawer and the
-# names Gradio leaves wrong (layout.js).
-PAGE_SCRIPTS = ("page.js", "follow.js", "layout.js")
+# The page's scripts, each with one job: the chats, kept in the browser (chats.js); keyboard, focus
+# and confirmations (page.js); following a streaming reply only while the reader is at its end
+# (follow.js); the layout's drawer and the names Gradio leaves wrong (layout.js). And their style
+# sheets: the page's layout and colours (style.css), what chats.js draws (chats.css).
+PAGE_SCRIPTS = ("chats.js", "page.js", "follow.js", "layout.js")
+PAGE_STYLES = ("style.css", "chats.css")
 
 
-def page_head() -> str:
-    """The page's style sheet (assets/style.css) and scripts (PAGE_SCRIPTS). The style sheet goes
-    in the head rather than through `launch(css=...)`: Gradio scopes that to the app's content,
-    and inside media queries keeps only the scoped rules, so a phone layout could not reach the
-    page's padding or footer."""
-    style = (ASSETS / "style.css").read_text(encoding="utf-8")
-    scripts = [(ASSETS / name).read_text(encoding="utf-8") for name in PAGE_SCRIPTS]
+def page_head(settings: Settings | None = None) -> str:
+    """The page's style sheets (PAGE_STYLES) and scripts (PAGE_SCRIPTS), with the limit the chats'
+    script keeps its requests under. The style sheet goes in the head rather than through
+    `launch(css=...)`: Gradio scopes that to the app's content, and inside media queries keeps
+    only the scoped rules, so a phone layout could not reach the page's padding or footer."""
+    limits = {"maxRequestBytes": (settings or Settings()).max_request_bytes}
+    style = "".join((ASSETS / name).read_text(encoding="utf-8") for name in PAGE_STYLES)
+    scripts = [f"window.falconChatLimits = {json.dumps(limits)};"]
+    scripts += [(ASSETS / name).read_text(encoding="utf-8") for name in PAGE_SCRIPTS]
     return f"<style>\n{style}</style>\n" + "".join(f"<script>\n{script}</script>\n" for script in scripts)
 
 

@@ -1,9 +1,10 @@
 """What a hostile client or a hostile model output must not reach: the page, memory, the disk.
 
 - The chat shows user and model text as text: Gradio's chat sanitizer keeps forms, inputs, inline
-  styles and remote images, so `harden_demo` has the Chatbot show such tags as the text they are
-  (Gradio's own `allow_tags` option, applied before its sanitizer), `CHAT_CSS` keeps a message's
-  content inside its bubble, and `content_security_policy` stops what is left at the browser:
+  styles and remote images, so the Chatbot is built to show such tags as the text they are
+  (`text_only_chatbot`: Gradio's own `allow_tags`, applied before its sanitizer; `harden_demo`
+  checks every Chatbot has it), `CHAT_CSS` keeps a message's content inside its bubble, and
+  `content_security_policy` stops what is left at the browser:
   forms post only to the app, images come only from the app or `data:`, no inline `style`
   attribute applies, no script from another site runs.
 - Links: Gradio's sanitizer checks the scheme of HTML links only, so `<svg><a
@@ -479,19 +480,34 @@ def harden_launch_options(
     return {**options, "app_kwargs": app_kwargs, "head": head, "ssr_mode": False}
 
 
+def text_only_chatbot() -> dict:
+    """The `gr.Chatbot` arguments that have it show the tags of UNTRUSTED_TAGS as the text they are
+    (Gradio's own `allow_tags`, applied before its sanitizer)."""
+    return {"sanitize_html": True, "allow_tags": list(UNTRUSTED_TAGS)}
+
+
 def harden_demo(demo: gr.Blocks, *, cache_cleanup_s: int = 600) -> gr.Blocks:
-    """Show every chat's messages as text where they hold markup, have Gradio delete the files it
-    hands out (exports) once they are `cache_cleanup_s` old, and all of them at exit, and log the
-    tracebacks it would print."""
+    """Check that every chat shows its messages' markup as text (a Chatbot built without
+    `text_only_chatbot()` stops the start), have Gradio delete the files it hands out (exports)
+    once they are `cache_cleanup_s` old, and all of them at exit, and log the tracebacks it
+    would print."""
     for block in demo.blocks.values():
-        if isinstance(block, gr.Chatbot):
-            block.sanitize_html = True
-            block.allow_tags = list(UNTRUSTED_TAGS)
+        if isinstance(block, gr.Chatbot) and not shows_tags_as_text(block):
+            raise RuntimeError(
+                f"The Chatbot {block.elem_id or block.label!r} is built without "
+                "chat.web.security.text_only_chatbot(): its messages' forms and images would render."
+            )
     demo.delete_cache = (cache_cleanup_s, cache_cleanup_s)
     forget_input_values()
     check_value_counts(demo)
     log_gradio_tracebacks()
     return demo
+
+
+def shows_tags_as_text(chatbot: gr.Chatbot) -> bool:
+    wanted = text_only_chatbot()
+    allowed = chatbot.allow_tags if isinstance(chatbot.allow_tags, list) else []
+    return chatbot.sanitize_html is True and set(allowed) >= set(wanted["allow_tags"])
 
 
 EXPORTS_DISK_BUDGET = 64 * 1024 * 1024  # bytes of export files kept; a conversation's take KBs

@@ -13,7 +13,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
 from chat.conversation.turns import strip_note
-from chat.web.page import SETTINGS_STORAGE_KEY
+from chat.web.chat_events import SETTINGS_STORAGE_KEY
 
 BOT_LABEL_PREFIX = "bot's message: "
 
@@ -64,6 +64,14 @@ class ChatPage:
             toggle.click()
         expect(self.page.locator("#new-chat")).to_be_in_viewport()
 
+    def offered(self, name: str):
+        """A button offered under the last reply (Continue, Retry): Gradio's message options."""
+        return self.page.locator("#conversation button.option", has_text=name)
+
+    def saved_chat(self, title: str):
+        """The link to a saved chat in the list beside the conversation."""
+        return self.page.locator("#saved-chats").get_by_role("link", name=title, exact=True)
+
     def new_chat(self) -> None:
         """Open a new, empty chat (the one open stays among the saved chats)."""
         self.show_saved_chats()
@@ -73,7 +81,7 @@ class ChatPage:
     def open_saved_chat(self, title: str) -> None:
         """Open the saved chat whose title (its first message) is `title`."""
         self.show_saved_chats()
-        self.page.get_by_role("gridcell", name=title).click()
+        self.saved_chat(title).click()
 
     def wait_until_idle(self) -> None:
         """The reply has finished (or was stopped): the send button is back, the box editable."""
@@ -156,9 +164,17 @@ class ChatPage:
         expect(self._visible_label(f"range slider for {label}")).to_have_value(str(value))
 
     def set_seed(self, text: str) -> None:
-        self._type_setting(
-            self.page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True), text
-        )
+        """Type the seed, and wait until the page has answered it: the fixed seed's button beside
+        the message box (a round trip to the server, chat.web.page._show_fixed_seed) shows it,
+        or is gone for none; the box still holds it then."""
+        box = self.page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True)
+        self._type_setting(box, text)
+        chip = self.page.locator("#fixed-seed")
+        if text.strip():
+            expect(chip).to_have_text(f"Seed {text.strip()[:20]} ✕")
+        else:
+            expect(chip).to_be_hidden()
+        expect(box).to_have_value(text)
 
     def set_system_prompt(self, text: str) -> None:
         self._type_setting(self._visible_label("System prompt"), text)

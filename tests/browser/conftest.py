@@ -218,15 +218,17 @@ MAX_MESSAGE_CHARS = 200
 
 
 SERVER_DOWN = "server down"  # a newest message with this is answered as by a server that is down
+SERVER_BACK = "server back"  # ...and with this, as by one that is down the first time, then back
 
 
 class ScriptedBackend(Backend):
     """Stands in for a model that writes what a page test needs (a wide code block and table,
     math, a reply long enough to stop, one slow to end after Stop, one slow to start), word by
     word at `words_per_s`;
-    closing the stream (Stop) ends it after the word in hand; and for a server that cannot be
-    reached (SERVER_DOWN), failing as a remote backend does. It records the prompts it was
-    given."""
+    closing the stream (Stop) ends it after the word in hand; a prompt that ends inside a reply
+    (Continue) is answered with the rest of that reply; and for a server that cannot be
+    reached (SERVER_DOWN; SERVER_BACK: only the first time a prompt is sent), failing as a remote
+    backend does. It records the prompts it was given."""
 
     name = "scripted test backend"
     model_name = "/models/falcon-7b-instruct"  # a local folder: the page names it by its own name
@@ -245,10 +247,14 @@ class ScriptedBackend(Backend):
     def stream(self, prompt, params):
         self.prompts.append(prompt)
         message = prompt.rsplit("User:", 1)[-1]
-        if SERVER_DOWN in message:
+        if SERVER_DOWN in message or (SERVER_BACK in message and self.prompts.count(prompt) == 1):
             raise BackendUnavailable(detail="scripted: connection refused")
         reply = next((text for key, text in SCRIPT.items() if key in message), "A short reply.")
-        for index, word in enumerate(re.findall(r"\S+\s*|\s+", reply)):
+        pieces = re.findall(r"\S+\s*|\s+", reply)
+        said = "" if prompt.endswith("Falcon:") else prompt.rsplit("\nFalcon: ", 1)[-1]
+        if said:  # Continue: the prompt ends inside the reply; the model goes on from there
+            pieces = re.findall(r"\s*\S+|\s+", reply[len(said) :] if reply.startswith(said) else "")
+        for index, word in enumerate(pieces):
             if index >= params.max_new_tokens:
                 yield Token("", finish_reason="length")
                 return

@@ -1,7 +1,8 @@
 """Take the README's screenshots: `python -m tests.browser.readme_screenshots`.
 
 Not a test (a screenshot asserts nothing; the page's look is checked by tests/browser/test_look.py):
-it serves the app on the browser tests' scripted model, asks for the wide code and table, and
+it serves the app on the browser tests' scripted model, asks two short questions in chats of their
+own (listed beside the conversation), then for the wide code and table in a new chat, and
 writes the page at 1366x900 (light) and 390x844 (dark) to assets/screenshot-desktop.png and
 assets/screenshot-phone.png, and every size and theme to tests/screenshots/ to be looked at.
 Needs Chromium (`CHROMIUM=/path`, default /usr/bin/chromium).
@@ -20,6 +21,10 @@ from tests.helpers import serve_app
 
 README = {("desktop", "light"): "screenshot-desktop.png", ("phone", "dark"): "screenshot-phone.png"}
 MESSAGE = "Please write code and a table"
+# Resolves once every CSS transition running now has finished (a button's hover colour fading).
+SETTLED = """() => Promise.all(document.getAnimations()
+  .filter((animation) => animation instanceof CSSTransition).map((animation) => animation.finished))"""
+EARLIER_CHATS = ("Plan a weekend in Lisbon", "What is the capital of France?")  # listed beside it
 
 
 def main() -> None:
@@ -33,7 +38,12 @@ def main() -> None:
                 for theme in ("light", "dark"):
                     context = browser.new_context(viewport=SIZES[size], color_scheme=theme)
                     chat = ChatPage(context.new_page(), url).open(f"?__theme={theme}")
+                    for earlier in EARLIER_CHATS:
+                        chat.ask(earlier)
+                        chat.new_chat()
                     chat.ask(MESSAGE)
+                    chat.page.mouse.move(0, SIZES[size]["height"] - 1)  # no button shown hovered...
+                    chat.page.evaluate(SETTLED)  # ...once its colour has gone back
                     paths = [SCREENSHOTS / f"page-{size}-{theme}.png"]
                     if (size, theme) in README:
                         paths.append(ASSETS / README[size, theme])

@@ -171,6 +171,30 @@ def test_editing_a_message_replaces_it_and_its_reply(chat):
     expect(chat.bot_messages).to_have_count(1)
 
 
+def test_continue_after_a_length_cut_resumes_the_same_reply_in_the_model(chat):
+    """The real model, cut at 8 tokens, goes on from where it stopped: its prompt ends inside the
+    reply, and the page shows one reply, grown."""
+    chat.open_settings()
+    chat.set_number("Temperature", 0)
+    chat.set_number("Max new tokens", 8)
+    first = chat.recorder.count()
+    cut = chat.ask("Tell me about falcons")
+    expect(chat.bot_messages.last).to_contain_text("length limit")
+
+    chat.close_settings()  # open, they lie over the conversation
+    chat.offered("Continue").click()
+    continued = chat.recorder.ended_generation(first + 1)
+    chat.wait_until_idle()
+
+    assert continued.prompt.startswith("User: Tell me about falcons\nFalcon: ")
+    assert continued.prompt.endswith(cut.rstrip())  # the prompt ends inside the reply
+    expect(chat.bot_messages).to_have_count(1)
+    expect(chat.figures).to_have_count(1)
+    grown = chat.reply_text()
+    assert grown.startswith(cut.rstrip()) and len(grown) > len(cut)
+    assert words(grown) == words(cut.rstrip() + chat.recorder.text(continued))
+
+
 def test_an_example_fills_the_box_to_be_edited_before_it_is_sent(chat):
     example = "Write a haiku about a falcon over the city at dawn."
     started = chat.recorder.count()
@@ -209,21 +233,39 @@ def test_a_long_conversation_keeps_every_turn_in_order_and_in_the_prompt(chat):
     assert f"Falcon: {replies[0]}" in last_prompt
 
 
+def test_at_the_most_new_tokens_a_2048_token_model_still_sees_the_first_turn(chat, real_model_pace):
+    """Max new tokens at its maximum (the tiny model's whole context, 2,048) once reserved all of
+    it for the reply and dropped every turn: "What is my name?" no longer saw "My name is Ada".
+    The conversation comes first now, and the reply gets what is left."""
+    chat.open_settings()
+    chat.set_number("Max new tokens", 2048)
+    chat.close_settings()
+    started = chat.recorder.count()
+    for turn, message in enumerate(("My name is Ada.", "What is my name?")):
+        chat.send(message)
+        chat.recorder.started_generation(started + turn)
+        expect(chat.bot_messages).to_have_count(turn + 1)  # its first words are shown
+        chat.stop()  # the prompt is what counts here, not 2,000 tokens of the tiny model
+        chat.wait_until_idle()
+
+    asked = chat.recorder.ended_generation(started + 1)
+    assert "User: My name is Ada.\nFalcon:" in asked.prompt
+    assert asked.prompt.rstrip().endswith("User: What is my name?\nFalcon:")
+    assert 0 < asked.params.max_new_tokens < 2048  # what the context left, not what was asked
+    expect(chat.figures.last).not_to_contain_text("left out")
+
+
 def test_a_reload_keeps_the_conversation(chat):
     chat.open_settings()
     chat.set_number("Max new tokens", 6)
     reply = chat.ask("Remember this conversation")
-    saved = chat.page.get_by_role("gridcell", name="Remember this conversation")
-    expect(saved).to_be_visible()  # listed among the saved chats
+    expect(chat.saved_chat("Remember this conversation")).to_be_visible()  # listed among the saved chats
     # Saved in the browser's own storage: the page is not framed, so the fallback stayed out.
     assert chat.page.evaluate("() => window.falconChatMemoryStorage === undefined")
 
     chat.page.reload()
-    expect(chat.textbox).to_be_editable()
-    expect(chat.bot_messages).to_have_count(0)  # a reload starts a new chat...
-    saved.click()  # ...and the saved one is a click away
 
-    expect(chat.user_messages).to_have_count(1)
+    expect(chat.user_messages).to_have_count(1)  # the chat it was in, open again
     expect(chat.user_messages.last).to_have_attribute(
         "aria-label", "user's message: Remember this conversation"
     )

@@ -70,15 +70,14 @@ def test_many_saved_chats_scroll_in_their_own_column_and_the_box_stays_on_screen
     for number in range(6):
         chat.ask(f"Chat number {number}, whose first message is longer than its column is wide")
         chat.new_chat()
-    # A saved chat is a link in the page's own list (or a cell of Gradio's).
-    entries = page.locator("#saved-chats a, #saved-chats [role=gridcell]")
-    expect(entries).to_have_count(6)  # all saved
+    links = page.locator("#saved-chats").get_by_role("link")
+    expect(links).to_have_count(6)  # all saved
     page.set_viewport_size({"width": 1366, "height": 380})
     saved = page.locator("#saved-chats")
     assert saved.evaluate("(list) => list.scrollHeight > list.clientHeight + 20")  # it scrolls itself
     share = measured_share(page)
     assert share["box_on_screen"] and not share["page_scrolls"], share
-    heights = entries.evaluate_all("(cells) => cells.map((cell) => cell.offsetHeight)")
+    heights = links.evaluate_all("(cells) => cells.map((cell) => cell.offsetHeight)")
     assert len(heights) == 6 and max(heights) < 48, heights  # one line each
 
 
@@ -161,6 +160,14 @@ def test_on_a_phone_every_target_is_44_px_and_the_boxes_do_not_zoom(open_scripte
     page = chat.page
     chat.ask("Hi")
     assert page.evaluate(SMALL_TARGETS, [".gradio-container", 44]) == []
+    # The message box lines up with its 44 px Send button (it sat lower, shorter, beside it)...
+    box, send = chat.textbox.bounding_box(), chat.submit_button.bounding_box()
+    assert abs(box["y"] - send["y"]) <= 1 and abs(box["height"] - send["height"]) <= 1, (box, send)
+    chat.textbox.fill("one\ntwo\nthree")  # ...and still grows with its lines
+    page.wait_for_function(
+        "(one) => document.querySelector('#message textarea').offsetHeight > one + 20", arg=box["height"]
+    )
+    chat.textbox.fill("")
     chat.open_settings()
     assert page.evaluate(SMALL_TARGETS, ["#settings", 44]) == []
     sizes = page.locator("textarea, input[type=text], input[type=number]").evaluate_all(

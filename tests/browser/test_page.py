@@ -8,8 +8,10 @@ import re
 import pytest
 from playwright.sync_api import expect
 
+from chat.web.chat_events import SETTINGS_STORAGE_KEY
 from chat.web.page import EXAMPLES
-from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SERVER_DOWN, SIZES
+from tests.browser.chat_page import ChatPage
+from tests.browser.conftest import MAX_MESSAGE_CHARS, SCRIPT, SERVER_BACK, SIZES, close_with_storage_cleared
 
 pytestmark = pytest.mark.browser
 
@@ -36,7 +38,7 @@ def test_refused_messages_leave_the_chat_usable_and_the_next_one_gets_a_reply(op
     chat.textbox.press("Enter")  # an empty Enter does nothing at all
     too_long = "x" * (MAX_MESSAGE_CHARS + 1)
     chat.send(too_long)
-    expect(chat.page.get_by_text(f"the limit is {MAX_MESSAGE_CHARS}")).to_be_visible()
+    expect(chat.page.locator("#message").get_by_text(f"the limit is {MAX_MESSAGE_CHARS}")).to_be_visible()
     expect(chat.textbox).to_have_value(too_long)  # the typed text stays to be shortened
     expect(chat.textbox).to_be_editable()
     expect(chat.user_messages).to_have_count(0)
@@ -47,27 +49,37 @@ def test_refused_messages_leave_the_chat_usable_and_the_next_one_gets_a_reply(op
     expect(chat.bot_messages.last).to_contain_text("The seed must be a whole number")
     expect(chat.textbox).to_be_editable()
     expect(chat.user_messages.last).to_have_attribute("aria-label", "user's message: Hello")
-    expect(chat.textbox).to_have_value("Hello")  # back in the box, to send again
+    expect(chat.textbox).to_have_value("")  # not back in the box: Enter would send it twice
 
     chat.set_seed("")
-    chat.textbox.press("Enter")
+    chat.close_settings()  # open, they lie over the conversation
+    chat.offered("Retry").click()  # the refused turn is asked again, not added again
     expect(chat.figures).to_have_count(1)
     assert chat.reply_text() == "A short reply."
+    expect(chat.user_messages).to_have_count(1)
     expect(chat.page.get_by_text("Error", exact=True)).to_have_count(0)
 
 
-def test_a_message_the_model_could_not_answer_comes_back_to_the_box(open_scripted):
-    """A server that cannot be reached gives a note and the request's figures; the message goes
-    back in the box to be sent again, as for a refused one (the figures hid the note from
-    assets/page.js)."""
+def test_a_reply_the_server_could_not_give_offers_retry_instead_of_a_second_copy(
+    open_scripted, scripted_backend
+):
+    """A server that cannot be reached gives a note, the request's figures and Retry; the message
+    stays once in the chat and is not put back in the box (Enter there sent it twice)."""
     chat = open_scripted("phone")
-    message = f"Hello, is the {SERVER_DOWN}?"
+    message = f"Hello, is the {SERVER_BACK}?"
     chat.send(message)
     expect(chat.bot_messages.last).to_contain_text("could not be reached")
     expect(chat.figures).to_have_count(1)
     chat.wait_until_idle()
-    expect(chat.textbox).to_have_value(message)
+    expect(chat.textbox).to_have_value("")
     expect(chat.page.get_by_text("connection refused")).to_have_count(0)
+
+    chat.offered("Retry").click()
+    expect(chat.bot_messages.last).to_contain_text("A short reply.")
+    chat.wait_until_idle()
+    expect(chat.user_messages).to_have_count(1)
+    expect(chat.figures).to_have_count(1)
+    assert scripted_backend.prompts[-1] == scripted_backend.prompts[-2] == f"User: {message}\nFalcon:"
 
 
 @pytest.mark.parametrize("size, theme", [("phone", "light"), ("phone", "dark"), ("desktop", "dark")])
@@ -139,6 +151,41 @@ def test_a_reload_restores_the_system_prompt_and_settings(open_scripted, scripte
     assert scripted_backend.prompts[-1].startswith("System: You are a pirate.")
 
 
+def test_a_setting_typed_while_the_page_still_loads_is_kept(sized_contexts, scripted_url):
+    """The page's answers to its own load (held here, as a slow network holds them) came back
+    after a person had typed a setting, and put the slider back to its default: the saved
+    settings are restored in the page itself, before anything can be typed. Saved values of the
+    wrong kind or out of range leave their input as it is."""
+    page = sized_contexts("desktop").new_page()
+    held = []
+    page.route("**/gradio_api/run/predict", lambda route: held.append(route))  # answered once released below
+    try:
+        chat = ChatPage(page, scripted_url).open()
+        chat.open_settings()
+        chat.set_number("Max new tokens", 4000)
+        for route in held:
+            with page.expect_response(route.request.url):
+                route.continue_()
+        page.unroute("**/gradio_api/run/predict")
+        chat.ask("Hi")  # long after the load's answers
+        expect(chat._visible_label("range slider for Max new tokens")).to_have_value("4000")
+
+        page.evaluate(
+            "(key) => localStorage.setItem(key, JSON.stringify(['x'.repeat(20001), 0.5, 5000, 'one', 7, 42]))",
+            SETTINGS_STORAGE_KEY,
+        )
+        page.reload()
+        chat.open_settings()
+        expect(chat._visible_label("System prompt")).to_have_value("")
+        expect(chat._visible_label("number input for Temperature")).to_have_value("0.5")
+        expect(chat._visible_label("number input for Max new tokens")).to_have_value("1024")
+        expect(chat._visible_label("number input for Top-p")).to_have_value("0.9")
+        expect(chat._visible_label("number input for Repetition penalty")).to_have_value("1")
+        expect(page.get_by_role("textbox", name=re.compile(r"^Seed")).filter(visible=True)).to_have_value("")
+    finally:
+        close_with_storage_cleared(page)
+
+
 @pytest.mark.parametrize("size", BOTH)
 def test_figures_are_beside_the_reply_not_in_its_text(open_scripted, size):
     chat = open_scripted(size)
@@ -204,7 +251,7 @@ def test_the_trash_button_asks_before_it_deletes_the_chat(open_scripted):
 
     chat.page.get_by_role("button", name="Delete chat", exact=True).click()
     expect(chat.user_messages).to_have_count(1)  # dismissed: kept
-    expect(chat.page.get_by_role("gridcell", name="Keep this chat")).to_be_visible()
+    expect(chat.saved_chat("Keep this chat")).to_be_visible()
     chat.page.get_by_role("button", name="Delete chat", exact=True).click()
     expect(chat.user_messages).to_have_count(0)
 
@@ -333,7 +380,7 @@ def test_undo_edit_or_another_chat_right_after_stop_waits_for_the_stopped_reply(
     chat.send("Please answer slowly")
     expect(chat.bot_messages.last).to_contain_text("word after")
     chat.stop()
-    page.get_by_role("gridcell", name="The first chat").click()
+    chat.open_saved_chat("The first chat")
     expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: The first chat")
     chat.ask("And then?")
     assert scripted_backend.prompts[-1].startswith(
@@ -383,8 +430,8 @@ def test_a_chat_emptied_by_undo_leaves_the_saved_chats_and_the_others_still_open
     chat.new_chat()
     chat.ask("Chat B")
     page.get_by_role("button", name="Undo").click()
-    expect(page.get_by_role("gridcell", name="Chat B")).to_have_count(0)
-    page.get_by_role("gridcell", name="Chat A").click()
+    expect(chat.saved_chat("Chat B")).to_have_count(0)
+    chat.open_saved_chat("Chat A")
     expect(chat.user_messages).to_have_count(1)
     expect(chat.user_messages.first).to_have_attribute("aria-label", "user's message: Chat A")
 

@@ -40,6 +40,9 @@ def chat_request(messages: ChatMessages, params: GenerationParams, model: str = 
         "top_p": params.top_p if params.top_p < 1.0 and not params.greedy else None,
         "seed": params.seed,
         "stop": list(params.stop_sequences[:CHAT_MAX_STOP_SEQUENCES]) or None,
+        # Continue: TGI (3.0.1 on, huggingface/text-generation-inference#2733) resumes the last
+        # message instead of starting a new one after it.
+        "continue_final_message": True if messages.continues_reply else None,
     }
     return {name: value for name, value in body.items() if value is not None}
 

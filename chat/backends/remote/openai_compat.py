@@ -86,6 +86,10 @@ class OpenAIBackend(RemoteBackend):
     def open_stream(self, endpoint, prompt, params, watchdog):
         if isinstance(prompt, ChatMessages):  # the chat route: the server applies the template
             body = {**chat_request(prompt, params, self.model_name), **completion_arguments(params)}
+            if prompt.continues_reply:
+                # Continue: vLLM and SGLang resume the last message with these two (vllm#8942);
+                # `transformers serve` 5.23 refuses them (HTTP 422, said in one sentence).
+                body["add_generation_prompt"] = False
             return tokens_from_chat_lines(self.post_stream(f"{endpoint}/chat/completions", body, watchdog))
         body = {"model": self.model_name, "prompt": prompt, "stream": True, **completion_arguments(params)}
         return tokens_from_completion_lines(self.post_stream(f"{endpoint}/completions", body, watchdog))

@@ -4,14 +4,12 @@ Each was found with `py-spy record --gil` against `bench/load.py` and is measure
 docs/reliability.md. They are workarounds for the framework's habits, kept in one place so that
 each can be dropped when Gradio stops needing it; each says what it waits for. Public settings
 are used where Gradio has them; where a workaround must reach inside Gradio, `require` checks at
-start-up that what it touches is still there, and stops the start naming the Gradio version if not
-(a silent no-op would bring the cost back unseen). tests/test_gradio_costs.py checks each one's
-effect through Gradio's own code.
+start-up that what it touches is still there (checked against Gradio 6.31.0: see the package's
+docstring). tests/test_gradio_costs.py checks each one's effect through Gradio's own code.
 
 Here too: the two workarounds that hostile input needs (chat/web/security.py applies them): Gradio
-keeping every session's input values, and API calls with the wrong number of values; and ending
-a reply whose page has gone before its first token (`event_watch`). What ChatInterface does wrong
-on the page is in chat/web/gradio_patches/chat_interface.py.
+keeping every session's input values, and API calls with the wrong number of values
+(tests/test_hostile.py checks their effect).
 """
 
 from __future__ import annotations
@@ -22,115 +20,24 @@ import inspect
 import os
 import sys
 import types
-from collections.abc import Callable
 
 import gradio as gr
 
-from chat.conversation.reply import MESSAGE_NOT_TEXT
+from chat.web.gradio_patches import require
 
 # Gradio reads these when `demo.queue()` builds its queue (gradio-app/gradio#11764, which added
 # the summary; 6.31 still recomputes it after every event by default).
 QUEUE_ANALYTICS_DEFAULTS = {"GRADIO_ANALYTICS_CACHE_FREQUENCY": "500", "GRADIO_ANALYTICS_MAX_EVENTS": "2000"}
 
 
-def trim_gradio_costs(demo: gr.Blocks, *, raw_inputs: list) -> None:
-    """Apply every workaround below to `demo`; call it before `demo.queue()`."""
-    pass_inputs_through(demo, raw_inputs)
+def trim_gradio_costs(demo: gr.Blocks) -> None:
+    """Apply every workaround below to `demo`; call it before `demo.queue()`. (Gradio's
+    preprocessing, which costs eight hand-offs from the event loop per chat request, is turned off
+    where the events are made, through the public `preprocess=False`: every value is checked by
+    our own code, with messages that name the setting.)"""
     summarise_queue_rarely()
     no_matplotlib_lookups()
     cache_config_signatures()
-
-
-def require(holder, attribute: str, why: str) -> None:
-    if not hasattr(holder, attribute):
-        raise RuntimeError(
-            f"Gradio {gr.__version__} has no {getattr(holder, '__name__', type(holder).__name__)}."
-            f"{attribute}, which chat/web/gradio_patches/costs.py relies on to {why}; update the workaround."
-        )
-
-
-def pass_inputs_through(demo: gr.Blocks, raw_inputs: list) -> None:
-    """Turn Gradio's preprocessing off for the events that take only `raw_inputs` and state, and
-    for `/chat`: their functions get the values as sent. They check every value themselves
-    (`GenerationParams`, `clean_message`, `_seed`) with messages that name the setting, where
-    Gradio's slider check does not ("Value -5 is less than minimum value 0."), and Gradio
-    preprocesses each input in a worker thread of its own: eight hand-offs from the event loop
-    per chat request, which under load took longer than the reply's first token.
-
-    `/chat`'s message is the exception: ChatInterface reads it before our function runs (and
-    fails on anything but text with a bare "Error"), so that event's function checks it first.
-    """
-    raw = {id(component) for component in raw_inputs}
-    for block_fn in demo.fns.values():
-        require(block_fn, "preprocess", "skip preprocessing for events that check their own inputs")
-        takes_raw = all(block.stateful or id(block) in raw for block in block_fn.inputs)
-        if block_fn.api_name == "chat":
-            block_fn.fn = _text_message_first(block_fn.fn)
-        elif not (block_fn.inputs and takes_raw):
-            continue
-        block_fn.preprocess = False
-
-
-def text_message(payload) -> str:
-    """The chat message as sent, or a clear error for anything but text (Gradio's ChatInterface
-    would fail on it with a bare "Error" before our function runs)."""
-    if not isinstance(payload, str):
-        raise gr.Error(MESSAGE_NOT_TEXT, print_exception=False)
-    return payload
-
-
-def _text_message_first(chat_fn):
-    """`/chat` as API callers need it. ChatInterface gives the page's event and the API's one
-    function; the page is shown richer updates than the API returns: the reply's figures in a
-    message of their own, and a refused request as a note in the chat (Gradio 6.31 locks the
-    page when a chat function raises before its first update). For the API, each update is
-    turned back into the reply's text alone (its `text`), and a refusal (its `refused`) into the
-    error it is. Waits for a ChatInterface that keeps the page usable after an error."""
-
-    @functools.wraps(chat_fn)
-    async def checked(message, *args):
-        sent = None
-        async for update in chat_fn(text_message(message), *args):
-            response = update[0] if isinstance(update, tuple) else None
-            if getattr(response, "refused", None):
-                raise gr.Error(response.refused, print_exception=False)
-            if hasattr(response, "text"):
-                if response.text == sent:
-                    continue  # the page's last update adds the figures; the text is unchanged
-                sent, update = response.text, (response.text, *update[1:])
-            yield update
-
-    return checked
-
-
-def event_watch(demo: gr.Blocks) -> Callable[[], Callable[[], bool] | None]:
-    """For the event of `demo` running now (called in its context): a check of whether Gradio
-    has marked it dead, which Gradio 6.31 does when the session's event stream closes (a closed
-    page or API client: `Queue.clean_events`) but acts on only when the event next yields, and a
-    reply waiting for its first token does not yield. None outside an event. Asked by
-    chat.web.bridge while a reply waits. Waits for Gradio to end such events itself."""
-    from gradio.context import LocalContext
-
-    require(LocalContext, "event_id", "notice a closed page before a reply's first token")
-    require(demo, "_queue", "notice a closed page before a reply's first token")
-    require(demo._queue, "active_jobs", "notice a closed page before a reply's first token")
-
-    def watch() -> Callable[[], bool] | None:
-        event_id = LocalContext.event_id.get(None)
-        if event_id is None:
-            return None
-
-        def gone() -> bool:
-            return any(  # the queue of now: `demo.queue()` makes a new one
-                getattr(event, "_id", None) == event_id and not event.alive
-                for job in list(demo._queue.active_jobs)
-                if job
-                for event in job
-            )
-
-        return gone
-
-    return watch
 
 
 def check_value_counts(demo: gr.Blocks) -> None:

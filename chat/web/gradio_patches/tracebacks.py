@@ -1,14 +1,14 @@
 """Gradio's tracebacks go through the app's logging, so they are made safe like every other record.
 
-Where an event fails inside Gradio (a client's malformed input to `/export` fails Gradio's own
-validation before our function runs), Gradio 6.31 calls `traceback.print_exc()` in `queueing`,
+Where an event fails inside Gradio (a value the completion's preset dropdown does not hold
+fails Gradio's own check before our function runs), Gradio 6.31 calls `traceback.print_exc()` in `queueing`,
 `routes`, `route_utils` and `utils`: twenty lines on stderr, outside `logging`, quoting the values
 the client sent (a token, a user's words) unscrubbed, and as many times as a client asks. Each of
 those modules gets a `traceback` whose `print_exc` logs the exception instead (one ERROR record
 of the "gradio" logger, its traceback folded into the line, scrubbed and limited by
 chat/conversation/log_safety.py); everything else of the module is the real `traceback`'s.
 Waits for: Gradio logging these through `logging` (it prints them since 3.x).
-Tested by tests/test_app_process.py (a malformed `/export` in a real app process).
+Tested by tests/test_app_process.py (such a value, in a real app process).
 """
 
 from __future__ import annotations
