@@ -527,17 +527,21 @@
   }
   // The saved settings for the page's inputs, each checked against `checks` (chat/web/chat_events.py:
   // a slider's [minimum, maximum], or null for text): a value of the wrong kind or out of range
-  // (storage is anyone's on this site) leaves its input as it is.
+  // (storage is anyone's on this site) leaves its input as it is. So does a setting the person has
+  // already changed from its `defaults` when this runs (on a loaded machine Gradio's load step can
+  // come after their first keystrokes): what they typed wins, and it is what they see. Every input
+  // gets its value back, never an empty update, so the page and what a request sends agree.
   var MAX_SETTING_CHARS = 20000;
-  function restoredSettings(checks) {
+  function restoredSettings(checks, defaults, current) {
     var saved = savedSettings();
     var fits = Array.isArray(saved) && saved.length === checks.length;
     return checks.map(function (check, i) {
+      if (current[i] !== defaults[i]) return current[i];
       var value = fits ? saved[i] : undefined;
       var ok = check
         ? typeof value === "number" && isFinite(value) && value >= check[0] && value <= check[1]
         : typeof value === "string" && value.length <= MAX_SETTING_CHARS;
-      return ok ? value : NO_CHANGE;
+      return ok ? value : current[i];
     });
   }
 

@@ -256,7 +256,13 @@ def keep_settings(demo: gr.Blocks, inputs: list) -> None:
         js="(...values) => window.falconChat.saveSettings(values)",
     )
     checks = json.dumps(setting_checks(inputs))
-    demo.load(None, None, inputs, js=f"() => window.falconChat.restoredSettings({checks})")
+    defaults = json.dumps([component.value for component in inputs])
+    demo.load(
+        None,
+        inputs,
+        inputs,
+        js=f"(...current) => window.falconChat.restoredSettings({checks}, {defaults}, current)",
+    )
 
 
 def setting_checks(inputs: list) -> list:

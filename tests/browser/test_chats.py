@@ -173,6 +173,24 @@ def test_a_server_restart_keeps_the_chats_and_the_system_prompt(new_page):
         expect(chat.user_messages).to_have_count(2)
 
 
+def test_a_setting_changed_before_the_page_restores_the_saved_ones_is_kept(open_scripted):
+    """On a loaded machine Gradio's load step (which restores the saved settings) can come after
+    a person's first keystrokes, and it put the saved or default value back over what they typed
+    (the slider showing one value and the request sending another). The restore keeps a setting
+    that no longer holds its default, and restores the others."""
+    chat = open_scripted("desktop")
+    restore = """([saved, current]) => {
+      localStorage.setItem("falcon-chat-settings", JSON.stringify(saved));
+      return window.falconChat.restoredSettings(
+        [null, [0, 2]], ["", 0.6], current);
+    }"""
+    # the person typed a temperature of 0: it stays; the system prompt was untouched: restored
+    assert chat.page.evaluate(restore, [["Be brief.", 1.5], ["", 0]]) == ["Be brief.", 0]
+    # nothing typed: both come back; a saved value out of range leaves the input as it is
+    assert chat.page.evaluate(restore, [["Be brief.", 1.5], ["", 0.6]]) == ["Be brief.", 1.5]
+    assert chat.page.evaluate(restore, [["Be brief.", 9], ["", 0.6]]) == ["Be brief.", 0.6]
+
+
 # -- size ----------------------------------------------------------------------------------------
 
 # Chats written into the browser's storage as the page writes them: `count` chats of `turns`
