@@ -8,12 +8,22 @@ rather than its rendered markdown. It works on a page or on a frame inside one.
 from __future__ import annotations
 
 import re
+import sys
 
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
 from chat.conversation.turns import strip_note
 from chat.web.chat_events import SETTINGS_STORAGE_KEY
+
+# Where each slider's value sits in the saved settings (after the system prompt; `/chat`'s order).
+SETTING_POSITIONS = {"Temperature": 1, "Max new tokens": 2, "Top-p": 3, "Repetition penalty": 4}
+SAVED_SETTING_IS = f"""([position, value]) => {{
+  try {{
+    const saved = JSON.parse(window.localStorage.getItem({SETTINGS_STORAGE_KEY!r}));
+    return Array.isArray(saved) && saved[position] === value;
+  }} catch (error) {{ return false; }}
+}}"""
 
 BOT_LABEL_PREFIX = "bot's message: "
 
@@ -156,12 +166,30 @@ class ChatPage:
         expect(max_new_tokens).to_be_visible()
 
     def set_number(self, label: str, value: float) -> None:
-        """Type a value into a slider's number box, as a person does, and check the slider took it."""
+        """Type a value into a slider's number box, as a person does, and wait until the page has
+        it: the slider shows it, and the settings the page saved (written from Gradio's own values,
+        which a request sends) hold it.
+
+        An open bug (issue #23's note): about one value in a few hundred typed this way never
+        reaches Gradio's values, even long after the page loaded: the slider stays at (or goes
+        back to) its default, or shows the value while a request sends the default. The cause is
+        not found. A person sees the slider at its old value and types again; so does this, at
+        most twice, and says so on stderr so that the bug stays visible in the test log."""
         box = self._visible_label(f"number input for {label}")
-        box.fill(str(value))
-        box.press("Enter")
-        box.blur()
-        expect(self._visible_label(f"range slider for {label}")).to_have_value(str(value))
+        slider = self._visible_label(f"range slider for {label}")
+        position = SETTING_POSITIONS[label]
+        for attempt in range(3):
+            box.fill(str(value))
+            box.press("Enter")
+            box.blur()
+            try:
+                expect(slider).to_have_value(str(value), timeout=5_000)
+                self.page.wait_for_function(SAVED_SETTING_IS, arg=[position, value], timeout=5_000)
+                return
+            except (AssertionError, PlaywrightError):
+                if attempt == 2:
+                    raise
+                print(f"set_number: {label} = {value} did not take; typing it again", file=sys.stderr)
 
     def set_seed(self, text: str) -> None:
         """Type the seed, and wait until the page has answered it: the fixed seed's button beside
