@@ -8,7 +8,7 @@ rather than its rendered markdown. It works on a page or on a frame inside one.
 from __future__ import annotations
 
 import re
-import sys
+import warnings
 
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
@@ -174,7 +174,7 @@ class ChatPage:
         reaches Gradio's values, even long after the page loaded: the slider stays at (or goes
         back to) its default, or shows the value while a request sends the default. The cause is
         not found. A person sees the slider at its old value and types again; so does this, at
-        most twice, and says so on stderr so that the bug stays visible in the test log."""
+        most twice, and says so in a warning, which the run's warnings summary shows."""
         box = self._visible_label(f"number input for {label}")
         slider = self._visible_label(f"range slider for {label}")
         position = SETTING_POSITIONS[label]
@@ -189,7 +189,7 @@ class ChatPage:
             except (AssertionError, PlaywrightError):
                 if attempt == 2:
                     raise
-                print(f"set_number: {label} = {value} did not take; typing it again", file=sys.stderr)
+                warnings.warn(f"set_number: {label} = {value} did not take; typing it again", stacklevel=2)
 
     def set_seed(self, text: str) -> None:
         """Type the seed, and wait until the page has answered it: the fixed seed's button beside
